@@ -1,0 +1,16 @@
+//! Guardrail's pure core: the policy model, its validation and compilation, and `decide()`.
+//!
+//! It knows nothing of proxy-wasm or of an async runtime and builds for the host and for
+//! wasm32-wasip1, so the filter (in Envoy) and the companion (`guardrail explain`, `guardrail test`)
+//! judge every request with the same code. The outside world comes in through small traits:
+//! [`quota::CounterStore`] (shared counters with compare-and-swap) and plain values for the clock
+//! and the request.
+
+pub mod duration;
+pub mod error;
+pub mod jwt;
+pub mod raw;
+#[cfg(feature = "yaml")]
+pub mod source;
+
+pub use error::{PolicyError, PolicyErrors};

@@ -1,0 +1,253 @@
+//! The policy document as written (`apiVersion: guardrail/v1`), parsed with serde.
+//! Every struct denies unknown fields: a typo is an error, never silently ignored.
+//! Meaning and cross-references are checked when it is compiled (see [`crate::compile`]).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub revision: Option<Revision>,
+    #[serde(default)]
+    pub settings: RawSettings,
+    #[serde(default)]
+    pub tiers: BTreeMap<String, RawTier>,
+    #[serde(default)]
+    pub connectors: RawConnectors,
+    #[serde(default)]
+    pub apps: Vec<RawApp>,
+    #[serde(default)]
+    pub datasets: Vec<RawDataset>,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+}
+
+/// A revision may be written as a number or a string; it is kept as text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Revision {
+    Number(i64),
+    Text(String),
+}
+
+impl Revision {
+    pub fn to_text(&self) -> String {
+        match self {
+            Revision::Number(n) => n.to_string(),
+            Revision::Text(s) => s.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    #[serde(default)]
+    pub gateway_region: Option<String>,
+    #[serde(default)]
+    pub failure_mode: Option<FailureMode>,
+    #[serde(default)]
+    pub soft_limit_ratio: Option<f64>,
+    #[serde(default)]
+    pub jit_max_ttl: Option<String>,
+    #[serde(default)]
+    pub identity: RawIdentity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    #[default]
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    #[serde(default)]
+    pub api_key_header: Option<String>,
+    #[serde(default)]
+    pub jwt: Vec<RawJwtIssuer>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwtIssuer {
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub jwks: RawJwks,
+    #[serde(default)]
+    pub app_claim: Option<String>,
+    #[serde(default)]
+    pub clock_skew_seconds: Option<i64>,
+}
+
+/// An inline JWK Set (RFC 7517). Keys stay as JSON values: each is parsed and checked on compile,
+/// and a key that is not usable is an error naming it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwks {
+    pub keys: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub rate: RawRate,
+    #[serde(default)]
+    pub daily_budget: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub requests: i64,
+    pub per: String,
+    #[serde(default)]
+    pub burst: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectors {
+    #[serde(default)]
+    pub approved: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Dev,
+    Test,
+    Prod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifecycle {
+    Draft,
+    Approved,
+    Published,
+    Deprecated,
+    Quarantined,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Classification {
+    Public,
+    Internal,
+    Confidential,
+    Regulated,
+}
+
+impl Classification {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Classification::Public => "public",
+            Classification::Internal => "internal",
+            Classification::Confidential => "confidential",
+            Classification::Regulated => "regulated",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub id: String,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub team: Option<String>,
+    #[serde(default)]
+    pub department: Option<String>,
+    pub environment: Environment,
+    pub tier: String,
+    pub lifecycle: Lifecycle,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub data_classes: Vec<Classification>,
+    #[serde(default)]
+    pub connectors: Vec<String>,
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    #[serde(default)]
+    pub quota_overrides: Vec<RawQuotaOverride>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotaOverride {
+    #[serde(default)]
+    pub rate: Option<RawRate>,
+    #[serde(default)]
+    pub daily_budget: Option<i64>,
+    pub expires_at: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDataset {
+    pub id: String,
+    pub classification: Classification,
+    #[serde(default)]
+    pub owner_department: Option<String>,
+    #[serde(default)]
+    pub allowed_regions: Option<Vec<String>>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub requires_jit: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default)]
+    pub host: Option<String>,
+    pub path_prefix: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleMode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub id: String,
+    pub effect: Effect,
+    pub when: String,
+    #[serde(default)]
+    pub datasets: Vec<String>,
+    #[serde(default)]
+    pub classifications: Vec<Classification>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub mode: RuleMode,
+}

@@ -1,0 +1,1 @@
+//! Guardrail proxy-wasm filter (placeholder while the spine lands).
