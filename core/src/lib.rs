@@ -6,11 +6,23 @@
 //! [`quota::CounterStore`] (shared counters with compare-and-swap) and plain values for the clock
 //! and the request.
 
+pub mod compile;
+pub mod decide;
 pub mod duration;
 pub mod error;
 pub mod jwt;
+pub mod path;
+pub mod problem;
+pub mod quota;
 pub mod raw;
+pub mod time;
 #[cfg(feature = "yaml")]
 pub mod source;
 
 pub use error::{PolicyError, PolicyErrors};
+
+/// SHA-256 digest of an API key: the only form in which keys are stored (`sha256:<hex>` in policy).
+pub fn api_key_digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}

@@ -1,0 +1,521 @@
+//! Parse, then compile: a [`RawPolicy`] becomes a [`CompiledPolicy`] with its indexes built
+//! (API-key digest → app, app id → app, tier names resolved, durations and times parsed), or a
+//! list of errors that each name the offending field. Nothing bad is dropped silently.
+
+use crate::duration::parse_duration;
+use crate::error::{Errors, PolicyError, PolicyErrors};
+use crate::jwt::{compile_issuer, Issuer};
+use crate::raw::{
+    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule, RuleMode,
+};
+use crate::time::{parse_rfc3339, NANOS_PER_SEC};
+use std::collections::{HashMap, HashSet};
+
+/// The longest app id: it ends up in shared-data keys, headers and log lines.
+pub const MAX_APP_ID_LEN: usize = 128;
+
+// === Compiled model ===
+
+/// A validated policy with its lookup indexes. Built once per policy revision (per worker in the
+/// filter), then read on every request.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    pub revision: String,
+    pub settings: Settings,
+    pub issuers: Vec<Issuer>,
+    pub tiers: Vec<Tier>,
+    pub approved_connectors: HashSet<String>,
+    pub apps: Vec<App>,
+    pub datasets: Vec<Dataset>,
+    pub rules: Vec<Rule>,
+    app_by_id: HashMap<String, usize>,
+    app_by_key_digest: HashMap<[u8; 32], usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub gateway_region: Option<String>,
+    pub failure_mode: FailureMode,
+    pub soft_limit_ratio: f64,
+    pub jit_max_ttl_secs: i64,
+    /// Lower-case header name the API key comes in.
+    pub api_key_header: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: String,
+    pub rate: Rate,
+    pub daily_budget: Option<u64>,
+}
+
+/// A token bucket: `requests` per `per_ns`, holding at most `burst` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub requests: u64,
+    pub per_ns: u64,
+    pub burst: u64,
+}
+
+impl Rate {
+    /// Time for one token to come back, rounded up so that rounding never admits more.
+    pub fn interval_ns(&self) -> u64 {
+        self.per_ns.div_ceil(self.requests.max(1)).max(1)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub id: String,
+    pub owner: Option<String>,
+    pub team: Option<String>,
+    pub department: Option<String>,
+    pub environment: Environment,
+    pub tier: usize,
+    pub lifecycle: Lifecycle,
+    pub region: String,
+    pub data_classes: Vec<Classification>,
+    pub connectors: Vec<String>,
+    pub overrides: Vec<QuotaOverride>,
+    /// Shared-data key of this app's quota state.
+    pub quota_key: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaOverride {
+    pub rate: Option<Rate>,
+    pub daily_budget: Option<u64>,
+    pub expires_at_secs: i64,
+    pub reason: Option<String>,
+}
+
+/// The limits that apply to an app at one instant (tier defaults, unless an unexpired override).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub rate: Rate,
+    pub daily_budget: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub id: String,
+    pub classification: Classification,
+    pub owner_department: Option<String>,
+    pub allowed_regions: Vec<String>,
+    pub routes: Vec<Route>,
+    pub requires_jit: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Lower-case host without port or trailing dot; `None` matches any host.
+    pub host: Option<String>,
+    /// Normalised prefix without trailing slash (`/` for everything).
+    pub path_prefix: String,
+    /// Upper-case methods; empty means every method.
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: String,
+    pub effect: Effect,
+    pub when: String,
+    pub datasets: Vec<String>,
+    pub classifications: Vec<Classification>,
+    pub message: Option<String>,
+    pub mode: RuleMode,
+}
+
+// === impl CompiledPolicy ===
+
+impl CompiledPolicy {
+    pub fn app(&self, id: &str) -> Option<&App> {
+        self.app_by_id.get(id).and_then(|&i| self.apps.get(i))
+    }
+
+    /// The app holding an API key, looked up by the key's SHA-256 digest.
+    pub fn app_by_api_key(&self, key: &str) -> Option<&App> {
+        let digest = crate::api_key_digest(key);
+        self.app_by_key_digest.get(&digest).and_then(|&i| self.apps.get(i))
+    }
+
+    pub fn tier_of(&self, app: &App) -> Option<&Tier> {
+        self.tiers.get(app.tier)
+    }
+
+    /// The limits in force for `app` at `now_secs`: the first unexpired override for each of rate and
+    /// budget, else the tier's.
+    pub fn limits(&self, app: &App, now_secs: i64) -> Option<Limits> {
+        let tier = self.tier_of(app)?;
+        let live = || app.overrides.iter().filter(|o| now_secs < o.expires_at_secs);
+        Some(Limits {
+            rate: live().find_map(|o| o.rate).unwrap_or(tier.rate),
+            daily_budget: live().find_map(|o| o.daily_budget).or(tier.daily_budget),
+        })
+    }
+}
+
+// === Parsing ===
+
+/// Reads a policy from a JSON value; errors carry the field path (`apps[2].lifecycle`).
+pub fn parse_json_value(value: serde_json::Value) -> Result<RawPolicy, PolicyErrors> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        PolicyErrors::from(PolicyError::new(path, e.into_inner().to_string()))
+    })
+}
+
+/// Reads and compiles a policy from JSON text.
+pub fn compile_json_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: RawPolicy = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        PolicyErrors::from(PolicyError::new(path, e.into_inner().to_string()))
+    })?;
+    compile(raw)
+}
+
+// === Compilation ===
+
+/// Validates a raw policy and builds its indexes. Returns every problem found, not only the first.
+pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
+    let mut errs = Errors::default();
+    if raw.api_version != "guardrail/v1" {
+        errs.push("apiVersion", format!("unsupported apiVersion `{}`; expected `guardrail/v1`", raw.api_version));
+    }
+    if raw.kind != "Policy" {
+        errs.push("kind", format!("unsupported kind `{}`; expected `Policy`", raw.kind));
+    }
+
+    let settings = compile_settings(&raw, &mut errs);
+    let mut issuers = Vec::new();
+    let mut seen_issuers = HashSet::new();
+    for (i, raw_issuer) in raw.settings.identity.jwt.iter().enumerate() {
+        let path = format!("settings.identity.jwt[{i}]");
+        if !seen_issuers.insert(raw_issuer.issuer.clone()) {
+            errs.push(format!("{path}.issuer"), format!("duplicate issuer `{}`", raw_issuer.issuer));
+        }
+        match compile_issuer(raw_issuer, &path) {
+            Ok(issuer) => issuers.push(issuer),
+            Err(mut e) => errs.0.append(&mut e),
+        }
+    }
+
+    let mut tiers = Vec::new();
+    let mut tier_by_name = HashMap::new();
+    for (name, raw_tier) in &raw.tiers {
+        let path = format!("tiers.{name}");
+        if name.is_empty() {
+            errs.push("tiers", "a tier needs a name");
+        }
+        let rate = compile_rate(&raw_tier.rate, &format!("{path}.rate"), &mut errs);
+        let daily_budget = raw_tier.daily_budget.and_then(|b| positive(b, &format!("{path}.daily_budget"), &mut errs));
+        if let Some(rate) = rate {
+            tier_by_name.insert(name.clone(), tiers.len());
+            tiers.push(Tier { name: name.clone(), rate, daily_budget });
+        }
+    }
+
+    let mut approved_connectors = HashSet::new();
+    for (i, c) in raw.connectors.approved.iter().enumerate() {
+        if c.trim().is_empty() {
+            errs.push(format!("connectors.approved[{i}]"), "empty connector name");
+        } else if !approved_connectors.insert(c.clone()) {
+            errs.push(format!("connectors.approved[{i}]"), format!("duplicate connector `{c}`"));
+        }
+    }
+
+    let mut apps = Vec::new();
+    let mut app_by_id = HashMap::new();
+    let mut app_by_key_digest: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
+    for (i, raw_app) in raw.apps.iter().enumerate() {
+        let path = format!("apps[{i}]");
+        let Some(app) = compile_app(raw_app, &path, &tier_by_name, &raw, &mut errs) else { continue };
+        if app_by_id.contains_key(&app.id) {
+            errs.push(format!("{path}.id"), format!("duplicate app id `{}`", app.id));
+            continue;
+        }
+        let index = apps.len();
+        for (k, digest_text) in raw_app.api_keys.iter().enumerate() {
+            let key_path = format!("{path}.api_keys[{k}]");
+            let Some(digest) = parse_key_digest(digest_text, &key_path, &mut errs) else { continue };
+            if let Some(owner) = key_owner.get(&digest) {
+                errs.push(key_path, format!("API-key digest already used by app `{owner}`; every key must belong to one app"));
+                continue;
+            }
+            key_owner.insert(digest, app.id.clone());
+            app_by_key_digest.insert(digest, index);
+        }
+        app_by_id.insert(app.id.clone(), index);
+        apps.push(app);
+    }
+
+    let datasets = compile_datasets(&raw.datasets, &issuers, &mut errs);
+    let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
+    let rules = compile_rules(&raw.rules, &dataset_ids, &mut errs);
+
+    if !errs.0.is_empty() {
+        return Err(PolicyErrors(errs.0));
+    }
+    Ok(CompiledPolicy {
+        revision: raw.revision.map(|r| r.to_text()).unwrap_or_default(),
+        settings,
+        issuers,
+        tiers,
+        approved_connectors,
+        apps,
+        datasets,
+        rules,
+        app_by_id,
+        app_by_key_digest,
+    })
+}
+
+fn compile_settings(raw: &RawPolicy, errs: &mut Errors) -> Settings {
+    let s = &raw.settings;
+    let soft_limit_ratio = s.soft_limit_ratio.unwrap_or(0.7);
+    if !(soft_limit_ratio > 0.0 && soft_limit_ratio <= 1.0) {
+        errs.push("settings.soft_limit_ratio", format!("must be in (0, 1], got {soft_limit_ratio}"));
+    }
+    let jit_max_ttl_secs = match s.jit_max_ttl.as_deref().map(parse_duration).unwrap_or(Ok(15 * 60 * NANOS_PER_SEC)) {
+        Ok(ns) => i64::try_from(ns / NANOS_PER_SEC).unwrap_or(i64::MAX),
+        Err(e) => {
+            errs.push("settings.jit_max_ttl", e);
+            0
+        }
+    };
+    let api_key_header = s.identity.api_key_header.clone().unwrap_or_else(|| "x-api-key".into()).to_ascii_lowercase();
+    if api_key_header.is_empty() || !api_key_header.bytes().all(is_header_name_byte) {
+        errs.push("settings.identity.api_key_header", format!("`{api_key_header}` is not a valid header name"));
+    } else if api_key_header == "authorization" || api_key_header.starts_with("x-guardrail-") || api_key_header.starts_with(':') {
+        errs.push("settings.identity.api_key_header", format!("`{api_key_header}` is reserved and cannot carry API keys"));
+    }
+    if let Some(region) = &s.gateway_region {
+        if region.trim().is_empty() {
+            errs.push("settings.gateway_region", "empty region");
+        }
+    }
+    Settings {
+        gateway_region: s.gateway_region.clone(),
+        failure_mode: s.failure_mode.unwrap_or_default(),
+        soft_limit_ratio,
+        jit_max_ttl_secs,
+        api_key_header,
+    }
+}
+
+fn is_header_name_byte(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+}
+
+fn positive(value: i64, path: &str, errs: &mut Errors) -> Option<u64> {
+    if value <= 0 {
+        errs.push(path, format!("must be a positive number, got {value} (a zero limit is an error, not \"no limit\")"));
+        return None;
+    }
+    u64::try_from(value).ok()
+}
+
+fn compile_rate(raw: &RawRate, path: &str, errs: &mut Errors) -> Option<Rate> {
+    let requests = positive(raw.requests, &format!("{path}.requests"), errs);
+    let per_ns = match parse_duration(&raw.per) {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            errs.push(format!("{path}.per"), e);
+            None
+        }
+    };
+    let burst = match raw.burst {
+        Some(b) => positive(b, &format!("{path}.burst"), errs),
+        None => requests,
+    };
+    Some(Rate { requests: requests?, per_ns: per_ns?, burst: burst? })
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_APP_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn compile_app(
+    raw: &RawApp,
+    path: &str,
+    tier_by_name: &HashMap<String, usize>,
+    policy: &RawPolicy,
+    errs: &mut Errors,
+) -> Option<App> {
+    let before = errs.0.len();
+    if !valid_id(&raw.id) {
+        errs.push(
+            format!("{path}.id"),
+            format!("invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :", raw.id),
+        );
+    }
+    let tier = match tier_by_name.get(&raw.tier) {
+        Some(&t) => t,
+        None => {
+            let known: Vec<&str> = policy.tiers.keys().map(String::as_str).collect();
+            errs.push(format!("{path}.tier"), format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")));
+            0
+        }
+    };
+    let region = match raw.region.as_deref().map(str::trim) {
+        Some(r) if !r.is_empty() => r.to_string(),
+        _ => {
+            errs.push(format!("{path}.region"), "every app needs a region (residency is checked against it)");
+            String::new()
+        }
+    };
+    let mut overrides = Vec::new();
+    for (k, o) in raw.quota_overrides.iter().enumerate() {
+        let opath = format!("{path}.quota_overrides[{k}]");
+        let rate = o.rate.as_ref().and_then(|r| compile_rate(r, &format!("{opath}.rate"), errs));
+        let daily_budget = o.daily_budget.and_then(|b| positive(b, &format!("{opath}.daily_budget"), errs));
+        if o.rate.is_none() && o.daily_budget.is_none() {
+            errs.push(opath.clone(), "an override needs `rate` and/or `daily_budget`");
+        }
+        match parse_rfc3339(&o.expires_at) {
+            Ok(expires_at_secs) => overrides.push(QuotaOverride { rate, daily_budget, expires_at_secs, reason: o.reason.clone() }),
+            Err(e) => errs.push(format!("{opath}.expires_at"), e),
+        }
+    }
+    let mut data_classes = raw.data_classes.clone();
+    data_classes.sort();
+    data_classes.dedup();
+    if errs.0.len() != before {
+        return None;
+    }
+    Some(App {
+        id: raw.id.clone(),
+        owner: raw.owner.clone(),
+        team: raw.team.clone(),
+        department: raw.department.clone(),
+        environment: raw.environment,
+        tier,
+        lifecycle: raw.lifecycle,
+        region,
+        data_classes,
+        connectors: raw.connectors.clone(),
+        overrides,
+        quota_key: format!("guardrail.quota.{}", raw.id),
+    })
+}
+
+/// Parses `sha256:<64 lower-case hex>` as printed by `guardrail hash-key`.
+fn parse_key_digest(text: &str, path: &str, errs: &mut Errors) -> Option<[u8; 32]> {
+    let hex_part = text.strip_prefix("sha256:");
+    let parsed = hex_part.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    let mut out = [0u8; 32];
+    match parsed.map(|h| hex::decode_to_slice(h, &mut out)) {
+        Some(Ok(())) => Some(out),
+        _ => {
+            errs.push(
+                path,
+                "expected `sha256:<64 lower-case hex>` as printed by `guardrail hash-key` (plain keys are never stored)",
+            );
+            None
+        }
+    }
+}
+
+fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -> Vec<Dataset> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, d) in raw.iter().enumerate() {
+        let path = format!("datasets[{i}]");
+        let before = errs.0.len();
+        if !valid_id(&d.id) {
+            errs.push(format!("{path}.id"), format!("invalid dataset id `{}`", d.id));
+        } else if !seen.insert(d.id.clone()) {
+            errs.push(format!("{path}.id"), format!("duplicate dataset id `{}`", d.id));
+        }
+        let allowed_regions = match &d.allowed_regions {
+            Some(r) if !r.is_empty() && r.iter().all(|x| !x.trim().is_empty()) => r.clone(),
+            _ => {
+                errs.push(format!("{path}.allowed_regions"), "every dataset needs a non-empty list of allowed regions");
+                Vec::new()
+            }
+        };
+        if d.routes.is_empty() {
+            errs.push(format!("{path}.routes"), "a dataset needs at least one route");
+        }
+        let mut routes = Vec::new();
+        for (r, route) in d.routes.iter().enumerate() {
+            let rpath = format!("{path}.routes[{r}]");
+            let prefix = route.path_prefix.trim_end_matches('/');
+            if !route.path_prefix.starts_with('/') {
+                errs.push(format!("{rpath}.path_prefix"), format!("`{}` must start with `/`", route.path_prefix));
+            }
+            let mut methods = Vec::new();
+            for (m, method) in route.methods.iter().enumerate() {
+                if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    errs.push(format!("{rpath}.methods[{m}]"), format!("`{method}` is not an HTTP method"));
+                }
+                methods.push(method.to_ascii_uppercase());
+            }
+            let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+            if host.as_deref() == Some("") {
+                errs.push(format!("{rpath}.host"), "empty host");
+            }
+            routes.push(Route {
+                host,
+                path_prefix: if prefix.is_empty() { "/".into() } else { prefix.to_string() },
+                methods,
+            });
+        }
+        let requires_jit = d.requires_jit.unwrap_or(d.classification == Classification::Regulated);
+        if requires_jit && issuers.is_empty() {
+            errs.push(
+                format!("{path}.requires_jit"),
+                "the dataset requires JIT credentials but no JWT issuer is configured in settings.identity.jwt",
+            );
+        }
+        if errs.0.len() == before {
+            out.push(Dataset {
+                id: d.id.clone(),
+                classification: d.classification,
+                owner_department: d.owner_department.clone(),
+                allowed_regions,
+                routes,
+                requires_jit,
+            });
+        }
+    }
+    out
+}
+
+fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, errs: &mut Errors) -> Vec<Rule> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, r) in raw.iter().enumerate() {
+        let path = format!("rules[{i}]");
+        if !valid_id(&r.id) {
+            errs.push(format!("{path}.id"), format!("invalid rule id `{}`", r.id));
+        } else if !seen.insert(r.id.clone()) {
+            errs.push(format!("{path}.id"), format!("duplicate rule id `{}`", r.id));
+        }
+        if r.when.trim().is_empty() {
+            errs.push(format!("{path}.when"), format!("rule `{}` has an empty expression", r.id));
+        }
+        for (k, d) in r.datasets.iter().enumerate() {
+            if !dataset_ids.contains(d.as_str()) {
+                errs.push(format!("{path}.datasets[{k}]"), format!("unknown dataset `{d}`"));
+            }
+        }
+        out.push(Rule {
+            id: r.id.clone(),
+            effect: r.effect,
+            when: r.when.clone(),
+            datasets: r.datasets.clone(),
+            classifications: r.classifications.clone(),
+            message: r.message.clone(),
+            mode: r.mode,
+        });
+    }
+    out
+}

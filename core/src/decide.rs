@@ -1,0 +1,385 @@
+//! `decide()`: one request in, one [`Decision`] out, the same in Envoy and in the CLI.
+//! The checks run in the SPEC's order and the first failure wins.
+
+use crate::compile::{App, CompiledPolicy, Limits};
+use crate::jwt::{verify, TokenCache, VerifiedToken};
+use crate::quota::{take, CounterStore, QuotaOutcome, Usage};
+use crate::raw::{Environment, Lifecycle};
+use crate::time::NANOS_PER_SEC;
+use std::borrow::Cow;
+
+/// The request attributes `decide()` reads. Header names are lower-case, as Envoy gives them.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    /// The Envoy cluster the request is routed to, when known.
+    pub connector: Option<&'a str>,
+    pub request_id: &'a str,
+    pub headers: &'a [(String, String)],
+}
+
+impl<'a> Request<'a> {
+    /// Every value of header `name` (lower-case).
+    pub fn header_values(&self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a request is refused: the `<code>` of `urn:guardrail:problem:<code>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    PolicyUnavailable,
+    InvalidPath,
+    Unauthenticated,
+    AppNotRegistered,
+    AppNotActive,
+    ConnectorNotApproved,
+    ResidencyViolation,
+    JitRequired,
+    AccessDenied,
+    QuotaExceeded,
+    BudgetExhausted,
+}
+
+impl Code {
+    pub const ALL: [Code; 11] = [
+        Code::PolicyUnavailable,
+        Code::InvalidPath,
+        Code::Unauthenticated,
+        Code::AppNotRegistered,
+        Code::AppNotActive,
+        Code::ConnectorNotApproved,
+        Code::ResidencyViolation,
+        Code::JitRequired,
+        Code::AccessDenied,
+        Code::QuotaExceeded,
+        Code::BudgetExhausted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::PolicyUnavailable => "policy-unavailable",
+            Code::InvalidPath => "invalid-path",
+            Code::Unauthenticated => "unauthenticated",
+            Code::AppNotRegistered => "app-not-registered",
+            Code::AppNotActive => "app-not-active",
+            Code::ConnectorNotApproved => "connector-not-approved",
+            Code::ResidencyViolation => "residency-violation",
+            Code::JitRequired => "jit-required",
+            Code::AccessDenied => "access-denied",
+            Code::QuotaExceeded => "quota-exceeded",
+            Code::BudgetExhausted => "budget-exhausted",
+        }
+    }
+
+    pub fn status(self) -> u32 {
+        match self {
+            Code::PolicyUnavailable => 503,
+            Code::InvalidPath => 400,
+            Code::Unauthenticated => 401,
+            Code::QuotaExceeded | Code::BudgetExhausted => 429,
+            _ => 403,
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Code::PolicyUnavailable => "No governance policy is loaded",
+            Code::InvalidPath => "The request path cannot be normalised safely",
+            Code::Unauthenticated => "The app could not be authenticated",
+            Code::AppNotRegistered => "The app is not registered in the catalog",
+            Code::AppNotActive => "The app is not active",
+            Code::ConnectorNotApproved => "The upstream connector is not approved for this app",
+            Code::ResidencyViolation => "The data may not be accessed from this region",
+            Code::JitRequired => "A just-in-time credential scoped to this dataset is required",
+            Code::AccessDenied => "Access denied by policy",
+            Code::QuotaExceeded => "The app's rate limit is exceeded",
+            Code::BudgetExhausted => "The app's daily budget is spent",
+        }
+    }
+}
+
+/// A refusal with everything the response and the decision log need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denial {
+    pub code: Code,
+    pub detail: Cow<'static, str>,
+    pub rule: Option<String>,
+    pub retry_after_secs: Option<u64>,
+    pub www_authenticate: Option<String>,
+}
+
+impl Denial {
+    pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
+        Denial { code, detail: detail.into(), rule: None, retry_after_secs: None, www_authenticate: None }
+    }
+
+    fn rule(mut self, rule: impl Into<String>) -> Self {
+        self.rule = Some(rule.into());
+        self
+    }
+}
+
+/// Something worth a log line and a counter that does not change the verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Usage passed `soft_limit_ratio` of the bucket (`rate`) or of the daily budget (`daily`).
+    SoftLimit { quota: &'static str },
+}
+
+/// The verdict on one request.
+#[derive(Debug, Clone)]
+pub struct Decision<'p> {
+    pub denial: Option<Denial>,
+    /// The authenticated app, when known (also on most denials).
+    pub app: Option<&'p App>,
+    pub tier: Option<&'p str>,
+    /// Limits and usage of an admitted request, for the `RateLimit` headers.
+    pub quota: Option<(Limits, Usage)>,
+    pub events: Vec<Event>,
+    /// One line per check, filled only by [`decide_traced`].
+    pub trace: Vec<String>,
+}
+
+impl<'p> Decision<'p> {
+    pub fn allowed(&self) -> bool {
+        self.denial.is_none()
+    }
+
+    fn new() -> Self {
+        Decision { denial: None, app: None, tier: None, quota: None, events: Vec::new(), trace: Vec::new() }
+    }
+}
+
+/// The decision to take when no valid policy is loaded.
+pub fn policy_unavailable() -> Denial {
+    Denial::new(Code::PolicyUnavailable, "no valid governance policy is loaded; requests are refused (failure_mode: closed)")
+}
+
+/// Judges one request. `now_ns` is Unix time in nanoseconds; `store` holds the shared quota state;
+/// `tokens` is the per-worker cache of verified tokens.
+pub fn decide<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &mut dyn CounterStore,
+    tokens: &mut TokenCache,
+) -> Decision<'p> {
+    run(policy, req, now_ns, store, tokens, false)
+}
+
+/// As [`decide`], also recording a readable line for every check (for `explain` and `test`).
+pub fn decide_traced<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &mut dyn CounterStore,
+    tokens: &mut TokenCache,
+) -> Decision<'p> {
+    run(policy, req, now_ns, store, tokens, true)
+}
+
+struct Tracer {
+    on: bool,
+    lines: Vec<String>,
+}
+
+impl Tracer {
+    fn note(&mut self, check: &str, what: impl FnOnce() -> String) {
+        if self.on {
+            self.lines.push(format!("{check:<10} {}", what()));
+        }
+    }
+}
+
+fn run<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &mut dyn CounterStore,
+    tokens: &mut TokenCache,
+    trace: bool,
+) -> Decision<'p> {
+    let mut t = Tracer { on: trace, lines: Vec::new() };
+    let mut d = Decision::new();
+    let result = checks(policy, req, now_ns, store, tokens, &mut d, &mut t);
+    if let Err(denial) = result {
+        t.note("verdict", || format!("DENY {} ({}): {}", denial.code.status(), denial.code.as_str(), denial.detail));
+        d.denial = Some(denial);
+    } else {
+        t.note("verdict", || "ALLOW".to_string());
+    }
+    d.trace = t.lines;
+    d
+}
+
+fn checks<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &mut dyn CounterStore,
+    tokens: &mut TokenCache,
+    d: &mut Decision<'p>,
+    t: &mut Tracer,
+) -> Result<(), Denial> {
+    let now_secs = i64::try_from(now_ns / NANOS_PER_SEC).unwrap_or(i64::MAX);
+    t.note("policy", || format!("revision {}", if policy.revision.is_empty() { "(none)" } else { &policy.revision }));
+
+    // --- credential and catalog ---
+    let app = authenticate(policy, req, now_secs, tokens, t)?;
+    d.app = Some(app);
+    d.tier = policy.tier_of(app).map(|tier| tier.name.as_str());
+
+    // --- lifecycle ---
+    let active = match app.lifecycle {
+        Lifecycle::Approved | Lifecycle::Published => true,
+        Lifecycle::Draft => app.environment == Environment::Dev,
+        Lifecycle::Deprecated | Lifecycle::Quarantined => false,
+    };
+    if !active {
+        let why = match app.lifecycle {
+            Lifecycle::Draft => format!("app `{}` is a draft and may only run in dev (environment: {:?})", app.id, app.environment),
+            other => format!("app `{}` is {:?}", app.id, other),
+        };
+        return Err(Denial::new(Code::AppNotActive, why.to_lowercase()).rule("lifecycle"));
+    }
+    t.note("lifecycle", || format!("{:?} in {:?}: active", app.lifecycle, app.environment).to_lowercase());
+
+    // --- quota: rate, then daily budget ---
+    let Some(limits) = policy.limits(app, now_secs) else {
+        return Err(Denial::new(Code::QuotaExceeded, "the app's tier has no limits").rule("rate"));
+    };
+    match take(store, &app.quota_key, &limits, now_ns, policy.settings.soft_limit_ratio) {
+        QuotaOutcome::Allowed(usage) => {
+            t.note("quota", || {
+                format!(
+                    "rate {}/{} left; budget {}",
+                    usage.rate_remaining,
+                    limits.rate.burst,
+                    usage.budget_remaining.map_or("unlimited".to_string(), |b| format!("{b} left today"))
+                )
+            });
+            if usage.rate_soft_crossed {
+                d.events.push(Event::SoftLimit { quota: "rate" });
+            }
+            if usage.budget_soft_crossed {
+                d.events.push(Event::SoftLimit { quota: "daily" });
+            }
+            d.quota = Some((limits, usage));
+            Ok(())
+        }
+        QuotaOutcome::RateLimited { retry_after_secs } => Err(Denial {
+            retry_after_secs: Some(retry_after_secs),
+            ..Denial::new(
+                Code::QuotaExceeded,
+                format!("app `{}` exceeded {} requests per {}s", app.id, limits.rate.requests, limits.rate.per_ns / NANOS_PER_SEC),
+            )
+            .rule("rate")
+        }),
+        QuotaOutcome::BudgetExhausted { retry_after_secs } => Err(Denial {
+            retry_after_secs: Some(retry_after_secs),
+            ..Denial::new(
+                Code::BudgetExhausted,
+                format!("app `{}` spent its daily budget of {} requests", app.id, limits.daily_budget.unwrap_or(0)),
+            )
+            .rule("daily-budget")
+        }),
+        QuotaOutcome::Unavailable => Err(Denial {
+            retry_after_secs: Some(1),
+            ..Denial::new(Code::QuotaExceeded, "the quota state could not be updated (contention); refused to stay within quota")
+                .rule("quota-store")
+        }),
+    }
+}
+
+fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
+    Denial {
+        www_authenticate: Some("Bearer".to_string()),
+        ..Denial::new(Code::Unauthenticated, detail).rule("credential")
+    }
+}
+
+/// Finds the app from the request's credentials: an API key (by digest) and/or a bearer token.
+/// When both are sent they must name the same app.
+fn authenticate<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    now_secs: i64,
+    tokens: &mut TokenCache,
+    t: &mut Tracer,
+) -> Result<&'p App, Denial> {
+    let mut keys = req.header_values(&policy.settings.api_key_header);
+    let key = keys.next();
+    if keys.next().is_some() {
+        return Err(unauthenticated(format!("more than one `{}` header", policy.settings.api_key_header)));
+    }
+    let mut auths = req.header_values("authorization");
+    let auth = auths.next();
+    if auths.next().is_some() {
+        return Err(unauthenticated("more than one Authorization header"));
+    }
+
+    let key_app = match key {
+        Some(k) => match policy.app_by_api_key(k.trim()) {
+            Some(app) => {
+                t.note("credential", || format!("API key of app `{}`", app.id));
+                Some(app)
+            }
+            None => return Err(unauthenticated("unknown API key")),
+        },
+        None => None,
+    };
+    let token_app = match auth {
+        Some(value) => {
+            let token = bearer_token(value).ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
+            let verified = verified_token(policy, token, now_secs, tokens)?;
+            t.note("credential", || format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, verified), verified.app));
+            let app_id = verified.app.clone();
+            match policy.app(&app_id) {
+                Some(app) => Some(app),
+                None => {
+                    return Err(Denial::new(Code::AppNotRegistered, format!("app `{app_id}` is not in the catalog")).rule("catalog"))
+                }
+            }
+        }
+        None => None,
+    };
+    match (key_app, token_app) {
+        (Some(a), Some(b)) if a.id != b.id => Err(unauthenticated("the API key and the bearer token name different apps")),
+        (Some(app), _) | (None, Some(app)) => Ok(app),
+        (None, None) => Err(unauthenticated(format!(
+            "no credential: send an API key in `{}` or `Authorization: Bearer <token>`",
+            policy.settings.api_key_header
+        ))),
+    }
+}
+
+fn issuer_name<'a>(policy: &'a CompiledPolicy, v: &VerifiedToken) -> &'a str {
+    policy.issuers.get(v.issuer).map_or("?", |i| i.issuer.as_str())
+}
+
+/// `Bearer <token>`, scheme case-insensitive (RFC 9110).
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// A verified token from the per-worker cache, verifying (and caching) it on a miss.
+fn verified_token<'c>(
+    policy: &CompiledPolicy,
+    token: &str,
+    now_secs: i64,
+    tokens: &'c mut TokenCache,
+) -> Result<&'c VerifiedToken, Denial> {
+    if tokens.get(token, now_secs).is_none() {
+        let verified = verify(&policy.issuers, token, now_secs).map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
+        tokens.insert(token, verified);
+    }
+    tokens.get(token, now_secs).ok_or_else(|| unauthenticated("invalid token: expired"))
+}

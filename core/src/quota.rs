@@ -1,0 +1,394 @@
+//! Per-app quotas: a token bucket (as GCRA: one "theoretical arrival time") and a daily budget per
+//! UTC day, kept together in ONE shared-data value per app and updated with compare-and-swap, so
+//! every Envoy worker draws from the same bucket and an app gets exactly its quota.
+//!
+//! The value is 17 bytes: a format byte, the bucket's TAT in ns, the UTC day number and the count
+//! of requests admitted that day. All-zero means "full bucket, nothing used", so the initial value
+//! does not depend on the limits: creating a key twice (the host does not CAS-guard creation) writes
+//! the same bytes, and limits can change (an override expires) without touching the stored state.
+
+use crate::compile::Limits;
+use crate::time::{NANOS_PER_SEC, SECS_PER_DAY};
+
+/// How many times a compare-and-swap is retried before the request fails closed.
+pub const MAX_CAS_RETRIES: u32 = 64;
+
+const FORMAT: u8 = 1;
+const VALUE_LEN: usize = 17;
+
+/// Shared counters with compare-and-swap, as proxy-wasm shared data offers them.
+pub trait CounterStore {
+    /// The value and its CAS token, or `None` when the key does not exist.
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
+    /// Writes `value` if the key's CAS token is still `cas` (0 = unconditional, used only to create).
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("compare-and-swap mismatch")]
+    CasMismatch,
+    #[error("shared data unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The decoded per-app state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaState {
+    pub tat_ns: u64,
+    pub day: u32,
+    pub used: u32,
+}
+
+impl QuotaState {
+    pub fn encode(&self) -> [u8; VALUE_LEN] {
+        let mut out = [0u8; VALUE_LEN];
+        out[0] = FORMAT;
+        out[1..9].copy_from_slice(&self.tat_ns.to_le_bytes());
+        out[9..13].copy_from_slice(&self.day.to_le_bytes());
+        out[13..17].copy_from_slice(&self.used.to_le_bytes());
+        out
+    }
+
+    /// Decodes a stored value; anything not written by this version reads as `None`.
+    pub fn decode(bytes: &[u8]) -> Option<QuotaState> {
+        if bytes.len() != VALUE_LEN || bytes.first() != Some(&FORMAT) {
+            return None;
+        }
+        let tat_ns = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
+        let day = u32::from_le_bytes(bytes.get(9..13)?.try_into().ok()?);
+        let used = u32::from_le_bytes(bytes.get(13..17)?.try_into().ok()?);
+        Some(QuotaState { tat_ns, day, used })
+    }
+}
+
+/// What the quota said about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaOutcome {
+    Allowed(Usage),
+    /// The bucket is empty: 429 `quota-exceeded`.
+    RateLimited { retry_after_secs: u64 },
+    /// The day's budget is spent: 429 `budget-exhausted`, until the next UTC midnight.
+    BudgetExhausted { retry_after_secs: u64 },
+    /// The state could not be read or updated (missing key, CAS retries exhausted): fail closed.
+    Unavailable,
+}
+
+/// Quota figures after an admitted request, for the `RateLimit` headers and soft-limit warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub rate_remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub rate_reset_secs: u64,
+    pub budget_remaining: Option<u64>,
+    pub budget_reset_secs: u64,
+    /// This request took the bucket's usage past `soft_limit_ratio`.
+    pub rate_soft_crossed: bool,
+    /// This request took the day's usage past `soft_limit_ratio`.
+    pub budget_soft_crossed: bool,
+}
+
+fn ceil_secs(ns: u64) -> u64 {
+    ns.div_ceil(NANOS_PER_SEC)
+}
+
+fn secs_to_next_day(now_ns: u64) -> u64 {
+    let now_secs = now_ns / NANOS_PER_SEC;
+    (SECS_PER_DAY - now_secs % SECS_PER_DAY).max(1)
+}
+
+/// Pure arithmetic: the state after one request at `now_ns`, or why it is refused.
+pub fn step(state: QuotaState, limits: &Limits, now_ns: u64, soft_ratio: f64) -> Result<(QuotaState, Usage), QuotaOutcome> {
+    let interval = limits.rate.interval_ns();
+    let capacity = interval.saturating_mul(limits.rate.burst);
+    let base = state.tat_ns.max(now_ns);
+    let new_tat = base.saturating_add(interval);
+    let ahead = new_tat - now_ns;
+    if ahead > capacity {
+        return Err(QuotaOutcome::RateLimited { retry_after_secs: ceil_secs(ahead - capacity).max(1) });
+    }
+    let today = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(u32::MAX);
+    let used_before = if state.day == today { state.used } else { 0 };
+    let budget_reset_secs = secs_to_next_day(now_ns);
+    let (used_after, budget_remaining, budget_soft_crossed) = match limits.daily_budget {
+        Some(budget) => {
+            if u64::from(used_before) >= budget {
+                return Err(QuotaOutcome::BudgetExhausted { retry_after_secs: budget_reset_secs });
+            }
+            let after = used_before.saturating_add(1);
+            let threshold = soft_ratio * budget as f64;
+            let crossed = (f64::from(used_before) < threshold) && (f64::from(after) >= threshold);
+            (after, Some(budget - u64::from(after)), crossed)
+        }
+        None => (used_before.saturating_add(1), None, false),
+    };
+    let before_fill = (base - now_ns) as f64 / capacity as f64;
+    let after_fill = ahead as f64 / capacity as f64;
+    let usage = Usage {
+        rate_remaining: (capacity - ahead) / interval,
+        rate_reset_secs: ceil_secs(ahead),
+        budget_remaining,
+        budget_reset_secs,
+        rate_soft_crossed: before_fill < soft_ratio && after_fill >= soft_ratio,
+        budget_soft_crossed,
+    };
+    Ok((QuotaState { tat_ns: new_tat, day: today, used: used_after }, usage))
+}
+
+/// Takes one request from the app's quota in `store`, retrying compare-and-swap up to
+/// [`MAX_CAS_RETRIES`] times. Refused requests write nothing.
+pub fn take(store: &mut dyn CounterStore, key: &str, limits: &Limits, now_ns: u64, soft_ratio: f64) -> QuotaOutcome {
+    for _ in 0..MAX_CAS_RETRIES {
+        let (bytes, cas) = match store.get(key) {
+            Ok(Some(found)) => found,
+            Ok(None) | Err(_) => return QuotaOutcome::Unavailable,
+        };
+        // A value this version did not write starts over as a full bucket (still under CAS).
+        let state = QuotaState::decode(&bytes).unwrap_or_default();
+        let (next, usage) = match step(state, limits, now_ns, soft_ratio) {
+            Ok(ok) => ok,
+            Err(refused) => return refused,
+        };
+        match store.set(key, &next.encode(), cas) {
+            Ok(()) => return QuotaOutcome::Allowed(usage),
+            Err(StoreError::CasMismatch) => continue,
+            Err(StoreError::Unavailable(_)) => return QuotaOutcome::Unavailable,
+        }
+    }
+    QuotaOutcome::Unavailable
+}
+
+/// Creates the key of every app that has none yet. Called when a policy is applied, never on a
+/// request: the host does not CAS-guard creation, and the initial value is the same for everyone.
+pub fn ensure_keys<'a>(store: &mut dyn CounterStore, keys: impl IntoIterator<Item = &'a str>) -> Result<usize, StoreError> {
+    let mut created = 0;
+    for key in keys {
+        if store.get(key)?.is_none() {
+            store.set(key, &QuotaState::default().encode(), 0)?;
+            created += 1;
+        }
+    }
+    Ok(created)
+}
+
+// === Stores for tests and the native CLI ===
+
+/// An in-memory store with proxy-wasm's CAS semantics (every write bumps the token).
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    entries: std::collections::HashMap<String, (Vec<u8>, u32)>,
+}
+
+impl CounterStore for MemoryStore {
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        Ok(self.entries.get(key).cloned())
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        let entry = self.entries.entry(key.to_string()).or_insert_with(|| (Vec::new(), 0));
+        if cas != 0 && entry.1 != cas {
+            return Err(StoreError::CasMismatch);
+        }
+        entry.0 = value.to_vec();
+        entry.1 = entry.1.wrapping_add(1).max(1);
+        Ok(())
+    }
+}
+
+/// Wraps a store and makes the first `mismatches` writes after each read fail with a CAS
+/// mismatch, after letting a rival write land, as a busy second worker would.
+#[derive(Debug)]
+pub struct ContendedStore<S> {
+    pub inner: S,
+    pub mismatches_per_write: u32,
+    pending: u32,
+}
+
+impl<S> ContendedStore<S> {
+    pub fn new(inner: S, mismatches_per_write: u32) -> Self {
+        Self { inner, mismatches_per_write, pending: 0 }
+    }
+}
+
+impl<S: CounterStore> CounterStore for ContendedStore<S> {
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        if cas != 0 && self.pending < self.mismatches_per_write {
+            self.pending += 1;
+            // A rival rewrites the current value, bumping the CAS token.
+            if let Some((current, token)) = self.inner.get(key)? {
+                self.inner.set(key, &current, token)?;
+            }
+            return Err(StoreError::CasMismatch);
+        }
+        self.pending = 0;
+        self.inner.set(key, value, cas)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::Rate;
+
+    const SEC: u64 = NANOS_PER_SEC;
+    const T0: u64 = 1_795_924_800 * SEC; // 2026-11-29T04:00:00Z
+
+    fn limits(requests: u64, per_secs: u64, burst: u64, budget: Option<u64>) -> Limits {
+        Limits { rate: Rate { requests, per_ns: per_secs * SEC, burst }, daily_budget: budget }
+    }
+
+    #[test]
+    fn encode_decode_roundtrip_and_garbage() {
+        let s = QuotaState { tat_ns: 123_456_789, day: 20_000, used: 42 };
+        assert_eq!(QuotaState::decode(&s.encode()), Some(s), "roundtrip");
+        assert_eq!(QuotaState::decode(&[]), None, "empty value");
+        assert_eq!(QuotaState::decode(&[9; VALUE_LEN]), None, "unknown format byte");
+        assert_eq!(QuotaState::decode(&[FORMAT; 3]), None, "short value");
+    }
+
+    #[test]
+    fn bucket_arithmetic_table() {
+        // (what, limits, requests at offsets (secs), expected admitted count)
+        let cases: &[(&str, Limits, &[u64], usize)] = &[
+            ("burst of 5 at one instant", limits(5, 60, 5, None), &[0; 8], 5),
+            ("burst defaults to requests", limits(3, 60, 3, None), &[0; 4], 3),
+            ("refill one per 12s", limits(5, 60, 5, None), &[0, 0, 0, 0, 0, 0, 12, 12], 6),
+            ("full refill after a window", limits(2, 10, 2, None), &[0, 0, 0, 10, 10, 10], 4),
+            ("burst larger than rate", limits(1, 60, 10, None), &[0; 12], 10),
+            ("budget stops before bucket", limits(100, 1, 100, Some(3)), &[0; 5], 3),
+            ("budget resets next UTC day", limits(100, 1, 100, Some(2)), &[0, 0, 0, 72_000, 72_000, 72_000], 4),
+        ];
+        for (what, l, offsets, want) in cases {
+            let mut state = QuotaState::default();
+            let mut admitted = 0;
+            for off in offsets.iter() {
+                if let Ok((next, _)) = step(state, l, T0 + off * SEC, 0.7) {
+                    state = next;
+                    admitted += 1;
+                }
+            }
+            assert_eq!(admitted, *want, "{what}");
+        }
+    }
+
+    #[test]
+    fn retry_after_and_headers_figures() {
+        let l = limits(5, 60, 5, Some(1000));
+        let mut state = QuotaState::default();
+        let mut last = None;
+        for _ in 0..5 {
+            let (next, usage) = step(state, &l, T0, 0.7).map_err(|_| "admitted").unwrap_or_else(|_| unreachable!());
+            state = next;
+            last = Some(usage);
+        }
+        let usage = last.unwrap_or_else(|| unreachable!());
+        assert_eq!(usage.rate_remaining, 0, "bucket empty after 5");
+        assert_eq!(usage.rate_reset_secs, 60, "full again in 60s");
+        assert_eq!(usage.budget_remaining, Some(995), "budget left");
+        assert_eq!(step(state, &l, T0, 0.7).err(), Some(QuotaOutcome::RateLimited { retry_after_secs: 12 }), "next token in 12s");
+        // 2026-11-29T04:00:00Z is 20h before midnight.
+        let l = limits(100, 1, 100, Some(1));
+        let (s1, _) = step(QuotaState::default(), &l, T0, 0.7).unwrap_or_else(|_| unreachable!());
+        assert_eq!(step(s1, &l, T0, 0.7).err(), Some(QuotaOutcome::BudgetExhausted { retry_after_secs: 72_000 }), "budget retry at midnight");
+    }
+
+    #[test]
+    fn soft_limit_crossed_once() {
+        let l = limits(10, 60, 10, Some(10));
+        let mut state = QuotaState::default();
+        let mut rate_crossings = vec![];
+        let mut budget_crossings = vec![];
+        for i in 1..=10 {
+            let (next, usage) = step(state, &l, T0, 0.7).unwrap_or_else(|_| unreachable!());
+            state = next;
+            if usage.rate_soft_crossed {
+                rate_crossings.push(i);
+            }
+            if usage.budget_soft_crossed {
+                budget_crossings.push(i);
+            }
+        }
+        assert_eq!(rate_crossings, vec![7], "bucket crosses 70% on the 7th request");
+        assert_eq!(budget_crossings, vec![7], "budget crosses 70% on the 7th request");
+    }
+
+    #[test]
+    fn clock_going_backwards_never_admits_more() {
+        let l = limits(5, 60, 5, None);
+        let mut state = QuotaState::default();
+        let mut admitted = 0;
+        for off in [100u64, 100, 100, 0, 0, 0, 50, 50] {
+            if let Ok((next, _)) = step(state, &l, T0 + off * SEC, 0.7) {
+                state = next;
+                admitted += 1;
+            }
+        }
+        // 3 at +100s; going back to 0s and +50s finds the bucket still "in the future": refused.
+        assert_eq!(admitted, 3, "a clock stepping back gives no extra tokens");
+    }
+
+    // === CounterStore contract suite, run against every store ===
+
+    fn contract_exact_quota(store: &mut dyn CounterStore, what: &str) {
+        let l = limits(50, 3600, 50, None);
+        assert_eq!(ensure_keys(store, ["guardrail.quota.a"]), Ok(1), "{what}: creates the key");
+        assert_eq!(ensure_keys(store, ["guardrail.quota.a"]), Ok(0), "{what}: keeps an existing key");
+        let mut allowed = 0;
+        let mut limited = 0;
+        for _ in 0..300 {
+            match take(store, "guardrail.quota.a", &l, T0, 0.7) {
+                QuotaOutcome::Allowed(_) => allowed += 1,
+                QuotaOutcome::RateLimited { .. } => limited += 1,
+                other => panic!("{what}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!((allowed, limited), (50, 250), "{what}: exactly the quota");
+        assert_eq!(take(store, "guardrail.quota.missing", &l, T0, 0.7), QuotaOutcome::Unavailable, "{what}: missing key fails closed");
+    }
+
+    macro_rules! test_with_all_stores {
+        ($name:ident, $body:ident) => {
+            mod $name {
+                use super::*;
+                #[test]
+                fn memory() {
+                    $body(&mut MemoryStore::default(), "memory");
+                }
+                #[test]
+                fn contended() {
+                    $body(&mut ContendedStore::new(MemoryStore::default(), 3), "3 CAS mismatches per write");
+                }
+            }
+        };
+    }
+    test_with_all_stores!(exact_quota, contract_exact_quota);
+
+    #[test]
+    fn cas_retries_exhausted_fail_closed() {
+        let mut store = ContendedStore::new(MemoryStore::default(), MAX_CAS_RETRIES + 1);
+        let _ = ensure_keys(&mut store, ["k"]);
+        let l = limits(5, 60, 5, None);
+        assert_eq!(take(&mut store, "k", &l, T0, 0.7), QuotaOutcome::Unavailable, "endless contention is refused, not admitted");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_more_than_burst_plus_refill(burst in 1u64..50, requests in 1u64..50, per in 1u64..100, offsets in proptest::collection::vec(0u64..200, 1..200)) {
+            let l = limits(requests, per, burst, None);
+            let mut sorted = offsets.clone();
+            sorted.sort_unstable();
+            let mut state = QuotaState::default();
+            let mut admitted = 0u64;
+            for off in &sorted {
+                if let Ok((next, _)) = step(state, &l, T0 + off * SEC, 0.7) { state = next; admitted += 1; }
+            }
+            let span = sorted.last().copied().unwrap_or(0) - sorted.first().copied().unwrap_or(0);
+            let refill = span * SEC / l.rate.interval_ns();
+            proptest::prop_assert!(admitted <= burst + refill, "admitted {} > burst {} + refill {}", admitted, burst, refill);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The one file that talks to the host (`hostcalls::*`): shared data as a [`CounterStore`],
+//! headers, the clock, logging and metrics. Every host error is handled here, never unwrapped.
+
+use guardrail_core::decide::Code;
+use guardrail_core::quota::{CounterStore, StoreError};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
+use std::time::UNIX_EPOCH;
+
+/// proxy-wasm shared data (one namespace per `vm_id`, shared by every worker of this Envoy).
+pub struct SharedData;
+
+impl CounterStore for SharedData {
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), Some(cas))) => Ok(Some((bytes, cas))),
+            Ok((Some(bytes), None)) => Ok(Some((bytes, 0))),
+            Ok((None, _)) => Ok(None),
+            Err(status) => Err(StoreError::Unavailable(format!("{status:?}"))),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), if cas == 0 { None } else { Some(cas) }) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
+            Err(status) => Err(StoreError::Unavailable(format!("{status:?}"))),
+        }
+    }
+}
+
+/// Unix time in nanoseconds, or 0 if the host cannot tell (which only makes limits stricter).
+pub fn now_ns() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .and_then(|d| u64::try_from(d.as_nanos()).ok())
+        .unwrap_or(0)
+}
+
+pub fn info(message: &str) {
+    let _ = hostcalls::log(LogLevel::Info, message);
+}
+
+pub fn warn(message: &str) {
+    let _ = hostcalls::log(LogLevel::Warn, message);
+}
+
+pub fn error(message: &str) {
+    let _ = hostcalls::log(LogLevel::Error, message);
+}
+
+pub fn plugin_configuration() -> Option<Vec<u8>> {
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten()
+}
+
+pub fn request_headers() -> Vec<(String, String)> {
+    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+}
+
+pub fn remove_request_header(name: &str) {
+    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+}
+
+pub fn set_request_header(name: &str, value: &str) {
+    let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+}
+
+pub fn set_response_header(name: &str, value: &str) {
+    let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+}
+
+/// Sends a local reply; the request goes no further.
+pub fn send_response(status: u32, headers: &[(&str, String)], body: &str) {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
+}
+
+/// Envoy counters (`wasmcustom.guardrail.*` in `/stats`), defined once per VM.
+pub struct Metrics {
+    allowed: Option<u32>,
+    throttled: Option<u32>,
+    soft_limit: Option<u32>,
+    denied: [Option<u32>; Code::ALL.len()],
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Metrics {
+            allowed: counter("guardrail.allowed"),
+            throttled: counter("guardrail.throttled"),
+            soft_limit: counter("guardrail.soft_limit"),
+            denied: Code::ALL.map(|code| counter(&format!("guardrail.denied.{}", code.as_str()))),
+        }
+    }
+
+    fn bump(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn allowed(&self) {
+        Self::bump(self.allowed);
+    }
+
+    pub fn soft_limit(&self) {
+        Self::bump(self.soft_limit);
+    }
+
+    pub fn denied(&self, code: Code) {
+        if let Some(i) = Code::ALL.iter().position(|c| *c == code) {
+            Self::bump(self.denied.get(i).copied().flatten());
+        }
+        if code.status() == 429 {
+            Self::bump(self.throttled);
+        }
+    }
+}
