@@ -21,7 +21,8 @@ impl CounterStore for SharedData {
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), if cas == 0 { None } else { Some(cas) }) {
+        match hostcalls::set_shared_data(key, Some(value), if cas == 0 { None } else { Some(cas) })
+        {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
             Err(status) => Err(StoreError::Unavailable(format!("{status:?}"))),
@@ -50,8 +51,18 @@ pub fn error(message: &str) {
     let _ = hostcalls::log(LogLevel::Error, message);
 }
 
+/// The Envoy cluster this request is routed to (the app's upstream connector), if routed to one.
+pub fn upstream_cluster() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["xds", "cluster_name"])
+        .ok()
+        .flatten()?;
+    String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
+}
+
 pub fn plugin_configuration() -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten()
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+        .ok()
+        .flatten()
 }
 
 pub fn request_headers() -> Vec<(String, String)> {
@@ -81,6 +92,7 @@ pub struct Metrics {
     allowed: Option<u32>,
     throttled: Option<u32>,
     soft_limit: Option<u32>,
+    shadow: Option<u32>,
     denied: [Option<u32>; Code::ALL.len()],
 }
 
@@ -91,6 +103,7 @@ impl Metrics {
             allowed: counter("guardrail.allowed"),
             throttled: counter("guardrail.throttled"),
             soft_limit: counter("guardrail.soft_limit"),
+            shadow: counter("guardrail.shadow"),
             denied: Code::ALL.map(|code| counter(&format!("guardrail.denied.{}", code.as_str()))),
         }
     }
@@ -107,6 +120,10 @@ impl Metrics {
 
     pub fn soft_limit(&self) {
         Self::bump(self.soft_limit);
+    }
+
+    pub fn shadow(&self) {
+        Self::bump(self.shadow);
     }
 
     pub fn denied(&self, code: Code) {

@@ -8,12 +8,14 @@
 mod config;
 mod host;
 
-use guardrail_core::decide::{decide, policy_unavailable, Decision, Denial, Request};
+use guardrail_core::compile::CompiledPolicy;
+use guardrail_core::decide::{decide, policy_unavailable, Decision, Denial, Event, Request};
 use guardrail_core::jwt::TokenCache;
-use guardrail_core::problem::{denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers};
+use guardrail_core::problem::{
+    denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers,
+};
 use guardrail_core::quota::ensure_keys;
 use guardrail_core::raw::FailureMode;
-use guardrail_core::compile::CompiledPolicy;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
@@ -31,6 +33,7 @@ proxy_wasm::main! {{
 struct Worker {
     policy: Option<Rc<CompiledPolicy>>,
     failure_mode: FailureMode,
+    gateway_region: Option<String>,
     tokens: TokenCache,
     metrics: host::Metrics,
 }
@@ -47,6 +50,7 @@ impl GuardrailRoot {
             worker: Rc::new(RefCell::new(Worker {
                 policy: None,
                 failure_mode: FailureMode::Closed,
+                gateway_region: None,
                 tokens: TokenCache::new(TOKEN_CACHE_CAPACITY),
                 metrics: host::Metrics::define(),
             })),
@@ -55,8 +59,13 @@ impl GuardrailRoot {
 
     /// Makes `policy` the one in force on this worker, creating its apps' quota keys first.
     fn apply(&self, policy: CompiledPolicy) -> bool {
-        if let Err(e) = ensure_keys(&mut host::SharedData, policy.apps.iter().map(|a| a.quota_key.as_str())) {
-            host::error(&format!("guardrail: cannot create quota state in shared data: {e}"));
+        if let Err(e) = ensure_keys(
+            &mut host::SharedData,
+            policy.apps.iter().map(|a| a.quota_key.as_str()),
+        ) {
+            host::error(&format!(
+                "guardrail: cannot create quota state in shared data: {e}"
+            ));
             return false;
         }
         host::info(&format!(
@@ -87,7 +96,11 @@ impl RootContext for GuardrailRoot {
                 return false;
             }
         };
-        self.worker.borrow_mut().failure_mode = config.failure_mode;
+        {
+            let mut worker = self.worker.borrow_mut();
+            worker.failure_mode = config.failure_mode;
+            worker.gateway_region = config.gateway_region;
+        }
         match config.policy {
             Some(policy) => self.apply(policy),
             None => {
@@ -98,7 +111,10 @@ impl RootContext for GuardrailRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(GuardrailHttp { worker: Rc::clone(&self.worker), ratelimit: None }))
+        Some(Box::new(GuardrailHttp {
+            worker: Rc::clone(&self.worker),
+            ratelimit: None,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -120,21 +136,32 @@ impl HttpContext for GuardrailHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let headers = host::request_headers();
         // Identity never comes from a header a client can set: drop every x-guardrail-* first.
-        for (name, _) in headers.iter().filter(|(n, _)| n.starts_with("x-guardrail-")) {
+        for (name, _) in headers
+            .iter()
+            .filter(|(n, _)| n.starts_with("x-guardrail-"))
+        {
             host::remove_request_header(name);
         }
-        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        let connector = host::upstream_cluster();
+        let worker = Rc::clone(&self.worker);
+        let mut worker = worker.borrow_mut();
+        let gateway_region = worker.gateway_region.clone();
         let request = Request {
             method: header(":method"),
             host: header(":authority"),
             path: header(":path"),
-            connector: None,
+            connector: connector.as_deref(),
             request_id: header("x-request-id"),
             headers: &headers,
+            gateway_region: gateway_region.as_deref(),
         };
 
-        let worker = Rc::clone(&self.worker);
-        let mut worker = worker.borrow_mut();
         let Some(policy) = worker.policy.clone() else {
             if worker.failure_mode == FailureMode::Open {
                 return Action::Continue;
@@ -143,7 +170,13 @@ impl HttpContext for GuardrailHttp {
             return self.deny(&worker, &denial, None, &request, "");
         };
         let Worker { tokens, .. } = &mut *worker;
-        let decision = decide(&policy, &request, host::now_ns(), &mut host::SharedData, tokens);
+        let decision = decide(
+            &policy,
+            &request,
+            host::now_ns(),
+            &mut host::SharedData,
+            tokens,
+        );
         self.enforce(&worker, &policy, decision, &request)
     }
 
@@ -159,11 +192,25 @@ impl HttpContext for GuardrailHttp {
 
 impl GuardrailHttp {
     /// Turns a decision into what Envoy does: the only place that does so.
-    fn enforce(&mut self, worker: &Worker, policy: &CompiledPolicy, decision: Decision<'_>, request: &Request<'_>) -> Action {
+    fn enforce(
+        &mut self,
+        worker: &Worker,
+        policy: &CompiledPolicy,
+        decision: Decision<'_>,
+        request: &Request<'_>,
+    ) -> Action {
         let app_id = decision.app.map(|a| a.id.as_str());
         for event in &decision.events {
-            host::warn(&event_log_line(event, app_id, request.request_id, &policy.revision));
-            worker.metrics.soft_limit();
+            host::warn(&event_log_line(
+                event,
+                app_id,
+                request.request_id,
+                &policy.revision,
+            ));
+            match event {
+                Event::SoftLimit { .. } => worker.metrics.soft_limit(),
+                Event::Shadow { .. } => worker.metrics.shadow(),
+            }
         }
         if let Some(denial) = &decision.denial {
             return self.deny(worker, denial, app_id, request, &policy.revision);
@@ -174,12 +221,21 @@ impl GuardrailHttp {
         if let Some(tier) = decision.tier {
             host::set_request_header("x-guardrail-tier", tier);
         }
-        self.ratelimit = decision.quota.map(|(limits, usage)| ratelimit_headers(&limits, &usage));
+        self.ratelimit = decision
+            .quota
+            .map(|(limits, usage)| ratelimit_headers(&limits, &usage));
         worker.metrics.allowed();
         Action::Continue
     }
 
-    fn deny(&mut self, worker: &Worker, denial: &Denial, app: Option<&str>, request: &Request<'_>, revision: &str) -> Action {
+    fn deny(
+        &mut self,
+        worker: &Worker,
+        denial: &Denial,
+        app: Option<&str>,
+        request: &Request<'_>,
+        revision: &str,
+    ) -> Action {
         host::info(&denial_log_line(denial, app, request.request_id, revision));
         worker.metrics.denied(denial.code);
         let body = problem_body(denial, request.request_id, app);

@@ -5,9 +5,12 @@
 use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
 use crate::jwt::{compile_issuer, Issuer};
+use crate::path::DatasetIndex;
 use crate::raw::{
-    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule, RuleMode,
+    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy,
+    RawRate, RawRule, RuleMode,
 };
+use crate::rules::{app_value, dataset_value, Cel, Expression};
 use crate::time::{parse_rfc3339, NANOS_PER_SEC};
 use std::collections::{HashMap, HashSet};
 
@@ -28,6 +31,11 @@ pub struct CompiledPolicy {
     pub apps: Vec<App>,
     pub datasets: Vec<Dataset>,
     pub rules: Vec<Rule>,
+    pub cel: Cel,
+    /// CEL values of every app and dataset (same order as `apps`/`datasets`), built once.
+    pub app_values: Vec<cel::Value>,
+    pub dataset_values: Vec<cel::Value>,
+    dataset_index: DatasetIndex,
     app_by_id: HashMap<String, usize>,
     app_by_key_digest: HashMap<[u8; 32], usize>,
 }
@@ -116,11 +124,12 @@ pub struct Route {
     pub methods: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Rule {
     pub id: String,
     pub effect: Effect,
     pub when: String,
+    pub expr: Expression,
     pub datasets: Vec<String>,
     pub classifications: Vec<Classification>,
     pub message: Option<String>,
@@ -137,7 +146,18 @@ impl CompiledPolicy {
     /// The app holding an API key, looked up by the key's SHA-256 digest.
     pub fn app_by_api_key(&self, key: &str) -> Option<&App> {
         let digest = crate::api_key_digest(key);
-        self.app_by_key_digest.get(&digest).and_then(|&i| self.apps.get(i))
+        self.app_by_key_digest
+            .get(&digest)
+            .and_then(|&i| self.apps.get(i))
+    }
+
+    /// Index of the dataset a request reaches (`normalized_path` from [`crate::path::normalize_path`]).
+    pub fn dataset_for(&self, host: &str, method: &str, normalized_path: &str) -> Option<usize> {
+        self.dataset_index.lookup(host, method, normalized_path)
+    }
+
+    pub fn app_index(&self, id: &str) -> Option<usize> {
+        self.app_by_id.get(id).copied()
     }
 
     pub fn tier_of(&self, app: &App) -> Option<&Tier> {
@@ -148,7 +168,11 @@ impl CompiledPolicy {
     /// budget, else the tier's.
     pub fn limits(&self, app: &App, now_secs: i64) -> Option<Limits> {
         let tier = self.tier_of(app)?;
-        let live = || app.overrides.iter().filter(|o| now_secs < o.expires_at_secs);
+        let live = || {
+            app.overrides
+                .iter()
+                .filter(|o| now_secs < o.expires_at_secs)
+        };
         Some(Limits {
             rate: live().find_map(|o| o.rate).unwrap_or(tier.rate),
             daily_budget: live().find_map(|o| o.daily_budget).or(tier.daily_budget),
@@ -184,10 +208,19 @@ pub fn compile_json_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
 pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     let mut errs = Errors::default();
     if raw.api_version != "guardrail/v1" {
-        errs.push("apiVersion", format!("unsupported apiVersion `{}`; expected `guardrail/v1`", raw.api_version));
+        errs.push(
+            "apiVersion",
+            format!(
+                "unsupported apiVersion `{}`; expected `guardrail/v1`",
+                raw.api_version
+            ),
+        );
     }
     if raw.kind != "Policy" {
-        errs.push("kind", format!("unsupported kind `{}`; expected `Policy`", raw.kind));
+        errs.push(
+            "kind",
+            format!("unsupported kind `{}`; expected `Policy`", raw.kind),
+        );
     }
 
     let settings = compile_settings(&raw, &mut errs);
@@ -196,7 +229,10 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     for (i, raw_issuer) in raw.settings.identity.jwt.iter().enumerate() {
         let path = format!("settings.identity.jwt[{i}]");
         if !seen_issuers.insert(raw_issuer.issuer.clone()) {
-            errs.push(format!("{path}.issuer"), format!("duplicate issuer `{}`", raw_issuer.issuer));
+            errs.push(
+                format!("{path}.issuer"),
+                format!("duplicate issuer `{}`", raw_issuer.issuer),
+            );
         }
         match compile_issuer(raw_issuer, &path) {
             Ok(issuer) => issuers.push(issuer),
@@ -212,10 +248,16 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             errs.push("tiers", "a tier needs a name");
         }
         let rate = compile_rate(&raw_tier.rate, &format!("{path}.rate"), &mut errs);
-        let daily_budget = raw_tier.daily_budget.and_then(|b| positive(b, &format!("{path}.daily_budget"), &mut errs));
+        let daily_budget = raw_tier
+            .daily_budget
+            .and_then(|b| positive(b, &format!("{path}.daily_budget"), &mut errs));
         if let Some(rate) = rate {
             tier_by_name.insert(name.clone(), tiers.len());
-            tiers.push(Tier { name: name.clone(), rate, daily_budget });
+            tiers.push(Tier {
+                name: name.clone(),
+                rate,
+                daily_budget,
+            });
         }
     }
 
@@ -224,7 +266,10 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         if c.trim().is_empty() {
             errs.push(format!("connectors.approved[{i}]"), "empty connector name");
         } else if !approved_connectors.insert(c.clone()) {
-            errs.push(format!("connectors.approved[{i}]"), format!("duplicate connector `{c}`"));
+            errs.push(
+                format!("connectors.approved[{i}]"),
+                format!("duplicate connector `{c}`"),
+            );
         }
     }
 
@@ -234,15 +279,22 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
     for (i, raw_app) in raw.apps.iter().enumerate() {
         let path = format!("apps[{i}]");
-        let Some(app) = compile_app(raw_app, &path, &tier_by_name, &raw, &mut errs) else { continue };
+        let Some(app) = compile_app(raw_app, &path, &tier_by_name, &raw, &mut errs) else {
+            continue;
+        };
         if app_by_id.contains_key(&app.id) {
-            errs.push(format!("{path}.id"), format!("duplicate app id `{}`", app.id));
+            errs.push(
+                format!("{path}.id"),
+                format!("duplicate app id `{}`", app.id),
+            );
             continue;
         }
         let index = apps.len();
         for (k, digest_text) in raw_app.api_keys.iter().enumerate() {
             let key_path = format!("{path}.api_keys[{k}]");
-            let Some(digest) = parse_key_digest(digest_text, &key_path, &mut errs) else { continue };
+            let Some(digest) = parse_key_digest(digest_text, &key_path, &mut errs) else {
+                continue;
+            };
             if let Some(owner) = key_owner.get(&digest) {
                 errs.push(key_path, format!("API-key digest already used by app `{owner}`; every key must belong to one app"));
                 continue;
@@ -256,11 +308,23 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
 
     let datasets = compile_datasets(&raw.datasets, &issuers, &mut errs);
     let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
-    let rules = compile_rules(&raw.rules, &dataset_ids, &mut errs);
+    let cel = Cel::default();
+    let rules = compile_rules(&raw.rules, &dataset_ids, &cel, &mut errs);
 
     if !errs.0.is_empty() {
         return Err(PolicyErrors(errs.0));
     }
+    let mut dataset_index = DatasetIndex::default();
+    for (i, d) in datasets.iter().enumerate() {
+        for r in &d.routes {
+            dataset_index.insert(r.host.as_deref(), &r.path_prefix, &r.methods, i);
+        }
+    }
+    let app_values = apps
+        .iter()
+        .map(|a| app_value(a, tiers.get(a.tier).map_or("", |t| t.name.as_str())))
+        .collect();
+    let dataset_values = datasets.iter().map(dataset_value).collect();
     Ok(CompiledPolicy {
         revision: raw.revision.map(|r| r.to_text()).unwrap_or_default(),
         settings,
@@ -270,6 +334,10 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         apps,
         datasets,
         rules,
+        cel,
+        app_values,
+        dataset_values,
+        dataset_index,
         app_by_id,
         app_by_key_digest,
     })
@@ -279,20 +347,42 @@ fn compile_settings(raw: &RawPolicy, errs: &mut Errors) -> Settings {
     let s = &raw.settings;
     let soft_limit_ratio = s.soft_limit_ratio.unwrap_or(0.7);
     if !(soft_limit_ratio > 0.0 && soft_limit_ratio <= 1.0) {
-        errs.push("settings.soft_limit_ratio", format!("must be in (0, 1], got {soft_limit_ratio}"));
+        errs.push(
+            "settings.soft_limit_ratio",
+            format!("must be in (0, 1], got {soft_limit_ratio}"),
+        );
     }
-    let jit_max_ttl_secs = match s.jit_max_ttl.as_deref().map(parse_duration).unwrap_or(Ok(15 * 60 * NANOS_PER_SEC)) {
+    let jit_max_ttl_secs = match s
+        .jit_max_ttl
+        .as_deref()
+        .map(parse_duration)
+        .unwrap_or(Ok(15 * 60 * NANOS_PER_SEC))
+    {
         Ok(ns) => i64::try_from(ns / NANOS_PER_SEC).unwrap_or(i64::MAX),
         Err(e) => {
             errs.push("settings.jit_max_ttl", e);
             0
         }
     };
-    let api_key_header = s.identity.api_key_header.clone().unwrap_or_else(|| "x-api-key".into()).to_ascii_lowercase();
+    let api_key_header = s
+        .identity
+        .api_key_header
+        .clone()
+        .unwrap_or_else(|| "x-api-key".into())
+        .to_ascii_lowercase();
     if api_key_header.is_empty() || !api_key_header.bytes().all(is_header_name_byte) {
-        errs.push("settings.identity.api_key_header", format!("`{api_key_header}` is not a valid header name"));
-    } else if api_key_header == "authorization" || api_key_header.starts_with("x-guardrail-") || api_key_header.starts_with(':') {
-        errs.push("settings.identity.api_key_header", format!("`{api_key_header}` is reserved and cannot carry API keys"));
+        errs.push(
+            "settings.identity.api_key_header",
+            format!("`{api_key_header}` is not a valid header name"),
+        );
+    } else if api_key_header == "authorization"
+        || api_key_header.starts_with("x-guardrail-")
+        || api_key_header.starts_with(':')
+    {
+        errs.push(
+            "settings.identity.api_key_header",
+            format!("`{api_key_header}` is reserved and cannot carry API keys"),
+        );
     }
     if let Some(region) = &s.gateway_region {
         if region.trim().is_empty() {
@@ -333,13 +423,19 @@ fn compile_rate(raw: &RawRate, path: &str, errs: &mut Errors) -> Option<Rate> {
         Some(b) => positive(b, &format!("{path}.burst"), errs),
         None => requests,
     };
-    Some(Rate { requests: requests?, per_ns: per_ns?, burst: burst? })
+    Some(Rate {
+        requests: requests?,
+        per_ns: per_ns?,
+        burst: burst?,
+    })
 }
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_APP_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn compile_app(
@@ -353,34 +449,56 @@ fn compile_app(
     if !valid_id(&raw.id) {
         errs.push(
             format!("{path}.id"),
-            format!("invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :", raw.id),
+            format!(
+                "invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :",
+                raw.id
+            ),
         );
     }
     let tier = match tier_by_name.get(&raw.tier) {
         Some(&t) => t,
         None => {
             let known: Vec<&str> = policy.tiers.keys().map(String::as_str).collect();
-            errs.push(format!("{path}.tier"), format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")));
+            errs.push(
+                format!("{path}.tier"),
+                format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")),
+            );
             0
         }
     };
     let region = match raw.region.as_deref().map(str::trim) {
         Some(r) if !r.is_empty() => r.to_string(),
         _ => {
-            errs.push(format!("{path}.region"), "every app needs a region (residency is checked against it)");
+            errs.push(
+                format!("{path}.region"),
+                "every app needs a region (residency is checked against it)",
+            );
             String::new()
         }
     };
     let mut overrides = Vec::new();
     for (k, o) in raw.quota_overrides.iter().enumerate() {
         let opath = format!("{path}.quota_overrides[{k}]");
-        let rate = o.rate.as_ref().and_then(|r| compile_rate(r, &format!("{opath}.rate"), errs));
-        let daily_budget = o.daily_budget.and_then(|b| positive(b, &format!("{opath}.daily_budget"), errs));
+        let rate = o
+            .rate
+            .as_ref()
+            .and_then(|r| compile_rate(r, &format!("{opath}.rate"), errs));
+        let daily_budget = o
+            .daily_budget
+            .and_then(|b| positive(b, &format!("{opath}.daily_budget"), errs));
         if o.rate.is_none() && o.daily_budget.is_none() {
-            errs.push(opath.clone(), "an override needs `rate` and/or `daily_budget`");
+            errs.push(
+                opath.clone(),
+                "an override needs `rate` and/or `daily_budget`",
+            );
         }
         match parse_rfc3339(&o.expires_at) {
-            Ok(expires_at_secs) => overrides.push(QuotaOverride { rate, daily_budget, expires_at_secs, reason: o.reason.clone() }),
+            Ok(expires_at_secs) => overrides.push(QuotaOverride {
+                rate,
+                daily_budget,
+                expires_at_secs,
+                reason: o.reason.clone(),
+            }),
             Err(e) => errs.push(format!("{opath}.expires_at"), e),
         }
     }
@@ -409,7 +527,11 @@ fn compile_app(
 /// Parses `sha256:<64 lower-case hex>` as printed by `guardrail hash-key`.
 fn parse_key_digest(text: &str, path: &str, errs: &mut Errors) -> Option<[u8; 32]> {
     let hex_part = text.strip_prefix("sha256:");
-    let parsed = hex_part.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    let parsed = hex_part.filter(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
     let mut out = [0u8; 32];
     match parsed.map(|h| hex::decode_to_slice(h, &mut out)) {
         Some(Ok(())) => Some(out),
@@ -430,45 +552,72 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
         let path = format!("datasets[{i}]");
         let before = errs.0.len();
         if !valid_id(&d.id) {
-            errs.push(format!("{path}.id"), format!("invalid dataset id `{}`", d.id));
+            errs.push(
+                format!("{path}.id"),
+                format!("invalid dataset id `{}`", d.id),
+            );
         } else if !seen.insert(d.id.clone()) {
-            errs.push(format!("{path}.id"), format!("duplicate dataset id `{}`", d.id));
+            errs.push(
+                format!("{path}.id"),
+                format!("duplicate dataset id `{}`", d.id),
+            );
         }
         let allowed_regions = match &d.allowed_regions {
             Some(r) if !r.is_empty() && r.iter().all(|x| !x.trim().is_empty()) => r.clone(),
             _ => {
-                errs.push(format!("{path}.allowed_regions"), "every dataset needs a non-empty list of allowed regions");
+                errs.push(
+                    format!("{path}.allowed_regions"),
+                    "every dataset needs a non-empty list of allowed regions",
+                );
                 Vec::new()
             }
         };
         if d.routes.is_empty() {
-            errs.push(format!("{path}.routes"), "a dataset needs at least one route");
+            errs.push(
+                format!("{path}.routes"),
+                "a dataset needs at least one route",
+            );
         }
         let mut routes = Vec::new();
         for (r, route) in d.routes.iter().enumerate() {
             let rpath = format!("{path}.routes[{r}]");
             let prefix = route.path_prefix.trim_end_matches('/');
             if !route.path_prefix.starts_with('/') {
-                errs.push(format!("{rpath}.path_prefix"), format!("`{}` must start with `/`", route.path_prefix));
+                errs.push(
+                    format!("{rpath}.path_prefix"),
+                    format!("`{}` must start with `/`", route.path_prefix),
+                );
             }
             let mut methods = Vec::new();
             for (m, method) in route.methods.iter().enumerate() {
                 if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                    errs.push(format!("{rpath}.methods[{m}]"), format!("`{method}` is not an HTTP method"));
+                    errs.push(
+                        format!("{rpath}.methods[{m}]"),
+                        format!("`{method}` is not an HTTP method"),
+                    );
                 }
                 methods.push(method.to_ascii_uppercase());
             }
-            let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+            let host = route
+                .host
+                .as_ref()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase());
             if host.as_deref() == Some("") {
                 errs.push(format!("{rpath}.host"), "empty host");
             }
             routes.push(Route {
                 host,
-                path_prefix: if prefix.is_empty() { "/".into() } else { prefix.to_string() },
+                path_prefix: if prefix.is_empty() {
+                    "/".into()
+                } else {
+                    prefix.to_string()
+                },
                 methods,
             });
         }
-        let requires_jit = d.requires_jit.unwrap_or(d.classification == Classification::Regulated);
+        let requires_jit = d
+            .requires_jit
+            .unwrap_or(d.classification == Classification::Regulated);
         if requires_jit && issuers.is_empty() {
             errs.push(
                 format!("{path}.requires_jit"),
@@ -489,7 +638,12 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
     out
 }
 
-fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, errs: &mut Errors) -> Vec<Rule> {
+fn compile_rules(
+    raw: &[RawRule],
+    dataset_ids: &HashSet<&str>,
+    cel: &Cel,
+    errs: &mut Errors,
+) -> Vec<Rule> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, r) in raw.iter().enumerate() {
@@ -497,20 +651,32 @@ fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, errs: &mut Errors
         if !valid_id(&r.id) {
             errs.push(format!("{path}.id"), format!("invalid rule id `{}`", r.id));
         } else if !seen.insert(r.id.clone()) {
-            errs.push(format!("{path}.id"), format!("duplicate rule id `{}`", r.id));
+            errs.push(
+                format!("{path}.id"),
+                format!("duplicate rule id `{}`", r.id),
+            );
         }
-        if r.when.trim().is_empty() {
-            errs.push(format!("{path}.when"), format!("rule `{}` has an empty expression", r.id));
-        }
+        let expr = match cel.compile(&r.when) {
+            Ok(expr) => Some(expr),
+            Err(e) => {
+                errs.push(format!("{path}.when"), format!("rule `{}`: {e}", r.id));
+                None
+            }
+        };
         for (k, d) in r.datasets.iter().enumerate() {
             if !dataset_ids.contains(d.as_str()) {
-                errs.push(format!("{path}.datasets[{k}]"), format!("unknown dataset `{d}`"));
+                errs.push(
+                    format!("{path}.datasets[{k}]"),
+                    format!("unknown dataset `{d}`"),
+                );
             }
         }
+        let Some(expr) = expr else { continue };
         out.push(Rule {
             id: r.id.clone(),
             effect: r.effect,
             when: r.when.clone(),
+            expr,
             datasets: r.datasets.clone(),
             classifications: r.classifications.clone(),
             message: r.message.clone(),

@@ -1,10 +1,13 @@
 //! `decide()`: one request in, one [`Decision`] out, the same in Envoy and in the CLI.
 //! The checks run in the SPEC's order and the first failure wins.
 
-use crate::compile::{App, CompiledPolicy, Limits};
+use crate::compile::{App, CompiledPolicy, Dataset, Limits};
 use crate::jwt::{verify, TokenCache, VerifiedToken};
+use crate::path::normalize_path;
 use crate::quota::{take, CounterStore, QuotaOutcome, Usage};
+use crate::raw::{Effect, RuleMode};
 use crate::raw::{Environment, Lifecycle};
+use crate::rules::{request_value, token_value, Vars};
 use crate::time::NANOS_PER_SEC;
 use std::borrow::Cow;
 
@@ -18,12 +21,17 @@ pub struct Request<'a> {
     pub connector: Option<&'a str>,
     pub request_id: &'a str,
     pub headers: &'a [(String, String)],
+    /// This gateway's region when the Envoy configuration sets it (else `settings.gateway_region`).
+    pub gateway_region: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
     /// Every value of header `name` (lower-case).
-    pub fn header_values(&self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a str> + 's {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -113,7 +121,13 @@ pub struct Denial {
 
 impl Denial {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
-        Denial { code, detail: detail.into(), rule: None, retry_after_secs: None, www_authenticate: None }
+        Denial {
+            code,
+            detail: detail.into(),
+            rule: None,
+            retry_after_secs: None,
+            www_authenticate: None,
+        }
     }
 
     fn rule(mut self, rule: impl Into<String>) -> Self {
@@ -127,6 +141,8 @@ impl Denial {
 pub enum Event {
     /// Usage passed `soft_limit_ratio` of the bucket (`rate`) or of the daily budget (`daily`).
     SoftLimit { quota: &'static str },
+    /// A `mode: shadow` rule would have denied (`error` when its expression failed).
+    Shadow { rule: String, error: Option<String> },
 }
 
 /// The verdict on one request.
@@ -136,6 +152,7 @@ pub struct Decision<'p> {
     /// The authenticated app, when known (also on most denials).
     pub app: Option<&'p App>,
     pub tier: Option<&'p str>,
+    pub dataset: Option<&'p Dataset>,
     /// Limits and usage of an admitted request, for the `RateLimit` headers.
     pub quota: Option<(Limits, Usage)>,
     pub events: Vec<Event>,
@@ -149,13 +166,24 @@ impl<'p> Decision<'p> {
     }
 
     fn new() -> Self {
-        Decision { denial: None, app: None, tier: None, quota: None, events: Vec::new(), trace: Vec::new() }
+        Decision {
+            denial: None,
+            app: None,
+            tier: None,
+            dataset: None,
+            quota: None,
+            events: Vec::new(),
+            trace: Vec::new(),
+        }
     }
 }
 
 /// The decision to take when no valid policy is loaded.
 pub fn policy_unavailable() -> Denial {
-    Denial::new(Code::PolicyUnavailable, "no valid governance policy is loaded; requests are refused (failure_mode: closed)")
+    Denial::new(
+        Code::PolicyUnavailable,
+        "no valid governance policy is loaded; requests are refused (failure_mode: closed)",
+    )
 }
 
 /// Judges one request. `now_ns` is Unix time in nanoseconds; `store` holds the shared quota state;
@@ -202,11 +230,21 @@ fn run<'p>(
     tokens: &mut TokenCache,
     trace: bool,
 ) -> Decision<'p> {
-    let mut t = Tracer { on: trace, lines: Vec::new() };
+    let mut t = Tracer {
+        on: trace,
+        lines: Vec::new(),
+    };
     let mut d = Decision::new();
     let result = checks(policy, req, now_ns, store, tokens, &mut d, &mut t);
     if let Err(denial) = result {
-        t.note("verdict", || format!("DENY {} ({}): {}", denial.code.status(), denial.code.as_str(), denial.detail));
+        t.note("verdict", || {
+            format!(
+                "DENY {} ({}): {}",
+                denial.code.status(),
+                denial.code.as_str(),
+                denial.detail
+            )
+        });
         d.denial = Some(denial);
     } else {
         t.note("verdict", || "ALLOW".to_string());
@@ -225,10 +263,29 @@ fn checks<'p>(
     t: &mut Tracer,
 ) -> Result<(), Denial> {
     let now_secs = i64::try_from(now_ns / NANOS_PER_SEC).unwrap_or(i64::MAX);
-    t.note("policy", || format!("revision {}", if policy.revision.is_empty() { "(none)" } else { &policy.revision }));
+    t.note("policy", || {
+        format!(
+            "revision {}",
+            if policy.revision.is_empty() {
+                "(none)"
+            } else {
+                &policy.revision
+            }
+        )
+    });
+
+    // --- request: the path must normalise safely before anything is matched against it ---
+    let path = normalize_path(req.path).map_err(|e| {
+        Denial::new(
+            Code::InvalidPath,
+            format!("{e}: refused rather than matched unsafely"),
+        )
+        .rule("path")
+    })?;
+    t.note("path", || format!("{} normalised to {path}", req.path));
 
     // --- credential and catalog ---
-    let app = authenticate(policy, req, now_secs, tokens, t)?;
+    let (app, bearer) = authenticate(policy, req, now_secs, tokens, t)?;
     d.app = Some(app);
     d.tier = policy.tier_of(app).map(|tier| tier.name.as_str());
 
@@ -240,25 +297,110 @@ fn checks<'p>(
     };
     if !active {
         let why = match app.lifecycle {
-            Lifecycle::Draft => format!("app `{}` is a draft and may only run in dev (environment: {:?})", app.id, app.environment),
+            Lifecycle::Draft => format!(
+                "app `{}` is a draft and may only run in dev (environment: {:?})",
+                app.id, app.environment
+            ),
             other => format!("app `{}` is {:?}", app.id, other),
         };
         return Err(Denial::new(Code::AppNotActive, why.to_lowercase()).rule("lifecycle"));
     }
-    t.note("lifecycle", || format!("{:?} in {:?}: active", app.lifecycle, app.environment).to_lowercase());
+    t.note("lifecycle", || {
+        format!("{:?} in {:?}: active", app.lifecycle, app.environment).to_lowercase()
+    });
+
+    // --- connector: the Envoy cluster the request is routed to ---
+    if let Some(connector) = req.connector {
+        if !policy.approved_connectors.contains(connector) {
+            return Err(Denial::new(
+                Code::ConnectorNotApproved,
+                format!("connector `{connector}` is not in connectors.approved"),
+            )
+            .rule("connector"));
+        }
+        if !app.connectors.iter().any(|c| c == connector) {
+            return Err(Denial::new(
+                Code::ConnectorNotApproved,
+                format!(
+                    "connector `{connector}` is not among app `{}`'s connectors",
+                    app.id
+                ),
+            )
+            .rule("connector"));
+        }
+        t.note("connector", || {
+            format!("`{connector}` approved for the app")
+        });
+    } else {
+        t.note("connector", || {
+            "no upstream cluster (local reply): nothing to check".to_string()
+        });
+    }
+
+    // --- dataset, residency, JIT, least privilege ---
+    let dataset_index = policy.dataset_for(req.host, req.method, &path);
+    let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
+    d.dataset = dataset;
+    let token = bearer.and_then(|b| tokens.get(b, now_secs));
+    match dataset {
+        None => t.note("dataset", || {
+            "none matched: dataset checks do not apply".to_string()
+        }),
+        Some(ds) => {
+            t.note("dataset", || {
+                format!("`{}` ({})", ds.id, ds.classification.as_str())
+            });
+            check_residency(policy, req, app, ds)?;
+            t.note("residency", || {
+                format!("app region `{}` allowed for `{}`", app.region, ds.id)
+            });
+            if ds.requires_jit {
+                check_jit(policy, app, ds, token)?;
+                t.note("jit", || format!("token scoped `dataset:{}`", ds.id));
+            }
+            if !app.data_classes.contains(&ds.classification) {
+                return Err(Denial::new(
+                    Code::AccessDenied,
+                    format!(
+                        "app `{}` may not access {} data (data_classes)",
+                        app.id,
+                        ds.classification.as_str()
+                    ),
+                )
+                .rule("data-class"));
+            }
+            t.note("data-class", || {
+                format!(
+                    "{} is among the app's data classes",
+                    ds.classification.as_str()
+                )
+            });
+        }
+    }
+
+    // --- ABAC rules in CEL ---
+    check_rules(policy, req, &path, app, dataset_index, token, d, t)?;
 
     // --- quota: rate, then daily budget ---
     let Some(limits) = policy.limits(app, now_secs) else {
         return Err(Denial::new(Code::QuotaExceeded, "the app's tier has no limits").rule("rate"));
     };
-    match take(store, &app.quota_key, &limits, now_ns, policy.settings.soft_limit_ratio) {
+    match take(
+        store,
+        &app.quota_key,
+        &limits,
+        now_ns,
+        policy.settings.soft_limit_ratio,
+    ) {
         QuotaOutcome::Allowed(usage) => {
             t.note("quota", || {
                 format!(
                     "rate {}/{} left; budget {}",
                     usage.rate_remaining,
                     limits.rate.burst,
-                    usage.budget_remaining.map_or("unlimited".to_string(), |b| format!("{b} left today"))
+                    usage
+                        .budget_remaining
+                        .map_or("unlimited".to_string(), |b| format!("{b} left today"))
                 )
             });
             if usage.rate_soft_crossed {
@@ -274,7 +416,12 @@ fn checks<'p>(
             retry_after_secs: Some(retry_after_secs),
             ..Denial::new(
                 Code::QuotaExceeded,
-                format!("app `{}` exceeded {} requests per {}s", app.id, limits.rate.requests, limits.rate.per_ns / NANOS_PER_SEC),
+                format!(
+                    "app `{}` exceeded {} requests per {}s",
+                    app.id,
+                    limits.rate.requests,
+                    limits.rate.per_ns / NANOS_PER_SEC
+                ),
             )
             .rule("rate")
         }),
@@ -282,16 +429,196 @@ fn checks<'p>(
             retry_after_secs: Some(retry_after_secs),
             ..Denial::new(
                 Code::BudgetExhausted,
-                format!("app `{}` spent its daily budget of {} requests", app.id, limits.daily_budget.unwrap_or(0)),
+                format!(
+                    "app `{}` spent its daily budget of {} requests",
+                    app.id,
+                    limits.daily_budget.unwrap_or(0)
+                ),
             )
             .rule("daily-budget")
         }),
         QuotaOutcome::Unavailable => Err(Denial {
             retry_after_secs: Some(1),
-            ..Denial::new(Code::QuotaExceeded, "the quota state could not be updated (contention); refused to stay within quota")
-                .rule("quota-store")
+            ..Denial::new(
+                Code::QuotaExceeded,
+                "the quota state could not be updated (contention); refused to stay within quota",
+            )
+            .rule("quota-store")
         }),
     }
+}
+
+fn check_residency(
+    policy: &CompiledPolicy,
+    req: &Request<'_>,
+    app: &App,
+    ds: &Dataset,
+) -> Result<(), Denial> {
+    let residency =
+        |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
+    if !ds.allowed_regions.iter().any(|r| *r == app.region) {
+        return residency(format!(
+            "app region `{}` is not allowed for dataset `{}`",
+            app.region, ds.id
+        ));
+    }
+    match req
+        .gateway_region
+        .or(policy.settings.gateway_region.as_deref())
+    {
+        None => residency(format!(
+            "this gateway's region is unknown, so dataset `{}` cannot be served here",
+            ds.id
+        )),
+        Some(region) if !ds.allowed_regions.iter().any(|r| r == region) => residency(format!(
+            "gateway region `{region}` is not allowed for dataset `{}`",
+            ds.id
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn check_jit(
+    policy: &CompiledPolicy,
+    app: &App,
+    ds: &Dataset,
+    token: Option<&VerifiedToken>,
+) -> Result<(), Denial> {
+    let scope = format!("dataset:{}", ds.id);
+    let refuse = |detail: String| {
+        Err(Denial {
+            www_authenticate: Some(format!(
+                "Bearer error=\"insufficient_scope\", scope=\"{scope}\""
+            )),
+            ..Denial::new(Code::JitRequired, detail).rule("jit")
+        })
+    };
+    let Some(token) = token else {
+        return refuse(format!(
+            "dataset `{}` needs a just-in-time bearer token scoped `{scope}`",
+            ds.id
+        ));
+    };
+    if token.app != app.id {
+        return refuse(format!(
+            "the token is for app `{}`, not `{}`",
+            token.app, app.id
+        ));
+    }
+    if !token.scopes.iter().any(|s| *s == scope) {
+        return refuse(format!("the token's scope lacks `{scope}`"));
+    }
+    match token.iat {
+        Some(iat) if token.exp - iat <= policy.settings.jit_max_ttl_secs => Ok(()),
+        Some(iat) => refuse(format!(
+            "the token lives {}s; JIT tokens may live at most {}s (settings.jit_max_ttl)",
+            token.exp - iat,
+            policy.settings.jit_max_ttl_secs
+        )),
+        None => refuse("a JIT token must carry `iat`".to_string()),
+    }
+}
+
+/// Evaluates the in-scope rules: an enforced deny that holds wins; where enforced allow rules are
+/// in scope, one must hold; an evaluation error denies, naming the rule; shadow rules only report.
+#[allow(clippy::too_many_arguments)]
+fn check_rules<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    path: &str,
+    app: &App,
+    dataset_index: Option<usize>,
+    token: Option<&VerifiedToken>,
+    d: &mut Decision<'p>,
+    t: &mut Tracer,
+) -> Result<(), Denial> {
+    let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
+    let in_scope = |r: &&crate::compile::Rule| {
+        let by_dataset = r.datasets.is_empty()
+            || dataset.is_some_and(|ds| r.datasets.iter().any(|id| *id == ds.id));
+        let by_class = r.classifications.is_empty()
+            || dataset.is_some_and(|ds| r.classifications.contains(&ds.classification));
+        by_dataset && by_class
+    };
+    let mut rules = policy.rules.iter().filter(in_scope).peekable();
+    if rules.peek().is_none() {
+        t.note("rules", || "none in scope".to_string());
+        return Ok(());
+    }
+    let app_value = policy
+        .app_index(&app.id)
+        .and_then(|i| policy.app_values.get(i))
+        .cloned()
+        .unwrap_or(cel::Value::Null);
+    let vars = Vars {
+        app: app_value,
+        dataset: dataset_index
+            .and_then(|i| policy.dataset_values.get(i))
+            .cloned()
+            .unwrap_or(cel::Value::Null),
+        request: request_value(
+            req.method,
+            &crate::path::normalize_host(req.host),
+            path,
+            req.headers,
+        ),
+        token: token_value(token),
+    };
+    let mut allow_ids: Vec<&str> = Vec::new();
+    let mut allowed = false;
+    for rule in rules {
+        let result = policy.cel.eval(&rule.expr, &vars);
+        t.note("rule", || {
+            format!(
+                "`{}` ({:?}, {:?}): {:?}",
+                rule.id, rule.effect, rule.mode, result
+            )
+            .to_lowercase()
+        });
+        let shadow = rule.mode == RuleMode::Shadow;
+        let message = || {
+            rule.message
+                .clone()
+                .unwrap_or_else(|| format!("denied by rule `{}`", rule.id))
+        };
+        match (result, rule.effect) {
+            (Err(e), _) if shadow => d.events.push(Event::Shadow {
+                rule: rule.id.clone(),
+                error: Some(e),
+            }),
+            (Err(e), _) => {
+                return Err(Denial::new(
+                    Code::AccessDenied,
+                    format!("rule `{}` failed to evaluate ({e}); denied", rule.id),
+                )
+                .rule(rule.id.clone()))
+            }
+            (Ok(true), Effect::Deny) if shadow => d.events.push(Event::Shadow {
+                rule: rule.id.clone(),
+                error: None,
+            }),
+            (Ok(true), Effect::Deny) => {
+                return Err(Denial::new(Code::AccessDenied, message()).rule(rule.id.clone()))
+            }
+            (Ok(false), Effect::Allow) if shadow => d.events.push(Event::Shadow {
+                rule: rule.id.clone(),
+                error: None,
+            }),
+            (Ok(holds), Effect::Allow) if !shadow => {
+                allow_ids.push(&rule.id);
+                allowed |= holds;
+            }
+            _ => {}
+        }
+    }
+    if !allow_ids.is_empty() && !allowed {
+        return Err(Denial::new(
+            Code::AccessDenied,
+            format!("no allow rule holds (in scope: {})", allow_ids.join(", ")),
+        )
+        .rule(allow_ids.join(",")));
+    }
+    Ok(())
 }
 
 fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
@@ -303,17 +630,20 @@ fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
 
 /// Finds the app from the request's credentials: an API key (by digest) and/or a bearer token.
 /// When both are sent they must name the same app.
-fn authenticate<'p>(
+fn authenticate<'p, 'r>(
     policy: &'p CompiledPolicy,
-    req: &Request<'_>,
+    req: &Request<'r>,
     now_secs: i64,
     tokens: &mut TokenCache,
     t: &mut Tracer,
-) -> Result<&'p App, Denial> {
+) -> Result<(&'p App, Option<&'r str>), Denial> {
     let mut keys = req.header_values(&policy.settings.api_key_header);
     let key = keys.next();
     if keys.next().is_some() {
-        return Err(unauthenticated(format!("more than one `{}` header", policy.settings.api_key_header)));
+        return Err(unauthenticated(format!(
+            "more than one `{}` header",
+            policy.settings.api_key_header
+        )));
     }
     let mut auths = req.header_values("authorization");
     let auth = auths.next();
@@ -331,24 +661,39 @@ fn authenticate<'p>(
         },
         None => None,
     };
+    let mut bearer = None;
     let token_app = match auth {
         Some(value) => {
-            let token = bearer_token(value).ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
+            let token = bearer_token(value)
+                .ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
             let verified = verified_token(policy, token, now_secs, tokens)?;
-            t.note("credential", || format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, verified), verified.app));
+            bearer = Some(token);
+            t.note("credential", || {
+                format!(
+                    "bearer token of issuer `{}` for app `{}`",
+                    issuer_name(policy, verified),
+                    verified.app
+                )
+            });
             let app_id = verified.app.clone();
             match policy.app(&app_id) {
                 Some(app) => Some(app),
                 None => {
-                    return Err(Denial::new(Code::AppNotRegistered, format!("app `{app_id}` is not in the catalog")).rule("catalog"))
+                    return Err(Denial::new(
+                        Code::AppNotRegistered,
+                        format!("app `{app_id}` is not in the catalog"),
+                    )
+                    .rule("catalog"))
                 }
             }
         }
         None => None,
     };
     match (key_app, token_app) {
-        (Some(a), Some(b)) if a.id != b.id => Err(unauthenticated("the API key and the bearer token name different apps")),
-        (Some(app), _) | (None, Some(app)) => Ok(app),
+        (Some(a), Some(b)) if a.id != b.id => Err(unauthenticated(
+            "the API key and the bearer token name different apps",
+        )),
+        (Some(app), _) | (None, Some(app)) => Ok((app, bearer)),
         (None, None) => Err(unauthenticated(format!(
             "no credential: send an API key in `{}` or `Authorization: Bearer <token>`",
             policy.settings.api_key_header
@@ -357,7 +702,10 @@ fn authenticate<'p>(
 }
 
 fn issuer_name<'a>(policy: &'a CompiledPolicy, v: &VerifiedToken) -> &'a str {
-    policy.issuers.get(v.issuer).map_or("?", |i| i.issuer.as_str())
+    policy
+        .issuers
+        .get(v.issuer)
+        .map_or("?", |i| i.issuer.as_str())
 }
 
 /// `Bearer <token>`, scheme case-insensitive (RFC 9110).
@@ -378,8 +726,11 @@ fn verified_token<'c>(
     tokens: &'c mut TokenCache,
 ) -> Result<&'c VerifiedToken, Denial> {
     if tokens.get(token, now_secs).is_none() {
-        let verified = verify(&policy.issuers, token, now_secs).map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
+        let verified = verify(&policy.issuers, token, now_secs)
+            .map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
         tokens.insert(token, verified);
     }
-    tokens.get(token, now_secs).ok_or_else(|| unauthenticated("invalid token: expired"))
+    tokens
+        .get(token, now_secs)
+        .ok_or_else(|| unauthenticated("invalid token: expired"))
 }

@@ -15,9 +15,10 @@ pub mod path;
 pub mod problem;
 pub mod quota;
 pub mod raw;
-pub mod time;
+pub mod rules;
 #[cfg(feature = "yaml")]
 pub mod source;
+pub mod time;
 
 pub use error::{PolicyError, PolicyErrors};
 
