@@ -251,14 +251,19 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         let daily_budget = raw_tier
             .daily_budget
             .and_then(|b| positive(b, &format!("{path}.daily_budget"), &mut errs));
-        if let Some(rate) = rate {
-            tier_by_name.insert(name.clone(), tiers.len());
-            tiers.push(Tier {
-                name: name.clone(),
-                rate,
-                daily_budget,
-            });
-        }
+        // A tier with a bad rate is still registered (the policy fails on its own error), so its
+        // apps are not also reported as naming an unknown tier.
+        let rate = rate.unwrap_or(Rate {
+            requests: 1,
+            per_ns: NANOS_PER_SEC,
+            burst: 1,
+        });
+        tier_by_name.insert(name.clone(), tiers.len());
+        tiers.push(Tier {
+            name: name.clone(),
+            rate,
+            daily_budget,
+        });
     }
 
     let mut approved_connectors = HashSet::new();

@@ -456,7 +456,7 @@ fn check_residency(
 ) -> Result<(), Denial> {
     let residency =
         |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
-    if !ds.allowed_regions.iter().any(|r| *r == app.region) {
+    if !ds.allowed_regions.contains(&app.region) {
         return residency(format!(
             "app region `{}` is not allowed for dataset `{}`",
             app.region, ds.id
@@ -505,7 +505,7 @@ fn check_jit(
             token.app, app.id
         ));
     }
-    if !token.scopes.iter().any(|s| *s == scope) {
+    if !token.scopes.contains(&scope) {
         return refuse(format!("the token's scope lacks `{scope}`"));
     }
     match token.iat {
@@ -535,7 +535,7 @@ fn check_rules<'p>(
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
     let in_scope = |r: &&crate::compile::Rule| {
         let by_dataset = r.datasets.is_empty()
-            || dataset.is_some_and(|ds| r.datasets.iter().any(|id| *id == ds.id));
+            || dataset.is_some_and(|ds| r.datasets.contains(&ds.id));
         let by_class = r.classifications.is_empty()
             || dataset.is_some_and(|ds| r.classifications.contains(&ds.classification));
         by_dataset && by_class

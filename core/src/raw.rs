@@ -29,7 +29,7 @@ pub struct RawPolicy {
 
 /// A revision may be written as a number or a string; it is kept as text.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a revision: a number or a string")]
 pub enum Revision {
     Number(i64),
     Text(String),

@@ -1,5 +1,6 @@
 //! Table-driven tests of `decide()` over one policy: every row of the SPEC decision table that an
 //! API key can reach, with a fake clock and the in-memory counter store.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 use guardrail_core::compile::{compile_json_str, CompiledPolicy};
 use guardrail_core::decide::{decide, decide_traced, Code, Event, Request};

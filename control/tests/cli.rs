@@ -1,0 +1,519 @@
+//! The `guardrail` binary as users run it: arguments in, stdout/stderr and exit code out.
+
+// A failing test is a panic; the workspace denies these lints for the code under test.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+// === Helpers ===
+
+fn guardrail(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_guardrail"))
+        .args(args)
+        .output();
+    match out {
+        Ok(out) => out,
+        Err(e) => panic!("cannot run guardrail {args:?}: {e}"),
+    }
+}
+
+fn guardrail_stdin(args: &[&str], input: &[u8]) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_guardrail"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => panic!("cannot run guardrail {args:?}: {e}"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        assert!(stdin.write_all(input).is_ok(), "writing stdin");
+    }
+    match child.wait_with_output() {
+        Ok(out) => out,
+        Err(e) => panic!("guardrail {args:?}: {e}"),
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A file under the system temp dir, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(ext: &str, contents: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("guardrail-cli-{}-{n}.{ext}", std::process::id()));
+        if let Err(e) = std::fs::write(&path, contents) {
+            panic!("writing {}: {e}", path.display());
+        }
+        TempFile(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A key of 24 characters and its digest (`printf %s guardrail-test-key-00001 | sha256sum`).
+const KEY: &str = "guardrail-test-key-00001";
+
+const VALID: &str = r#"apiVersion: guardrail/v1
+kind: Policy
+revision: 42
+settings:
+  gateway_region: eu-west-1
+  failure_mode: closed
+tiers:
+  sandbox:
+    rate: {requests: 60, per: 1m, burst: 10}
+    daily_budget: 1000
+  standard:
+    rate:
+      requests: 600
+      per: 1m
+connectors:
+  approved: [hr-api, crm]
+apps:
+  - id: expense-bot
+    owner: alice@example.com
+    team: finance-tools
+    department: finance
+    environment: prod
+    tier: standard
+    lifecycle: published
+    region: eu-west-1
+    data_classes: [internal, confidential]
+    connectors: [hr-api]
+    api_keys:
+      - DIGEST
+    quota_overrides:
+      - daily_budget: 5000
+        expires_at: "2030-01-01T00:00:00Z"
+        reason: quarter close
+  - id: intern-demo
+    environment: dev
+    tier: sandbox
+    lifecycle: draft
+    region: eu-west-1
+datasets:
+  - id: hr-records
+    classification: confidential
+    owner_department: hr
+    allowed_regions: [eu-west-1]
+    routes:
+      - host: hr.internal
+        path_prefix: /employees
+        methods: [GET]
+rules:
+  - id: no-deletes
+    effect: deny
+    when: request.method == "DELETE"
+    message: deletes are not allowed
+"#;
+
+fn digest_of(key: &str) -> String {
+    let out = guardrail(&["hash-key", key]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "hash-key {key}: {}",
+        stderr(&out)
+    );
+    stdout(&out).trim_end().to_string()
+}
+
+fn valid_policy() -> String {
+    VALID.replace("DIGEST", &digest_of(KEY))
+}
+
+// === hash-key ===
+
+#[test]
+fn hash_key_prints_the_sha256_digest() {
+    // FIPS 180-2 test vector, long enough to be a key.
+    let key = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+    let out = guardrail(&["hash-key", key]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        "sha256:248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1\n"
+    );
+}
+
+#[test]
+fn hash_key_matches_sha256_of_the_key_bytes() {
+    use sha2::Digest;
+    let want = format!(
+        "sha256:{}\n",
+        hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+    );
+    let out = guardrail(&["hash-key", KEY]);
+    assert_eq!(stdout(&out), want);
+}
+
+#[test]
+fn hash_key_refuses_bad_keys_with_exit_2() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&["hash-key", ""], "the key is empty", "empty key"),
+        (
+            &["hash-key", "abc"],
+            "3 characters long",
+            "SHA-256 of abc is a known vector, but abc is far too short",
+        ),
+        (
+            &["hash-key", "0123456789abcde"],
+            "at least 16",
+            "15 characters",
+        ),
+        (
+            &["hash-key", " 0123456789abcdef"],
+            "whitespace",
+            "leading space",
+        ),
+        (&["hash-key"], "KEY", "no key and no --stdin"),
+        (
+            &["hash-key", "--stdin", KEY],
+            "cannot be used with",
+            "both a key and --stdin",
+        ),
+    ];
+    for (args, want, why) in cases {
+        let out = guardrail(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{why}: exit code; stderr {}",
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{why}: nothing on stdout");
+        assert!(
+            stderr(&out).contains(want),
+            "{why}: stderr should mention {want:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn hash_key_reads_stdin() {
+    let want = format!("{}\n", digest_of(KEY));
+    let cases: &[(&[u8], &str)] = &[
+        (b"guardrail-test-key-00001\n", "trailing newline removed"),
+        (b"guardrail-test-key-00001\r\n", "CRLF removed"),
+        (b"guardrail-test-key-00001", "no newline"),
+    ];
+    for (input, why) in cases {
+        let out = guardrail_stdin(&["hash-key", "--stdin"], input);
+        assert_eq!(out.status.code(), Some(0), "{why}: {}", stderr(&out));
+        assert_eq!(stdout(&out), want, "{why}");
+    }
+    let out = guardrail_stdin(&["hash-key", "--stdin"], b"\n");
+    assert_eq!(out.status.code(), Some(2), "empty key on stdin");
+    let out = guardrail_stdin(
+        &["hash-key", "--stdin"],
+        b"guardrail-test-key-00001\nsecond-line-of-text\n",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "two lines on stdin are not one key"
+    );
+}
+
+// === check ===
+
+#[test]
+fn check_accepts_a_valid_policy() {
+    let file = TempFile::new("yaml", &valid_policy());
+    let out = guardrail(&["check", file.arg()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!(
+            "ok: {} (revision 42, 2 apps, 1 datasets, 1 rules)\n",
+            file.arg()
+        )
+    );
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn check_accepts_json() {
+    let out = guardrail(&["export", TempFile::new("yaml", &valid_policy()).arg()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let file = TempFile::new("json", &stdout(&out));
+    let out = guardrail(&["check", file.arg()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("(revision 42, 2 apps, 1 datasets, 1 rules)"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// Each case: a change to the valid policy (`from` → `to`), and the `path: message` part expected
+/// on the line of the first `# <-` marker in the changed text.
+#[test]
+fn check_reports_file_line_and_path() {
+    let dup_key_app = "  - id: intern-demo\n    api_keys:\n      - DIGEST # <-\n";
+    let cases: Vec<(&str, String, String, &str, &str)> = vec![
+        (
+            "unknown tier",
+            "    tier: standard\n".into(),
+            "    tier: premium # <-\n".into(),
+            "apps[0].tier",
+            "unknown tier `premium`",
+        ),
+        (
+            "duplicate app id",
+            "  - id: intern-demo\n".into(),
+            "  - id: expense-bot # <-\n".into(),
+            "apps[1].id",
+            "duplicate app id `expense-bot`",
+        ),
+        (
+            "same API-key digest in two apps",
+            "  - id: intern-demo\n".into(),
+            dup_key_app.into(),
+            "apps[1].api_keys[0]",
+            "expense-bot",
+        ),
+        (
+            "zero rate",
+            "      requests: 600\n".into(),
+            "      requests: 0 # <-\n".into(),
+            "tiers.standard.rate.requests",
+            "",
+        ),
+        (
+            "negative burst",
+            "    rate: {requests: 60, per: 1m, burst: 10}\n".into(),
+            "    rate: {requests: 60, per: 1m, burst: -5} # <-\n".into(),
+            "tiers.sandbox.rate.burst",
+            "-5",
+        ),
+        (
+            "bad duration",
+            "      per: 1m\n".into(),
+            "      per: 1 fortnight # <-\n".into(),
+            "tiers.standard.rate.per",
+            "fortnight",
+        ),
+        (
+            "bad RFC 3339 time",
+            "        expires_at: \"2030-01-01T00:00:00Z\"\n".into(),
+            "        expires_at: tomorrow # <-\n".into(),
+            "apps[0].quota_overrides[0].expires_at",
+            "tomorrow",
+        ),
+        (
+            "unknown lifecycle",
+            "    lifecycle: published\n".into(),
+            "    lifecycle: retired # <-\n".into(),
+            "apps[0].lifecycle",
+            "unknown variant `retired`",
+        ),
+        (
+            "unknown environment",
+            "    environment: prod\n".into(),
+            "    environment: staging # <-\n".into(),
+            "apps[0].environment",
+            "unknown variant `staging`",
+        ),
+        (
+            "unknown top-level key",
+            "revision: 42\n".into(),
+            "revision: 42\nrevison: 43 # <-\n".into(),
+            "",
+            "unknown field `revison`",
+        ),
+        (
+            "unknown key in an app",
+            "    owner: alice@example.com\n".into(),
+            "    owner: alice@example.com\n    ower: bob # <-\n".into(),
+            "apps[0]",
+            "unknown field `ower`",
+        ),
+        (
+            "JWKS without keys",
+            "  failure_mode: closed\n".into(),
+            "  failure_mode: closed\n  identity:\n    jwt:\n      - issuer: https://idp.example\n        jwks: {keys: []} # <-\n".into(),
+            "settings.identity.jwt[0].jwks",
+            "",
+        ),
+        (
+            "JWKS with only a symmetric key",
+            "  failure_mode: closed\n".into(),
+            "  failure_mode: closed\n  identity:\n    jwt:\n      - issuer: https://idp.example\n        jwks: {keys: [{kty: oct, k: c2VjcmV0LXNlY3JldC1zZWNyZXQ}]} # <-\n".into(),
+            "settings.identity.jwt[0].jwks",
+            "",
+        ),
+        (
+            "a plain key where a digest belongs",
+            "      - DIGEST\n".into(),
+            "      - guardrail-test-key-00001 # <-\n".into(),
+            "apps[0].api_keys[0]",
+            "sha256:",
+        ),
+    ];
+    let digest = digest_of(KEY);
+    for (why, from, to, want_path, want_message) in cases {
+        assert!(
+            VALID.contains(&from),
+            "{why}: the valid policy should contain {from:?}"
+        );
+        let text = VALID.replacen(&from, &to, 1).replace("DIGEST", &digest);
+        let line = match text.lines().position(|l| l.contains("# <-")) {
+            Some(i) => i + 1,
+            None => panic!("{why}: no marker"),
+        };
+        let file = TempFile::new("yaml", &text);
+        let out = guardrail(&["check", file.arg()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{why}: exit code; stderr {err}");
+        assert!(
+            stdout(&out).is_empty(),
+            "{why}: nothing on stdout: {}",
+            stdout(&out)
+        );
+        let prefix = if want_path.is_empty() {
+            format!("{}:{line}: ", file.arg())
+        } else {
+            format!("{}:{line}: {want_path}", file.arg())
+        };
+        let hit = err.lines().find(|l| l.starts_with(&prefix));
+        match hit {
+            Some(l) => assert!(
+                l.contains(want_message),
+                "{why}: {l:?} should mention {want_message:?}"
+            ),
+            None => panic!("{why}: expected a line starting with {prefix:?}, got:\n{err}"),
+        }
+        for l in err.lines() {
+            assert!(
+                l.starts_with(&format!("{}:", file.arg())),
+                "{why}: every line names the file: {l:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_reports_every_error() {
+    let text = valid_policy()
+        .replace("    tier: standard\n", "    tier: premium\n")
+        .replace("      per: 1m\n", "      per: 1 fortnight\n");
+    let file = TempFile::new("yaml", &text);
+    let out = guardrail(&["check", file.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains(": tiers.standard.rate.per: "), "{err}");
+    assert!(err.contains(": apps[0].tier: "), "{err}");
+}
+
+#[test]
+fn check_refuses_what_is_not_a_policy_file() {
+    let missing =
+        std::env::temp_dir().join(format!("guardrail-cli-missing-{}.yaml", std::process::id()));
+    let missing = missing.to_str().unwrap_or_default().to_string();
+    let dir = std::env::temp_dir();
+    let dir = dir.to_str().unwrap_or_default().to_string();
+    let not_utf8 = TempFile::new("yaml", "");
+    assert!(std::fs::write(not_utf8.path(), b"kind: Policy\nowner: Jos\xe9\n").is_ok());
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "missing file",
+            format!("{missing}: cannot read the file"),
+            missing.as_str(),
+        ),
+        ("directory", format!("{dir}: is a directory"), dir.as_str()),
+        (
+            "not UTF-8",
+            format!("{}:2: not UTF-8", not_utf8.arg()),
+            not_utf8.arg(),
+        ),
+    ];
+    for (why, want, path) in cases {
+        let out = guardrail(&["check", path]);
+        assert_eq!(out.status.code(), Some(1), "{why}");
+        assert!(
+            stderr(&out).starts_with(want.as_str()),
+            "{why}: {}",
+            stderr(&out)
+        );
+    }
+    let out = guardrail(&["check", dir.as_str()]);
+    assert!(
+        stderr(&out).contains("serve"),
+        "a directory points to serve: {}",
+        stderr(&out)
+    );
+}
+
+// === export ===
+
+#[test]
+fn export_prints_compact_json_on_one_line() {
+    let file = TempFile::new("yaml", &valid_policy());
+    let out = guardrail(&["export", file.arg()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    assert!(
+        !text.contains(": ") && !text.contains(", "),
+        "compact: {text}"
+    );
+    let value: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => panic!("not JSON ({e}): {text}"),
+    };
+    assert_eq!(value["apiVersion"], "guardrail/v1");
+    assert_eq!(value["revision"], 42);
+    assert_eq!(value["apps"][0]["id"], "expense-bot");
+    assert_eq!(value["apps"][0]["api_keys"][0], digest_of(KEY).as_str());
+    assert_eq!(value["tiers"]["sandbox"]["rate"]["per"], "1m");
+    assert_eq!(value["rules"][0]["when"], "request.method == \"DELETE\"");
+}
+
+#[test]
+fn export_refuses_an_invalid_policy() {
+    let text = valid_policy().replace("    lifecycle: published\n", "    lifecycle: retired\n");
+    let file = TempFile::new("yaml", &text);
+    let out = guardrail(&["export", file.arg()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).is_empty(), "no JSON for an invalid policy");
+    assert!(
+        stderr(&out).starts_with(&format!("{}:", file.arg())),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("apps[0].lifecycle"),
+        "{}",
+        stderr(&out)
+    );
+}

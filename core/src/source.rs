@@ -1,0 +1,832 @@
+//! Policies from files: YAML (or JSON, read as YAML) with `file:line: path: message` errors.
+//!
+//! Parsing goes through `serde_yaml_ng` and `serde_path_to_error`, so a typo, a wrong type or an
+//! unknown enum value is reported with its field path and the line it is on. Errors found later,
+//! when the policy is compiled, carry only a field path (`apps[2].tier`); [`locate`] finds the
+//! line of that path in the text with `yaml-rust2`'s event parser, which marks every event.
+//!
+//! Only the companion (`guardrail check`, `serve`, `export`) uses this module: the filter reads
+//! JSON and builds `guardrail-core` without the `yaml` feature.
+//!
+//! ```
+//! use guardrail_core::source::load_str;
+//!
+//! let text = "apiVersion: guardrail/v1\nkind: Policy\nunknown: 1\n";
+//! let errors = load_str(text).unwrap_err();
+//! assert_eq!(errors.0[0].line, Some(3));
+//! ```
+
+use crate::compile::{compile, parse_json_value, CompiledPolicy};
+use crate::error::{PolicyError, PolicyErrors};
+use crate::raw::RawPolicy;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+// === Parsing ===
+
+/// Parses a policy document (YAML, or JSON read as YAML) into its raw form.
+///
+/// Errors name the field (`apps[1]`, `apps[0].lifecycle`) and the line. A key written twice in one
+/// mapping is an error too: YAML parsers otherwise keep one of the two silently.
+pub fn parse_document(text: &str) -> Result<RawPolicy, PolicyErrors> {
+    let index = LineIndex::build(text);
+    if let Some(line) = index.second_document {
+        let message = "a second YAML document starts here; a policy file holds exactly one";
+        return Err(PolicyErrors::from(PolicyError {
+            path: String::new(),
+            message: message.into(),
+            line: Some(line),
+        }));
+    }
+    if !index.duplicates.is_empty() {
+        let errors = index
+            .duplicates
+            .iter()
+            .map(|d| PolicyError {
+                path: d.path.clone(),
+                message: format!(
+                    "duplicate key `{}` (first written on line {})",
+                    d.key, d.first_line
+                ),
+                line: Some(d.line),
+            })
+            .collect();
+        return Err(PolicyErrors(errors));
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let reached = clean_path(&e.path().to_string());
+        let inner = e.into_inner();
+        let (path, message) = yaml_error(&inner, &reached);
+        // Parsing moves forward, so the later of the node reached and the error's own location is
+        // the more precise: `serde_yaml_ng` marks some errors (an untagged enum's) at the
+        // enclosing mapping, and a syntax error past the node reached.
+        let reached_line = index.lines.get(&reached).copied();
+        let line = reached_line
+            .max(inner.location().map(|l| l.line()))
+            .or_else(|| index.line_of(&path));
+        PolicyErrors::from(PolicyError {
+            path,
+            message,
+            line,
+        })
+    })
+}
+
+/// The document as a JSON value: what `guardrail export` prints and the filter reads.
+pub fn to_json_value(text: &str) -> Result<serde_json::Value, PolicyErrors> {
+    serde_yaml_ng::from_str::<serde_json::Value>(text).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        let (path, message) = yaml_error(&e, "");
+        PolicyErrors::from(PolicyError {
+            path,
+            message,
+            line,
+        })
+    })
+}
+
+/// Parses and compiles a policy document; every error carries the line of its field when known.
+pub fn load_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
+    load_document(text).map(|d| d.policy)
+}
+
+/// A validated policy together with the document it came from, as JSON.
+#[derive(Debug)]
+pub struct Document {
+    /// The document as written, converted to JSON (for the filter's plugin configuration).
+    pub json: serde_json::Value,
+    pub policy: CompiledPolicy,
+}
+
+/// Like [`load_str`], and also converts the document to JSON, checking that the JSON form parses
+/// the same way: the filter reads that form, so what was validated is what it gets.
+pub fn load_document(text: &str) -> Result<Document, PolicyErrors> {
+    let raw = parse_document(text)?;
+    let policy = compile(raw).map_err(|errors| with_lines(text, errors))?;
+    let json = to_json_value(text)?;
+    parse_json_value(json.clone()).map_err(|errors| with_lines(text, errors))?;
+    Ok(Document { json, policy })
+}
+
+/// Fills in the line of every error that has none, from its field path.
+pub fn with_lines(text: &str, mut errors: PolicyErrors) -> PolicyErrors {
+    let index = LineIndex::build(text);
+    for e in &mut errors.0 {
+        if e.line.is_none() {
+            e.line = index.line_of(&e.path);
+        }
+    }
+    errors
+}
+
+/// serde_path_to_error writes `.` for the document itself; errors use the empty path there.
+fn clean_path(path: &str) -> String {
+    if path == "." {
+        String::new()
+    } else {
+        path.to_string()
+    }
+}
+
+/// Splits a `serde_yaml_ng` error into the path it is about and its bare message, without the
+/// position (` at line L column C`, reported as the line).
+///
+/// `serde_yaml_ng` prefixes the message with the path of the node it attached the error to (for an
+/// unknown field, the mapping holding it: `apps[1]`); `serde_path_to_error` gives the path reached
+/// (`apps[1].tierr`). The first is what the message is about, so it wins when present.
+fn yaml_error(e: &serde_yaml_ng::Error, reached: &str) -> (String, String) {
+    let mut text = e.to_string();
+    if let Some(loc) = e.location() {
+        let at = format!(" at line {} column {}", loc.line(), loc.column());
+        if let Some(i) = text.find(&at) {
+            text.replace_range(i..i + at.len(), "");
+        }
+    }
+    let mut candidate = Some(reached);
+    while let Some(path) = candidate.filter(|p| !p.is_empty()) {
+        if let Some(rest) = text.strip_prefix(path).and_then(|r| r.strip_prefix(": ")) {
+            return (path.to_string(), rest.to_string());
+        }
+        candidate = parent_path(path);
+    }
+    // At the top level there is no prefix; an unknown field is still about its mapping.
+    if let Some(parent) = parent_path(reached) {
+        let field = reached[parent.len()..].trim_start_matches('.');
+        if text.starts_with(&format!("unknown field `{field}`")) {
+            return (parent.to_string(), text);
+        }
+    }
+    (reached.to_string(), text)
+}
+
+// === Locating field paths ===
+
+/// The 1-based line of the node at `path` (`apps[2].quota_overrides[0].expires_at`,
+/// `tiers.sandbox.rate.requests`, `settings.identity.jwt[0].jwks.keys[1]`) in a YAML or JSON text:
+/// for a mapping entry the line of its key, for a sequence item the line where the item starts.
+/// When the path is not in the text (a field left out), the line of its longest present prefix.
+/// The empty path is the document. `None` when not even the document can be found.
+pub fn locate(text: &str, path: &str) -> Option<usize> {
+    LineIndex::build(text).line_of(path)
+}
+
+/// Line of every node of a document, by field path.
+#[derive(Debug, Default)]
+struct LineIndex {
+    lines: HashMap<String, usize>,
+    duplicates: Vec<Duplicate>,
+    /// Line where a second YAML document starts, if any (a policy file holds one).
+    second_document: Option<usize>,
+}
+
+#[derive(Debug)]
+struct Duplicate {
+    path: String,
+    key: String,
+    line: usize,
+    first_line: usize,
+}
+
+impl LineIndex {
+    /// Indexes the first document of `text`. A syntax error stops the walk; what was seen before
+    /// it stays indexed (the syntax error itself is reported by the YAML deserializer).
+    fn build(text: &str) -> Self {
+        let mut walker = Walker::default();
+        let mut parser = Parser::new_from_str(text);
+        // Ignoring the error is deliberate: see above.
+        let _ = parser.load(&mut walker, true);
+        walker.index
+    }
+
+    fn line_of(&self, path: &str) -> Option<usize> {
+        let mut current = path;
+        loop {
+            if let Some(&line) = self.lines.get(current) {
+                return Some(line);
+            }
+            current = parent_path(current)?;
+        }
+    }
+}
+
+/// `a.b[2]` → `a.b`, `a[1].b` → `a[1]`, `a` → `` (the document), `` → none.
+fn parent_path(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        return None;
+    }
+    if path.ends_with(']') {
+        if let Some(i) = path.rfind('[') {
+            return Some(&path[..i]);
+        }
+    }
+    Some(path.rfind('.').map_or("", |i| &path[..i]))
+}
+
+/// Walks parser events with a stack of open mappings and sequences, recording the line of each
+/// node's path.
+#[derive(Debug, Default)]
+struct Walker {
+    index: LineIndex,
+    stack: Vec<Frame>,
+    /// Set once the first document is complete; later documents are not indexed.
+    done: bool,
+}
+
+#[derive(Debug)]
+enum Frame {
+    Mapping {
+        path: String,
+        next: Expect,
+        /// Keys seen so far with their lines, to report duplicates.
+        seen: HashMap<String, usize>,
+    },
+    Sequence {
+        path: String,
+        next: usize,
+    },
+    /// A mapping or sequence used as a mapping key (legal YAML, never a policy field), or the
+    /// value of such a key: not indexed. `depth` counts the open collections inside it.
+    Skipped {
+        depth: usize,
+    },
+}
+
+/// What a mapping expects next.
+#[derive(Debug)]
+enum Expect {
+    Key,
+    Value(String),
+    SkippedValue,
+}
+
+/// Where a node that starts now belongs.
+enum Slot {
+    /// A node with this path.
+    Node(String),
+    /// A mapping key (already recorded) or a node that is not indexed.
+    Other,
+}
+
+impl Walker {
+    fn record(&mut self, path: &str, line: usize) {
+        self.index.lines.entry(path.to_string()).or_insert(line);
+    }
+
+    /// Decides where a starting node belongs, updating the enclosing frame. `scalar` is the text of
+    /// a scalar node, `None` for collections and aliases.
+    fn slot(&mut self, mark: Marker, scalar: Option<&str>) -> Slot {
+        let Some(frame) = self.stack.last_mut() else {
+            return Slot::Node(String::new());
+        };
+        match frame {
+            Frame::Skipped { .. } => Slot::Other,
+            Frame::Sequence { path, next } => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Slot::Node(p)
+            }
+            Frame::Mapping { path, next, seen } => match std::mem::replace(next, Expect::Key) {
+                Expect::Value(key) => Slot::Node(join(path, &key)),
+                Expect::SkippedValue => Slot::Other,
+                Expect::Key => {
+                    let Some(key) = scalar else {
+                        *next = Expect::SkippedValue;
+                        return Slot::Other;
+                    };
+                    let line = mark.line();
+                    match seen.get(key) {
+                        Some(&first_line) => self.index.duplicates.push(Duplicate {
+                            path: path.clone(),
+                            key: key.to_string(),
+                            line,
+                            first_line,
+                        }),
+                        None => {
+                            seen.insert(key.to_string(), line);
+                        }
+                    }
+                    let full = join(path, key);
+                    *next = Expect::Value(key.to_string());
+                    self.index.lines.entry(full).or_insert(line);
+                    Slot::Other
+                }
+            },
+        }
+    }
+}
+
+fn join(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+impl MarkedEventReceiver for Walker {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        if self.done {
+            if matches!(ev, Event::DocumentStart) && self.index.second_document.is_none() {
+                self.index.second_document = Some(mark.line());
+            }
+            return;
+        }
+        match ev {
+            Event::Scalar(value, ..) => {
+                if let Slot::Node(path) = self.slot(mark, Some(&value)) {
+                    self.record(&path, mark.line());
+                }
+            }
+            Event::Alias(_) => {
+                if let Slot::Node(path) = self.slot(mark, None) {
+                    self.record(&path, mark.line());
+                }
+            }
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                let is_mapping = matches!(ev, Event::MappingStart(..));
+                match self.slot(mark, None) {
+                    Slot::Node(path) => {
+                        self.record(&path, mark.line());
+                        self.stack.push(if is_mapping {
+                            Frame::Mapping {
+                                path,
+                                next: Expect::Key,
+                                seen: HashMap::new(),
+                            }
+                        } else {
+                            Frame::Sequence { path, next: 0 }
+                        });
+                    }
+                    Slot::Other => match self.stack.last_mut() {
+                        Some(Frame::Skipped { depth }) => *depth += 1,
+                        _ => self.stack.push(Frame::Skipped { depth: 1 }),
+                    },
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                if let Some(Frame::Skipped { depth }) = self.stack.last_mut() {
+                    *depth -= 1;
+                    if *depth > 0 {
+                        return;
+                    }
+                }
+                self.stack.pop();
+            }
+            Event::DocumentEnd => self.done = true,
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart => {}
+        }
+    }
+}
+
+// === Files ===
+
+/// Everything wrong with one policy file; displays as one `file:line: path: message` per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileErrors {
+    pub file: PathBuf,
+    pub errors: Vec<PolicyError>,
+}
+
+impl FileErrors {
+    fn one(file: &Path, message: impl Into<String>) -> Self {
+        FileErrors {
+            file: file.to_path_buf(),
+            errors: vec![PolicyError::new("", message)],
+        }
+    }
+
+    /// One display line per error: `file:line: path: message`, `file: path: message` without a
+    /// line, `file:line: message` for an error about the whole document.
+    pub fn lines(&self) -> Vec<String> {
+        let file = self.file.display();
+        self.errors
+            .iter()
+            .map(|e| match e.line {
+                Some(line) => format!("{file}:{line}: {e}"),
+                None => format!("{file}: {e}"),
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for FileErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.lines().join("\n"))
+    }
+}
+
+impl std::error::Error for FileErrors {}
+
+/// Reads a policy file as UTF-8 text; failures name the file.
+pub fn read_file(path: &Path) -> Result<String, FileErrors> {
+    if path.is_dir() {
+        return Err(FileErrors::one(
+            path,
+            "is a directory; expected a policy file (.yaml, .yml or .json)",
+        ));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| FileErrors::one(path, format!("cannot read the file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        FileErrors {
+            file: path.to_path_buf(),
+            errors: vec![PolicyError {
+                path: String::new(),
+                message: format!("not UTF-8 text (invalid byte at offset {at})"),
+                line: Some(line),
+            }],
+        }
+    })
+}
+
+/// Reads, parses and compiles one policy file.
+pub fn load_file(path: &Path) -> Result<CompiledPolicy, FileErrors> {
+    load_document_file(path).map(|d| d.policy)
+}
+
+/// Reads, parses and compiles one policy file, keeping the document as JSON.
+pub fn load_document_file(path: &Path) -> Result<Document, FileErrors> {
+    let text = read_file(path)?;
+    load_document(&text).map_err(|errors| FileErrors {
+        file: path.to_path_buf(),
+        errors: errors.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = "\
+apiVersion: guardrail/v1
+kind: Policy
+revision: 7
+settings:
+  gateway_region: eu-west-1
+  identity:
+    jwt:
+      - issuer: https://idp.example
+        jwks:
+          keys:
+            - {kty: OKP, crv: Ed25519, x: abc}
+            - kty: EC
+              crv: P-256
+tiers:
+  sandbox:
+    rate: {requests: 10, per: 1m}
+  standard:
+    rate:
+      requests: 600
+      per: 1m
+apps:
+  - id: one
+    tier: sandbox
+  - id: two
+    tier: standard
+    api_keys:
+      - sha256:aaaa
+      - sha256:bbbb
+    quota_overrides:
+      - daily_budget: 5
+        expires_at: 2030-01-01T00:00:00Z
+  -
+    id: three
+datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
+";
+
+    const JSON: &str = r#"{
+  "apiVersion": "guardrail/v1",
+  "kind": "Policy",
+  "tiers": {
+    "sandbox": {
+      "rate": {"requests": 10, "per": "1m"}
+    }
+  },
+  "apps": [
+    {
+      "id": "one",
+      "tier": "sandbox"
+    },
+    {"id": "two", "tier": "sandbox",
+     "api_keys": ["sha256:aaaa", "sha256:bbbb"]}
+  ]
+}
+"#;
+
+    #[test]
+    fn locate_table() {
+        let cases: &[(&str, &str, &str, Option<usize>)] = &[
+            (YAML, "", "the document", Some(1)),
+            (YAML, "kind", "top-level key", Some(2)),
+            (YAML, "settings.gateway_region", "nested mapping", Some(5)),
+            (
+                YAML,
+                "settings.identity.jwt[0]",
+                "sequence item of mappings",
+                Some(8),
+            ),
+            (
+                YAML,
+                "settings.identity.jwt[0].issuer",
+                "key of the first entry of an item",
+                Some(8),
+            ),
+            (
+                YAML,
+                "settings.identity.jwt[0].jwks",
+                "nested key in an item",
+                Some(9),
+            ),
+            (
+                YAML,
+                "settings.identity.jwt[0].jwks.keys[0]",
+                "flow mapping in a block sequence",
+                Some(11),
+            ),
+            (
+                YAML,
+                "settings.identity.jwt[0].jwks.keys[0].crv",
+                "key inside a flow mapping",
+                Some(11),
+            ),
+            (
+                YAML,
+                "settings.identity.jwt[0].jwks.keys[1]",
+                "second sequence item",
+                Some(12),
+            ),
+            (
+                YAML,
+                "settings.identity.jwt[0].jwks.keys[1].crv",
+                "second key of a block item",
+                Some(13),
+            ),
+            (
+                YAML,
+                "tiers.sandbox.rate.requests",
+                "flow mapping value",
+                Some(16),
+            ),
+            (
+                YAML,
+                "tiers.standard.rate.per",
+                "block mapping value",
+                Some(20),
+            ),
+            (YAML, "apps[1]", "second app", Some(24)),
+            (
+                YAML,
+                "apps[1].api_keys[1]",
+                "scalar sequence item",
+                Some(28),
+            ),
+            (
+                YAML,
+                "apps[1].quota_overrides[0].expires_at",
+                "deep path",
+                Some(31),
+            ),
+            (
+                YAML,
+                "apps[2].id",
+                "item starting on the line after its dash",
+                Some(33),
+            ),
+            (
+                YAML,
+                "datasets[0].routes[0].path_prefix",
+                "all flow style",
+                Some(34),
+            ),
+            (
+                YAML,
+                "apps[0].region",
+                "missing key falls back to its mapping",
+                Some(22),
+            ),
+            (
+                YAML,
+                "apps[1].quota_overrides[0].rate.requests",
+                "missing subtree falls back",
+                Some(30),
+            ),
+            (
+                YAML,
+                "apps[9].tier",
+                "missing item falls back to the sequence",
+                Some(21),
+            ),
+            (
+                YAML,
+                "nothing.here",
+                "unknown top level falls back to the document",
+                Some(1),
+            ),
+            (JSON, "", "JSON document", Some(1)),
+            (JSON, "kind", "JSON top-level key", Some(3)),
+            (
+                JSON,
+                "tiers.sandbox.rate.per",
+                "JSON nested object on one line",
+                Some(6),
+            ),
+            (JSON, "apps[0]", "JSON array item", Some(10)),
+            (JSON, "apps[0].tier", "JSON key in an array item", Some(12)),
+            (JSON, "apps[1].id", "JSON compact item", Some(14)),
+            (
+                JSON,
+                "apps[1].api_keys[1]",
+                "JSON scalar array item on a continued line",
+                Some(15),
+            ),
+            ("", "kind", "empty text has no document", None),
+        ];
+        for (text, path, why, want) in cases {
+            assert_eq!(locate(text, path), *want, "{why}: locate({path:?})");
+        }
+    }
+
+    #[test]
+    fn parent_paths() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "apps[2].quota_overrides[0].expires_at",
+                Some("apps[2].quota_overrides[0]"),
+            ),
+            (
+                "apps[2].quota_overrides[0]",
+                Some("apps[2].quota_overrides"),
+            ),
+            ("apps[2].quota_overrides", Some("apps[2]")),
+            ("apps[2]", Some("apps")),
+            ("apps", Some("")),
+            ("", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(parent_path(path), *want, "parent of {path:?}");
+        }
+    }
+
+    #[test]
+    fn locate_survives_a_syntax_error_after_the_path() {
+        let text = "kind: Policy\napps:\n  - id: a\n  - id: [unclosed\n";
+        assert_eq!(locate(text, "apps[0].id"), Some(3));
+    }
+
+    const HEAD: &str = "apiVersion: guardrail/v1\nkind: Policy\n";
+
+    #[test]
+    fn parse_errors_table() {
+        // (document after HEAD, why, expected path, expected line (of the whole text), message part)
+        let cases: &[(&str, &str, &str, usize, &str)] = &[
+            (
+                "tiers:\n  s:\n    rate: {requests: 1, per: 1s}\napps:\n  - id: a\n    tier: s\n    environment: dev\n    lifecycle: draft\n  - id: b\n    tierr: s\n",
+                "unknown field in an app",
+                "apps[1]",
+                12,
+                "unknown field `tierr`, expected one of",
+            ),
+            (
+                "apps:\n  - id: a\n    tier: s\n    environment: dev\n    lifecycle: retired\n",
+                "unknown lifecycle",
+                "apps[0].lifecycle",
+                7,
+                "unknown variant `retired`",
+            ),
+            (
+                "apps:\n  - id: a\n    tier: s\n    environment: staging\n    lifecycle: draft\n",
+                "unknown environment",
+                "apps[0].environment",
+                6,
+                "unknown variant `staging`",
+            ),
+            (
+                "tiers:\n  s:\n    rate:\n      requests: lots\n      per: 1s\n",
+                "wrong type",
+                "tiers.s.rate.requests",
+                6,
+                "invalid type",
+            ),
+            ("colour: blue\n", "unknown top-level key", "", 3, "unknown field `colour`"),
+            (
+                "apps:\n  - id: a\n    environment: dev\n    lifecycle: draft\n",
+                "missing field",
+                "apps[0]",
+                4,
+                "missing field `tier`",
+            ),
+            ("tiers:\n  s: {rate: {requests: 1, per: 1s}}\n  s: {rate: {requests: 2, per: 1s}}\n", "duplicate key", "tiers", 5, "duplicate key `s` (first written on line 4)"),
+            ("apps: [\n", "syntax error", "apps", 4, "did not find expected node content"),
+            ("revision: 1\n---\nkind: Policy\n", "two documents", "", 4, "a second YAML document"),
+            ("revision: [1]\n", "untagged enum", "revision", 3, "untagged enum"),
+            ("kind: Policy\n", "duplicate key of a struct", "", 3, "duplicate key `kind` (first written on line 2)"),
+            (
+                "settings:\n  identity:\n    jwt:\n      - issuer: x\n        jwks: {keys: []}\n        app_claims: sub\n",
+                "unknown field deep in a list",
+                "settings.identity.jwt[0]",
+                8,
+                "unknown field `app_claims`",
+            ),
+        ];
+        for (body, why, want_path, want_line, want_message) in cases {
+            let text = format!("{HEAD}{body}");
+            let errors = match parse_document(&text) {
+                Ok(_) => Vec::new(),
+                Err(e) => e.0,
+            };
+            assert_eq!(errors.len(), 1, "{why}: one error expected, got {errors:?}");
+            let e = &errors[0];
+            assert_eq!(e.path, *want_path, "{why}: path of {e:?}");
+            assert_eq!(e.line, Some(*want_line), "{why}: line of {e:?}");
+            assert!(e.message.contains(want_message), "{why}: message of {e:?}");
+            assert!(
+                !e.message.contains(" at line "),
+                "{why}: the line is not repeated in {e:?}"
+            );
+            assert!(
+                !e.message.starts_with(&format!("{want_path}: ")) || want_path.is_empty(),
+                "{why}: no doubled path in {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_is_read_as_yaml() {
+        let text = "{\n  \"apiVersion\": \"guardrail/v1\",\n  \"kind\": \"Policy\",\n  \"apps\": [\n    {\"id\": \"a\", \"tier\": \"s\", \"environment\": \"dev\", \"lifecycle\": \"retired\"}\n  ]\n}\n";
+        let errors = parse_document(text).err().map(|e| e.0).unwrap_or_default();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "apps[0].lifecycle");
+        assert_eq!(errors[0].line, Some(5));
+    }
+
+    #[test]
+    fn to_json_keeps_the_document() {
+        let value = to_json_value(
+            "kind: Policy\nrevision: 3\ntiers: {s: {rate: {requests: 1, per: 1s}}}\n",
+        );
+        let want = serde_json::json!({"kind": "Policy", "revision": 3, "tiers": {"s": {"rate": {"requests": 1, "per": "1s"}}}});
+        assert_eq!(value.ok(), Some(want));
+    }
+
+    #[test]
+    fn file_errors_render_one_line_each() {
+        let errors = FileErrors {
+            file: PathBuf::from("p.yaml"),
+            errors: vec![
+                PolicyError {
+                    path: "apps[0].tier".into(),
+                    message: "unknown tier `x`".into(),
+                    line: Some(4),
+                },
+                PolicyError {
+                    path: "kind".into(),
+                    message: "bad".into(),
+                    line: None,
+                },
+                PolicyError {
+                    path: String::new(),
+                    message: "cannot read".into(),
+                    line: None,
+                },
+            ],
+        };
+        assert_eq!(
+            errors.to_string(),
+            "p.yaml:4: apps[0].tier: unknown tier `x`\np.yaml: kind: bad\np.yaml: cannot read"
+        );
+    }
+
+    #[test]
+    fn read_failures_name_the_file() {
+        let missing =
+            std::env::temp_dir().join(format!("guardrail-missing-{}.yaml", std::process::id()));
+        let text = load_file(&missing)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            text.starts_with(&format!("{}: cannot read the file", missing.display())),
+            "{text}"
+        );
+
+        let bad =
+            std::env::temp_dir().join(format!("guardrail-latin1-{}.yaml", std::process::id()));
+        let written = std::fs::write(&bad, b"kind: Policy\nowner: Jos\xe9\n");
+        assert!(written.is_ok());
+        let text = load_file(&bad)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let _ = std::fs::remove_file(&bad);
+        assert!(
+            text.starts_with(&format!("{}:2: not UTF-8", bad.display())),
+            "{text}"
+        );
+    }
+}
