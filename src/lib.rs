@@ -3,23 +3,29 @@
 //! Per worker, the root context holds the compiled policy and a cache of verified tokens; each
 //! request's HTTP context reads the headers once, asks `decide()`, and turns the [`Decision`] into a
 //! local reply or upstream headers in one place ([`GuardrailHttp::enforce`]). Host calls live in
-//! [`host`].
+//! [`host`]; the link to the companion in [`control`].
 
 mod config;
+mod control;
 mod host;
 
+use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{decide, policy_unavailable, Decision, Denial, Event, Request};
+use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::jwt::TokenCache;
 use guardrail_core::problem::{
     denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers,
 };
-use guardrail_core::quota::ensure_keys;
+use guardrail_core::quota::{ensure_keys, StoreError};
 use guardrail_core::raw::FailureMode;
+use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 /// Verified tokens kept per worker; a signature check costs far more than a whole request.
 const TOKEN_CACHE_CAPACITY: usize = 4096;
@@ -29,6 +35,33 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(GuardrailRoot::new()) });
 }}
 
+/// Creates the shared-data keys of every app of `policy` (quota state and usage counts) that do
+/// not exist yet. Done when a policy is applied, never on a request: the host does not CAS-guard
+/// creation, and the initial values are the same whoever writes them.
+pub(crate) fn create_keys(policy: &CompiledPolicy) -> Result<(), StoreError> {
+    ensure_keys(
+        &mut host::SharedData,
+        policy.apps.iter().map(|a| a.quota_key.as_str()),
+    )?;
+    let usage_keys: Vec<String> = policy
+        .apps
+        .iter()
+        .map(|a| control::usage_key(&a.id))
+        .collect();
+    let mut store = host::SharedData;
+    for key in &usage_keys {
+        if guardrail_core::quota::CounterStore::get(&mut store, key)?.is_none() {
+            guardrail_core::quota::CounterStore::set(
+                &mut store,
+                key,
+                &UsageCounters::default().encode(),
+                0,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// What the HTTP contexts of one worker share with its root context.
 struct Worker {
     policy: Option<Rc<CompiledPolicy>>,
@@ -36,12 +69,73 @@ struct Worker {
     gateway_region: Option<String>,
     tokens: TokenCache,
     metrics: host::Metrics,
+    /// Set when a companion is configured: then snapshots and fleet state come through shared data.
+    controlled: bool,
+    /// The shared-data generation this worker has loaded.
+    generation: u64,
+    fleet: Option<Fleet>,
+    /// Usage counted since the last flush to shared data (only when `controlled`).
+    usage: HashMap<String, UsageCounters>,
+}
+
+impl Worker {
+    /// Makes `policy` the one in force on this worker.
+    fn install(&mut self, policy: CompiledPolicy) {
+        host::info(&format!(
+            "guardrail: policy revision `{}` in force ({} apps, {} datasets, {} rules)",
+            policy.revision,
+            policy.apps.len(),
+            policy.datasets.len(),
+            policy.rules.len()
+        ));
+        self.tokens.clear();
+        self.policy = Some(Rc::new(policy));
+    }
+
+    /// Loads what the companion published if the shared generation moved. One small shared-data
+    /// read when nothing changed; each revision is compiled once per worker.
+    fn sync(&mut self) {
+        if !self.controlled {
+            return;
+        }
+        let generation = control::generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        match control::load_published() {
+            Ok(published) => {
+                if let Some(policy) = published.policy {
+                    self.install(policy);
+                }
+                self.fleet = published.fleet;
+            }
+            Err(e) => host::error(&format!("guardrail: published snapshot does not compile here ({e}); keeping the last good policy")),
+        }
+    }
+
+    fn count(&mut self, app: Option<&str>, now_ns: u64, f: impl FnOnce(&mut UsageCounters)) {
+        if !self.controlled {
+            return;
+        }
+        let Some(app) = app else { return };
+        let day = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(0);
+        let entry = self.usage.entry(app.to_string()).or_default();
+        if entry.day != day {
+            *entry = UsageCounters {
+                day,
+                ..UsageCounters::default()
+            };
+        }
+        f(entry);
+    }
 }
 
 // === impl GuardrailRoot ===
 
 struct GuardrailRoot {
     worker: Rc<RefCell<Worker>>,
+    control: Option<ControlClient>,
 }
 
 impl GuardrailRoot {
@@ -53,36 +147,52 @@ impl GuardrailRoot {
                 gateway_region: None,
                 tokens: TokenCache::new(TOKEN_CACHE_CAPACITY),
                 metrics: host::Metrics::define(),
+                controlled: false,
+                generation: 0,
+                fleet: None,
+                usage: HashMap::new(),
             })),
+            control: None,
         }
-    }
-
-    /// Makes `policy` the one in force on this worker, creating its apps' quota keys first.
-    fn apply(&self, policy: CompiledPolicy) -> bool {
-        if let Err(e) = ensure_keys(
-            &mut host::SharedData,
-            policy.apps.iter().map(|a| a.quota_key.as_str()),
-        ) {
-            host::error(&format!(
-                "guardrail: cannot create quota state in shared data: {e}"
-            ));
-            return false;
-        }
-        host::info(&format!(
-            "guardrail: policy revision `{}` applied ({} apps, {} datasets, {} rules)",
-            policy.revision,
-            policy.apps.len(),
-            policy.datasets.len(),
-            policy.rules.len()
-        ));
-        let mut worker = self.worker.borrow_mut();
-        worker.tokens.clear();
-        worker.policy = Some(Rc::new(policy));
-        true
     }
 }
 
-impl Context for GuardrailRoot {}
+impl Context for GuardrailRoot {
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        if message_size > control::MAX_MESSAGE_BYTES {
+            host::error(&format!(
+                "guardrail: {message_size}-byte message from the companion refused (limit {})",
+                control::MAX_MESSAGE_BYTES
+            ));
+            let _ = proxy_wasm::hostcalls::cancel_grpc_stream(token_id);
+            control.on_close(token_id, 8, host::now_ns());
+            return;
+        }
+        let bytes = proxy_wasm::hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::GrpcReceiveBuffer,
+            0,
+            message_size,
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        if let Some((policy, generation)) = control.on_message(token_id, &bytes) {
+            // Published to shared data for the other workers; this one has it compiled already.
+            let mut worker = self.worker.borrow_mut();
+            worker.install(policy);
+            worker.generation = generation;
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        if let Some(control) = self.control.as_mut() {
+            control.on_close(token_id, status_code, host::now_ns());
+        }
+    }
+}
 
 impl RootContext for GuardrailRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -96,18 +206,52 @@ impl RootContext for GuardrailRoot {
                 return false;
             }
         };
-        {
-            let mut worker = self.worker.borrow_mut();
-            worker.failure_mode = config.failure_mode;
-            worker.gateway_region = config.gateway_region;
-        }
-        match config.policy {
-            Some(policy) => self.apply(policy),
-            None => {
-                host::warn("guardrail: no policy in the plugin configuration; waiting for one (requests get 503 policy-unavailable unless failure_mode is open)");
-                true
+        let mut worker = self.worker.borrow_mut();
+        worker.failure_mode = config.failure_mode;
+        worker.gateway_region = config.gateway_region;
+        worker.controlled = config.control_cluster.is_some();
+        if let Some(policy) = config.policy {
+            if let Err(e) = create_keys(&policy) {
+                host::error(&format!(
+                    "guardrail: cannot create quota state in shared data: {e}"
+                ));
+                return false;
             }
+            worker.install(policy);
+        } else {
+            host::warn("guardrail: no policy in the plugin configuration; waiting for one (requests get 503 policy-unavailable unless failure_mode is open)");
         }
+        // A snapshot the companion already sent (to another worker) takes precedence over the inline one.
+        worker.sync();
+        if let Some(cluster) = config.control_cluster {
+            let mut client = ControlClient::new(cluster);
+            client.revision = worker
+                .policy
+                .as_ref()
+                .map(|p| p.revision.clone())
+                .unwrap_or_default();
+            self.control = Some(client);
+            drop(worker);
+            let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(control::TICK_MS));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let now = host::now_ns();
+        let Some(control) = self.control.as_mut() else {
+            return;
+        };
+        let mut worker = self.worker.borrow_mut();
+        worker.sync();
+        control::flush_usage(&mut worker.usage);
+        let Some(policy) = worker.policy.clone() else {
+            control.tick(now, &[]);
+            return;
+        };
+        drop(worker);
+        control.revision.clone_from(&policy.revision);
+        control.tick(now, &policy.apps);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -149,9 +293,12 @@ impl HttpContext for GuardrailHttp {
                 .map_or("", |(_, v)| v.as_str())
         };
         let connector = host::upstream_cluster();
+        let now = host::now_ns();
         let worker = Rc::clone(&self.worker);
         let mut worker = worker.borrow_mut();
+        worker.sync();
         let gateway_region = worker.gateway_region.clone();
+        let fleet = worker.fleet.clone();
         let request = Request {
             method: header(":method"),
             host: header(":authority"),
@@ -160,6 +307,7 @@ impl HttpContext for GuardrailHttp {
             request_id: header("x-request-id"),
             headers: &headers,
             gateway_region: gateway_region.as_deref(),
+            fleet: fleet.as_ref(),
         };
 
         let Some(policy) = worker.policy.clone() else {
@@ -167,17 +315,11 @@ impl HttpContext for GuardrailHttp {
                 return Action::Continue;
             }
             let denial = policy_unavailable();
-            return self.deny(&worker, &denial, None, &request, "");
+            return self.deny(&mut worker, &denial, None, &request, "", now);
         };
         let Worker { tokens, .. } = &mut *worker;
-        let decision = decide(
-            &policy,
-            &request,
-            host::now_ns(),
-            &mut host::SharedData,
-            tokens,
-        );
-        self.enforce(&worker, &policy, decision, &request)
+        let decision = decide(&policy, &request, now, &mut host::SharedData, tokens);
+        self.enforce(&mut worker, &policy, decision, &request, now)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -194,10 +336,11 @@ impl GuardrailHttp {
     /// Turns a decision into what Envoy does: the only place that does so.
     fn enforce(
         &mut self,
-        worker: &Worker,
+        worker: &mut Worker,
         policy: &CompiledPolicy,
         decision: Decision<'_>,
         request: &Request<'_>,
+        now: u64,
     ) -> Action {
         let app_id = decision.app.map(|a| a.id.as_str());
         for event in &decision.events {
@@ -208,12 +351,17 @@ impl GuardrailHttp {
                 &policy.revision,
             ));
             match event {
-                Event::SoftLimit { .. } => worker.metrics.soft_limit(),
+                Event::SoftLimit { .. } => {
+                    worker.metrics.soft_limit();
+                    worker.count(app_id, now, |u| {
+                        u.soft_limit = u.soft_limit.saturating_add(1)
+                    });
+                }
                 Event::Shadow { .. } => worker.metrics.shadow(),
             }
         }
         if let Some(denial) = &decision.denial {
-            return self.deny(worker, denial, app_id, request, &policy.revision);
+            return self.deny(worker, denial, app_id, request, &policy.revision, now);
         }
         if let Some(app) = decision.app {
             host::set_request_header("x-guardrail-app", &app.id);
@@ -225,19 +373,22 @@ impl GuardrailHttp {
             .quota
             .map(|(limits, usage)| ratelimit_headers(&limits, &usage));
         worker.metrics.allowed();
+        worker.count(app_id, now, |u| u.allowed = u.allowed.saturating_add(1));
         Action::Continue
     }
 
     fn deny(
         &mut self,
-        worker: &Worker,
+        worker: &mut Worker,
         denial: &Denial,
         app: Option<&str>,
         request: &Request<'_>,
         revision: &str,
+        now: u64,
     ) -> Action {
         host::info(&denial_log_line(denial, app, request.request_id, revision));
         worker.metrics.denied(denial.code);
+        worker.count(app, now, |u| u.count_denied(denial.code));
         let body = problem_body(denial, request.request_id, app);
         host::send_response(denial.code.status(), &denial_headers(denial), &body);
         Action::Pause

@@ -2,6 +2,7 @@
 //! The checks run in the SPEC's order and the first failure wins.
 
 use crate::compile::{App, CompiledPolicy, Dataset, Limits};
+use crate::fleet::Fleet;
 use crate::jwt::{verify, TokenCache, VerifiedToken};
 use crate::path::normalize_path;
 use crate::quota::{take, CounterStore, QuotaOutcome, Usage};
@@ -23,6 +24,8 @@ pub struct Request<'a> {
     pub headers: &'a [(String, String)],
     /// This gateway's region when the Envoy configuration sets it (else `settings.gateway_region`).
     pub gateway_region: Option<&'a str>,
+    /// Apps the companion reports as out of budget across the whole fleet today.
+    pub fleet: Option<&'a Fleet>,
 }
 
 impl<'a> Request<'a> {
@@ -385,6 +388,19 @@ fn checks<'p>(
     let Some(limits) = policy.limits(app, now_secs) else {
         return Err(Denial::new(Code::QuotaExceeded, "the app's tier has no limits").rule("rate"));
     };
+    let today = now_ns / NANOS_PER_SEC / crate::time::SECS_PER_DAY;
+    if req.fleet.is_some_and(|f| f.is_exhausted(&app.id, today)) {
+        return Err(Denial {
+            retry_after_secs: Some(
+                crate::time::SECS_PER_DAY - (now_ns / NANOS_PER_SEC) % crate::time::SECS_PER_DAY,
+            ),
+            ..Denial::new(
+                Code::BudgetExhausted,
+                format!("app `{}` spent its daily budget across the fleet", app.id),
+            )
+            .rule("fleet-budget")
+        });
+    }
     match take(
         store,
         &app.quota_key,
@@ -534,8 +550,8 @@ fn check_rules<'p>(
 ) -> Result<(), Denial> {
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
     let in_scope = |r: &&crate::compile::Rule| {
-        let by_dataset = r.datasets.is_empty()
-            || dataset.is_some_and(|ds| r.datasets.contains(&ds.id));
+        let by_dataset =
+            r.datasets.is_empty() || dataset.is_some_and(|ds| r.datasets.contains(&ds.id));
         let by_class = r.classifications.is_empty()
             || dataset.is_some_and(|ds| r.classifications.contains(&ds.classification));
         by_dataset && by_class

@@ -1,6 +1,11 @@
 //! Table-driven tests of `decide()` over one policy: every row of the SPEC decision table that an
 //! API key can reach, with a fake clock and the in-memory counter store.
-#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::type_complexity
+)]
 
 use guardrail_core::compile::{compile_json_str, CompiledPolicy};
 use guardrail_core::decide::{decide, decide_traced, Code, Event, Request};
@@ -143,6 +148,7 @@ fn request<'a>(
         request_id: "req-1",
         headers,
         gateway_region: None,
+        fleet: None,
     }
 }
 
@@ -458,4 +464,38 @@ fn trace_names_every_check() {
     ] {
         assert!(text.contains(check), "trace mentions {check}:\n{text}");
     }
+}
+
+#[test]
+fn fleet_exhaustion_applies_for_its_day_only() {
+    let policy = policy();
+    let mut store = store_for(&policy);
+    let mut tokens = TokenCache::new(16);
+    let headers = key("pos");
+    let today = T0 / 1_000_000_000 / 86_400;
+    let fleet = guardrail_core::fleet::Fleet {
+        day: today,
+        exhausted: ["pos".to_string()].into(),
+    };
+    let mut req = request("GET", "/", None, &headers);
+    req.fleet = Some(&fleet);
+    let d = decide(&policy, &req, T0, &mut store, &mut tokens);
+    let denial = d.denial.expect("fleet-exhausted app is refused");
+    assert_eq!(
+        (denial.code, denial.rule.as_deref()),
+        (Code::BudgetExhausted, Some("fleet-budget")),
+        "code and rule"
+    );
+    assert_eq!(
+        denial.retry_after_secs,
+        Some(72_000),
+        "retry at the next UTC midnight"
+    );
+    let tomorrow = T0 + 86_400 * 1_000_000_000;
+    let d = decide(&policy, &req, tomorrow, &mut store, &mut tokens);
+    assert!(
+        d.allowed(),
+        "yesterday's fleet state does not apply: {:?}",
+        d.denial
+    );
 }

@@ -1,0 +1,35 @@
+//! The Guardrail policy-push protocol, `guardrail.v1` (see `guardrail/v1/guardrail.proto`).
+//!
+//! Messages only, generated with prost: the filter (wasm32-wasip1) encodes and decodes them over
+//! the gRPC stream Envoy opens for it, and the companion (`guardrail serve`) shares them with its
+//! tonic service code. One bidirectional stream per Envoy process:
+//!
+//! 1. the filter opens [`STREAM_METHOD`] of [`SERVICE`] and sends [`v1::Hello`] first;
+//! 2. the companion answers with the current [`v1::PolicySnapshot`] and [`v1::FleetState`], and
+//!    sends each again whenever it changes;
+//! 3. the filter acknowledges every snapshot ([`v1::Ack`]) or rejects it ([`v1::Nack`]), naming the
+//!    snapshot's `revision`, and sends a [`v1::UsageReport`] periodically.
+//!
+//! ```
+//! use guardrail_proto::v1::{client_message::Msg, ClientMessage, Hello};
+//! use prost::Message;
+//!
+//! let hello = ClientMessage {
+//!     msg: Some(Msg::Hello(Hello { node_id: "envoy-1".into(), ..Default::default() })),
+//! };
+//! let bytes = hello.encode_to_vec();
+//! assert_eq!(ClientMessage::decode(bytes.as_slice()).unwrap(), hello);
+//! ```
+
+/// Generated from `guardrail/v1/guardrail.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/guardrail.v1.rs"));
+}
+
+/// The gRPC service name, as Envoy's `dispatch_grpc_stream` takes it.
+pub const SERVICE: &str = "guardrail.v1.PolicyService";
+/// The bidirectional policy stream: `/guardrail.v1.PolicyService/Stream`.
+pub const STREAM_METHOD: &str = "Stream";
+/// The unary fleet status call: `/guardrail.v1.PolicyService/Status`.
+pub const STATUS_METHOD: &str = "Status";
