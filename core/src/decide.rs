@@ -198,7 +198,7 @@ pub fn decide<'p>(
     store: &mut dyn CounterStore,
     tokens: &mut TokenCache,
 ) -> Decision<'p> {
-    run(policy, req, now_ns, store, tokens, false)
+    run(policy, req, now_ns, store, tokens, false, None)
 }
 
 /// As [`decide`], also recording a readable line for every check (for `explain` and `test`).
@@ -209,7 +209,22 @@ pub fn decide_traced<'p>(
     store: &mut dyn CounterStore,
     tokens: &mut TokenCache,
 ) -> Decision<'p> {
-    run(policy, req, now_ns, store, tokens, true)
+    run(policy, req, now_ns, store, tokens, true, None)
+}
+
+/// As [`decide_traced`], but for an app named by id instead of by the request's credential: the
+/// credential step is skipped and reported as assumed. For `guardrail explain --app` and policy
+/// tests only; the filter never calls it (identity there comes only from a verified credential).
+/// A bearer token in the request still counts for JIT and `token` in rules, if it verifies.
+pub fn decide_as<'p>(
+    policy: &'p CompiledPolicy,
+    app_id: &str,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &mut dyn CounterStore,
+    tokens: &mut TokenCache,
+) -> Decision<'p> {
+    run(policy, req, now_ns, store, tokens, true, Some(app_id))
 }
 
 struct Tracer {
@@ -232,13 +247,16 @@ fn run<'p>(
     store: &mut dyn CounterStore,
     tokens: &mut TokenCache,
     trace: bool,
+    assume_app: Option<&str>,
 ) -> Decision<'p> {
     let mut t = Tracer {
         on: trace,
         lines: Vec::new(),
     };
     let mut d = Decision::new();
-    let result = checks(policy, req, now_ns, store, tokens, &mut d, &mut t);
+    let result = checks(
+        policy, req, now_ns, store, tokens, assume_app, &mut d, &mut t,
+    );
     if let Err(denial) = result {
         t.note("verdict", || {
             format!(
@@ -256,12 +274,14 @@ fn run<'p>(
     d
 }
 
+#[allow(clippy::too_many_arguments)]
 fn checks<'p>(
     policy: &'p CompiledPolicy,
     req: &Request<'_>,
     now_ns: u64,
     store: &mut dyn CounterStore,
     tokens: &mut TokenCache,
+    assume_app: Option<&str>,
     d: &mut Decision<'p>,
     t: &mut Tracer,
 ) -> Result<(), Denial> {
@@ -288,7 +308,27 @@ fn checks<'p>(
     t.note("path", || format!("{} normalised to {path}", req.path));
 
     // --- credential and catalog ---
-    let (app, bearer) = authenticate(policy, req, now_secs, tokens, t)?;
+    let (app, bearer) = match assume_app {
+        None => authenticate(policy, req, now_secs, tokens, t)?,
+        Some(id) => {
+            let app = policy.app(id).ok_or_else(|| {
+                Denial::new(
+                    Code::AppNotRegistered,
+                    format!("app `{id}` is not in the catalog"),
+                )
+                .rule("catalog")
+            })?;
+            t.note("credential", || {
+                format!("assumed app `{id}` (explain/test only)")
+            });
+            let bearer = req
+                .header_values("authorization")
+                .next()
+                .and_then(bearer_token);
+            let bearer = bearer.filter(|b| verified_token(policy, b, now_secs, tokens).is_ok());
+            (app, bearer)
+        }
+    };
     d.app = Some(app);
     d.tier = policy.tier_of(app).map(|tier| tier.name.as_str());
 
