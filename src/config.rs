@@ -47,40 +47,25 @@ pub fn parse(bytes: &[u8]) -> Result<FilterConfig, Vec<PolicyError>> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let raw: RawFilterConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        vec![PolicyError::new(
-            if path == "." { String::new() } else { path },
-            e.into_inner().to_string(),
-        )]
+        vec![PolicyError::new(if path == "." { String::new() } else { path }, e.into_inner().to_string())]
     })?;
     let prefix = |mut e: PolicyError| {
-        e.path = if e.path.is_empty() {
-            "policy".into()
-        } else {
-            format!("policy.{}", e.path)
-        };
+        e.path = if e.path.is_empty() { "policy".into() } else { format!("policy.{}", e.path) };
         e
     };
     let policy = match raw.policy {
         Some(value) => {
-            let raw_policy = parse_json_value(value)
-                .map_err(|e| e.0.into_iter().map(prefix).collect::<Vec<_>>())?;
+            let raw_policy = parse_json_value(value).map_err(|e| e.0.into_iter().map(prefix).collect::<Vec<_>>())?;
             Some(compile(raw_policy).map_err(|e| e.0.into_iter().map(prefix).collect::<Vec<_>>())?)
         }
         None => None,
     };
     if let Some(control) = &raw.control {
         if control.cluster.trim().is_empty() {
-            return Err(vec![PolicyError::new(
-                "control.cluster",
-                "empty cluster name",
-            )]);
+            return Err(vec![PolicyError::new("control.cluster", "empty cluster name")]);
         }
     }
-    if raw
-        .gateway_region
-        .as_deref()
-        .is_some_and(|r| r.trim().is_empty())
-    {
+    if raw.gateway_region.as_deref().is_some_and(|r| r.trim().is_empty()) {
         return Err(vec![PolicyError::new("gateway_region", "empty region")]);
     }
     Ok(FilterConfig {

@@ -19,8 +19,8 @@ use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::quota::{CounterStore, StoreError};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use guardrail_proto::v1::{
-    client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot,
-    ServerMessage, UsageReport,
+    client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot, ServerMessage,
+    UsageReport,
 };
 use prost::Message;
 
@@ -51,10 +51,7 @@ pub fn usage_key(app: &str) -> String {
 /// The current generation (0 when the companion never sent anything).
 pub fn generation() -> u64 {
     match host::SharedData.get(GEN_KEY) {
-        Ok(Some((bytes, _))) => bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_le_bytes),
+        Ok(Some((bytes, _))) => bytes.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes),
         _ => 0,
     }
 }
@@ -62,13 +59,7 @@ pub fn generation() -> u64 {
 fn bump_generation() -> Result<u64, StoreError> {
     for _ in 0..guardrail_core::quota::MAX_CAS_RETRIES {
         let (current, cas) = match host::SharedData.get(GEN_KEY)? {
-            Some((bytes, cas)) => (
-                bytes
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, u64::from_le_bytes),
-                cas,
-            ),
+            Some((bytes, cas)) => (bytes.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes), cas),
             None => (0, 0),
         };
         let next = current.wrapping_add(1).max(1);
@@ -90,9 +81,7 @@ pub struct Published {
 /// Reads and compiles the published snapshot and fleet state.
 pub fn load_published() -> Result<Published, String> {
     let policy = match host::SharedData.get(SNAPSHOT_KEY) {
-        Ok(Some((bytes, _))) if !bytes.is_empty() => {
-            Some(compile_json(&bytes).map_err(|e| e.join("; "))?)
-        }
+        Ok(Some((bytes, _))) if !bytes.is_empty() => Some(compile_json(&bytes).map_err(|e| e.join("; "))?),
         _ => None,
     };
     let fleet = match host::SharedData.get(FLEET_KEY) {
@@ -103,10 +92,8 @@ pub fn load_published() -> Result<Published, String> {
 }
 
 fn compile_json(json: &[u8]) -> Result<CompiledPolicy, Vec<String>> {
-    let value: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| vec![format!("policy_json: {e}")])?;
-    let raw = parse_json_value(value)
-        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| vec![format!("policy_json: {e}")])?;
+    let raw = parse_json_value(value).map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     compile(raw).map_err(|e| e.0.iter().map(ToString::to_string).collect())
 }
 
@@ -174,11 +161,8 @@ impl ControlClient {
     fn hold_lease(&self, now_ns: u64) -> bool {
         let (holder, until, cas) = match host::SharedData.get(LEADER_KEY) {
             Ok(Some((b, cas))) if b.len() == 16 => {
-                let word = |r: std::ops::Range<usize>| {
-                    b.get(r)
-                        .and_then(|x| x.try_into().ok())
-                        .map_or(0, u64::from_le_bytes)
-                };
+                let word =
+                    |r: std::ops::Range<usize>| b.get(r).and_then(|x| x.try_into().ok()).map_or(0, u64::from_le_bytes);
                 (word(0..8), word(8..16), cas)
             }
             Ok(Some((_, cas))) => (0, 0, cas),
@@ -205,16 +189,10 @@ impl ControlClient {
                 };
                 send(token, client_message::Msg::Hello(hello));
                 self.last_report_ns = now_ns;
-                host::info(&format!(
-                    "guardrail: control stream to cluster `{}` opened",
-                    self.cluster
-                ));
+                host::info(&format!("guardrail: control stream to cluster `{}` opened", self.cluster));
             }
             Err(status) => {
-                host::warn(&format!(
-                    "guardrail: cannot open the control stream to `{}`: {status:?}",
-                    self.cluster
-                ));
+                host::warn(&format!("guardrail: cannot open the control stream to `{}`: {status:?}", self.cluster));
                 self.schedule_retry(now_ns);
             }
         }
@@ -245,9 +223,7 @@ impl ControlClient {
         let message = match ServerMessage::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
-                host::error(&format!(
-                    "guardrail: undecodable message from the companion ({e}); ignored"
-                ));
+                host::error(&format!("guardrail: undecodable message from the companion ({e}); ignored"));
                 return None;
             }
         };
@@ -261,22 +237,12 @@ impl ControlClient {
         }
     }
 
-    fn on_snapshot(
-        &mut self,
-        token: u32,
-        snapshot: PolicySnapshot,
-    ) -> Option<(CompiledPolicy, u64)> {
+    fn on_snapshot(&mut self, token: u32, snapshot: PolicySnapshot) -> Option<(CompiledPolicy, u64)> {
         let nack = |error: String| {
-            host::error(&format!(
-                "guardrail: NACK revision `{}`: {error}",
-                snapshot.revision
-            ));
+            host::error(&format!("guardrail: NACK revision `{}`: {error}", snapshot.revision));
             send(
                 token,
-                client_message::Msg::Nack(guardrail_proto::v1::Nack {
-                    revision: snapshot.revision.clone(),
-                    error,
-                }),
+                client_message::Msg::Nack(guardrail_proto::v1::Nack { revision: snapshot.revision.clone(), error }),
             );
         };
         let policy = match compile_json(snapshot.policy_json.as_bytes()) {
@@ -286,8 +252,7 @@ impl ControlClient {
                 return None;
             }
         };
-        if policy.revision != snapshot.revision && !snapshot.revision.starts_with(&policy.revision)
-        {
+        if policy.revision != snapshot.revision && !snapshot.revision.starts_with(&policy.revision) {
             host::warn(&format!(
                 "guardrail: snapshot revision `{}` differs from the document's `{}`",
                 snapshot.revision, policy.revision
@@ -304,12 +269,7 @@ impl ControlClient {
                 return None;
             }
         };
-        send(
-            token,
-            client_message::Msg::Ack(guardrail_proto::v1::Ack {
-                revision: snapshot.revision.clone(),
-            }),
-        );
+        send(token, client_message::Msg::Ack(guardrail_proto::v1::Ack { revision: snapshot.revision.clone() }));
         host::info(&format!("guardrail: ACK revision `{}`", snapshot.revision));
         self.revision = snapshot.revision;
         Some((policy, generation))
@@ -317,13 +277,8 @@ impl ControlClient {
 }
 
 fn publish_fleet(state: &FleetState) {
-    let fleet = Fleet {
-        day: state.day,
-        exhausted: state.exhausted_apps.iter().cloned().collect(),
-    };
-    let result = host::SharedData
-        .set(FLEET_KEY, &fleet.encode(), 0)
-        .and_then(|()| bump_generation().map(|_| ()));
+    let fleet = Fleet { day: state.day, exhausted: state.exhausted_apps.iter().cloned().collect() };
+    let result = host::SharedData.set(FLEET_KEY, &fleet.encode(), 0).and_then(|()| bump_generation().map(|_| ()));
     match result {
         Ok(()) => host::info(&format!(
             "guardrail: fleet state for day {}: {} app(s) out of budget fleet-wide",
@@ -336,21 +291,15 @@ fn publish_fleet(state: &FleetState) {
 
 fn send(token: u32, msg: client_message::Msg) {
     let bytes = ClientMessage { msg: Some(msg) }.encode_to_vec();
-    if let Err(status) = proxy_wasm::hostcalls::send_grpc_stream_message(token, Some(&bytes), false)
-    {
-        host::warn(&format!(
-            "guardrail: cannot send on the control stream: {status:?}"
-        ));
+    if let Err(status) = proxy_wasm::hostcalls::send_grpc_stream_message(token, Some(&bytes), false) {
+        host::warn(&format!("guardrail: cannot send on the control stream: {status:?}"));
     }
 }
 
 /// Today's usage of every app, read from the shared usage keys.
 fn usage_report(now_ns: u64, apps: &[guardrail_core::compile::App]) -> UsageReport {
     let day = now_ns / NANOS_PER_SEC / SECS_PER_DAY;
-    let mut report = UsageReport {
-        day,
-        apps: Vec::new(),
-    };
+    let mut report = UsageReport { day, apps: Vec::new() };
     for app in apps {
         let Ok(Some((bytes, _))) = host::SharedData.get(&usage_key(&app.id)) else {
             continue;

@@ -21,8 +21,7 @@ impl CounterStore for SharedData {
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        match hostcalls::set_shared_data(key, Some(value), if cas == 0 { None } else { Some(cas) })
-        {
+        match hostcalls::set_shared_data(key, Some(value), if cas == 0 { None } else { Some(cas) }) {
             Ok(()) => Ok(()),
             Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
             Err(status) => Err(StoreError::Unavailable(format!("{status:?}"))),
@@ -53,16 +52,12 @@ pub fn error(message: &str) {
 
 /// The Envoy cluster this request is routed to (the app's upstream connector), if routed to one.
 pub fn upstream_cluster() -> Option<String> {
-    let bytes = hostcalls::get_property(vec!["xds", "cluster_name"])
-        .ok()
-        .flatten()?;
+    let bytes = hostcalls::get_property(vec!["xds", "cluster_name"]).ok().flatten()?;
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
 pub fn plugin_configuration() -> Option<Vec<u8>> {
-    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
-        .ok()
-        .flatten()
+    hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten()
 }
 
 pub fn request_headers() -> Vec<(String, String)> {

@@ -14,9 +14,7 @@ use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{decide, policy_unavailable, Decision, Denial, Event, Request};
 use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::jwt::TokenCache;
-use guardrail_core::problem::{
-    denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers,
-};
+use guardrail_core::problem::{denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers};
 use guardrail_core::quota::{ensure_keys, StoreError};
 use guardrail_core::raw::FailureMode;
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
@@ -39,24 +37,12 @@ proxy_wasm::main! {{
 /// not exist yet. Done when a policy is applied, never on a request: the host does not CAS-guard
 /// creation, and the initial values are the same whoever writes them.
 pub(crate) fn create_keys(policy: &CompiledPolicy) -> Result<(), StoreError> {
-    ensure_keys(
-        &mut host::SharedData,
-        policy.apps.iter().map(|a| a.quota_key.as_str()),
-    )?;
-    let usage_keys: Vec<String> = policy
-        .apps
-        .iter()
-        .map(|a| control::usage_key(&a.id))
-        .collect();
+    ensure_keys(&mut host::SharedData, policy.apps.iter().map(|a| a.quota_key.as_str()))?;
+    let usage_keys: Vec<String> = policy.apps.iter().map(|a| control::usage_key(&a.id)).collect();
     let mut store = host::SharedData;
     for key in &usage_keys {
         if guardrail_core::quota::CounterStore::get(&mut store, key)?.is_none() {
-            guardrail_core::quota::CounterStore::set(
-                &mut store,
-                key,
-                &UsageCounters::default().encode(),
-                0,
-            )?;
+            guardrail_core::quota::CounterStore::set(&mut store, key, &UsageCounters::default().encode(), 0)?;
         }
     }
     Ok(())
@@ -110,7 +96,9 @@ impl Worker {
                 }
                 self.fleet = published.fleet;
             }
-            Err(e) => host::error(&format!("guardrail: published snapshot does not compile here ({e}); keeping the last good policy")),
+            Err(e) => host::error(&format!(
+                "guardrail: published snapshot does not compile here ({e}); keeping the last good policy"
+            )),
         }
     }
 
@@ -122,10 +110,7 @@ impl Worker {
         let day = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(0);
         let entry = self.usage.entry(app.to_string()).or_default();
         if entry.day != day {
-            *entry = UsageCounters {
-                day,
-                ..UsageCounters::default()
-            };
+            *entry = UsageCounters { day, ..UsageCounters::default() };
         }
         f(entry);
     }
@@ -171,14 +156,11 @@ impl Context for GuardrailRoot {
             control.on_close(token_id, 8, host::now_ns());
             return;
         }
-        let bytes = proxy_wasm::hostcalls::get_buffer(
-            proxy_wasm::types::BufferType::GrpcReceiveBuffer,
-            0,
-            message_size,
-        )
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+        let bytes =
+            proxy_wasm::hostcalls::get_buffer(proxy_wasm::types::BufferType::GrpcReceiveBuffer, 0, message_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
         if let Some((policy, generation)) = control.on_message(token_id, &bytes) {
             // Published to shared data for the other workers; this one has it compiled already.
             let mut worker = self.worker.borrow_mut();
@@ -212,9 +194,7 @@ impl RootContext for GuardrailRoot {
         worker.controlled = config.control_cluster.is_some();
         if let Some(policy) = config.policy {
             if let Err(e) = create_keys(&policy) {
-                host::error(&format!(
-                    "guardrail: cannot create quota state in shared data: {e}"
-                ));
+                host::error(&format!("guardrail: cannot create quota state in shared data: {e}"));
                 return false;
             }
             worker.install(policy);
@@ -225,11 +205,7 @@ impl RootContext for GuardrailRoot {
         worker.sync();
         if let Some(cluster) = config.control_cluster {
             let mut client = ControlClient::new(cluster);
-            client.revision = worker
-                .policy
-                .as_ref()
-                .map(|p| p.revision.clone())
-                .unwrap_or_default();
+            client.revision = worker.policy.as_ref().map(|p| p.revision.clone()).unwrap_or_default();
             self.control = Some(client);
             drop(worker);
             let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(control::TICK_MS));
@@ -255,10 +231,7 @@ impl RootContext for GuardrailRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(GuardrailHttp {
-            worker: Rc::clone(&self.worker),
-            ratelimit: None,
-        }))
+        Some(Box::new(GuardrailHttp { worker: Rc::clone(&self.worker), ratelimit: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -278,20 +251,16 @@ impl Context for GuardrailHttp {}
 
 impl HttpContext for GuardrailHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let headers = host::request_headers();
-        // Identity never comes from a header a client can set: drop every x-guardrail-* first.
-        for (name, _) in headers
-            .iter()
-            .filter(|(n, _)| n.starts_with("x-guardrail-"))
-        {
-            host::remove_request_header(name);
+        let mut headers = host::request_headers();
+        // Identity never comes from a header a client can set: drop every x-guardrail-* first,
+        // from the request and from what decide() and its rules see.
+        if headers.iter().any(|(n, _)| n.starts_with("x-guardrail-")) {
+            for (name, _) in headers.iter().filter(|(n, _)| n.starts_with("x-guardrail-")) {
+                host::remove_request_header(name);
+            }
+            headers.retain(|(n, _)| !n.starts_with("x-guardrail-"));
         }
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map_or("", |(_, v)| v.as_str())
-        };
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
         let connector = host::upstream_cluster();
         let now = host::now_ns();
         let worker = Rc::clone(&self.worker);
@@ -344,18 +313,11 @@ impl GuardrailHttp {
     ) -> Action {
         let app_id = decision.app.map(|a| a.id.as_str());
         for event in &decision.events {
-            host::warn(&event_log_line(
-                event,
-                app_id,
-                request.request_id,
-                &policy.revision,
-            ));
+            host::warn(&event_log_line(event, app_id, request.request_id, &policy.revision));
             match event {
                 Event::SoftLimit { .. } => {
                     worker.metrics.soft_limit();
-                    worker.count(app_id, now, |u| {
-                        u.soft_limit = u.soft_limit.saturating_add(1)
-                    });
+                    worker.count(app_id, now, |u| u.soft_limit = u.soft_limit.saturating_add(1));
                 }
                 Event::Shadow { .. } => worker.metrics.shadow(),
             }
@@ -365,13 +327,13 @@ impl GuardrailHttp {
         }
         if let Some(app) = decision.app {
             host::set_request_header("x-guardrail-app", &app.id);
+            // The API key was for Guardrail: the upstream gets the verified app, never the secret.
+            host::remove_request_header(&policy.settings.api_key_header);
         }
         if let Some(tier) = decision.tier {
             host::set_request_header("x-guardrail-tier", tier);
         }
-        self.ratelimit = decision
-            .quota
-            .map(|(limits, usage)| ratelimit_headers(&limits, &usage));
+        self.ratelimit = decision.quota.map(|(limits, usage)| ratelimit_headers(&limits, &usage));
         worker.metrics.allowed();
         worker.count(app_id, now, |u| u.allowed = u.allowed.saturating_add(1));
         Action::Continue

@@ -12,11 +12,7 @@ pub const MIN_KEY_CHARS: usize = 16;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The API key (prefer --stdin: a key on the command line stays in the shell history).
-    #[arg(
-        required_unless_present = "stdin",
-        conflicts_with = "stdin",
-        allow_hyphen_values = true
-    )]
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin", allow_hyphen_values = true)]
     key: Option<String>,
     /// Read the key from standard input (one trailing newline is removed).
     #[arg(long)]
@@ -44,16 +40,12 @@ fn read_stdin() -> anyhow::Result<String> {
     let mut bytes = Vec::new();
     if stdin.is_terminal() {
         eprint!("API key (then Enter): ");
-        stdin
-            .read_until(b'\n', &mut bytes)
-            .context("reading the key from standard input")?;
+        stdin.read_until(b'\n', &mut bytes).context("reading the key from standard input")?;
     } else {
-        stdin
-            .read_to_end(&mut bytes)
-            .context("reading the key from standard input")?;
+        stdin.read_to_end(&mut bytes).context("reading the key from standard input")?;
     }
-    let mut key = String::from_utf8(bytes)
-        .map_err(|_| UsageError("the key on standard input is not UTF-8 text".into()))?;
+    let mut key =
+        String::from_utf8(bytes).map_err(|_| UsageError("the key on standard input is not UTF-8 text".into()))?;
     if key.ends_with('\n') {
         key.pop();
         if key.ends_with('\r') {
@@ -74,7 +66,9 @@ fn check_key(key: &str) -> Result<(), UsageError> {
         ));
     }
     if key.chars().any(char::is_control) {
-        return Err(UsageError("the key contains control characters (a newline?), which cannot be sent in an HTTP header".into()));
+        return Err(UsageError(
+            "the key contains control characters (a newline?), which cannot be sent in an HTTP header".into(),
+        ));
     }
     let chars = key.chars().count();
     if chars < MIN_KEY_CHARS {
@@ -96,11 +90,7 @@ mod tests {
             ("short", false, "too short"),
             ("0123456789abcde", false, "15 chars"),
             ("0123456789abcdef", true, "16 chars"),
-            (
-                "ééééééééééééééééé",
-                true,
-                "counted in characters, not bytes",
-            ),
+            ("ééééééééééééééééé", true, "counted in characters, not bytes"),
             (" 0123456789abcdef", false, "leading space"),
             ("0123456789abcdef\n", false, "trailing newline"),
             ("0123456789\tabcdef", false, "tab inside"),

@@ -1,24 +1,29 @@
 //! `guardrail`: the companion of the Guardrail filter.
 //!
 //! The CLI validates policies (`check`), prepares them for the filter's plugin configuration
-//! (`export`) and derives the digests the catalog stores for API keys (`hash-key`). The policy
-//! push server (`serve`, `status`) and the decision tools (`test`, `explain`, `keygen`, `mint`)
-//! join as further subcommands of [`Command`].
+//! (`export`), derives the digests the catalog stores for API keys (`hash-key`), serves policy to
+//! every Envoy of the fleet (`serve`, `status`) and issues JIT credentials (`keygen`, `mint`).
 //!
-//! Exit codes: 0 success, 1 the policy (or file) is invalid, 2 the command line is wrong.
+//! Exit codes: 0 success, 1 the policy (or file) is invalid or the request was refused, 2 the
+//! command line is wrong.
 
+mod cases;
+mod explain;
 mod hash_key;
+mod jwk;
+mod keygen;
+mod log;
+mod mint;
+mod pb;
 mod policy;
+mod serve;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "guardrail",
-    version,
-    about = "Guardrail companion: policy validation, push and JIT credentials"
-)]
+#[command(name = "guardrail", version, about = "Guardrail companion: policy validation, push and JIT credentials")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +37,18 @@ enum Command {
     Check(policy::CheckArgs),
     /// Validate a policy file and print it as compact JSON, for the filter's plugin configuration.
     Export(policy::ExportArgs),
+    /// Run policy test cases (request → expected decision) through the filter's decide().
+    Test(cases::Args),
+    /// Judge one request: the trace of every check and rule, the verdict and Envoy's response.
+    Explain(explain::Args),
+    /// Serve a policy to every Envoy over gRPC, pushing each valid change as it is saved.
+    Serve(serve::Args),
+    /// Show the nodes connected to a companion, the revision each acknowledged, and fleet usage.
+    Status(status::Args),
+    /// Write a new Ed25519 signing key (private JWK) and print its public JWKS entry.
+    Keygen(keygen::Args),
+    /// Issue a short-lived JWT for an app, scoped to datasets (a JIT credential).
+    Mint(mint::Args),
 }
 
 /// A command line that cannot be acted on: reported like clap's own errors, with exit code 2.
@@ -45,6 +62,12 @@ fn main() -> ExitCode {
         Command::HashKey(args) => hash_key::run(&args),
         Command::Check(args) => policy::check(&args),
         Command::Export(args) => policy::export(&args),
+        Command::Test(args) => cases::run(&args),
+        Command::Explain(args) => explain::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Status(args) => status::run(&args),
+        Command::Keygen(args) => keygen::run(&args),
+        Command::Mint(args) => mint::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -23,11 +23,7 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
     let p = &doc.policy;
-    let revision = if p.revision.is_empty() {
-        "unset"
-    } else {
-        p.revision.as_str()
-    };
+    let revision = if p.revision.is_empty() { "unset" } else { p.revision.as_str() };
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 // === Helpers ===
 
 fn guardrail(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_guardrail"))
-        .args(args)
-        .output();
+    let out = Command::new(env!("CARGO_BIN_EXE_guardrail")).args(args).output();
     match out {
         Ok(out) => out,
         Err(e) => panic!("cannot run guardrail {args:?}: {e}"),
@@ -55,8 +53,7 @@ impl TempFile {
     fn new(ext: &str, contents: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("guardrail-cli-{}-{n}.{ext}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("guardrail-cli-{}-{n}.{ext}", std::process::id()));
         if let Err(e) = std::fs::write(&path, contents) {
             panic!("writing {}: {e}", path.display());
         }
@@ -137,12 +134,7 @@ rules:
 
 fn digest_of(key: &str) -> String {
     let out = guardrail(&["hash-key", key]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "hash-key {key}: {}",
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "hash-key {key}: {}", stderr(&out));
     stdout(&out).trim_end().to_string()
 }
 
@@ -158,19 +150,13 @@ fn hash_key_prints_the_sha256_digest() {
     let key = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
     let out = guardrail(&["hash-key", key]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(
-        stdout(&out),
-        "sha256:248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1\n"
-    );
+    assert_eq!(stdout(&out), "sha256:248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1\n");
 }
 
 #[test]
 fn hash_key_matches_sha256_of_the_key_bytes() {
     use sha2::Digest;
-    let want = format!(
-        "sha256:{}\n",
-        hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
-    );
+    let want = format!("sha256:{}\n", hex::encode(sha2::Sha256::digest(KEY.as_bytes())));
     let out = guardrail(&["hash-key", KEY]);
     assert_eq!(stdout(&out), want);
 }
@@ -179,42 +165,17 @@ fn hash_key_matches_sha256_of_the_key_bytes() {
 fn hash_key_refuses_bad_keys_with_exit_2() {
     let cases: &[(&[&str], &str, &str)] = &[
         (&["hash-key", ""], "the key is empty", "empty key"),
-        (
-            &["hash-key", "abc"],
-            "3 characters long",
-            "SHA-256 of abc is a known vector, but abc is far too short",
-        ),
-        (
-            &["hash-key", "0123456789abcde"],
-            "at least 16",
-            "15 characters",
-        ),
-        (
-            &["hash-key", " 0123456789abcdef"],
-            "whitespace",
-            "leading space",
-        ),
+        (&["hash-key", "abc"], "3 characters long", "SHA-256 of abc is a known vector, but abc is far too short"),
+        (&["hash-key", "0123456789abcde"], "at least 16", "15 characters"),
+        (&["hash-key", " 0123456789abcdef"], "whitespace", "leading space"),
         (&["hash-key"], "KEY", "no key and no --stdin"),
-        (
-            &["hash-key", "--stdin", KEY],
-            "cannot be used with",
-            "both a key and --stdin",
-        ),
+        (&["hash-key", "--stdin", KEY], "cannot be used with", "both a key and --stdin"),
     ];
     for (args, want, why) in cases {
         let out = guardrail(args);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{why}: exit code; stderr {}",
-            stderr(&out)
-        );
+        assert_eq!(out.status.code(), Some(2), "{why}: exit code; stderr {}", stderr(&out));
         assert!(stdout(&out).is_empty(), "{why}: nothing on stdout");
-        assert!(
-            stderr(&out).contains(want),
-            "{why}: stderr should mention {want:?}: {}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains(want), "{why}: stderr should mention {want:?}: {}", stderr(&out));
     }
 }
 
@@ -233,15 +194,8 @@ fn hash_key_reads_stdin() {
     }
     let out = guardrail_stdin(&["hash-key", "--stdin"], b"\n");
     assert_eq!(out.status.code(), Some(2), "empty key on stdin");
-    let out = guardrail_stdin(
-        &["hash-key", "--stdin"],
-        b"guardrail-test-key-00001\nsecond-line-of-text\n",
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "two lines on stdin are not one key"
-    );
+    let out = guardrail_stdin(&["hash-key", "--stdin"], b"guardrail-test-key-00001\nsecond-line-of-text\n");
+    assert_eq!(out.status.code(), Some(2), "two lines on stdin are not one key");
 }
 
 // === check ===
@@ -251,13 +205,7 @@ fn check_accepts_a_valid_policy() {
     let file = TempFile::new("yaml", &valid_policy());
     let out = guardrail(&["check", file.arg()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(
-        stdout(&out),
-        format!(
-            "ok: {} (revision 42, 2 apps, 1 datasets, 1 rules)\n",
-            file.arg()
-        )
-    );
+    assert_eq!(stdout(&out), format!("ok: {} (revision 42, 2 apps, 1 datasets, 1 rules)\n", file.arg()));
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
 
@@ -268,11 +216,7 @@ fn check_accepts_json() {
     let file = TempFile::new("json", &stdout(&out));
     let out = guardrail(&["check", file.arg()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains("(revision 42, 2 apps, 1 datasets, 1 rules)"),
-        "{}",
-        stdout(&out)
-    );
+    assert!(stdout(&out).contains("(revision 42, 2 apps, 1 datasets, 1 rules)"), "{}", stdout(&out));
 }
 
 /// Each case: a change to the valid policy (`from` → `to`), and the `path: message` part expected
@@ -382,10 +326,7 @@ fn check_reports_file_line_and_path() {
     ];
     let digest = digest_of(KEY);
     for (why, from, to, want_path, want_message) in cases {
-        assert!(
-            VALID.contains(&from),
-            "{why}: the valid policy should contain {from:?}"
-        );
+        assert!(VALID.contains(&from), "{why}: the valid policy should contain {from:?}");
         let text = VALID.replacen(&from, &to, 1).replace("DIGEST", &digest);
         let line = match text.lines().position(|l| l.contains("# <-")) {
             Some(i) => i + 1,
@@ -395,11 +336,7 @@ fn check_reports_file_line_and_path() {
         let out = guardrail(&["check", file.arg()]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{why}: exit code; stderr {err}");
-        assert!(
-            stdout(&out).is_empty(),
-            "{why}: nothing on stdout: {}",
-            stdout(&out)
-        );
+        assert!(stdout(&out).is_empty(), "{why}: nothing on stdout: {}", stdout(&out));
         let prefix = if want_path.is_empty() {
             format!("{}:{line}: ", file.arg())
         } else {
@@ -407,17 +344,11 @@ fn check_reports_file_line_and_path() {
         };
         let hit = err.lines().find(|l| l.starts_with(&prefix));
         match hit {
-            Some(l) => assert!(
-                l.contains(want_message),
-                "{why}: {l:?} should mention {want_message:?}"
-            ),
+            Some(l) => assert!(l.contains(want_message), "{why}: {l:?} should mention {want_message:?}"),
             None => panic!("{why}: expected a line starting with {prefix:?}, got:\n{err}"),
         }
         for l in err.lines() {
-            assert!(
-                l.starts_with(&format!("{}:", file.arg())),
-                "{why}: every line names the file: {l:?}"
-            );
+            assert!(l.starts_with(&format!("{}:", file.arg())), "{why}: every line names the file: {l:?}");
         }
     }
 }
@@ -437,41 +368,24 @@ fn check_reports_every_error() {
 
 #[test]
 fn check_refuses_what_is_not_a_policy_file() {
-    let missing =
-        std::env::temp_dir().join(format!("guardrail-cli-missing-{}.yaml", std::process::id()));
+    let missing = std::env::temp_dir().join(format!("guardrail-cli-missing-{}.yaml", std::process::id()));
     let missing = missing.to_str().unwrap_or_default().to_string();
     let dir = std::env::temp_dir();
     let dir = dir.to_str().unwrap_or_default().to_string();
     let not_utf8 = TempFile::new("yaml", "");
     assert!(std::fs::write(not_utf8.path(), b"kind: Policy\nowner: Jos\xe9\n").is_ok());
     let cases: &[(&str, String, &str)] = &[
-        (
-            "missing file",
-            format!("{missing}: cannot read the file"),
-            missing.as_str(),
-        ),
+        ("missing file", format!("{missing}: cannot read the file"), missing.as_str()),
         ("directory", format!("{dir}: is a directory"), dir.as_str()),
-        (
-            "not UTF-8",
-            format!("{}:2: not UTF-8", not_utf8.arg()),
-            not_utf8.arg(),
-        ),
+        ("not UTF-8", format!("{}:2: not UTF-8", not_utf8.arg()), not_utf8.arg()),
     ];
     for (why, want, path) in cases {
         let out = guardrail(&["check", path]);
         assert_eq!(out.status.code(), Some(1), "{why}");
-        assert!(
-            stderr(&out).starts_with(want.as_str()),
-            "{why}: {}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).starts_with(want.as_str()), "{why}: {}", stderr(&out));
     }
     let out = guardrail(&["check", dir.as_str()]);
-    assert!(
-        stderr(&out).contains("serve"),
-        "a directory points to serve: {}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("serve"), "a directory points to serve: {}", stderr(&out));
 }
 
 // === export ===
@@ -483,10 +397,7 @@ fn export_prints_compact_json_on_one_line() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 1, "one line: {text}");
-    assert!(
-        !text.contains(": ") && !text.contains(", "),
-        "compact: {text}"
-    );
+    assert!(!text.contains(": ") && !text.contains(", "), "compact: {text}");
     let value: serde_json::Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => panic!("not JSON ({e}): {text}"),
@@ -506,14 +417,6 @@ fn export_refuses_an_invalid_policy() {
     let out = guardrail(&["export", file.arg()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).is_empty(), "no JSON for an invalid policy");
-    assert!(
-        stderr(&out).starts_with(&format!("{}:", file.arg())),
-        "{}",
-        stderr(&out)
-    );
-    assert!(
-        stderr(&out).contains("apps[0].lifecycle"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).starts_with(&format!("{}:", file.arg())), "{}", stderr(&out));
+    assert!(stderr(&out).contains("apps[0].lifecycle"), "{}", stderr(&out));
 }

@@ -7,8 +7,8 @@ use crate::error::{Errors, PolicyError, PolicyErrors};
 use crate::jwt::{compile_issuer, Issuer};
 use crate::path::DatasetIndex;
 use crate::raw::{
-    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy,
-    RawRate, RawRule, RuleMode,
+    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule,
+    RuleMode,
 };
 use crate::rules::{app_value, dataset_value, Cel, Expression};
 use crate::time::{parse_rfc3339, NANOS_PER_SEC};
@@ -146,9 +146,7 @@ impl CompiledPolicy {
     /// The app holding an API key, looked up by the key's SHA-256 digest.
     pub fn app_by_api_key(&self, key: &str) -> Option<&App> {
         let digest = crate::api_key_digest(key);
-        self.app_by_key_digest
-            .get(&digest)
-            .and_then(|&i| self.apps.get(i))
+        self.app_by_key_digest.get(&digest).and_then(|&i| self.apps.get(i))
     }
 
     /// Index of the dataset a request reaches (`normalized_path` from [`crate::path::normalize_path`]).
@@ -168,11 +166,7 @@ impl CompiledPolicy {
     /// budget, else the tier's.
     pub fn limits(&self, app: &App, now_secs: i64) -> Option<Limits> {
         let tier = self.tier_of(app)?;
-        let live = || {
-            app.overrides
-                .iter()
-                .filter(|o| now_secs < o.expires_at_secs)
-        };
+        let live = || app.overrides.iter().filter(|o| now_secs < o.expires_at_secs);
         Some(Limits {
             rate: live().find_map(|o| o.rate).unwrap_or(tier.rate),
             daily_budget: live().find_map(|o| o.daily_budget).or(tier.daily_budget),
@@ -208,19 +202,10 @@ pub fn compile_json_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
 pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     let mut errs = Errors::default();
     if raw.api_version != "guardrail/v1" {
-        errs.push(
-            "apiVersion",
-            format!(
-                "unsupported apiVersion `{}`; expected `guardrail/v1`",
-                raw.api_version
-            ),
-        );
+        errs.push("apiVersion", format!("unsupported apiVersion `{}`; expected `guardrail/v1`", raw.api_version));
     }
     if raw.kind != "Policy" {
-        errs.push(
-            "kind",
-            format!("unsupported kind `{}`; expected `Policy`", raw.kind),
-        );
+        errs.push("kind", format!("unsupported kind `{}`; expected `Policy`", raw.kind));
     }
 
     let settings = compile_settings(&raw, &mut errs);
@@ -229,10 +214,7 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     for (i, raw_issuer) in raw.settings.identity.jwt.iter().enumerate() {
         let path = format!("settings.identity.jwt[{i}]");
         if !seen_issuers.insert(raw_issuer.issuer.clone()) {
-            errs.push(
-                format!("{path}.issuer"),
-                format!("duplicate issuer `{}`", raw_issuer.issuer),
-            );
+            errs.push(format!("{path}.issuer"), format!("duplicate issuer `{}`", raw_issuer.issuer));
         }
         match compile_issuer(raw_issuer, &path) {
             Ok(issuer) => issuers.push(issuer),
@@ -248,22 +230,12 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             errs.push("tiers", "a tier needs a name");
         }
         let rate = compile_rate(&raw_tier.rate, &format!("{path}.rate"), &mut errs);
-        let daily_budget = raw_tier
-            .daily_budget
-            .and_then(|b| positive(b, &format!("{path}.daily_budget"), &mut errs));
+        let daily_budget = raw_tier.daily_budget.and_then(|b| positive(b, &format!("{path}.daily_budget"), &mut errs));
         // A tier with a bad rate is still registered (the policy fails on its own error), so its
         // apps are not also reported as naming an unknown tier.
-        let rate = rate.unwrap_or(Rate {
-            requests: 1,
-            per_ns: NANOS_PER_SEC,
-            burst: 1,
-        });
+        let rate = rate.unwrap_or(Rate { requests: 1, per_ns: NANOS_PER_SEC, burst: 1 });
         tier_by_name.insert(name.clone(), tiers.len());
-        tiers.push(Tier {
-            name: name.clone(),
-            rate,
-            daily_budget,
-        });
+        tiers.push(Tier { name: name.clone(), rate, daily_budget });
     }
 
     let mut approved_connectors = HashSet::new();
@@ -271,10 +243,7 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         if c.trim().is_empty() {
             errs.push(format!("connectors.approved[{i}]"), "empty connector name");
         } else if !approved_connectors.insert(c.clone()) {
-            errs.push(
-                format!("connectors.approved[{i}]"),
-                format!("duplicate connector `{c}`"),
-            );
+            errs.push(format!("connectors.approved[{i}]"), format!("duplicate connector `{c}`"));
         }
     }
 
@@ -288,10 +257,7 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             continue;
         };
         if app_by_id.contains_key(&app.id) {
-            errs.push(
-                format!("{path}.id"),
-                format!("duplicate app id `{}`", app.id),
-            );
+            errs.push(format!("{path}.id"), format!("duplicate app id `{}`", app.id));
             continue;
         }
         let index = apps.len();
@@ -301,7 +267,10 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
                 continue;
             };
             if let Some(owner) = key_owner.get(&digest) {
-                errs.push(key_path, format!("API-key digest already used by app `{owner}`; every key must belong to one app"));
+                errs.push(
+                    key_path,
+                    format!("API-key digest already used by app `{owner}`; every key must belong to one app"),
+                );
                 continue;
             }
             key_owner.insert(digest, app.id.clone());
@@ -325,10 +294,7 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             dataset_index.insert(r.host.as_deref(), &r.path_prefix, &r.methods, i);
         }
     }
-    let app_values = apps
-        .iter()
-        .map(|a| app_value(a, tiers.get(a.tier).map_or("", |t| t.name.as_str())))
-        .collect();
+    let app_values = apps.iter().map(|a| app_value(a, tiers.get(a.tier).map_or("", |t| t.name.as_str()))).collect();
     let dataset_values = datasets.iter().map(dataset_value).collect();
     Ok(CompiledPolicy {
         revision: raw.revision.map(|r| r.to_text()).unwrap_or_default(),
@@ -352,34 +318,18 @@ fn compile_settings(raw: &RawPolicy, errs: &mut Errors) -> Settings {
     let s = &raw.settings;
     let soft_limit_ratio = s.soft_limit_ratio.unwrap_or(0.7);
     if !(soft_limit_ratio > 0.0 && soft_limit_ratio <= 1.0) {
-        errs.push(
-            "settings.soft_limit_ratio",
-            format!("must be in (0, 1], got {soft_limit_ratio}"),
-        );
+        errs.push("settings.soft_limit_ratio", format!("must be in (0, 1], got {soft_limit_ratio}"));
     }
-    let jit_max_ttl_secs = match s
-        .jit_max_ttl
-        .as_deref()
-        .map(parse_duration)
-        .unwrap_or(Ok(15 * 60 * NANOS_PER_SEC))
-    {
+    let jit_max_ttl_secs = match s.jit_max_ttl.as_deref().map(parse_duration).unwrap_or(Ok(15 * 60 * NANOS_PER_SEC)) {
         Ok(ns) => i64::try_from(ns / NANOS_PER_SEC).unwrap_or(i64::MAX),
         Err(e) => {
             errs.push("settings.jit_max_ttl", e);
             0
         }
     };
-    let api_key_header = s
-        .identity
-        .api_key_header
-        .clone()
-        .unwrap_or_else(|| "x-api-key".into())
-        .to_ascii_lowercase();
+    let api_key_header = s.identity.api_key_header.clone().unwrap_or_else(|| "x-api-key".into()).to_ascii_lowercase();
     if api_key_header.is_empty() || !api_key_header.bytes().all(is_header_name_byte) {
-        errs.push(
-            "settings.identity.api_key_header",
-            format!("`{api_key_header}` is not a valid header name"),
-        );
+        errs.push("settings.identity.api_key_header", format!("`{api_key_header}` is not a valid header name"));
     } else if api_key_header == "authorization"
         || api_key_header.starts_with("x-guardrail-")
         || api_key_header.starts_with(':')
@@ -428,19 +378,13 @@ fn compile_rate(raw: &RawRate, path: &str, errs: &mut Errors) -> Option<Rate> {
         Some(b) => positive(b, &format!("{path}.burst"), errs),
         None => requests,
     };
-    Some(Rate {
-        requests: requests?,
-        per_ns: per_ns?,
-        burst: burst?,
-    })
+    Some(Rate { requests: requests?, per_ns: per_ns?, burst: burst? })
 }
 
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_APP_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }
 
 fn compile_app(
@@ -454,56 +398,36 @@ fn compile_app(
     if !valid_id(&raw.id) {
         errs.push(
             format!("{path}.id"),
-            format!(
-                "invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :",
-                raw.id
-            ),
+            format!("invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :", raw.id),
         );
     }
     let tier = match tier_by_name.get(&raw.tier) {
         Some(&t) => t,
         None => {
             let known: Vec<&str> = policy.tiers.keys().map(String::as_str).collect();
-            errs.push(
-                format!("{path}.tier"),
-                format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")),
-            );
+            errs.push(format!("{path}.tier"), format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")));
             0
         }
     };
     let region = match raw.region.as_deref().map(str::trim) {
         Some(r) if !r.is_empty() => r.to_string(),
         _ => {
-            errs.push(
-                format!("{path}.region"),
-                "every app needs a region (residency is checked against it)",
-            );
+            errs.push(format!("{path}.region"), "every app needs a region (residency is checked against it)");
             String::new()
         }
     };
     let mut overrides = Vec::new();
     for (k, o) in raw.quota_overrides.iter().enumerate() {
         let opath = format!("{path}.quota_overrides[{k}]");
-        let rate = o
-            .rate
-            .as_ref()
-            .and_then(|r| compile_rate(r, &format!("{opath}.rate"), errs));
-        let daily_budget = o
-            .daily_budget
-            .and_then(|b| positive(b, &format!("{opath}.daily_budget"), errs));
+        let rate = o.rate.as_ref().and_then(|r| compile_rate(r, &format!("{opath}.rate"), errs));
+        let daily_budget = o.daily_budget.and_then(|b| positive(b, &format!("{opath}.daily_budget"), errs));
         if o.rate.is_none() && o.daily_budget.is_none() {
-            errs.push(
-                opath.clone(),
-                "an override needs `rate` and/or `daily_budget`",
-            );
+            errs.push(opath.clone(), "an override needs `rate` and/or `daily_budget`");
         }
         match parse_rfc3339(&o.expires_at) {
-            Ok(expires_at_secs) => overrides.push(QuotaOverride {
-                rate,
-                daily_budget,
-                expires_at_secs,
-                reason: o.reason.clone(),
-            }),
+            Ok(expires_at_secs) => {
+                overrides.push(QuotaOverride { rate, daily_budget, expires_at_secs, reason: o.reason.clone() })
+            }
             Err(e) => errs.push(format!("{opath}.expires_at"), e),
         }
     }
@@ -532,11 +456,8 @@ fn compile_app(
 /// Parses `sha256:<64 lower-case hex>` as printed by `guardrail hash-key`.
 fn parse_key_digest(text: &str, path: &str, errs: &mut Errors) -> Option<[u8; 32]> {
     let hex_part = text.strip_prefix("sha256:");
-    let parsed = hex_part.filter(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    });
+    let parsed =
+        hex_part.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
     let mut out = [0u8; 32];
     match parsed.map(|h| hex::decode_to_slice(h, &mut out)) {
         Some(Ok(())) => Some(out),
@@ -557,72 +478,45 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
         let path = format!("datasets[{i}]");
         let before = errs.0.len();
         if !valid_id(&d.id) {
-            errs.push(
-                format!("{path}.id"),
-                format!("invalid dataset id `{}`", d.id),
-            );
+            errs.push(format!("{path}.id"), format!("invalid dataset id `{}`", d.id));
         } else if !seen.insert(d.id.clone()) {
-            errs.push(
-                format!("{path}.id"),
-                format!("duplicate dataset id `{}`", d.id),
-            );
+            errs.push(format!("{path}.id"), format!("duplicate dataset id `{}`", d.id));
         }
         let allowed_regions = match &d.allowed_regions {
             Some(r) if !r.is_empty() && r.iter().all(|x| !x.trim().is_empty()) => r.clone(),
             _ => {
-                errs.push(
-                    format!("{path}.allowed_regions"),
-                    "every dataset needs a non-empty list of allowed regions",
-                );
+                errs.push(format!("{path}.allowed_regions"), "every dataset needs a non-empty list of allowed regions");
                 Vec::new()
             }
         };
         if d.routes.is_empty() {
-            errs.push(
-                format!("{path}.routes"),
-                "a dataset needs at least one route",
-            );
+            errs.push(format!("{path}.routes"), "a dataset needs at least one route");
         }
         let mut routes = Vec::new();
         for (r, route) in d.routes.iter().enumerate() {
             let rpath = format!("{path}.routes[{r}]");
             let prefix = route.path_prefix.trim_end_matches('/');
             if !route.path_prefix.starts_with('/') {
-                errs.push(
-                    format!("{rpath}.path_prefix"),
-                    format!("`{}` must start with `/`", route.path_prefix),
-                );
+                errs.push(format!("{rpath}.path_prefix"), format!("`{}` must start with `/`", route.path_prefix));
             }
             let mut methods = Vec::new();
             for (m, method) in route.methods.iter().enumerate() {
                 if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                    errs.push(
-                        format!("{rpath}.methods[{m}]"),
-                        format!("`{method}` is not an HTTP method"),
-                    );
+                    errs.push(format!("{rpath}.methods[{m}]"), format!("`{method}` is not an HTTP method"));
                 }
                 methods.push(method.to_ascii_uppercase());
             }
-            let host = route
-                .host
-                .as_ref()
-                .map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+            let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
             if host.as_deref() == Some("") {
                 errs.push(format!("{rpath}.host"), "empty host");
             }
             routes.push(Route {
                 host,
-                path_prefix: if prefix.is_empty() {
-                    "/".into()
-                } else {
-                    prefix.to_string()
-                },
+                path_prefix: if prefix.is_empty() { "/".into() } else { prefix.to_string() },
                 methods,
             });
         }
-        let requires_jit = d
-            .requires_jit
-            .unwrap_or(d.classification == Classification::Regulated);
+        let requires_jit = d.requires_jit.unwrap_or(d.classification == Classification::Regulated);
         if requires_jit && issuers.is_empty() {
             errs.push(
                 format!("{path}.requires_jit"),
@@ -643,12 +537,7 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
     out
 }
 
-fn compile_rules(
-    raw: &[RawRule],
-    dataset_ids: &HashSet<&str>,
-    cel: &Cel,
-    errs: &mut Errors,
-) -> Vec<Rule> {
+fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, cel: &Cel, errs: &mut Errors) -> Vec<Rule> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, r) in raw.iter().enumerate() {
@@ -656,10 +545,7 @@ fn compile_rules(
         if !valid_id(&r.id) {
             errs.push(format!("{path}.id"), format!("invalid rule id `{}`", r.id));
         } else if !seen.insert(r.id.clone()) {
-            errs.push(
-                format!("{path}.id"),
-                format!("duplicate rule id `{}`", r.id),
-            );
+            errs.push(format!("{path}.id"), format!("duplicate rule id `{}`", r.id));
         }
         let expr = match cel.compile(&r.when) {
             Ok(expr) => Some(expr),
@@ -670,10 +556,7 @@ fn compile_rules(
         };
         for (k, d) in r.datasets.iter().enumerate() {
             if !dataset_ids.contains(d.as_str()) {
-                errs.push(
-                    format!("{path}.datasets[{k}]"),
-                    format!("unknown dataset `{d}`"),
-                );
+                errs.push(format!("{path}.datasets[{k}]"), format!("unknown dataset `{d}`"));
             }
         }
         let Some(expr) = expr else { continue };

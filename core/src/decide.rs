@@ -31,10 +31,7 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// Every value of header `name` (lower-case).
     pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a str> + 's {
-        self.headers
-            .iter()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -124,13 +121,7 @@ pub struct Denial {
 
 impl Denial {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
-        Denial {
-            code,
-            detail: detail.into(),
-            rule: None,
-            retry_after_secs: None,
-            www_authenticate: None,
-        }
+        Denial { code, detail: detail.into(), rule: None, retry_after_secs: None, www_authenticate: None }
     }
 
     fn rule(mut self, rule: impl Into<String>) -> Self {
@@ -249,23 +240,11 @@ fn run<'p>(
     trace: bool,
     assume_app: Option<&str>,
 ) -> Decision<'p> {
-    let mut t = Tracer {
-        on: trace,
-        lines: Vec::new(),
-    };
+    let mut t = Tracer { on: trace, lines: Vec::new() };
     let mut d = Decision::new();
-    let result = checks(
-        policy, req, now_ns, store, tokens, assume_app, &mut d, &mut t,
-    );
+    let result = checks(policy, req, now_ns, store, tokens, assume_app, &mut d, &mut t);
     if let Err(denial) = result {
-        t.note("verdict", || {
-            format!(
-                "DENY {} ({}): {}",
-                denial.code.status(),
-                denial.code.as_str(),
-                denial.detail
-            )
-        });
+        t.note("verdict", || format!("DENY {} ({}): {}", denial.code.status(), denial.code.as_str(), denial.detail));
         d.denial = Some(denial);
     } else {
         t.note("verdict", || "ALLOW".to_string());
@@ -286,46 +265,38 @@ fn checks<'p>(
     t: &mut Tracer,
 ) -> Result<(), Denial> {
     let now_secs = i64::try_from(now_ns / NANOS_PER_SEC).unwrap_or(i64::MAX);
-    t.note("policy", || {
-        format!(
-            "revision {}",
-            if policy.revision.is_empty() {
-                "(none)"
-            } else {
-                &policy.revision
-            }
-        )
-    });
+    t.note("policy", || format!("revision {}", if policy.revision.is_empty() { "(none)" } else { &policy.revision }));
 
     // --- request: the path must normalise safely before anything is matched against it ---
     let path = normalize_path(req.path).map_err(|e| {
-        Denial::new(
-            Code::InvalidPath,
-            format!("{e}: refused rather than matched unsafely"),
-        )
-        .rule("path")
+        Denial::new(Code::InvalidPath, format!("{e}: refused rather than matched unsafely")).rule("path")
     })?;
     t.note("path", || format!("{} normalised to {path}", req.path));
+
+    // Methods are matched and given to rules in upper case: HTTP/2 lets a client send `delete`,
+    // and an upstream that reads methods case-insensitively must not see it slip past a rule.
+    let method: Cow<'_, str> = if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
+        Cow::Owned(req.method.to_ascii_uppercase())
+    } else {
+        Cow::Borrowed(req.method)
+    };
 
     // --- credential and catalog ---
     let (app, bearer) = match assume_app {
         None => authenticate(policy, req, now_secs, tokens, t)?,
         Some(id) => {
             let app = policy.app(id).ok_or_else(|| {
-                Denial::new(
-                    Code::AppNotRegistered,
-                    format!("app `{id}` is not in the catalog"),
-                )
-                .rule("catalog")
+                Denial::new(Code::AppNotRegistered, format!("app `{id}` is not in the catalog")).rule("catalog")
             })?;
-            t.note("credential", || {
-                format!("assumed app `{id}` (explain/test only)")
+            t.note("credential", || format!("assumed app `{id}` (explain/test only)"));
+            let bearer = req.header_values("authorization").next().and_then(bearer_token);
+            let bearer = bearer.filter(|b| match verified_token(policy, b, now_secs, tokens) {
+                Ok(_) => true,
+                Err(e) => {
+                    t.note("token", || format!("ignored: {}", e.detail));
+                    false
+                }
             });
-            let bearer = req
-                .header_values("authorization")
-                .next()
-                .and_then(bearer_token);
-            let bearer = bearer.filter(|b| verified_token(policy, b, now_secs, tokens).is_ok());
             (app, bearer)
         }
     };
@@ -340,17 +311,14 @@ fn checks<'p>(
     };
     if !active {
         let why = match app.lifecycle {
-            Lifecycle::Draft => format!(
-                "app `{}` is a draft and may only run in dev (environment: {:?})",
-                app.id, app.environment
-            ),
+            Lifecycle::Draft => {
+                format!("app `{}` is a draft and may only run in dev (environment: {:?})", app.id, app.environment)
+            }
             other => format!("app `{}` is {:?}", app.id, other),
         };
         return Err(Denial::new(Code::AppNotActive, why.to_lowercase()).rule("lifecycle"));
     }
-    t.note("lifecycle", || {
-        format!("{:?} in {:?}: active", app.lifecycle, app.environment).to_lowercase()
-    });
+    t.note("lifecycle", || format!("{:?} in {:?}: active", app.lifecycle, app.environment).to_lowercase());
 
     // --- connector: the Envoy cluster the request is routed to ---
     if let Some(connector) = req.connector {
@@ -364,39 +332,26 @@ fn checks<'p>(
         if !app.connectors.iter().any(|c| c == connector) {
             return Err(Denial::new(
                 Code::ConnectorNotApproved,
-                format!(
-                    "connector `{connector}` is not among app `{}`'s connectors",
-                    app.id
-                ),
+                format!("connector `{connector}` is not among app `{}`'s connectors", app.id),
             )
             .rule("connector"));
         }
-        t.note("connector", || {
-            format!("`{connector}` approved for the app")
-        });
+        t.note("connector", || format!("`{connector}` approved for the app"));
     } else {
-        t.note("connector", || {
-            "no upstream cluster (local reply): nothing to check".to_string()
-        });
+        t.note("connector", || "no upstream cluster (local reply): nothing to check".to_string());
     }
 
     // --- dataset, residency, JIT, least privilege ---
-    let dataset_index = policy.dataset_for(req.host, req.method, &path);
+    let dataset_index = policy.dataset_for(req.host, &method, &path);
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
     d.dataset = dataset;
     let token = bearer.and_then(|b| tokens.get(b, now_secs));
     match dataset {
-        None => t.note("dataset", || {
-            "none matched: dataset checks do not apply".to_string()
-        }),
+        None => t.note("dataset", || "none matched: dataset checks do not apply".to_string()),
         Some(ds) => {
-            t.note("dataset", || {
-                format!("`{}` ({})", ds.id, ds.classification.as_str())
-            });
+            t.note("dataset", || format!("`{}` ({})", ds.id, ds.classification.as_str()));
             check_residency(policy, req, app, ds)?;
-            t.note("residency", || {
-                format!("app region `{}` allowed for `{}`", app.region, ds.id)
-            });
+            t.note("residency", || format!("app region `{}` allowed for `{}`", app.region, ds.id));
             if ds.requires_jit {
                 check_jit(policy, app, ds, token)?;
                 t.note("jit", || format!("token scoped `dataset:{}`", ds.id));
@@ -404,25 +359,16 @@ fn checks<'p>(
             if !app.data_classes.contains(&ds.classification) {
                 return Err(Denial::new(
                     Code::AccessDenied,
-                    format!(
-                        "app `{}` may not access {} data (data_classes)",
-                        app.id,
-                        ds.classification.as_str()
-                    ),
+                    format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
                 )
                 .rule("data-class"));
             }
-            t.note("data-class", || {
-                format!(
-                    "{} is among the app's data classes",
-                    ds.classification.as_str()
-                )
-            });
+            t.note("data-class", || format!("{} is among the app's data classes", ds.classification.as_str()));
         }
     }
 
     // --- ABAC rules in CEL ---
-    check_rules(policy, req, &path, app, dataset_index, token, d, t)?;
+    check_rules(policy, req, &method, &path, app, dataset_index, token, d, t)?;
 
     // --- quota: rate, then daily budget ---
     let Some(limits) = policy.limits(app, now_secs) else {
@@ -431,32 +377,19 @@ fn checks<'p>(
     let today = now_ns / NANOS_PER_SEC / crate::time::SECS_PER_DAY;
     if req.fleet.is_some_and(|f| f.is_exhausted(&app.id, today)) {
         return Err(Denial {
-            retry_after_secs: Some(
-                crate::time::SECS_PER_DAY - (now_ns / NANOS_PER_SEC) % crate::time::SECS_PER_DAY,
-            ),
-            ..Denial::new(
-                Code::BudgetExhausted,
-                format!("app `{}` spent its daily budget across the fleet", app.id),
-            )
-            .rule("fleet-budget")
+            retry_after_secs: Some(crate::time::SECS_PER_DAY - (now_ns / NANOS_PER_SEC) % crate::time::SECS_PER_DAY),
+            ..Denial::new(Code::BudgetExhausted, format!("app `{}` spent its daily budget across the fleet", app.id))
+                .rule("fleet-budget")
         });
     }
-    match take(
-        store,
-        &app.quota_key,
-        &limits,
-        now_ns,
-        policy.settings.soft_limit_ratio,
-    ) {
+    match take(store, &app.quota_key, &limits, now_ns, policy.settings.soft_limit_ratio) {
         QuotaOutcome::Allowed(usage) => {
             t.note("quota", || {
                 format!(
                     "rate {}/{} left; budget {}",
                     usage.rate_remaining,
                     limits.rate.burst,
-                    usage
-                        .budget_remaining
-                        .map_or("unlimited".to_string(), |b| format!("{b} left today"))
+                    usage.budget_remaining.map_or("unlimited".to_string(), |b| format!("{b} left today"))
                 )
             });
             if usage.rate_soft_crossed {
@@ -485,11 +418,7 @@ fn checks<'p>(
             retry_after_secs: Some(retry_after_secs),
             ..Denial::new(
                 Code::BudgetExhausted,
-                format!(
-                    "app `{}` spent its daily budget of {} requests",
-                    app.id,
-                    limits.daily_budget.unwrap_or(0)
-                ),
+                format!("app `{}` spent its daily budget of {} requests", app.id, limits.daily_budget.unwrap_or(0)),
             )
             .rule("daily-budget")
         }),
@@ -504,62 +433,33 @@ fn checks<'p>(
     }
 }
 
-fn check_residency(
-    policy: &CompiledPolicy,
-    req: &Request<'_>,
-    app: &App,
-    ds: &Dataset,
-) -> Result<(), Denial> {
-    let residency =
-        |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
+fn check_residency(policy: &CompiledPolicy, req: &Request<'_>, app: &App, ds: &Dataset) -> Result<(), Denial> {
+    let residency = |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
     if !ds.allowed_regions.contains(&app.region) {
-        return residency(format!(
-            "app region `{}` is not allowed for dataset `{}`",
-            app.region, ds.id
-        ));
+        return residency(format!("app region `{}` is not allowed for dataset `{}`", app.region, ds.id));
     }
-    match req
-        .gateway_region
-        .or(policy.settings.gateway_region.as_deref())
-    {
-        None => residency(format!(
-            "this gateway's region is unknown, so dataset `{}` cannot be served here",
-            ds.id
-        )),
-        Some(region) if !ds.allowed_regions.iter().any(|r| r == region) => residency(format!(
-            "gateway region `{region}` is not allowed for dataset `{}`",
-            ds.id
-        )),
+    match req.gateway_region.or(policy.settings.gateway_region.as_deref()) {
+        None => residency(format!("this gateway's region is unknown, so dataset `{}` cannot be served here", ds.id)),
+        Some(region) if !ds.allowed_regions.iter().any(|r| r == region) => {
+            residency(format!("gateway region `{region}` is not allowed for dataset `{}`", ds.id))
+        }
         Some(_) => Ok(()),
     }
 }
 
-fn check_jit(
-    policy: &CompiledPolicy,
-    app: &App,
-    ds: &Dataset,
-    token: Option<&VerifiedToken>,
-) -> Result<(), Denial> {
+fn check_jit(policy: &CompiledPolicy, app: &App, ds: &Dataset, token: Option<&VerifiedToken>) -> Result<(), Denial> {
     let scope = format!("dataset:{}", ds.id);
     let refuse = |detail: String| {
         Err(Denial {
-            www_authenticate: Some(format!(
-                "Bearer error=\"insufficient_scope\", scope=\"{scope}\""
-            )),
+            www_authenticate: Some(format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\"")),
             ..Denial::new(Code::JitRequired, detail).rule("jit")
         })
     };
     let Some(token) = token else {
-        return refuse(format!(
-            "dataset `{}` needs a just-in-time bearer token scoped `{scope}`",
-            ds.id
-        ));
+        return refuse(format!("dataset `{}` needs a just-in-time bearer token scoped `{scope}`", ds.id));
     };
     if token.app != app.id {
-        return refuse(format!(
-            "the token is for app `{}`, not `{}`",
-            token.app, app.id
-        ));
+        return refuse(format!("the token is for app `{}`, not `{}`", token.app, app.id));
     }
     if !token.scopes.contains(&scope) {
         return refuse(format!("the token's scope lacks `{scope}`"));
@@ -581,6 +481,7 @@ fn check_jit(
 fn check_rules<'p>(
     policy: &'p CompiledPolicy,
     req: &Request<'_>,
+    method: &str,
     path: &str,
     app: &App,
     dataset_index: Option<usize>,
@@ -590,10 +491,9 @@ fn check_rules<'p>(
 ) -> Result<(), Denial> {
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
     let in_scope = |r: &&crate::compile::Rule| {
-        let by_dataset =
-            r.datasets.is_empty() || dataset.is_some_and(|ds| r.datasets.contains(&ds.id));
-        let by_class = r.classifications.is_empty()
-            || dataset.is_some_and(|ds| r.classifications.contains(&ds.classification));
+        let by_dataset = r.datasets.is_empty() || dataset.is_some_and(|ds| r.datasets.contains(&ds.id));
+        let by_class =
+            r.classifications.is_empty() || dataset.is_some_and(|ds| r.classifications.contains(&ds.classification));
         by_dataset && by_class
     };
     let mut rules = policy.rules.iter().filter(in_scope).peekable();
@@ -601,23 +501,12 @@ fn check_rules<'p>(
         t.note("rules", || "none in scope".to_string());
         return Ok(());
     }
-    let app_value = policy
-        .app_index(&app.id)
-        .and_then(|i| policy.app_values.get(i))
-        .cloned()
-        .unwrap_or(cel::Value::Null);
+    let app_value =
+        policy.app_index(&app.id).and_then(|i| policy.app_values.get(i)).cloned().unwrap_or(cel::Value::Null);
     let vars = Vars {
         app: app_value,
-        dataset: dataset_index
-            .and_then(|i| policy.dataset_values.get(i))
-            .cloned()
-            .unwrap_or(cel::Value::Null),
-        request: request_value(
-            req.method,
-            &crate::path::normalize_host(req.host),
-            path,
-            req.headers,
-        ),
+        dataset: dataset_index.and_then(|i| policy.dataset_values.get(i)).cloned().unwrap_or(cel::Value::Null),
+        request: request_value(method, &crate::path::normalize_host(req.host), path, req.headers),
         token: token_value(token),
     };
     let mut allow_ids: Vec<&str> = Vec::new();
@@ -625,23 +514,17 @@ fn check_rules<'p>(
     for rule in rules {
         let result = policy.cel.eval(&rule.expr, &vars);
         t.note("rule", || {
-            format!(
-                "`{}` ({:?}, {:?}): {:?}",
-                rule.id, rule.effect, rule.mode, result
-            )
-            .to_lowercase()
+            let outcome = match &result {
+                Ok(true) => "holds".to_string(),
+                Ok(false) => "does not hold".to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            format!("`{}` ({:?}, {:?}): {outcome}", rule.id, rule.effect, rule.mode).to_lowercase()
         });
         let shadow = rule.mode == RuleMode::Shadow;
-        let message = || {
-            rule.message
-                .clone()
-                .unwrap_or_else(|| format!("denied by rule `{}`", rule.id))
-        };
+        let message = || rule.message.clone().unwrap_or_else(|| format!("denied by rule `{}`", rule.id));
         match (result, rule.effect) {
-            (Err(e), _) if shadow => d.events.push(Event::Shadow {
-                rule: rule.id.clone(),
-                error: Some(e),
-            }),
+            (Err(e), _) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: Some(e) }),
             (Err(e), _) => {
                 return Err(Denial::new(
                     Code::AccessDenied,
@@ -649,17 +532,9 @@ fn check_rules<'p>(
                 )
                 .rule(rule.id.clone()))
             }
-            (Ok(true), Effect::Deny) if shadow => d.events.push(Event::Shadow {
-                rule: rule.id.clone(),
-                error: None,
-            }),
-            (Ok(true), Effect::Deny) => {
-                return Err(Denial::new(Code::AccessDenied, message()).rule(rule.id.clone()))
-            }
-            (Ok(false), Effect::Allow) if shadow => d.events.push(Event::Shadow {
-                rule: rule.id.clone(),
-                error: None,
-            }),
+            (Ok(true), Effect::Deny) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: None }),
+            (Ok(true), Effect::Deny) => return Err(Denial::new(Code::AccessDenied, message()).rule(rule.id.clone())),
+            (Ok(false), Effect::Allow) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: None }),
             (Ok(holds), Effect::Allow) if !shadow => {
                 allow_ids.push(&rule.id);
                 allowed |= holds;
@@ -696,10 +571,7 @@ fn authenticate<'p, 'r>(
     let mut keys = req.header_values(&policy.settings.api_key_header);
     let key = keys.next();
     if keys.next().is_some() {
-        return Err(unauthenticated(format!(
-            "more than one `{}` header",
-            policy.settings.api_key_header
-        )));
+        return Err(unauthenticated(format!("more than one `{}` header", policy.settings.api_key_header)));
     }
     let mut auths = req.header_values("authorization");
     let auth = auths.next();
@@ -720,35 +592,28 @@ fn authenticate<'p, 'r>(
     let mut bearer = None;
     let token_app = match auth {
         Some(value) => {
-            let token = bearer_token(value)
-                .ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
+            let token =
+                bearer_token(value).ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
             let verified = verified_token(policy, token, now_secs, tokens)?;
             bearer = Some(token);
             t.note("credential", || {
-                format!(
-                    "bearer token of issuer `{}` for app `{}`",
-                    issuer_name(policy, verified),
-                    verified.app
-                )
+                format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, verified), verified.app)
             });
             let app_id = verified.app.clone();
             match policy.app(&app_id) {
                 Some(app) => Some(app),
                 None => {
-                    return Err(Denial::new(
-                        Code::AppNotRegistered,
-                        format!("app `{app_id}` is not in the catalog"),
-                    )
-                    .rule("catalog"))
+                    return Err(Denial::new(Code::AppNotRegistered, format!("app `{app_id}` is not in the catalog"))
+                        .rule("catalog"))
                 }
             }
         }
         None => None,
     };
     match (key_app, token_app) {
-        (Some(a), Some(b)) if a.id != b.id => Err(unauthenticated(
-            "the API key and the bearer token name different apps",
-        )),
+        (Some(a), Some(b)) if a.id != b.id => {
+            Err(unauthenticated("the API key and the bearer token name different apps"))
+        }
         (Some(app), _) | (None, Some(app)) => Ok((app, bearer)),
         (None, None) => Err(unauthenticated(format!(
             "no credential: send an API key in `{}` or `Authorization: Bearer <token>`",
@@ -758,10 +623,7 @@ fn authenticate<'p, 'r>(
 }
 
 fn issuer_name<'a>(policy: &'a CompiledPolicy, v: &VerifiedToken) -> &'a str {
-    policy
-        .issuers
-        .get(v.issuer)
-        .map_or("?", |i| i.issuer.as_str())
+    policy.issuers.get(v.issuer).map_or("?", |i| i.issuer.as_str())
 }
 
 /// `Bearer <token>`, scheme case-insensitive (RFC 9110).
@@ -782,11 +644,9 @@ fn verified_token<'c>(
     tokens: &'c mut TokenCache,
 ) -> Result<&'c VerifiedToken, Denial> {
     if tokens.get(token, now_secs).is_none() {
-        let verified = verify(&policy.issuers, token, now_secs)
-            .map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
+        let verified =
+            verify(&policy.issuers, token, now_secs).map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
         tokens.insert(token, verified);
     }
-    tokens
-        .get(token, now_secs)
-        .ok_or_else(|| unauthenticated("invalid token: expired"))
+    tokens.get(token, now_secs).ok_or_else(|| unauthenticated("invalid token: expired"))
 }

@@ -15,13 +15,9 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             i += 1;
         }
         if start == i {
-            return Err(format!(
-                "bad duration `{text}`: expected a number before each unit"
-            ));
+            return Err(format!("bad duration `{text}`: expected a number before each unit"));
         }
-        let number: u64 = s[start..i]
-            .parse()
-            .map_err(|_| format!("bad duration `{text}`: number too large"))?;
+        let number: u64 = s[start..i].parse().map_err(|_| format!("bad duration `{text}`: number too large"))?;
         let unit_start = i;
         while i < bytes.len() && !bytes[i].is_ascii_digit() {
             i += 1;
@@ -32,23 +28,11 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             "m" => 60 * 1_000_000_000,
             "h" => 3_600 * 1_000_000_000,
             "d" => 86_400 * 1_000_000_000,
-            "" => {
-                return Err(format!(
-                    "bad duration `{text}`: missing unit (ms, s, m, h or d)"
-                ))
-            }
-            other => {
-                return Err(format!(
-                    "bad duration `{text}`: unknown unit `{other}` (use ms, s, m, h or d)"
-                ))
-            }
+            "" => return Err(format!("bad duration `{text}`: missing unit (ms, s, m, h or d)")),
+            other => return Err(format!("bad duration `{text}`: unknown unit `{other}` (use ms, s, m, h or d)")),
         };
-        let part = number
-            .checked_mul(scale)
-            .ok_or_else(|| format!("bad duration `{text}`: too large"))?;
-        total = total
-            .checked_add(part)
-            .ok_or_else(|| format!("bad duration `{text}`: too large"))?;
+        let part = number.checked_mul(scale).ok_or_else(|| format!("bad duration `{text}`: too large"))?;
+        total = total.checked_add(part).ok_or_else(|| format!("bad duration `{text}`: too large"))?;
     }
     if total == 0 {
         return Err(format!("bad duration `{text}`: must be greater than zero"));

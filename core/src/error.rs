@@ -15,11 +15,7 @@ pub struct PolicyError {
 
 impl PolicyError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-            line: None,
-        }
+        Self { path: path.into(), message: message.into(), line: None }
     }
 }
 
@@ -41,11 +37,7 @@ impl std::error::Error for PolicyError {}
 pub struct PolicyErrors(pub Vec<PolicyError>);
 
 fn render(errors: &[PolicyError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 impl From<PolicyError> for PolicyErrors {

@@ -38,11 +38,7 @@ impl Fleet {
     pub fn decode(bytes: &[u8]) -> Option<Fleet> {
         let day = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
         let rest = std::str::from_utf8(bytes.get(8..)?).ok()?;
-        let exhausted = rest
-            .split('\n')
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
+        let exhausted = rest.split('\n').filter(|s| !s.is_empty()).map(str::to_string).collect();
         Some(Fleet { day, exhausted })
     }
 }
@@ -61,19 +57,13 @@ const USAGE_LEN: usize = 4 * (4 + Code::ALL.len());
 
 impl UsageCounters {
     pub fn is_zero(&self) -> bool {
-        self.allowed == 0
-            && self.throttled == 0
-            && self.soft_limit == 0
-            && self.denied.iter().all(|d| *d == 0)
+        self.allowed == 0 && self.throttled == 0 && self.soft_limit == 0 && self.denied.iter().all(|d| *d == 0)
     }
 
     /// Adds `delta` (counts for `delta.day`); a new day starts the counts over.
     pub fn merge(&mut self, delta: &UsageCounters) {
         if delta.day != self.day {
-            *self = UsageCounters {
-                day: delta.day,
-                ..UsageCounters::default()
-            };
+            *self = UsageCounters { day: delta.day, ..UsageCounters::default() };
         }
         self.allowed = self.allowed.saturating_add(delta.allowed);
         self.throttled = self.throttled.saturating_add(delta.throttled);
@@ -96,10 +86,7 @@ impl UsageCounters {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(USAGE_LEN);
-        for v in [self.day, self.allowed, self.throttled, self.soft_limit]
-            .iter()
-            .chain(self.denied.iter())
-        {
+        for v in [self.day, self.allowed, self.throttled, self.soft_limit].iter().chain(self.denied.iter()) {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out
@@ -109,9 +96,7 @@ impl UsageCounters {
         if bytes.len() != USAGE_LEN {
             return None;
         }
-        let mut words = bytes
-            .chunks_exact(4)
-            .map(|c| c.try_into().map(u32::from_le_bytes).unwrap_or(0));
+        let mut words = bytes.chunks_exact(4).map(|c| c.try_into().map(u32::from_le_bytes).unwrap_or(0));
         let mut u = UsageCounters {
             day: words.next()?,
             allowed: words.next()?,
@@ -132,53 +117,26 @@ mod tests {
 
     #[test]
     fn fleet_roundtrip_and_day() {
-        let fleet = Fleet {
-            day: 20_421,
-            exhausted: ["a".to_string(), "b".to_string()].into(),
-        };
+        let fleet = Fleet { day: 20_421, exhausted: ["a".to_string(), "b".to_string()].into() };
         let back = Fleet::decode(&fleet.encode());
         assert_eq!(back.as_ref(), Some(&fleet), "roundtrip");
         assert!(fleet.is_exhausted("a", 20_421), "exhausted today");
         assert!(!fleet.is_exhausted("a", 20_422), "a new day clears it");
         assert!(!fleet.is_exhausted("c", 20_421), "other apps unaffected");
         assert_eq!(Fleet::decode(&[1, 2]), None, "short value");
-        assert_eq!(
-            Fleet::decode(&Fleet::default().encode()).map(|f| f.exhausted.len()),
-            Some(0),
-            "empty set"
-        );
+        assert_eq!(Fleet::decode(&Fleet::default().encode()).map(|f| f.exhausted.len()), Some(0), "empty set");
     }
 
     #[test]
     fn usage_merge_and_roundtrip() {
-        let mut total = UsageCounters {
-            day: 7,
-            allowed: 5,
-            ..Default::default()
-        };
-        let mut delta = UsageCounters {
-            day: 7,
-            allowed: 2,
-            ..Default::default()
-        };
+        let mut total = UsageCounters { day: 7, allowed: 5, ..Default::default() };
+        let mut delta = UsageCounters { day: 7, allowed: 2, ..Default::default() };
         delta.count_denied(Code::QuotaExceeded);
         total.merge(&delta);
         assert_eq!((total.allowed, total.throttled), (7, 1), "same day adds");
-        assert_eq!(
-            UsageCounters::decode(&total.encode()),
-            Some(total),
-            "roundtrip"
-        );
-        total.merge(&UsageCounters {
-            day: 8,
-            allowed: 1,
-            ..Default::default()
-        });
-        assert_eq!(
-            (total.day, total.allowed, total.throttled),
-            (8, 1, 0),
-            "new day starts over"
-        );
+        assert_eq!(UsageCounters::decode(&total.encode()), Some(total), "roundtrip");
+        total.merge(&UsageCounters { day: 8, allowed: 1, ..Default::default() });
+        assert_eq!((total.day, total.allowed, total.throttled), (8, 1, 0), "new day starts over");
         assert_eq!(UsageCounters::decode(&[0; 3]), None, "garbage");
     }
 }

@@ -122,10 +122,7 @@ struct Key {
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Key")
-            .field("kid", &self.kid)
-            .field("alg", &self.alg.name())
-            .finish_non_exhaustive()
+        f.debug_struct("Key").field("kid", &self.kid).field("alg", &self.alg.name()).finish_non_exhaustive()
     }
 }
 
@@ -142,12 +139,7 @@ impl Key {
 
 /// Signature check through jwt-compact's `Algorithm`, with the length check its own validator
 /// does first (some `try_from_slice` implementations assume the length is right).
-fn check_signature<A: Algorithm>(
-    alg: &A,
-    key: &A::VerifyingKey,
-    message: &[u8],
-    signature: &[u8],
-) -> bool {
+fn check_signature<A: Algorithm>(alg: &A, key: &A::VerifyingKey, message: &[u8], signature: &[u8]) -> bool {
     if let Some(len) = <A::Signature as AlgorithmSignature>::LENGTH {
         if signature.len() != len.get() {
             return false;
@@ -202,16 +194,9 @@ impl Issuer {
                 .find(|k| k.kid.as_deref() == Some(kid))
                 .ok_or_else(|| TokenError::UnknownKid(shown(kid)))?;
             if key.alg != alg {
-                return Err(TokenError::AlgorithmMismatch {
-                    token: alg.name(),
-                    key: key.alg.name(),
-                });
+                return Err(TokenError::AlgorithmMismatch { token: alg.name(), key: key.alg.name() });
             }
-            return if key.verifies(message, signature) {
-                Ok(())
-            } else {
-                Err(TokenError::BadSignature)
-            };
+            return if key.verifies(message, signature) { Ok(()) } else { Err(TokenError::BadSignature) };
         }
         let mut candidates = self.keys.iter().filter(|k| k.alg == alg).peekable();
         if candidates.peek().is_none() {
@@ -237,34 +222,20 @@ pub fn compile_issuer(raw: &RawJwtIssuer, path: &str) -> Result<Issuer, Vec<Poli
     }
     for (i, audience) in raw.audiences.iter().enumerate() {
         if audience.is_empty() {
-            errors.push(PolicyError::new(
-                format!("{path}.audiences[{i}]"),
-                "empty audience",
-            ));
+            errors.push(PolicyError::new(format!("{path}.audiences[{i}]"), "empty audience"));
         } else if raw.audiences.iter().take(i).any(|a| a == audience) {
-            errors.push(PolicyError::new(
-                format!("{path}.audiences[{i}]"),
-                format!("duplicate audience `{audience}`"),
-            ));
+            errors.push(PolicyError::new(format!("{path}.audiences[{i}]"), format!("duplicate audience `{audience}`")));
         }
     }
-    let app_claim = raw
-        .app_claim
-        .clone()
-        .unwrap_or_else(|| DEFAULT_APP_CLAIM.to_owned());
+    let app_claim = raw.app_claim.clone().unwrap_or_else(|| DEFAULT_APP_CLAIM.to_owned());
     if app_claim.trim().is_empty() {
-        errors.push(PolicyError::new(
-            format!("{path}.app_claim"),
-            "empty claim name",
-        ));
+        errors.push(PolicyError::new(format!("{path}.app_claim"), "empty claim name"));
     }
     let clock_skew_seconds = raw.clock_skew_seconds.unwrap_or(DEFAULT_CLOCK_SKEW_SECONDS);
     if !(0..=MAX_CLOCK_SKEW_SECONDS).contains(&clock_skew_seconds) {
         errors.push(PolicyError::new(
             format!("{path}.clock_skew_seconds"),
-            format!(
-                "must be between 0 and {MAX_CLOCK_SKEW_SECONDS} seconds, got {clock_skew_seconds}"
-            ),
+            format!("must be between 0 and {MAX_CLOCK_SKEW_SECONDS} seconds, got {clock_skew_seconds}"),
         ));
     }
 
@@ -278,9 +249,7 @@ pub fn compile_issuer(raw: &RawJwtIssuer, path: &str) -> Result<Issuer, Vec<Poli
                     if let Some(first) = kid_index.get(kid) {
                         errors.push(PolicyError::new(
                             format!("{key_path}.kid"),
-                            format!(
-                                "duplicate kid `{kid}` (also keys[{first}]); a kid names one key"
-                            ),
+                            format!("duplicate kid `{kid}` (also keys[{first}]); a kid names one key"),
                         ));
                         continue;
                     }
@@ -297,22 +266,13 @@ pub fn compile_issuer(raw: &RawJwtIssuer, path: &str) -> Result<Issuer, Vec<Poli
         } else {
             "every key of the JWKS is refused (see above)"
         };
-        errors.push(PolicyError::new(
-            format!("{path}.jwks"),
-            format!("no usable key: {why}"),
-        ));
+        errors.push(PolicyError::new(format!("{path}.jwks"), format!("no usable key: {why}")));
     }
 
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(Issuer {
-        issuer: raw.issuer.clone(),
-        audiences: raw.audiences.clone(),
-        app_claim,
-        clock_skew_seconds,
-        keys,
-    })
+    Ok(Issuer { issuer: raw.issuer.clone(), audiences: raw.audiences.clone(), app_claim, clock_skew_seconds, keys })
 }
 
 /// Members that only private (or symmetric) keys have.
@@ -321,11 +281,7 @@ const PRIVATE_MEMBERS: [&str; 8] = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"]
 /// Parses one public JWK (RFC 7517/7518/8037) into a key with its algorithm.
 fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
     let err = |field: &str, message: String| {
-        let at = if field.is_empty() {
-            path.to_owned()
-        } else {
-            format!("{path}.{field}")
-        };
+        let at = if field.is_empty() { path.to_owned() } else { format!("{path}.{field}") };
         PolicyError::new(at, message)
     };
     let Some(jwk) = value.as_object() else {
@@ -367,9 +323,7 @@ fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
     }
     if let Some(usage) = text("use")? {
         if usage != "sig" {
-            let why = format!(
-                "a `use: {usage}` key cannot verify signatures; only `use: sig` keys belong here"
-            );
+            let why = format!("a `use: {usage}` key cannot verify signatures; only `use: sig` keys belong here");
             return Err(err("use", why));
         }
     }
@@ -378,10 +332,7 @@ fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
             return Err(err("key_ops", "must be a list of strings".to_owned()));
         };
         if !ops.iter().any(|op| op.as_str() == Some("verify")) {
-            return Err(err(
-                "key_ops",
-                "the key's `key_ops` do not include `verify`".to_owned(),
-            ));
+            return Err(err("key_ops", "the key's `key_ops` do not include `verify`".to_owned()));
         }
     }
     let kid = match text("kid")? {
@@ -394,43 +345,25 @@ fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
         "OKP" => {
             let crv = required("crv")?;
             if crv != "Ed25519" {
-                return Err(err(
-                    "crv",
-                    format!("unsupported OKP curve `{crv}`; supported: Ed25519"),
-                ));
+                return Err(err("crv", format!("unsupported OKP curve `{crv}`; supported: Ed25519")));
             }
             let x = bytes("x")?;
-            let jwk = JsonWebKey::KeyPair {
-                curve: "Ed25519".into(),
-                x: x.as_slice().into(),
-                secret: None,
-            };
-            let key = Ed25519Key::try_from(&jwk)
-                .map_err(|e| err("x", format!("not an Ed25519 public key: {e}")))?;
+            let jwk = JsonWebKey::KeyPair { curve: "Ed25519".into(), x: x.as_slice().into(), secret: None };
+            let key = Ed25519Key::try_from(&jwk).map_err(|e| err("x", format!("not an Ed25519 public key: {e}")))?;
             key.validate().map_err(|_| {
-                err(
-                    "x",
-                    "not a valid Ed25519 public key (not a canonical point, or of small order)"
-                        .to_owned(),
-                )
+                err("x", "not a valid Ed25519 public key (not a canonical point, or of small order)".to_owned())
             })?;
             (SigAlg::EdDsa, PublicKey::Ed25519(key))
         }
         "EC" => {
             let crv = required("crv")?;
             if crv != "P-256" {
-                return Err(err(
-                    "crv",
-                    format!("unsupported EC curve `{crv}`; supported: P-256"),
-                ));
+                return Err(err("crv", format!("unsupported EC curve `{crv}`; supported: P-256")));
             }
             let (x, y) = (bytes("x")?, bytes("y")?);
             for (field, coordinate) in [("x", &x), ("y", &y)] {
                 if coordinate.len() != 32 {
-                    return Err(err(
-                        field,
-                        format!("a P-256 coordinate is 32 bytes, got {}", coordinate.len()),
-                    ));
+                    return Err(err(field, format!("a P-256 coordinate is 32 bytes, got {}", coordinate.len())));
                 }
             }
             let jwk = JsonWebKey::EllipticCurve {
@@ -449,16 +382,11 @@ fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
             if bits < MIN_RSA_BITS {
                 return Err(err(
                     "n",
-                    format!(
-                        "RSA key of {bits} bits is too small; at least {MIN_RSA_BITS} are required"
-                    ),
+                    format!("RSA key of {bits} bits is too small; at least {MIN_RSA_BITS} are required"),
                 ));
             }
             if bits > MAX_RSA_BITS {
-                return Err(err(
-                    "n",
-                    format!("RSA key of {bits} bits is not supported; at most {MAX_RSA_BITS}"),
-                ));
+                return Err(err("n", format!("RSA key of {bits} bits is not supported; at most {MAX_RSA_BITS}")));
             }
             let alg = match declared {
                 None => SigAlg::Rs256,
@@ -475,24 +403,19 @@ fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
                     }
                 },
             };
-            let rsa = alg
-                .rsa()
-                .ok_or_else(|| err("alg", "not an RSA algorithm".to_owned()))?;
+            let rsa = alg.rsa().ok_or_else(|| err("alg", "not an RSA algorithm".to_owned()))?;
             let jwk = JsonWebKey::Rsa {
                 modulus: n.as_slice().into(),
                 public_exponent: e.as_slice().into(),
                 private_parts: None,
             };
-            let key = RsaPublicKey::try_from(&jwk)
-                .map_err(|e| err("", format!("not a valid RSA public key: {e}")))?;
+            let key = RsaPublicKey::try_from(&jwk).map_err(|e| err("", format!("not a valid RSA public key: {e}")))?;
             (alg, PublicKey::Rsa(rsa, key))
         }
         other => {
             return Err(err(
                 "kty",
-                format!(
-                    "unsupported key type `{other}`; supported: OKP (Ed25519), EC (P-256), RSA"
-                ),
+                format!("unsupported key type `{other}`; supported: OKP (Ed25519), EC (P-256), RSA"),
             ));
         }
     };
@@ -500,10 +423,7 @@ fn parse_jwk(value: &Value, path: &str) -> Result<Key, PolicyError> {
         if name != alg.name() {
             return Err(err(
                 "alg",
-                format!(
-                    "`alg: {name}` does not match the key: a `{kty}` key of this kind verifies {}",
-                    alg.name()
-                ),
+                format!("`alg: {name}` does not match the key: a `{kty}` key of this kind verifies {}", alg.name()),
             ));
         }
     }
@@ -563,9 +483,7 @@ pub enum TokenError {
     Malformed(String),
     #[error("unsigned tokens (`alg: none`) are refused")]
     AlgNone,
-    #[error(
-        "symmetric algorithm {0} is refused; tokens must be signed with a key of the issuer's JWKS"
-    )]
+    #[error("symmetric algorithm {0} is refused; tokens must be signed with a key of the issuer's JWKS")]
     SymmetricAlgorithm(String),
     #[error("unsupported algorithm {0}; supported: EdDSA, ES256, RS256/384/512, PS256/384/512")]
     UnsupportedAlgorithm(String),
@@ -580,10 +498,7 @@ pub enum TokenError {
     #[error("no key of the issuer has kid {0}")]
     UnknownKid(String),
     #[error("token algorithm {token} does not match the key's algorithm {key}")]
-    AlgorithmMismatch {
-        token: &'static str,
-        key: &'static str,
-    },
+    AlgorithmMismatch { token: &'static str, key: &'static str },
     #[error("the issuer has no key for algorithm {0}")]
     NoKeyForAlgorithm(&'static str),
     #[error("bad signature")]
@@ -613,29 +528,20 @@ pub enum TokenError {
 /// after it holds.
 pub fn verify(issuers: &[Issuer], token: &str, now_secs: i64) -> Result<VerifiedToken, TokenError> {
     if token.len() > MAX_TOKEN_BYTES {
-        return Err(TokenError::TooLarge {
-            max: MAX_TOKEN_BYTES,
-        });
+        return Err(TokenError::TooLarge { max: MAX_TOKEN_BYTES });
     }
     let mut parts = token.split('.');
-    let (header_b64, payload_b64, signature_b64) =
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(h), Some(p), Some(s), None) if !h.is_empty() && !p.is_empty() => (h, p, s),
-            _ => {
-                return Err(malformed(
-                    "a JWT is three dot-separated base64url parts (header.payload.signature)",
-                ))
-            }
-        };
+    let (header_b64, payload_b64, signature_b64) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(h), Some(p), Some(s), None) if !h.is_empty() && !p.is_empty() => (h, p, s),
+        _ => return Err(malformed("a JWT is three dot-separated base64url parts (header.payload.signature)")),
+    };
 
     let header = decode_object(header_b64, "header")?;
     let alg = header_algorithm(&header)?;
     check_type(&header)?;
     if let Some(crit) = header.get("crit") {
-        let names: Vec<&str> = crit
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
+        let names: Vec<&str> =
+            crit.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         return Err(TokenError::CriticalHeader(shown(&names.join(","))));
     }
     let kid = match header.get("kid") {
@@ -659,11 +565,9 @@ pub fn verify(issuers: &[Issuer], token: &str, now_secs: i64) -> Result<Verified
     if signature_b64.is_empty() {
         return Err(malformed("empty signature"));
     }
-    let signature = Base64UrlUnpadded::decode_vec(signature_b64)
-        .map_err(|_| malformed("signature is not base64url"))?;
-    let signing_input = token
-        .get(..header_b64.len() + 1 + payload_b64.len())
-        .ok_or_else(|| malformed("bad layout"))?;
+    let signature =
+        Base64UrlUnpadded::decode_vec(signature_b64).map_err(|_| malformed("signature is not base64url"))?;
+    let signing_input = token.get(..header_b64.len() + 1 + payload_b64.len()).ok_or_else(|| malformed("bad layout"))?;
     issuer.check_signature(alg, kid, signing_input.as_bytes(), &signature)?;
 
     // Authentic from here on: judge the claims.
@@ -687,24 +591,11 @@ pub fn verify(issuers: &[Issuer], token: &str, now_secs: i64) -> Result<Verified
     };
     let scopes = match claims.get("scope") {
         None => Vec::new(),
-        Some(Value::String(scope)) => scope
-            .split(' ')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        Some(Value::String(scope)) => scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
         Some(_) => return Err(invalid_claim("scope", "must be a space-separated string")),
     };
 
-    Ok(VerifiedToken {
-        issuer: index,
-        app,
-        claims,
-        exp,
-        iat,
-        nbf,
-        scopes,
-        clock_skew_seconds: skew,
-    })
+    Ok(VerifiedToken { issuer: index, app, claims, exp, iat, nbf, scopes, clock_skew_seconds: skew })
 }
 
 fn malformed(why: &str) -> TokenError {
@@ -712,10 +603,7 @@ fn malformed(why: &str) -> TokenError {
 }
 
 fn invalid_claim(claim: &str, reason: &'static str) -> TokenError {
-    TokenError::InvalidClaim {
-        claim: claim.to_owned(),
-        reason,
-    }
+    TokenError::InvalidClaim { claim: claim.to_owned(), reason }
 }
 
 /// An untrusted value as error messages show it: quoted, escaped, truncated.
@@ -769,19 +657,11 @@ fn check_audience(claims: &Map<String, Value>, accepted: &[String]) -> Result<()
         Some(Value::Array(auds)) => {
             let strings: Vec<&str> = auds.iter().filter_map(Value::as_str).collect();
             if strings.len() != auds.len() {
-                return Err(invalid_claim(
-                    "aud",
-                    "must be a string or a list of strings",
-                ));
+                return Err(invalid_claim("aud", "must be a string or a list of strings"));
             }
             strings
         }
-        Some(_) => {
-            return Err(invalid_claim(
-                "aud",
-                "must be a string or a list of strings",
-            ))
-        }
+        Some(_) => return Err(invalid_claim("aud", "must be a string or a list of strings")),
     };
     if accepted.is_empty() {
         return Ok(());
@@ -789,10 +669,7 @@ fn check_audience(claims: &Map<String, Value>, accepted: &[String]) -> Result<()
     if audiences.is_empty() {
         return Err(TokenError::MissingAudience);
     }
-    if audiences
-        .iter()
-        .any(|aud| accepted.iter().any(|a| a == aud))
-    {
+    if audiences.iter().any(|aud| accepted.iter().any(|a| a == aud)) {
         Ok(())
     } else {
         Err(TokenError::WrongAudience)
@@ -807,19 +684,12 @@ enum Rounding {
 
 /// A NumericDate claim (RFC 7519 §2): seconds, possibly fractional, in `0..=MAX_NUMERIC_DATE`.
 /// Fractions are rounded towards refusal (`exp` down, `nbf` up).
-fn numeric_date(
-    claims: &Map<String, Value>,
-    claim: &str,
-    rounding: Rounding,
-) -> Result<Option<i64>, TokenError> {
+fn numeric_date(claims: &Map<String, Value>, claim: &str, rounding: Rounding) -> Result<Option<i64>, TokenError> {
     let Some(value) = claims.get(claim) else {
         return Ok(None);
     };
     let Value::Number(n) = value else {
-        return Err(invalid_claim(
-            claim,
-            "must be a number of seconds since the epoch",
-        ));
+        return Err(invalid_claim(claim, "must be a number of seconds since the epoch"));
     };
     let out_of_range = || invalid_claim(claim, "out of range");
     let secs = if let Some(i) = n.as_i64() {
@@ -844,18 +714,13 @@ fn numeric_date(
 /// Decodes one base64url part into a JSON object, refusing non-UTF-8, non-objects and
 /// duplicate keys at any depth (serde_json's `Map` would silently keep the last one).
 fn decode_object(part: &str, what: &str) -> Result<Map<String, Value>, TokenError> {
-    let bytes = Base64UrlUnpadded::decode_vec(part)
-        .map_err(|_| TokenError::Malformed(format!("{what} is not base64url")))?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| TokenError::Malformed(format!("{what} is not UTF-8")))?;
+    let bytes =
+        Base64UrlUnpadded::decode_vec(part).map_err(|_| TokenError::Malformed(format!("{what} is not base64url")))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| TokenError::Malformed(format!("{what} is not UTF-8")))?;
     match serde_json::from_str::<StrictValue>(text) {
         Ok(StrictValue(Value::Object(map))) => Ok(map),
-        Ok(_) => Err(TokenError::Malformed(format!(
-            "{what} is not a JSON object"
-        ))),
-        Err(e) => Err(TokenError::Malformed(format!(
-            "{what} is not valid JSON: {e}"
-        ))),
+        Ok(_) => Err(TokenError::Malformed(format!("{what} is not a JSON object"))),
+        Err(e) => Err(TokenError::Malformed(format!("{what} is not valid JSON: {e}"))),
     }
 }
 
@@ -925,10 +790,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
         let mut map = Map::new();
         while let Some(key) = access.next_key::<String>()? {
             if map.contains_key(&key) {
-                return Err(de::Error::custom(format_args!(
-                    "duplicate key {}",
-                    shown(&key)
-                )));
+                return Err(de::Error::custom(format_args!("duplicate key {}", shown(&key))));
             }
             let StrictValue(value) = access.next_value()?;
             map.insert(key, value);
@@ -1008,8 +870,7 @@ impl TokenCache {
         self.entries.insert(key, CacheEntry { seq, verified });
         if self.order.len() > self.capacity.saturating_mul(2).saturating_add(16) {
             let entries = &self.entries;
-            self.order
-                .retain(|(key, seq)| entries.get(key).is_some_and(|e| e.seq == *seq));
+            self.order.retain(|(key, seq)| entries.get(key).is_some_and(|e| e.seq == *seq));
         }
     }
 
@@ -1036,8 +897,7 @@ impl TokenCache {
         }
         if self.inserts_since_sweep >= (self.capacity / 2).max(1) {
             let now = self.last_now;
-            self.entries
-                .retain(|_, e| now < e.verified.exp.saturating_add(e.verified.clock_skew_seconds));
+            self.entries.retain(|_, e| now < e.verified.exp.saturating_add(e.verified.clock_skew_seconds));
             self.inserts_since_sweep = 0;
         }
         while self.entries.len() >= self.capacity {
@@ -1119,10 +979,7 @@ mod tests {
         ed_public_bytes: Vec<u8>,
     }
 
-    fn ed_pair(
-        rng: &mut ChaCha20Rng,
-        kid: Option<&str>,
-    ) -> Result<(Signer, Value, Vec<u8>), String> {
+    fn ed_pair(rng: &mut ChaCha20Rng, kid: Option<&str>) -> Result<(Signer, Value, Vec<u8>), String> {
         let (secret, public) = Ed25519::generate(rng);
         let mut jwk = serde_json::to_value(JsonWebKey::from(&public)).map_err(|e| e.to_string())?;
         if let (Some(kid), Some(obj)) = (kid, jwk.as_object_mut()) {
@@ -1140,24 +997,19 @@ mod tests {
 
         let mut scalar = [0_u8; 32];
         rng.fill_bytes(&mut scalar);
-        let ec_secret =
-            <<Es256 as Algorithm>::SigningKey as jwt_compact::alg::SigningKey<Es256>>::from_slice(
-                &scalar,
-            )
+        let ec_secret = <<Es256 as Algorithm>::SigningKey as jwt_compact::alg::SigningKey<Es256>>::from_slice(&scalar)
             .map_err(|e| e.to_string())?;
         let ec_public = ec_secret.to_verifying_key();
-        let mut ec_jwk =
-            serde_json::to_value(JsonWebKey::from(&ec_public)).map_err(|e| e.to_string())?;
+        let mut ec_jwk = serde_json::to_value(JsonWebKey::from(&ec_public)).map_err(|e| e.to_string())?;
         if let Some(obj) = ec_jwk.as_object_mut() {
             obj.insert("kid".into(), json!("ec-1"));
             obj.insert("alg".into(), json!("ES256"));
             obj.insert("use".into(), json!("sig"));
         }
 
-        let rsa_private: JsonWebKey<'static> = serde_json::from_value(
-            json!({"kty": "RSA", "n": RSA_N, "e": "AQAB", "d": RSA_D, "p": RSA_P, "q": RSA_Q}),
-        )
-        .map_err(|e| e.to_string())?;
+        let rsa_private: JsonWebKey<'static> =
+            serde_json::from_value(json!({"kty": "RSA", "n": RSA_N, "e": "AQAB", "d": RSA_D, "p": RSA_P, "q": RSA_Q}))
+                .map_err(|e| e.to_string())?;
         let rsa_key = RsaPrivateKey::try_from(&rsa_private).map_err(|e| e.to_string())?;
         let rsa_jwk = json!({"kty": "RSA", "n": RSA_N, "e": "AQAB", "kid": "rsa-1"});
 
@@ -1231,13 +1083,8 @@ mod tests {
             "app_claim": "client_id",
             "clock_skew_seconds": 0,
         }))?;
-        let compile = |raw: &RawJwtIssuer, path: &str| {
-            compile_issuer(raw, path).map_err(|e| format!("{e:?}"))
-        };
-        Ok(vec![
-            compile(&main, "settings.identity.jwt[0]")?,
-            compile(&other, "settings.identity.jwt[1]")?,
-        ])
+        let compile = |raw: &RawJwtIssuer, path: &str| compile_issuer(raw, path).map_err(|e| format!("{e:?}"));
+        Ok(vec![compile(&main, "settings.identity.jwt[0]")?, compile(&other, "settings.identity.jwt[1]")?])
     }
 
     enum Expect {
@@ -1256,13 +1103,7 @@ mod tests {
         let k = keys()?;
         let issuers = issuers(&k)?;
         let c = claims();
-        let ed = |claims: &Value| {
-            token(
-                json!({"alg": "EdDSA", "kid": "ed-1", "typ": "JWT"}),
-                claims,
-                &k.ed,
-            )
-        };
+        let ed = |claims: &Value| token(json!({"alg": "EdDSA", "kid": "ed-1", "typ": "JWT"}), claims, &k.ed);
         let valid_ed = ed(&c);
         let tampered = {
             let parts: Vec<&str> = valid_ed.split('.').collect();
@@ -1279,12 +1120,7 @@ mod tests {
         let header_none_signed = |alg: &str| token(json!({"alg": alg, "kid": "ed-1"}), &c, &k.ed);
         let hs256 = Signer::Hs256(Hs256Key::new(&k.ed_public_bytes));
         let hs512 = Signer::Hs512(Hs512Key::new(RSA_N.as_bytes()));
-        let too_long = format!(
-            "{}.{}.{}",
-            "a".repeat(4000),
-            "b".repeat(4000),
-            "c".repeat(MAX_TOKEN_BYTES - 8001 + 1)
-        );
+        let too_long = format!("{}.{}.{}", "a".repeat(4000), "b".repeat(4000), "c".repeat(MAX_TOKEN_BYTES - 8001 + 1));
         let padded_claims = with(&c, json!({"pad": "x".repeat(MAX_TOKEN_BYTES)}));
         // A genuine token in parts, whose payload has characters only base64url spells `-`/`_`.
         let header_b64 = b64(br#"{"alg":"EdDSA","kid":"ed-1"}"#);
@@ -1301,10 +1137,7 @@ mod tests {
             chars.into_iter().collect::<String>()
         };
         let standard_alphabet = claims_b64.replace('-', "+").replace('_', "/");
-        assert_ne!(
-            standard_alphabet, claims_b64,
-            "the payload must have url-only characters"
-        );
+        assert_ne!(standard_alphabet, claims_b64, "the payload must have url-only characters");
         let non_utf8 = format!("{}.{claims_b64}.{sig_b64}", b64(&[0xff, 0xfe, 0x7b]));
         let malformed = |m: &str| TokenError::Malformed(m.to_owned());
         let any_malformed = TokenError::Malformed(String::new()); // compared by variant only
@@ -1453,13 +1286,7 @@ mod tests {
                 failures.push(format!("{message}: got {got:?}"));
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {} cases failed:\n{}",
-            failures.len(),
-            cases.len(),
-            failures.join("\n")
-        );
+        assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
         Ok(())
     }
 
@@ -1467,40 +1294,20 @@ mod tests {
     fn verified_token_fields() -> TestResult {
         let k = keys()?;
         let issuers = issuers(&k)?;
-        let c = with(
-            &claims(),
-            json!({"scope": " dataset:payroll  read ", "nbf": NOW - 5}),
-        );
-        let v = verify(
-            &issuers,
-            &token(json!({"alg": "ES256", "kid": "ec-1"}), &c, &k.ec),
-            NOW,
-        )
-        .map_err(|e| e.to_string())?;
+        let c = with(&claims(), json!({"scope": " dataset:payroll  read ", "nbf": NOW - 5}));
+        let v = verify(&issuers, &token(json!({"alg": "ES256", "kid": "ec-1"}), &c, &k.ec), NOW)
+            .map_err(|e| e.to_string())?;
         assert_eq!(v.issuer, 0, "issuer index");
         assert_eq!(v.app, "app-1", "app from azp");
         assert_eq!(v.exp, NOW + 300, "exp");
         assert_eq!(v.iat, Some(NOW), "iat");
         assert_eq!(v.nbf, Some(NOW - 5), "nbf");
-        assert_eq!(
-            v.scopes,
-            vec!["dataset:payroll".to_owned(), "read".to_owned()],
-            "scope split on spaces"
-        );
+        assert_eq!(v.scopes, vec!["dataset:payroll".to_owned(), "read".to_owned()], "scope split on spaces");
         assert_eq!(v.clock_skew_seconds, 30, "default skew");
-        assert_eq!(
-            v.claims.get("aud"),
-            Some(&json!("guardrail")),
-            "all claims kept"
-        );
+        assert_eq!(v.claims.get("aud"), Some(&json!("guardrail")), "all claims kept");
 
         let no_scope = with(&claims(), json!({"scope": null}));
-        let v = verify(
-            &issuers,
-            &token(json!({"alg": "EdDSA"}), &no_scope, &k.ed),
-            NOW,
-        )
-        .map_err(|e| e.to_string())?;
+        let v = verify(&issuers, &token(json!({"alg": "EdDSA"}), &no_scope, &k.ed), NOW).map_err(|e| e.to_string())?;
         assert!(v.scopes.is_empty(), "no scope claim, no scopes");
         Ok(())
     }
@@ -1511,22 +1318,11 @@ mod tests {
         let e = TokenError::UnknownIssuer(shown(&format!("{long}\n\u{1b}[31m")));
         let text = e.to_string();
         assert!(text.len() < 100, "untrusted text is truncated: {text}");
-        assert!(
-            !text.contains('\n') && !text.contains('\u{1b}'),
-            "control characters are escaped: {text}"
-        );
-        assert_eq!(
-            TokenError::AlgNone.to_string(),
-            "unsigned tokens (`alg: none`) are refused",
-            "alg none"
-        );
+        assert!(!text.contains('\n') && !text.contains('\u{1b}'), "control characters are escaped: {text}");
+        assert_eq!(TokenError::AlgNone.to_string(), "unsigned tokens (`alg: none`) are refused", "alg none");
         assert_eq!(TokenError::Expired.to_string(), "token expired", "expired");
         assert_eq!(
-            TokenError::AlgorithmMismatch {
-                token: "ES256",
-                key: "EdDSA"
-            }
-            .to_string(),
+            TokenError::AlgorithmMismatch { token: "ES256", key: "EdDSA" }.to_string(),
             "token algorithm ES256 does not match the key's algorithm EdDSA",
             "mismatch"
         );
@@ -1601,39 +1397,28 @@ mod tests {
             let got = compile_issuer(&raw, p);
             let ok = match (expect, &got) {
                 (None, Ok(_)) => true,
-                (Some((path, fragment)), Err(errors)) => errors
-                    .first()
-                    .is_some_and(|e| e.path == *path && e.message.contains(fragment)),
+                (Some((path, fragment)), Err(errors)) => {
+                    errors.first().is_some_and(|e| e.path == *path && e.message.contains(fragment))
+                }
                 _ => false,
             };
             if !ok {
                 failures.push(format!("{message}: got {:?}", got.map(|i| i.algorithms())));
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {} cases failed:\n{}",
-            failures.len(),
-            cases.len(),
-            failures.join("\n")
-        );
+        assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
         Ok(())
     }
 
     #[test]
     fn compile_defaults_and_every_error() -> TestResult {
         let k = keys()?;
-        let raw =
-            raw_issuer(json!({"issuer": ISS, "jwks": {"keys": [k.ed_jwk, k.ec_jwk, k.rsa_jwk]}}))?;
+        let raw = raw_issuer(json!({"issuer": ISS, "jwks": {"keys": [k.ed_jwk, k.ec_jwk, k.rsa_jwk]}}))?;
         let issuer = compile_issuer(&raw, "jwt[0]").map_err(|e| format!("{e:?}"))?;
         assert_eq!(issuer.app_claim, "azp", "default app claim");
         assert_eq!(issuer.clock_skew_seconds, 30, "default skew");
         assert!(issuer.audiences.is_empty(), "no audiences");
-        assert_eq!(
-            issuer.algorithms(),
-            vec!["EdDSA", "ES256", "RS256"],
-            "algorithm from each key"
-        );
+        assert_eq!(issuer.algorithms(), vec!["EdDSA", "ES256", "RS256"], "algorithm from each key");
 
         // Every problem is reported, not only the first; unusable keys also leave no usable key.
         let raw = raw_issuer(json!({
@@ -1710,25 +1495,14 @@ mod tests {
         let mut cache = TokenCache::new(8);
         assert!(cache.get("t1", NOW).is_none(), "empty cache misses");
         cache.insert("t1", verified(NOW + 60, None, 30));
-        assert_eq!(
-            cache.get("t1", NOW).map(|v| v.exp),
-            Some(NOW + 60),
-            "hit after insert"
-        );
+        assert_eq!(cache.get("t1", NOW).map(|v| v.exp), Some(NOW + 60), "hit after insert");
         assert!(cache.get("t1x", NOW).is_none(), "a different token misses");
         assert!(cache.get("t", NOW).is_none(), "a prefix misses");
         assert_eq!(cache.len(), 1, "one entry");
         cache.insert("t1", verified(NOW + 90, None, 30));
-        assert_eq!(
-            (cache.len(), cache.get("t1", NOW).map(|v| v.exp)),
-            (1, Some(NOW + 90)),
-            "re-insert replaces"
-        );
+        assert_eq!((cache.len(), cache.get("t1", NOW).map(|v| v.exp)), (1, Some(NOW + 90)), "re-insert replaces");
         cache.clear();
-        assert!(
-            cache.is_empty() && cache.get("t1", NOW).is_none(),
-            "clear forgets"
-        );
+        assert!(cache.is_empty() && cache.get("t1", NOW).is_none(), "clear forgets");
     }
 
     #[test]
@@ -1747,11 +1521,7 @@ mod tests {
             let mut cache = TokenCache::new(4);
             cache.insert("t", v);
             assert_eq!(cache.get("t", now).is_some(), hit, "{message}");
-            assert_eq!(
-                cache.len(),
-                usize::from(hit),
-                "{message}: a stale entry is dropped"
-            );
+            assert_eq!(cache.len(), usize::from(hit), "{message}: a stale entry is dropped");
         }
     }
 
@@ -1759,27 +1529,13 @@ mod tests {
     fn cache_agrees_with_verify_at_the_skew_boundary() -> TestResult {
         let k = keys()?;
         let issuers = issuers(&k)?;
-        let t = token(
-            json!({"alg": "EdDSA"}),
-            &with(&claims(), json!({"exp": NOW - 29})),
-            &k.ed,
-        );
+        let t = token(json!({"alg": "EdDSA"}), &with(&claims(), json!({"exp": NOW - 29})), &k.ed);
         let mut cache = TokenCache::new(4);
         let v = verify(&issuers, &t, NOW).map_err(|e| e.to_string())?;
         cache.insert(&t, v);
-        assert!(
-            cache.get(&t, NOW).is_some(),
-            "verified at NOW, so cached at NOW"
-        );
-        assert!(
-            cache.get(&t, NOW + 1).is_none(),
-            "expired one second later, like verify"
-        );
-        assert_eq!(
-            verify(&issuers, &t, NOW + 1),
-            Err(TokenError::Expired),
-            "verify agrees"
-        );
+        assert!(cache.get(&t, NOW).is_some(), "verified at NOW, so cached at NOW");
+        assert!(cache.get(&t, NOW + 1).is_none(), "expired one second later, like verify");
+        assert_eq!(verify(&issuers, &t, NOW + 1), Err(TokenError::Expired), "verify agrees");
         Ok(())
     }
 
@@ -1795,11 +1551,7 @@ mod tests {
         for _ in 0..1000 {
             cache.insert("same", verified(NOW + 60, None, 30));
         }
-        assert!(
-            cache.order.len() <= 2 * 4 + 16 + 1,
-            "insertion order stays bounded too: {}",
-            cache.order.len()
-        );
+        assert!(cache.order.len() <= 2 * 4 + 16 + 1, "insertion order stays bounded too: {}", cache.order.len());
         assert!(cache.get("same", NOW).is_some(), "re-inserted token kept");
 
         let mut none = TokenCache::new(0);
@@ -1807,10 +1559,7 @@ mod tests {
         assert!(none.is_empty(), "capacity 0 caches nothing");
 
         let mut cache = TokenCache::new(4);
-        cache.insert(
-            &"x".repeat(MAX_TOKEN_BYTES + 1),
-            verified(NOW + 60, None, 30),
-        );
+        cache.insert(&"x".repeat(MAX_TOKEN_BYTES + 1), verified(NOW + 60, None, 30));
         assert!(cache.is_empty(), "oversized tokens are never cached");
     }
 
@@ -1824,10 +1573,7 @@ mod tests {
         cache.insert("new", verified(NOW + 600, None, 0));
         assert_eq!(cache.len(), 3, "bounded");
         for kept in ["old-but-valid", "valid", "new"] {
-            assert!(
-                cache.get(kept, NOW + 20).is_some(),
-                "{kept} kept: the expired entry went first"
-            );
+            assert!(cache.get(kept, NOW + 20).is_some(), "{kept} kept: the expired entry went first");
         }
     }
 }

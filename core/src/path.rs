@@ -162,13 +162,7 @@ pub struct DatasetIndex {
 }
 
 impl DatasetIndex {
-    pub fn insert(
-        &mut self,
-        host: Option<&str>,
-        path_prefix: &str,
-        methods: &[String],
-        dataset: usize,
-    ) {
+    pub fn insert(&mut self, host: Option<&str>, path_prefix: &str, methods: &[String], dataset: usize) {
         let root = match host {
             Some(h) => self.by_host.entry(normalize_host(h)).or_default(),
             None => &mut self.any_host,
@@ -182,10 +176,7 @@ impl DatasetIndex {
 
     /// The dataset a normalised path (from [`normalize_path`]) reaches, if any.
     pub fn lookup(&self, host: &str, method: &str, normalized_path: &str) -> Option<usize> {
-        let specific = self
-            .by_host
-            .get(&normalize_host(host))
-            .and_then(|n| Self::walk(n, method, normalized_path));
+        let specific = self.by_host.get(&normalize_host(host)).and_then(|n| Self::walk(n, method, normalized_path));
         let any = Self::walk(&self.any_host, method, normalized_path);
         match (specific, any) {
             (Some((ds, d1)), Some((_, d2))) if d1 >= d2 => Some(ds),
@@ -198,9 +189,7 @@ impl DatasetIndex {
         let matches = |node: &Node| {
             node.routes
                 .iter()
-                .find(|(_, methods)| {
-                    methods.is_empty() || methods.iter().any(|m| m.eq_ignore_ascii_case(method))
-                })
+                .find(|(_, methods)| methods.is_empty() || methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
                 .map(|(ds, _)| *ds)
         };
         let mut best = matches(root).map(|ds| (ds, 0));
@@ -226,56 +215,20 @@ mod tests {
     fn normalize_table() {
         let cases: &[(&str, Result<&str, PathError>, &str)] = &[
             ("/customers", Ok("/customers"), "plain"),
-            (
-                "/customers/7?x=1#f",
-                Ok("/customers/7"),
-                "query and fragment dropped",
-            ),
-            (
-                "//customers///7/",
-                Ok("/customers/7"),
-                "duplicate and trailing slashes",
-            ),
+            ("/customers/7?x=1#f", Ok("/customers/7"), "query and fragment dropped"),
+            ("//customers///7/", Ok("/customers/7"), "duplicate and trailing slashes"),
             ("/a/./b/../customers", Ok("/a/customers"), "dot segments"),
             ("/%63ustomers", Ok("/customers"), "unreserved decoded"),
-            (
-                "/%2e%2E/x",
-                Err(PathError::AboveRoot),
-                "encoded dot-dot above root",
-            ),
-            (
-                "/x/%2e%2e/customers",
-                Ok("/customers"),
-                "encoded dot-dot resolved",
-            ),
-            (
-                "/customers%2F7",
-                Err(PathError::EncodedSeparator),
-                "encoded slash",
-            ),
-            (
-                "/customers%2f7",
-                Err(PathError::EncodedSeparator),
-                "encoded slash lower",
-            ),
-            (
-                "/customers%5C7",
-                Err(PathError::EncodedSeparator),
-                "encoded backslash",
-            ),
+            ("/%2e%2E/x", Err(PathError::AboveRoot), "encoded dot-dot above root"),
+            ("/x/%2e%2e/customers", Ok("/customers"), "encoded dot-dot resolved"),
+            ("/customers%2F7", Err(PathError::EncodedSeparator), "encoded slash"),
+            ("/customers%2f7", Err(PathError::EncodedSeparator), "encoded slash lower"),
+            ("/customers%5C7", Err(PathError::EncodedSeparator), "encoded backslash"),
             ("/customers\\7", Err(PathError::Backslash), "raw backslash"),
             ("/customers%00", Err(PathError::ControlCharacter), "NUL"),
             ("/customers%zz", Err(PathError::BadEscape), "bad escape"),
-            (
-                "/customers%4",
-                Err(PathError::BadEscape),
-                "truncated escape",
-            ),
-            (
-                "/customers%252F7",
-                Err(PathError::DoubleEncoding),
-                "double encoding",
-            ),
+            ("/customers%4", Err(PathError::BadEscape), "truncated escape"),
+            ("/customers%252F7", Err(PathError::DoubleEncoding), "double encoding"),
             ("/..", Err(PathError::AboveRoot), "above root"),
             ("customers", Err(PathError::NotAbsolute), "relative"),
             ("*", Err(PathError::NotAbsolute), "asterisk form"),
@@ -286,11 +239,7 @@ mod tests {
             ("/caf\u{e9}", Ok("/caf\u{e9}"), "utf-8 kept"),
         ];
         for (input, want, why) in cases {
-            assert_eq!(
-                normalize_path(input).as_deref(),
-                want.as_deref(),
-                "{why}: {input:?}"
-            );
+            assert_eq!(normalize_path(input).as_deref(), want.as_deref(), "{why}: {input:?}");
         }
     }
 
@@ -325,38 +274,16 @@ mod tests {
             ("x", "GET", "/customers/7", Some(0), "below prefix"),
             ("x", "GET", "/customersX", None, "not a whole segment"),
             ("x", "GET", "/CUSTOMERS/7", Some(0), "case-insensitive"),
-            (
-                "x",
-                "GET",
-                "/customers;jsessionid=1/7",
-                Some(0),
-                "segment params ignored",
-            ),
+            ("x", "GET", "/customers;jsessionid=1/7", Some(0), "segment params ignored"),
             ("x", "POST", "/api/things", None, "method not in route"),
             ("x", "GET", "/api/things", Some(1), "method in route"),
             ("x", "POST", "/api/orders/1", Some(2), "longest prefix"),
-            (
-                "internal.example",
-                "GET",
-                "/customers/1",
-                Some(3),
-                "host-specific wins",
-            ),
-            (
-                "INTERNAL.example.:8080",
-                "GET",
-                "/customers",
-                Some(3),
-                "host normalised",
-            ),
+            ("internal.example", "GET", "/customers/1", Some(3), "host-specific wins"),
+            ("INTERNAL.example.:8080", "GET", "/customers", Some(3), "host normalised"),
             ("x", "GET", "/", None, "root"),
         ];
         for (host, method, path, want, why) in cases {
-            assert_eq!(
-                ix.lookup(host, method, path),
-                *want,
-                "{why}: {method} {host}{path}"
-            );
+            assert_eq!(ix.lookup(host, method, path), *want, "{why}: {method} {host}{path}");
         }
     }
 
@@ -396,8 +323,7 @@ mod tests {
             Just("#/public".to_string()),
             Just("/".to_string())
         ];
-        (sep.clone(), seg("customers"), params, tail, sep)
-            .prop_map(|(s1, c, p, t, _)| format!("{s1}{c}{p}{t}"))
+        (sep.clone(), seg("customers"), params, tail, sep).prop_map(|(s1, c, p, t, _)| format!("{s1}{c}{p}{t}"))
     }
 
     #[test]
@@ -409,10 +335,7 @@ mod tests {
             .filter_map(|_| spelling().new_tree(&mut runner).ok())
             .filter(|tree| normalize_path(&tree.current()).is_ok())
             .count();
-        assert!(
-            accepted > 150,
-            "only {accepted} of 200 generated spellings were accepted"
-        );
+        assert!(accepted > 150, "only {accepted} of 200 generated spellings were accepted");
     }
 
     proptest::proptest! {

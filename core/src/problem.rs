@@ -13,10 +13,7 @@ pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 /// The problem+json body of a denial. `instance` is the request id.
 pub fn problem_body(denial: &Denial, request_id: &str, app: Option<&str>) -> String {
     let mut body = Map::new();
-    body.insert(
-        "type".into(),
-        Value::String(format!("urn:guardrail:problem:{}", denial.code.as_str())),
-    );
+    body.insert("type".into(), Value::String(format!("urn:guardrail:problem:{}", denial.code.as_str())));
     body.insert("title".into(), Value::String(denial.code.title().into()));
     body.insert("status".into(), json!(denial.code.status()));
     body.insert("detail".into(), Value::String(denial.detail.to_string()));
@@ -47,27 +44,16 @@ pub fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
 pub fn ratelimit_headers(limits: &Limits, usage: &Usage) -> [(&'static str, String); 2] {
     let window = limits.rate.per_ns.div_ceil(NANOS_PER_SEC).max(1);
     let mut policy = format!("\"rate\";q={};w={}", limits.rate.burst, window);
-    let mut state = format!(
-        "\"rate\";r={};t={}",
-        usage.rate_remaining, usage.rate_reset_secs
-    );
+    let mut state = format!("\"rate\";r={};t={}", usage.rate_remaining, usage.rate_reset_secs);
     if let (Some(budget), Some(left)) = (limits.daily_budget, usage.budget_remaining) {
         policy.push_str(&format!(", \"daily\";q={budget};w={SECS_PER_DAY}"));
-        state.push_str(&format!(
-            ", \"daily\";r={left};t={}",
-            usage.budget_reset_secs
-        ));
+        state.push_str(&format!(", \"daily\";r={left};t={}", usage.budget_reset_secs));
     }
     [("ratelimit-policy", policy), ("ratelimit", state)]
 }
 
 /// One decision-log line for a denial.
-pub fn denial_log_line(
-    denial: &Denial,
-    app: Option<&str>,
-    request_id: &str,
-    revision: &str,
-) -> String {
+pub fn denial_log_line(denial: &Denial, app: Option<&str>, request_id: &str, revision: &str) -> String {
     json!({
         "guardrail": "decision",
         "verdict": "deny",
@@ -83,12 +69,7 @@ pub fn denial_log_line(
 }
 
 /// One decision-log line for an event of an admitted (or denied) request.
-pub fn event_log_line(
-    event: &Event,
-    app: Option<&str>,
-    request_id: &str,
-    revision: &str,
-) -> String {
+pub fn event_log_line(event: &Event, app: Option<&str>, request_id: &str, revision: &str) -> String {
     match event {
         Event::SoftLimit { quota } => json!({
             "guardrail": "soft-limit",
@@ -124,33 +105,20 @@ mod tests {
         let mut d = Denial::new(Code::QuotaExceeded, "too many");
         d.retry_after_secs = Some(12);
         d.rule = Some("rate".into());
-        let body: Value =
-            serde_json::from_str(&problem_body(&d, "req-1", Some("pos"))).unwrap_or_default();
+        let body: Value = serde_json::from_str(&problem_body(&d, "req-1", Some("pos"))).unwrap_or_default();
         assert_eq!(body["type"], "urn:guardrail:problem:quota-exceeded", "type");
         assert_eq!(body["status"], 429, "status");
         assert_eq!(body["instance"], "req-1", "instance is the request id");
         assert_eq!(body["app"], "pos", "app");
         assert_eq!(body["rule"], "rate", "rule");
-        assert!(
-            body["title"].is_string() && body["detail"] == "too many",
-            "title and detail"
-        );
-        assert!(
-            denial_headers(&d).contains(&("retry-after", "12".to_string())),
-            "Retry-After"
-        );
+        assert!(body["title"].is_string() && body["detail"] == "too many", "title and detail");
+        assert!(denial_headers(&d).contains(&("retry-after", "12".to_string())), "Retry-After");
     }
 
     #[test]
     fn ratelimit_fields() {
-        let limits = Limits {
-            rate: Rate {
-                requests: 600,
-                per_ns: 60 * NANOS_PER_SEC,
-                burst: 100,
-            },
-            daily_budget: Some(5000),
-        };
+        let limits =
+            Limits { rate: Rate { requests: 600, per_ns: 60 * NANOS_PER_SEC, burst: 100 }, daily_budget: Some(5000) };
         let usage = Usage {
             rate_remaining: 99,
             rate_reset_secs: 1,
@@ -160,13 +128,7 @@ mod tests {
             budget_soft_crossed: false,
         };
         let [(_, policy), (_, state)] = ratelimit_headers(&limits, &usage);
-        assert_eq!(
-            policy, "\"rate\";q=100;w=60, \"daily\";q=5000;w=86400",
-            "policy field"
-        );
-        assert_eq!(
-            state, "\"rate\";r=99;t=1, \"daily\";r=4999;t=3600",
-            "state field"
-        );
+        assert_eq!(policy, "\"rate\";q=100;w=60, \"daily\";q=5000;w=86400", "policy field");
+        assert_eq!(state, "\"rate\";r=99;t=1, \"daily\";r=4999;t=3600", "state field");
     }
 }

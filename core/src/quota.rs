@@ -114,9 +114,7 @@ pub fn step(
     let new_tat = base.saturating_add(interval);
     let ahead = new_tat - now_ns;
     if ahead > capacity {
-        return Err(QuotaOutcome::RateLimited {
-            retry_after_secs: ceil_secs(ahead - capacity).max(1),
-        });
+        return Err(QuotaOutcome::RateLimited { retry_after_secs: ceil_secs(ahead - capacity).max(1) });
     }
     let today = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(u32::MAX);
     let used_before = if state.day == today { state.used } else { 0 };
@@ -124,9 +122,7 @@ pub fn step(
     let (used_after, budget_remaining, budget_soft_crossed) = match limits.daily_budget {
         Some(budget) => {
             if u64::from(used_before) >= budget {
-                return Err(QuotaOutcome::BudgetExhausted {
-                    retry_after_secs: budget_reset_secs,
-                });
+                return Err(QuotaOutcome::BudgetExhausted { retry_after_secs: budget_reset_secs });
             }
             let after = used_before.saturating_add(1);
             let threshold = soft_ratio * budget as f64;
@@ -145,25 +141,12 @@ pub fn step(
         rate_soft_crossed: before_fill < soft_ratio && after_fill >= soft_ratio,
         budget_soft_crossed,
     };
-    Ok((
-        QuotaState {
-            tat_ns: new_tat,
-            day: today,
-            used: used_after,
-        },
-        usage,
-    ))
+    Ok((QuotaState { tat_ns: new_tat, day: today, used: used_after }, usage))
 }
 
 /// Takes one request from the app's quota in `store`, retrying compare-and-swap up to
 /// [`MAX_CAS_RETRIES`] times. Refused requests write nothing.
-pub fn take(
-    store: &mut dyn CounterStore,
-    key: &str,
-    limits: &Limits,
-    now_ns: u64,
-    soft_ratio: f64,
-) -> QuotaOutcome {
+pub fn take(store: &mut dyn CounterStore, key: &str, limits: &Limits, now_ns: u64, soft_ratio: f64) -> QuotaOutcome {
     for _ in 0..MAX_CAS_RETRIES {
         let (bytes, cas) = match store.get(key) {
             Ok(Some(found)) => found,
@@ -214,10 +197,7 @@ impl CounterStore for MemoryStore {
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        let entry = self
-            .entries
-            .entry(key.to_string())
-            .or_insert_with(|| (Vec::new(), 0));
+        let entry = self.entries.entry(key.to_string()).or_insert_with(|| (Vec::new(), 0));
         if cas != 0 && entry.1 != cas {
             return Err(StoreError::CasMismatch);
         }
@@ -238,11 +218,7 @@ pub struct ContendedStore<S> {
 
 impl<S> ContendedStore<S> {
     pub fn new(inner: S, mismatches_per_write: u32) -> Self {
-        Self {
-            inner,
-            mismatches_per_write,
-            pending: 0,
-        }
+        Self { inner, mismatches_per_write, pending: 0 }
     }
 }
 
@@ -274,30 +250,15 @@ mod tests {
     const T0: u64 = 1_795_924_800 * SEC; // 2026-11-29T04:00:00Z
 
     fn limits(requests: u64, per_secs: u64, burst: u64, budget: Option<u64>) -> Limits {
-        Limits {
-            rate: Rate {
-                requests,
-                per_ns: per_secs * SEC,
-                burst,
-            },
-            daily_budget: budget,
-        }
+        Limits { rate: Rate { requests, per_ns: per_secs * SEC, burst }, daily_budget: budget }
     }
 
     #[test]
     fn encode_decode_roundtrip_and_garbage() {
-        let s = QuotaState {
-            tat_ns: 123_456_789,
-            day: 20_000,
-            used: 42,
-        };
+        let s = QuotaState { tat_ns: 123_456_789, day: 20_000, used: 42 };
         assert_eq!(QuotaState::decode(&s.encode()), Some(s), "roundtrip");
         assert_eq!(QuotaState::decode(&[]), None, "empty value");
-        assert_eq!(
-            QuotaState::decode(&[9; VALUE_LEN]),
-            None,
-            "unknown format byte"
-        );
+        assert_eq!(QuotaState::decode(&[9; VALUE_LEN]), None, "unknown format byte");
         assert_eq!(QuotaState::decode(&[FORMAT; 3]), None, "short value");
     }
 
@@ -305,48 +266,13 @@ mod tests {
     fn bucket_arithmetic_table() {
         // (what, limits, requests at offsets (secs), expected admitted count)
         let cases: &[(&str, Limits, &[u64], usize)] = &[
-            (
-                "burst of 5 at one instant",
-                limits(5, 60, 5, None),
-                &[0; 8],
-                5,
-            ),
-            (
-                "burst defaults to requests",
-                limits(3, 60, 3, None),
-                &[0; 4],
-                3,
-            ),
-            (
-                "refill one per 12s",
-                limits(5, 60, 5, None),
-                &[0, 0, 0, 0, 0, 0, 12, 12],
-                6,
-            ),
-            (
-                "full refill after a window",
-                limits(2, 10, 2, None),
-                &[0, 0, 0, 10, 10, 10],
-                4,
-            ),
-            (
-                "burst larger than rate",
-                limits(1, 60, 10, None),
-                &[0; 12],
-                10,
-            ),
-            (
-                "budget stops before bucket",
-                limits(100, 1, 100, Some(3)),
-                &[0; 5],
-                3,
-            ),
-            (
-                "budget resets next UTC day",
-                limits(100, 1, 100, Some(2)),
-                &[0, 0, 0, 72_000, 72_000, 72_000],
-                4,
-            ),
+            ("burst of 5 at one instant", limits(5, 60, 5, None), &[0; 8], 5),
+            ("burst defaults to requests", limits(3, 60, 3, None), &[0; 4], 3),
+            ("refill one per 12s", limits(5, 60, 5, None), &[0, 0, 0, 0, 0, 0, 12, 12], 6),
+            ("full refill after a window", limits(2, 10, 2, None), &[0, 0, 0, 10, 10, 10], 4),
+            ("burst larger than rate", limits(1, 60, 10, None), &[0; 12], 10),
+            ("budget stops before bucket", limits(100, 1, 100, Some(3)), &[0; 5], 3),
+            ("budget resets next UTC day", limits(100, 1, 100, Some(2)), &[0, 0, 0, 72_000, 72_000, 72_000], 4),
         ];
         for (what, l, offsets, want) in cases {
             let mut state = QuotaState::default();
@@ -367,9 +293,7 @@ mod tests {
         let mut state = QuotaState::default();
         let mut last = None;
         for _ in 0..5 {
-            let (next, usage) = step(state, &l, T0, 0.7)
-                .map_err(|_| "admitted")
-                .unwrap_or_else(|_| unreachable!());
+            let (next, usage) = step(state, &l, T0, 0.7).map_err(|_| "admitted").unwrap_or_else(|_| unreachable!());
             state = next;
             last = Some(usage);
         }
@@ -379,9 +303,7 @@ mod tests {
         assert_eq!(usage.budget_remaining, Some(995), "budget left");
         assert_eq!(
             step(state, &l, T0, 0.7).err(),
-            Some(QuotaOutcome::RateLimited {
-                retry_after_secs: 12
-            }),
+            Some(QuotaOutcome::RateLimited { retry_after_secs: 12 }),
             "next token in 12s"
         );
         // 2026-11-29T04:00:00Z is 20h before midnight.
@@ -389,9 +311,7 @@ mod tests {
         let (s1, _) = step(QuotaState::default(), &l, T0, 0.7).unwrap_or_else(|_| unreachable!());
         assert_eq!(
             step(s1, &l, T0, 0.7).err(),
-            Some(QuotaOutcome::BudgetExhausted {
-                retry_after_secs: 72_000
-            }),
+            Some(QuotaOutcome::BudgetExhausted { retry_after_secs: 72_000 }),
             "budget retry at midnight"
         );
     }
@@ -412,16 +332,8 @@ mod tests {
                 budget_crossings.push(i);
             }
         }
-        assert_eq!(
-            rate_crossings,
-            vec![7],
-            "bucket crosses 70% on the 7th request"
-        );
-        assert_eq!(
-            budget_crossings,
-            vec![7],
-            "budget crosses 70% on the 7th request"
-        );
+        assert_eq!(rate_crossings, vec![7], "bucket crosses 70% on the 7th request");
+        assert_eq!(budget_crossings, vec![7], "budget crosses 70% on the 7th request");
     }
 
     #[test]
@@ -443,16 +355,8 @@ mod tests {
 
     fn contract_exact_quota(store: &mut dyn CounterStore, what: &str) {
         let l = limits(50, 3600, 50, None);
-        assert_eq!(
-            ensure_keys(store, ["guardrail.quota.a"]),
-            Ok(1),
-            "{what}: creates the key"
-        );
-        assert_eq!(
-            ensure_keys(store, ["guardrail.quota.a"]),
-            Ok(0),
-            "{what}: keeps an existing key"
-        );
+        assert_eq!(ensure_keys(store, ["guardrail.quota.a"]), Ok(1), "{what}: creates the key");
+        assert_eq!(ensure_keys(store, ["guardrail.quota.a"]), Ok(0), "{what}: keeps an existing key");
         let mut allowed = 0;
         let mut limited = 0;
         for _ in 0..300 {
@@ -480,10 +384,7 @@ mod tests {
                 }
                 #[test]
                 fn contended() {
-                    $body(
-                        &mut ContendedStore::new(MemoryStore::default(), 3),
-                        "3 CAS mismatches per write",
-                    );
+                    $body(&mut ContendedStore::new(MemoryStore::default(), 3), "3 CAS mismatches per write");
                 }
             }
         };

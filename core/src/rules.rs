@@ -29,9 +29,7 @@ impl std::fmt::Debug for Cel {
 
 impl Default for Cel {
     fn default() -> Self {
-        Cel {
-            env: Arc::new(Env::stdlib()),
-        }
+        Cel { env: Arc::new(Env::stdlib()) }
     }
 }
 
@@ -50,10 +48,7 @@ impl Cel {
     /// Compiles an expression, refusing syntax errors, unknown variables and oversized input.
     pub fn compile(&self, source: &str) -> Result<Expression, String> {
         if source.len() > MAX_EXPRESSION_LEN {
-            return Err(format!(
-                "expression is {} bytes; at most {MAX_EXPRESSION_LEN} are allowed",
-                source.len()
-            ));
+            return Err(format!("expression is {} bytes; at most {MAX_EXPRESSION_LEN} are allowed", source.len()));
         }
         let mut depth = 0usize;
         let mut deepest = 0usize;
@@ -68,20 +63,11 @@ impl Cel {
             }
         }
         if deepest > MAX_NESTING {
-            return Err(format!(
-                "expression nests {deepest} brackets deep; at most {MAX_NESTING} are allowed"
-            ));
+            return Err(format!("expression nests {deepest} brackets deep; at most {MAX_NESTING} are allowed"));
         }
-        let program = self
-            .env
-            .compile(source)
-            .map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
+        let program = self.env.compile(source).map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
         let references = program.references();
-        let mut unknown: Vec<&str> = references
-            .variables()
-            .into_iter()
-            .filter(|v| !VARIABLES.contains(v))
-            .collect();
+        let mut unknown: Vec<&str> = references.variables().into_iter().filter(|v| !VARIABLES.contains(v)).collect();
         unknown.sort_unstable();
         unknown.dedup();
         if !unknown.is_empty() {
@@ -103,10 +89,7 @@ impl Cel {
         ctx.add_variable_from_value("token", vars.token.clone());
         match expr.program.execute(&ctx) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!(
-                "expression gave {:?}, not a boolean",
-                other.type_of()
-            )),
+            Ok(other) => Err(format!("expression gave {:?}, not a boolean", other.type_of())),
             Err(e) => Err(e.to_string()),
         }
     }
@@ -147,20 +130,11 @@ pub fn app_value(app: &App, tier: &str) -> Value {
         ("owner", opt(&app.owner)),
         ("team", opt(&app.team)),
         ("department", opt(&app.department)),
-        (
-            "environment",
-            string(&format!("{:?}", app.environment).to_lowercase()),
-        ),
+        ("environment", string(&format!("{:?}", app.environment).to_lowercase())),
         ("tier", string(tier)),
-        (
-            "lifecycle",
-            string(&format!("{:?}", app.lifecycle).to_lowercase()),
-        ),
+        ("lifecycle", string(&format!("{:?}", app.lifecycle).to_lowercase())),
         ("region", string(&app.region)),
-        (
-            "data_classes",
-            list(app.data_classes.iter().map(|c| string(c.as_str()))),
-        ),
+        ("data_classes", list(app.data_classes.iter().map(|c| string(c.as_str())))),
         ("connectors", list(app.connectors.iter().map(|c| string(c)))),
     ])
 }
@@ -171,10 +145,7 @@ pub fn dataset_value(d: &Dataset) -> Value {
         ("id", string(&d.id)),
         ("classification", string(d.classification.as_str())),
         ("owner_department", opt(&d.owner_department)),
-        (
-            "allowed_regions",
-            list(d.allowed_regions.iter().map(|r| string(r))),
-        ),
+        ("allowed_regions", list(d.allowed_regions.iter().map(|r| string(r)))),
         ("requires_jit", Value::Bool(d.requires_jit)),
     ])
 }
@@ -221,11 +192,9 @@ fn json(v: &serde_json::Value, depth: usize) -> Value {
     match v {
         serde_json::Value::Null => Value::Null,
         serde_json::Value::Bool(b) => Value::Bool(*b),
-        serde_json::Value::Number(n) => n
-            .as_i64()
-            .map(Value::Int)
-            .or_else(|| n.as_f64().map(Value::Float))
-            .unwrap_or(Value::Null),
+        serde_json::Value::Number(n) => {
+            n.as_i64().map(Value::Int).or_else(|| n.as_f64().map(Value::Float)).unwrap_or(Value::Null)
+        }
         serde_json::Value::String(s) => string(s),
         serde_json::Value::Array(a) => list(a.iter().map(|x| json(x, depth + 1))),
         serde_json::Value::Object(o) => json_object(o, depth),
@@ -241,23 +210,11 @@ mod tests {
         let cel = Cel::default();
         let cases: &[(&str, Option<&str>, &str)] = &[
             ("app.tier == 'sandbox'", None, "valid"),
-            (
-                "request.method in ['GET', 'HEAD'] && dataset != null",
-                None,
-                "valid with list",
-            ),
+            ("request.method in ['GET', 'HEAD'] && dataset != null", None, "valid with list"),
             ("has(token.claims.scope)", None, "has macro"),
             ("app.tier == ", Some("syntax"), "syntax error"),
-            (
-                "user.id == 'x'",
-                Some("unknown variable `user`"),
-                "unknown variable",
-            ),
-            (
-                "apps.id == 'x' || reqest.path == '/'",
-                Some("unknown variables `apps`, `reqest`"),
-                "two unknown",
-            ),
+            ("user.id == 'x'", Some("unknown variable `user`"), "unknown variable"),
+            ("apps.id == 'x' || reqest.path == '/'", Some("unknown variables `apps`, `reqest`"), "two unknown"),
             (&"(".repeat(40), Some("nests"), "too deep"),
         ];
         for (src, want_err, why) in cases {
@@ -277,10 +234,7 @@ mod tests {
     #[test]
     fn eval_table() {
         let cel = Cel::default();
-        let headers = vec![
-            ("x-team".to_string(), "crm".to_string()),
-            (":path".to_string(), "/p".to_string()),
-        ];
+        let headers = vec![("x-team".to_string(), "crm".to_string()), (":path".to_string(), "/p".to_string())];
         let vars = Vars {
             app: map(vec![("id", string("pos")), ("tier", string("standard"))]),
             dataset: Value::Null,
@@ -289,40 +243,18 @@ mod tests {
         };
         let cases: &[(&str, Result<bool, ()>, &str)] = &[
             ("app.tier == 'standard'", Ok(true), "string equality"),
-            (
-                "request.path.startsWith('/customers')",
-                Ok(true),
-                "startsWith",
-            ),
-            (
-                "request.headers['x-team'] == 'crm'",
-                Ok(true),
-                "header lookup",
-            ),
+            ("request.path.startsWith('/customers')", Ok(true), "startsWith"),
+            ("request.headers['x-team'] == 'crm'", Ok(true), "header lookup"),
             ("dataset == null", Ok(true), "null dataset"),
             ("token == null", Ok(true), "no token"),
             ("request.method == 'POST'", Ok(false), "false"),
-            (
-                "request.headers['missing'] == 'x'",
-                Err(()),
-                "missing key is an evaluation error",
-            ),
-            (
-                "token.claims.sub == 'x'",
-                Err(()),
-                "field of null is an error",
-            ),
+            ("request.headers['missing'] == 'x'", Err(()), "missing key is an evaluation error"),
+            ("token.claims.sub == 'x'", Err(()), "field of null is an error"),
             ("app.id", Err(()), "non-boolean result"),
         ];
         for (src, want, why) in cases {
-            let expr = cel
-                .compile(src)
-                .unwrap_or_else(|e| panic!("{why}: compile: {e}"));
-            assert_eq!(
-                cel.eval(&expr, &vars).map_err(|_| ()),
-                *want,
-                "{why}: {src}"
-            );
+            let expr = cel.compile(src).unwrap_or_else(|e| panic!("{why}: compile: {e}"));
+            assert_eq!(cel.eval(&expr, &vars).map_err(|_| ()), *want, "{why}: {src}");
         }
     }
 }

@@ -35,11 +35,7 @@ pub fn parse_document(text: &str) -> Result<RawPolicy, PolicyErrors> {
     let index = LineIndex::build(text);
     if let Some(line) = index.second_document {
         let message = "a second YAML document starts here; a policy file holds exactly one";
-        return Err(PolicyErrors::from(PolicyError {
-            path: String::new(),
-            message: message.into(),
-            line: Some(line),
-        }));
+        return Err(PolicyErrors::from(PolicyError { path: String::new(), message: message.into(), line: Some(line) }));
     }
     if !index.duplicates.is_empty() {
         let errors = index
@@ -47,10 +43,7 @@ pub fn parse_document(text: &str) -> Result<RawPolicy, PolicyErrors> {
             .iter()
             .map(|d| PolicyError {
                 path: d.path.clone(),
-                message: format!(
-                    "duplicate key `{}` (first written on line {})",
-                    d.key, d.first_line
-                ),
+                message: format!("duplicate key `{}` (first written on line {})", d.key, d.first_line),
                 line: Some(d.line),
             })
             .collect();
@@ -65,14 +58,8 @@ pub fn parse_document(text: &str) -> Result<RawPolicy, PolicyErrors> {
         // the more precise: `serde_yaml_ng` marks some errors (an untagged enum's) at the
         // enclosing mapping, and a syntax error past the node reached.
         let reached_line = index.lines.get(&reached).copied();
-        let line = reached_line
-            .max(inner.location().map(|l| l.line()))
-            .or_else(|| index.line_of(&path));
-        PolicyErrors::from(PolicyError {
-            path,
-            message,
-            line,
-        })
+        let line = reached_line.max(inner.location().map(|l| l.line())).or_else(|| index.line_of(&path));
+        PolicyErrors::from(PolicyError { path, message, line })
     })
 }
 
@@ -81,11 +68,7 @@ pub fn to_json_value(text: &str) -> Result<serde_json::Value, PolicyErrors> {
     serde_yaml_ng::from_str::<serde_json::Value>(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
         let (path, message) = yaml_error(&e, "");
-        PolicyErrors::from(PolicyError {
-            path,
-            message,
-            line,
-        })
+        PolicyErrors::from(PolicyError { path, message, line })
     })
 }
 
@@ -352,11 +335,7 @@ impl MarkedEventReceiver for Walker {
                     Slot::Node(path) => {
                         self.record(&path, mark.line());
                         self.stack.push(if is_mapping {
-                            Frame::Mapping {
-                                path,
-                                next: Expect::Key,
-                                seen: HashMap::new(),
-                            }
+                            Frame::Mapping { path, next: Expect::Key, seen: HashMap::new() }
                         } else {
                             Frame::Sequence { path, next: 0 }
                         });
@@ -393,10 +372,7 @@ pub struct FileErrors {
 
 impl FileErrors {
     fn one(file: &Path, message: impl Into<String>) -> Self {
-        FileErrors {
-            file: file.to_path_buf(),
-            errors: vec![PolicyError::new("", message)],
-        }
+        FileErrors { file: file.to_path_buf(), errors: vec![PolicyError::new("", message)] }
     }
 
     /// One display line per error: `file:line: path: message`, `file: path: message` without a
@@ -424,13 +400,9 @@ impl std::error::Error for FileErrors {}
 /// Reads a policy file as UTF-8 text; failures name the file.
 pub fn read_file(path: &Path) -> Result<String, FileErrors> {
     if path.is_dir() {
-        return Err(FileErrors::one(
-            path,
-            "is a directory; expected a policy file (.yaml, .yml or .json)",
-        ));
+        return Err(FileErrors::one(path, "is a directory; expected a policy file (.yaml, .yml or .json)"));
     }
-    let bytes = std::fs::read(path)
-        .map_err(|e| FileErrors::one(path, format!("cannot read the file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| FileErrors::one(path, format!("cannot read the file: {e}")))?;
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -453,10 +425,7 @@ pub fn load_file(path: &Path) -> Result<CompiledPolicy, FileErrors> {
 /// Reads, parses and compiles one policy file, keeping the document as JSON.
 pub fn load_document_file(path: &Path) -> Result<Document, FileErrors> {
     let text = read_file(path)?;
-    load_document(&text).map_err(|errors| FileErrors {
-        file: path.to_path_buf(),
-        errors: errors.0,
-    })
+    load_document(&text).map_err(|errors| FileErrors { file: path.to_path_buf(), errors: errors.0 })
 }
 
 #[cfg(test)]
@@ -525,126 +494,31 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             (YAML, "", "the document", Some(1)),
             (YAML, "kind", "top-level key", Some(2)),
             (YAML, "settings.gateway_region", "nested mapping", Some(5)),
-            (
-                YAML,
-                "settings.identity.jwt[0]",
-                "sequence item of mappings",
-                Some(8),
-            ),
-            (
-                YAML,
-                "settings.identity.jwt[0].issuer",
-                "key of the first entry of an item",
-                Some(8),
-            ),
-            (
-                YAML,
-                "settings.identity.jwt[0].jwks",
-                "nested key in an item",
-                Some(9),
-            ),
-            (
-                YAML,
-                "settings.identity.jwt[0].jwks.keys[0]",
-                "flow mapping in a block sequence",
-                Some(11),
-            ),
-            (
-                YAML,
-                "settings.identity.jwt[0].jwks.keys[0].crv",
-                "key inside a flow mapping",
-                Some(11),
-            ),
-            (
-                YAML,
-                "settings.identity.jwt[0].jwks.keys[1]",
-                "second sequence item",
-                Some(12),
-            ),
-            (
-                YAML,
-                "settings.identity.jwt[0].jwks.keys[1].crv",
-                "second key of a block item",
-                Some(13),
-            ),
-            (
-                YAML,
-                "tiers.sandbox.rate.requests",
-                "flow mapping value",
-                Some(16),
-            ),
-            (
-                YAML,
-                "tiers.standard.rate.per",
-                "block mapping value",
-                Some(20),
-            ),
+            (YAML, "settings.identity.jwt[0]", "sequence item of mappings", Some(8)),
+            (YAML, "settings.identity.jwt[0].issuer", "key of the first entry of an item", Some(8)),
+            (YAML, "settings.identity.jwt[0].jwks", "nested key in an item", Some(9)),
+            (YAML, "settings.identity.jwt[0].jwks.keys[0]", "flow mapping in a block sequence", Some(11)),
+            (YAML, "settings.identity.jwt[0].jwks.keys[0].crv", "key inside a flow mapping", Some(11)),
+            (YAML, "settings.identity.jwt[0].jwks.keys[1]", "second sequence item", Some(12)),
+            (YAML, "settings.identity.jwt[0].jwks.keys[1].crv", "second key of a block item", Some(13)),
+            (YAML, "tiers.sandbox.rate.requests", "flow mapping value", Some(16)),
+            (YAML, "tiers.standard.rate.per", "block mapping value", Some(20)),
             (YAML, "apps[1]", "second app", Some(24)),
-            (
-                YAML,
-                "apps[1].api_keys[1]",
-                "scalar sequence item",
-                Some(28),
-            ),
-            (
-                YAML,
-                "apps[1].quota_overrides[0].expires_at",
-                "deep path",
-                Some(31),
-            ),
-            (
-                YAML,
-                "apps[2].id",
-                "item starting on the line after its dash",
-                Some(33),
-            ),
-            (
-                YAML,
-                "datasets[0].routes[0].path_prefix",
-                "all flow style",
-                Some(34),
-            ),
-            (
-                YAML,
-                "apps[0].region",
-                "missing key falls back to its mapping",
-                Some(22),
-            ),
-            (
-                YAML,
-                "apps[1].quota_overrides[0].rate.requests",
-                "missing subtree falls back",
-                Some(30),
-            ),
-            (
-                YAML,
-                "apps[9].tier",
-                "missing item falls back to the sequence",
-                Some(21),
-            ),
-            (
-                YAML,
-                "nothing.here",
-                "unknown top level falls back to the document",
-                Some(1),
-            ),
+            (YAML, "apps[1].api_keys[1]", "scalar sequence item", Some(28)),
+            (YAML, "apps[1].quota_overrides[0].expires_at", "deep path", Some(31)),
+            (YAML, "apps[2].id", "item starting on the line after its dash", Some(33)),
+            (YAML, "datasets[0].routes[0].path_prefix", "all flow style", Some(34)),
+            (YAML, "apps[0].region", "missing key falls back to its mapping", Some(22)),
+            (YAML, "apps[1].quota_overrides[0].rate.requests", "missing subtree falls back", Some(30)),
+            (YAML, "apps[9].tier", "missing item falls back to the sequence", Some(21)),
+            (YAML, "nothing.here", "unknown top level falls back to the document", Some(1)),
             (JSON, "", "JSON document", Some(1)),
             (JSON, "kind", "JSON top-level key", Some(3)),
-            (
-                JSON,
-                "tiers.sandbox.rate.per",
-                "JSON nested object on one line",
-                Some(6),
-            ),
+            (JSON, "tiers.sandbox.rate.per", "JSON nested object on one line", Some(6)),
             (JSON, "apps[0]", "JSON array item", Some(10)),
             (JSON, "apps[0].tier", "JSON key in an array item", Some(12)),
             (JSON, "apps[1].id", "JSON compact item", Some(14)),
-            (
-                JSON,
-                "apps[1].api_keys[1]",
-                "JSON scalar array item on a continued line",
-                Some(15),
-            ),
+            (JSON, "apps[1].api_keys[1]", "JSON scalar array item on a continued line", Some(15)),
             ("", "kind", "empty text has no document", None),
         ];
         for (text, path, why, want) in cases {
@@ -655,14 +529,8 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
     #[test]
     fn parent_paths() {
         let cases: &[(&str, Option<&str>)] = &[
-            (
-                "apps[2].quota_overrides[0].expires_at",
-                Some("apps[2].quota_overrides[0]"),
-            ),
-            (
-                "apps[2].quota_overrides[0]",
-                Some("apps[2].quota_overrides"),
-            ),
+            ("apps[2].quota_overrides[0].expires_at", Some("apps[2].quota_overrides[0]")),
+            ("apps[2].quota_overrides[0]", Some("apps[2].quota_overrides")),
             ("apps[2].quota_overrides", Some("apps[2]")),
             ("apps[2]", Some("apps")),
             ("apps", Some("")),
@@ -745,10 +613,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             assert_eq!(e.path, *want_path, "{why}: path of {e:?}");
             assert_eq!(e.line, Some(*want_line), "{why}: line of {e:?}");
             assert!(e.message.contains(want_message), "{why}: message of {e:?}");
-            assert!(
-                !e.message.contains(" at line "),
-                "{why}: the line is not repeated in {e:?}"
-            );
+            assert!(!e.message.contains(" at line "), "{why}: the line is not repeated in {e:?}");
             assert!(
                 !e.message.starts_with(&format!("{want_path}: ")) || want_path.is_empty(),
                 "{why}: no doubled path in {e:?}"
@@ -767,9 +632,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
 
     #[test]
     fn to_json_keeps_the_document() {
-        let value = to_json_value(
-            "kind: Policy\nrevision: 3\ntiers: {s: {rate: {requests: 1, per: 1s}}}\n",
-        );
+        let value = to_json_value("kind: Policy\nrevision: 3\ntiers: {s: {rate: {requests: 1, per: 1s}}}\n");
         let want = serde_json::json!({"kind": "Policy", "revision": 3, "tiers": {"s": {"rate": {"requests": 1, "per": "1s"}}}});
         assert_eq!(value.ok(), Some(want));
     }
@@ -779,21 +642,9 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
         let errors = FileErrors {
             file: PathBuf::from("p.yaml"),
             errors: vec![
-                PolicyError {
-                    path: "apps[0].tier".into(),
-                    message: "unknown tier `x`".into(),
-                    line: Some(4),
-                },
-                PolicyError {
-                    path: "kind".into(),
-                    message: "bad".into(),
-                    line: None,
-                },
-                PolicyError {
-                    path: String::new(),
-                    message: "cannot read".into(),
-                    line: None,
-                },
+                PolicyError { path: "apps[0].tier".into(), message: "unknown tier `x`".into(), line: Some(4) },
+                PolicyError { path: "kind".into(), message: "bad".into(), line: None },
+                PolicyError { path: String::new(), message: "cannot read".into(), line: None },
             ],
         };
         assert_eq!(
@@ -804,29 +655,15 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
 
     #[test]
     fn read_failures_name_the_file() {
-        let missing =
-            std::env::temp_dir().join(format!("guardrail-missing-{}.yaml", std::process::id()));
-        let text = load_file(&missing)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            text.starts_with(&format!("{}: cannot read the file", missing.display())),
-            "{text}"
-        );
+        let missing = std::env::temp_dir().join(format!("guardrail-missing-{}.yaml", std::process::id()));
+        let text = load_file(&missing).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(text.starts_with(&format!("{}: cannot read the file", missing.display())), "{text}");
 
-        let bad =
-            std::env::temp_dir().join(format!("guardrail-latin1-{}.yaml", std::process::id()));
+        let bad = std::env::temp_dir().join(format!("guardrail-latin1-{}.yaml", std::process::id()));
         let written = std::fs::write(&bad, b"kind: Policy\nowner: Jos\xe9\n");
         assert!(written.is_ok());
-        let text = load_file(&bad)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let text = load_file(&bad).err().map(|e| e.to_string()).unwrap_or_default();
         let _ = std::fs::remove_file(&bad);
-        assert!(
-            text.starts_with(&format!("{}:2: not UTF-8", bad.display())),
-            "{text}"
-        );
+        assert!(text.starts_with(&format!("{}:2: not UTF-8", bad.display())), "{text}");
     }
 }

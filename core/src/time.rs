@@ -61,9 +61,7 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
         || minute > 59
         || second > 60
     {
-        return Err(format!(
-            "bad RFC 3339 time `{text}`: date or time out of range"
-        ));
+        return Err(format!("bad RFC 3339 time `{text}`: date or time out of range"));
     }
     let mut i = 19;
     if b.get(i) == Some(&b'.') {
@@ -91,11 +89,7 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
                 -secs
             }
         }
-        _ => {
-            return Err(format!(
-                "bad RFC 3339 time `{text}`: a time zone (`Z` or `+01:00`) is required"
-            ))
-        }
+        _ => return Err(format!("bad RFC 3339 time `{text}`: a time zone (`Z` or `+01:00`) is required")),
     };
     let days = days_from_civil(year, month, day);
     let second = second.min(59); // a leap second counts as :59
@@ -111,21 +105,9 @@ mod tests {
         let cases: &[(&str, Result<i64, ()>, &str)] = &[
             ("1970-01-01T00:00:00Z", Ok(0), "epoch"),
             ("2026-11-29T04:00:00Z", Ok(1_795_924_800), "today"),
-            (
-                "2026-11-29T05:00:00+01:00",
-                Ok(1_795_924_800),
-                "positive offset",
-            ),
-            (
-                "2026-11-28T23:00:00-05:00",
-                Ok(1_795_924_800),
-                "negative offset",
-            ),
-            (
-                "2026-11-29t04:00:00.999z",
-                Ok(1_795_924_800),
-                "lower case and fraction",
-            ),
+            ("2026-11-29T05:00:00+01:00", Ok(1_795_924_800), "positive offset"),
+            ("2026-11-28T23:00:00-05:00", Ok(1_795_924_800), "negative offset"),
+            ("2026-11-29t04:00:00.999z", Ok(1_795_924_800), "lower case and fraction"),
             ("2024-02-29T00:00:00Z", Ok(1_709_164_800), "leap day"),
             ("2025-02-29T00:00:00Z", Err(()), "not a leap year"),
             ("2026-13-01T00:00:00Z", Err(()), "month 13"),
@@ -139,11 +121,7 @@ mod tests {
             ("", Err(()), "empty"),
         ];
         for (input, want, why) in cases {
-            assert_eq!(
-                &parse_rfc3339(input).map_err(|_| ()),
-                want,
-                "{why}: {input:?}"
-            );
+            assert_eq!(&parse_rfc3339(input).map_err(|_| ()), want, "{why}: {input:?}");
         }
     }
 }

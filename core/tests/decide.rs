@@ -1,11 +1,6 @@
 //! Table-driven tests of `decide()` over one policy: every row of the SPEC decision table that an
 //! API key can reach, with a fake clock and the in-memory counter store.
-#![allow(
-    clippy::panic,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::type_complexity
-)]
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 use guardrail_core::compile::{compile_json_str, CompiledPolicy};
 use guardrail_core::decide::{decide, decide_traced, Code, Event, Request};
@@ -15,10 +10,7 @@ use guardrail_core::quota::{ensure_keys, MemoryStore};
 const T0: u64 = 1_795_924_800 * 1_000_000_000; // 2026-11-29T04:00:00Z
 
 fn digest(key: &str) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(guardrail_core::api_key_digest(key))
-    )
+    format!("sha256:{}", hex::encode(guardrail_core::api_key_digest(key)))
 }
 
 fn app(id: &str, env: &str, lifecycle: &str, region: &str, classes: &str, tier: &str) -> String {
@@ -31,70 +23,14 @@ fn app(id: &str, env: &str, lifecycle: &str, region: &str, classes: &str, tier: 
 
 fn policy() -> CompiledPolicy {
     let apps = [
-        app(
-            "pos",
-            "prod",
-            "published",
-            "eu-west-1",
-            r#""public", "internal", "regulated""#,
-            "standard",
-        ),
-        app(
-            "promo",
-            "dev",
-            "draft",
-            "eu-west-1",
-            r#""public""#,
-            "standard",
-        ),
-        app(
-            "drafty",
-            "prod",
-            "draft",
-            "eu-west-1",
-            r#""public""#,
-            "standard",
-        ),
-        app(
-            "old",
-            "prod",
-            "deprecated",
-            "eu-west-1",
-            r#""public""#,
-            "standard",
-        ),
-        app(
-            "bad",
-            "prod",
-            "quarantined",
-            "eu-west-1",
-            r#""public""#,
-            "standard",
-        ),
-        app(
-            "approved",
-            "test",
-            "approved",
-            "eu-west-1",
-            r#""public", "internal""#,
-            "standard",
-        ),
-        app(
-            "us-app",
-            "prod",
-            "published",
-            "us-east-1",
-            r#""public", "internal", "regulated""#,
-            "standard",
-        ),
-        app(
-            "tiny",
-            "prod",
-            "published",
-            "eu-west-1",
-            r#""public""#,
-            "tiny",
-        ),
+        app("pos", "prod", "published", "eu-west-1", r#""public", "internal", "regulated""#, "standard"),
+        app("promo", "dev", "draft", "eu-west-1", r#""public""#, "standard"),
+        app("drafty", "prod", "draft", "eu-west-1", r#""public""#, "standard"),
+        app("old", "prod", "deprecated", "eu-west-1", r#""public""#, "standard"),
+        app("bad", "prod", "quarantined", "eu-west-1", r#""public""#, "standard"),
+        app("approved", "test", "approved", "eu-west-1", r#""public", "internal""#, "standard"),
+        app("us-app", "prod", "published", "us-east-1", r#""public", "internal", "regulated""#, "standard"),
+        app("tiny", "prod", "published", "eu-west-1", r#""public""#, "tiny"),
     ]
     .join(",");
     let text = format!(
@@ -160,38 +96,10 @@ fn key(id: &str) -> Vec<(String, String)> {
 fn decision_table() {
     let policy = policy();
     // (why, headers, method, path, connector, expected code or None for allow)
-    let cases: Vec<(
-        &str,
-        Vec<(String, String)>,
-        &str,
-        &str,
-        Option<&str>,
-        Option<Code>,
-    )> = vec![
-        (
-            "no credential",
-            vec![],
-            "GET",
-            "/",
-            None,
-            Some(Code::Unauthenticated),
-        ),
-        (
-            "unknown key",
-            vec![("x-api-key".into(), "nope".into())],
-            "GET",
-            "/",
-            None,
-            Some(Code::Unauthenticated),
-        ),
-        (
-            "two api keys",
-            [key("pos"), key("promo")].concat(),
-            "GET",
-            "/",
-            None,
-            Some(Code::Unauthenticated),
-        ),
+    let cases: Vec<(&str, Vec<(String, String)>, &str, &str, Option<&str>, Option<Code>)> = vec![
+        ("no credential", vec![], "GET", "/", None, Some(Code::Unauthenticated)),
+        ("unknown key", vec![("x-api-key".into(), "nope".into())], "GET", "/", None, Some(Code::Unauthenticated)),
+        ("two api keys", [key("pos"), key("promo")].concat(), "GET", "/", None, Some(Code::Unauthenticated)),
         (
             "basic auth is not a credential",
             vec![("authorization".into(), "Basic Zm9vOmJhcg==".into())],
@@ -211,70 +119,14 @@ fn decision_table() {
         ("published", key("pos"), "GET", "/", None, None),
         ("approved", key("approved"), "GET", "/", None, None),
         ("draft in dev", key("promo"), "GET", "/", None, None),
-        (
-            "draft in prod",
-            key("drafty"),
-            "GET",
-            "/",
-            None,
-            Some(Code::AppNotActive),
-        ),
-        (
-            "deprecated",
-            key("old"),
-            "GET",
-            "/",
-            None,
-            Some(Code::AppNotActive),
-        ),
-        (
-            "quarantined",
-            key("bad"),
-            "GET",
-            "/",
-            None,
-            Some(Code::AppNotActive),
-        ),
-        (
-            "invalid path before identity",
-            vec![],
-            "GET",
-            "/customers%2F7",
-            None,
-            Some(Code::InvalidPath),
-        ),
-        (
-            "dot segments above root",
-            key("pos"),
-            "GET",
-            "/../etc",
-            None,
-            Some(Code::InvalidPath),
-        ),
-        (
-            "approved connector",
-            key("pos"),
-            "GET",
-            "/",
-            Some("crm"),
-            None,
-        ),
-        (
-            "connector not approved",
-            key("pos"),
-            "GET",
-            "/",
-            Some("partner-x"),
-            Some(Code::ConnectorNotApproved),
-        ),
-        (
-            "residency ok",
-            key("pos"),
-            "GET",
-            "/customers/7",
-            Some("crm"),
-            None,
-        ),
+        ("draft in prod", key("drafty"), "GET", "/", None, Some(Code::AppNotActive)),
+        ("deprecated", key("old"), "GET", "/", None, Some(Code::AppNotActive)),
+        ("quarantined", key("bad"), "GET", "/", None, Some(Code::AppNotActive)),
+        ("invalid path before identity", vec![], "GET", "/customers%2F7", None, Some(Code::InvalidPath)),
+        ("dot segments above root", key("pos"), "GET", "/../etc", None, Some(Code::InvalidPath)),
+        ("approved connector", key("pos"), "GET", "/", Some("crm"), None),
+        ("connector not approved", key("pos"), "GET", "/", Some("partner-x"), Some(Code::ConnectorNotApproved)),
+        ("residency ok", key("pos"), "GET", "/customers/7", Some("crm"), None),
         (
             "residency: US app on EU data",
             key("us-app"),
@@ -291,79 +143,28 @@ fn decision_table() {
             Some("crm"),
             Some(Code::ResidencyViolation),
         ),
+        ("method outside route: no dataset", key("us-app"), "PUT", "/customers/7", Some("crm"), None),
+        ("data class missing", key("promo"), "GET", "/customers", None, Some(Code::AccessDenied)),
+        ("deny rule wins", key("pos"), "DELETE", "/", None, Some(Code::AccessDenied)),
+        ("lower-case method is the same method", key("pos"), "delete", "/", None, Some(Code::AccessDenied)),
         (
-            "method outside route: no dataset",
+            "lower-case method matches a route",
             key("us-app"),
-            "PUT",
+            "get",
             "/customers/7",
             Some("crm"),
-            None,
+            Some(Code::ResidencyViolation),
         ),
-        (
-            "data class missing",
-            key("promo"),
-            "GET",
-            "/customers",
-            None,
-            Some(Code::AccessDenied),
-        ),
-        (
-            "deny rule wins",
-            key("pos"),
-            "DELETE",
-            "/",
-            None,
-            Some(Code::AccessDenied),
-        ),
-        (
-            "allow rule holds",
-            key("pos"),
-            "GET",
-            "/catalog/1",
-            None,
-            None,
-        ),
-        (
-            "allow rule in scope does not hold",
-            key("tiny"),
-            "GET",
-            "/catalog/1",
-            None,
-            Some(Code::AccessDenied),
-        ),
-        (
-            "evaluation error denies",
-            key("pos"),
-            "GET",
-            "/payments/1",
-            None,
-            Some(Code::AccessDenied),
-        ),
-        (
-            "shadow rule never enforced",
-            key("pos"),
-            "POST",
-            "/customers",
-            None,
-            None,
-        ),
+        ("allow rule holds", key("pos"), "GET", "/catalog/1", None, None),
+        ("allow rule in scope does not hold", key("tiny"), "GET", "/catalog/1", None, Some(Code::AccessDenied)),
+        ("evaluation error denies", key("pos"), "GET", "/payments/1", None, Some(Code::AccessDenied)),
+        ("shadow rule never enforced", key("pos"), "POST", "/customers", None, None),
     ];
     for (why, headers, method, path, connector, want) in &cases {
         let mut store = store_for(&policy);
         let mut tokens = TokenCache::new(16);
-        let d = decide(
-            &policy,
-            &request(method, path, *connector, headers),
-            T0,
-            &mut store,
-            &mut tokens,
-        );
-        assert_eq!(
-            d.denial.as_ref().map(|x| x.code),
-            *want,
-            "{why}: {:?}",
-            d.denial
-        );
+        let d = decide(&policy, &request(method, path, *connector, headers), T0, &mut store, &mut tokens);
+        assert_eq!(d.denial.as_ref().map(|x| x.code), *want, "{why}: {:?}", d.denial);
     }
 }
 
@@ -372,35 +173,13 @@ fn denials_name_rule_and_app() {
     let policy = policy();
     let mut store = store_for(&policy);
     let mut tokens = TokenCache::new(16);
-    let d = decide(
-        &policy,
-        &request("GET", "/payments/1", None, &key("pos")),
-        T0,
-        &mut store,
-        &mut tokens,
-    );
+    let d = decide(&policy, &request("GET", "/payments/1", None, &key("pos")), T0, &mut store, &mut tokens);
     let denial = d.denial.unwrap_or_else(|| panic!("expected a denial"));
-    assert_eq!(
-        denial.rule.as_deref(),
-        Some("broken"),
-        "evaluation error names the rule"
-    );
-    assert_eq!(
-        d.app.map(|a| a.id.as_str()),
-        Some("pos"),
-        "app known on denial"
-    );
-    let d = decide(
-        &policy,
-        &request("POST", "/customers", None, &key("pos")),
-        T0,
-        &mut store,
-        &mut tokens,
-    );
+    assert_eq!(denial.rule.as_deref(), Some("broken"), "evaluation error names the rule");
+    assert_eq!(d.app.map(|a| a.id.as_str()), Some("pos"), "app known on denial");
+    let d = decide(&policy, &request("POST", "/customers", None, &key("pos")), T0, &mut store, &mut tokens);
     assert!(
-        d.events
-            .iter()
-            .any(|e| matches!(e, Event::Shadow { rule, .. } if rule == "watch-post")),
+        d.events.iter().any(|e| matches!(e, Event::Shadow { rule, .. } if rule == "watch-post")),
         "shadow hit reported"
     );
 }
@@ -426,13 +205,7 @@ fn rate_then_budget_with_fake_clock() {
     }
     assert_eq!(
         codes,
-        vec![
-            None,
-            None,
-            Some(Code::QuotaExceeded),
-            None,
-            Some(Code::BudgetExhausted)
-        ],
+        vec![None, None, Some(Code::QuotaExceeded), None, Some(Code::BudgetExhausted)],
         "rate then budget"
     );
 }
@@ -442,13 +215,8 @@ fn trace_names_every_check() {
     let policy = policy();
     let mut store = store_for(&policy);
     let mut tokens = TokenCache::new(16);
-    let d = decide_traced(
-        &policy,
-        &request("GET", "/customers/7", Some("crm"), &key("pos")),
-        T0,
-        &mut store,
-        &mut tokens,
-    );
+    let d =
+        decide_traced(&policy, &request("GET", "/customers/7", Some("crm"), &key("pos")), T0, &mut store, &mut tokens);
     let text = d.trace.join("\n");
     for check in [
         "path",
@@ -473,29 +241,14 @@ fn fleet_exhaustion_applies_for_its_day_only() {
     let mut tokens = TokenCache::new(16);
     let headers = key("pos");
     let today = T0 / 1_000_000_000 / 86_400;
-    let fleet = guardrail_core::fleet::Fleet {
-        day: today,
-        exhausted: ["pos".to_string()].into(),
-    };
+    let fleet = guardrail_core::fleet::Fleet { day: today, exhausted: ["pos".to_string()].into() };
     let mut req = request("GET", "/", None, &headers);
     req.fleet = Some(&fleet);
     let d = decide(&policy, &req, T0, &mut store, &mut tokens);
     let denial = d.denial.expect("fleet-exhausted app is refused");
-    assert_eq!(
-        (denial.code, denial.rule.as_deref()),
-        (Code::BudgetExhausted, Some("fleet-budget")),
-        "code and rule"
-    );
-    assert_eq!(
-        denial.retry_after_secs,
-        Some(72_000),
-        "retry at the next UTC midnight"
-    );
+    assert_eq!((denial.code, denial.rule.as_deref()), (Code::BudgetExhausted, Some("fleet-budget")), "code and rule");
+    assert_eq!(denial.retry_after_secs, Some(72_000), "retry at the next UTC midnight");
     let tomorrow = T0 + 86_400 * 1_000_000_000;
     let d = decide(&policy, &req, tomorrow, &mut store, &mut tokens);
-    assert!(
-        d.allowed(),
-        "yesterday's fleet state does not apply: {:?}",
-        d.denial
-    );
+    assert!(d.allowed(), "yesterday's fleet state does not apply: {:?}", d.denial);
 }

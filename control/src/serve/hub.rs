@@ -1,0 +1,324 @@
+//! The hub: the policy snapshot being served, the fleet, and the channels that push both to every
+//! connected stream at once.
+//!
+//! Snapshots and fleet state go out through [`tokio::sync::watch`] channels: each stream sees the
+//! newest value, never a queue of stale ones, so a burst of policy edits costs a slow stream one
+//! message, not one per edit.
+//!
+//! ## Revisions
+//!
+//! A snapshot's revision (what nodes ACK and NACK) is the document's `revision`, unless this
+//! companion already served that revision with different content: then it is
+//! `<revision>+sha256:<first 8 hex of the content hash>`, so an ACK names one content only. A
+//! document without `revision` is served as `sha256:<8 hex>`. The content hash is SHA-256 of the
+//! policy as compact JSON, so an edit of comments or layout changes nothing and is not pushed. The
+//! pushed `policy_json` carries the snapshot's revision as its `revision`, so the filter's policy
+//! and its ACK name the same thing.
+
+use super::fleet::{Counts, Fleet, FleetError, Node};
+use crate::log::log;
+use guardrail_core::compile::{compile_json_str, CompiledPolicy};
+use guardrail_core::source::Document;
+use guardrail_core::time::SECS_PER_DAY;
+use guardrail_proto::v1;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use tokio::sync::watch;
+
+/// The largest `policy_json` pushed; it must fit the filter's (and the server's) message limit.
+pub const MAX_POLICY_JSON_BYTES: usize = 4 * 1024 * 1024 - 4096;
+/// Revisions remembered to keep labels unambiguous (cleared beyond this).
+const MAX_LABELS: usize = 10_000;
+
+/// Unix seconds; a parameter so that tests can move the day on.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(crate::log::now_secs)
+}
+
+/// One validated policy, as pushed.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// What nodes ACK (see the module docs).
+    pub revision: String,
+    /// SHA-256 of the policy as compact JSON, before its revision is replaced.
+    pub content: [u8; 32],
+    /// The document as compact JSON, with `revision` set to [`Snapshot::revision`].
+    pub json: String,
+    pub policy: CompiledPolicy,
+}
+
+impl Snapshot {
+    pub fn to_proto(&self) -> v1::ServerMessage {
+        v1::ServerMessage {
+            msg: Some(v1::server_message::Msg::Snapshot(v1::PolicySnapshot {
+                revision: self.revision.clone(),
+                policy_json: self.json.clone(),
+            })),
+        }
+    }
+}
+
+/// What became of a policy offered to the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// Pushed to every stream under this revision.
+    Published(String),
+    /// Same content as the one served (only comments or layout changed): nothing pushed.
+    Unchanged(String),
+    /// Not servable (e.g. too large); the message says why.
+    Refused(String),
+}
+
+/// Shared by the gRPC service, the file watcher and the day ticker.
+pub struct Hub {
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    fleet_state: watch::Sender<v1::FleetState>,
+    shutdown: watch::Sender<bool>,
+    inner: Mutex<Inner>,
+    clock: Clock,
+}
+
+struct Inner {
+    fleet: Fleet,
+    last_policy_error: String,
+    /// Label → content hash of every revision served by this process.
+    labels: HashMap<String, [u8; 32]>,
+}
+
+// === impl Hub ===
+
+impl Hub {
+    /// A hub serving `doc` (already validated, read from `file`).
+    pub fn new(file: &Path, doc: Document, clock: Clock) -> Result<Arc<Hub>, String> {
+        let mut labels = HashMap::new();
+        let snapshot = make_snapshot(file, doc, &mut labels)?;
+        let today = day_of(clock());
+        let hub = Hub {
+            snapshot: watch::Sender::new(Arc::new(snapshot)),
+            fleet_state: watch::Sender::new(v1::FleetState { day: today, exhausted_apps: Vec::new() }),
+            shutdown: watch::Sender::new(false),
+            inner: Mutex::new(Inner { fleet: Fleet::default(), last_policy_error: String::new(), labels }),
+            clock,
+        };
+        Ok(Arc::new(hub))
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    pub fn today(&self) -> u64 {
+        day_of(self.now())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the bookkeeping half-updated in a way that
+        // matters more than stopping the service would.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn fleet_states(&self) -> watch::Receiver<v1::FleetState> {
+        self.fleet_state.subscribe()
+    }
+
+    pub fn shutdowns(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Asks every stream to end (the server is stopping).
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Serves `doc` (validated, from `file`) unless its content is the one served already.
+    pub fn offer(&self, file: &Path, doc: Document) -> Offer {
+        let mut inner = self.lock();
+        let current = self.current();
+        let content = match content_of(&doc) {
+            Ok(c) => c,
+            Err(e) => return self.refused(&mut inner, e),
+        };
+        if content.1 == current.content {
+            inner.last_policy_error.clear();
+            return Offer::Unchanged(current.revision.clone());
+        }
+        let snapshot = match make_snapshot(file, doc, &mut inner.labels) {
+            Ok(s) => s,
+            Err(e) => return self.refused(&mut inner, e),
+        };
+        let revision = snapshot.revision.clone();
+        self.snapshot.send_replace(Arc::new(snapshot));
+        inner.last_policy_error.clear();
+        self.recompute(&inner);
+        Offer::Published(revision)
+    }
+
+    fn refused(&self, inner: &mut Inner, error: String) -> Offer {
+        inner.last_policy_error = error.clone();
+        Offer::Refused(error)
+    }
+
+    /// Records why the newest policy change was not applied (shown by `guardrail status`).
+    pub fn policy_error(&self, error: String) {
+        self.lock().last_policy_error = error;
+    }
+
+    // --- nodes ---
+
+    pub fn connect(&self, hello: &v1::Hello) -> Result<Node, FleetError> {
+        let now = self.now();
+        self.lock().fleet.connect(hello, now).cloned()
+    }
+
+    pub fn disconnect(&self, node_id: &str) {
+        let now = self.now();
+        self.lock().fleet.disconnect(node_id, now);
+    }
+
+    pub fn seen(&self, node_id: &str) {
+        let now = self.now();
+        self.lock().fleet.seen(node_id, now);
+    }
+
+    pub fn ack(&self, node_id: &str, revision: &str) {
+        let served = self.current().revision.clone();
+        self.lock().fleet.ack(node_id, revision, &served);
+    }
+
+    pub fn nack(&self, node_id: &str, revision: &str, error: &str) {
+        self.lock().fleet.nack(node_id, revision, error);
+    }
+
+    #[cfg(test)]
+    pub fn node(&self, node_id: &str) -> Option<Node> {
+        self.lock().fleet.get(node_id).cloned()
+    }
+
+    /// Records a usage report and pushes the fleet state if an app became exhausted.
+    pub fn report(&self, node_id: &str, report: &v1::UsageReport) -> Result<(), FleetError> {
+        let today = self.today();
+        let mut inner = self.lock();
+        inner.fleet.report(node_id, report, today)?;
+        self.recompute(&inner);
+        Ok(())
+    }
+
+    /// Once a second or so: a new UTC day empties the exhausted set, an expiring override may
+    /// lower a budget, and old usage is forgotten.
+    pub fn tick(&self) {
+        let now = self.now();
+        let mut inner = self.lock();
+        inner.fleet.prune(day_of(now), now);
+        self.recompute(&inner);
+    }
+
+    /// Recomputes today's exhausted apps; pushes them when they (or the day) changed.
+    fn recompute(&self, inner: &Inner) {
+        let now = self.now();
+        let day = day_of(now);
+        let snapshot = self.current();
+        let exhausted = inner.fleet.exhausted(day, &snapshot.policy, now);
+        self.fleet_state.send_if_modified(|state| {
+            if state.day == day && state.exhausted_apps == exhausted {
+                return false;
+            }
+            let added: Vec<&String> =
+                exhausted.iter().filter(|a| state.day != day || !state.exhausted_apps.contains(a)).collect();
+            if state.day != day {
+                log!("UTC day {day} began: no app is exhausted fleet-wide");
+            }
+            for app in added {
+                log!("app {app} spent its daily budget fleet-wide (day {day}): pushing to every node");
+            }
+            state.day = day;
+            state.exhausted_apps = exhausted;
+            true
+        });
+    }
+
+    pub fn status(&self) -> v1::StatusResponse {
+        let now = self.now();
+        let day = day_of(now);
+        let snapshot = self.current();
+        let inner = self.lock();
+        let totals: BTreeMap<String, Counts> = inner.fleet.totals(day);
+        let daily_budgets = snapshot
+            .policy
+            .apps
+            .iter()
+            .filter_map(|a| {
+                let budget = snapshot.policy.limits(a, now)?.daily_budget?;
+                Some((a.id.clone(), budget))
+            })
+            .collect();
+        v1::StatusResponse {
+            revision: snapshot.revision.clone(),
+            nodes: inner.fleet.to_proto(),
+            fleet_usage: totals.iter().map(|(app, c)| c.to_proto(app)).collect(),
+            day,
+            last_policy_error: inner.last_policy_error.clone(),
+            exhausted_apps: inner.fleet.exhausted(day, &snapshot.policy, now),
+            daily_budgets,
+        }
+    }
+}
+
+/// Days since 1970-01-01 (UTC) of Unix seconds.
+pub fn day_of(secs: i64) -> u64 {
+    u64::try_from(secs.max(0)).unwrap_or(0) / SECS_PER_DAY
+}
+
+/// The document as compact JSON and the SHA-256 of that JSON.
+fn content_of(doc: &Document) -> Result<(String, [u8; 32]), String> {
+    let json = serde_json::to_string(&doc.json).map_err(|e| format!("cannot encode the policy as JSON: {e}"))?;
+    let hash = Sha256::digest(json.as_bytes()).into();
+    Ok((json, hash))
+}
+
+/// Labels the document (see the module docs) and checks what will be pushed.
+fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 32]>) -> Result<Snapshot, String> {
+    let (_, content) = content_of(&doc)?;
+    let doc_revision = doc.policy.revision.clone();
+    let short = hex::encode(&content[..4]);
+    let revision = if doc_revision.is_empty() {
+        format!("sha256:{short}")
+    } else if labels.get(&doc_revision).is_some_and(|c| *c != content) {
+        format!("{doc_revision}+sha256:{short}")
+    } else {
+        doc_revision.clone()
+    };
+    let mut value = doc.json;
+    if let Some(object) = value.as_object_mut() {
+        object.insert("revision".into(), serde_json::Value::String(revision.clone()));
+    }
+    let json = serde_json::to_string(&value).map_err(|e| format!("cannot encode the policy: {e}"))?;
+    if json.len() > MAX_POLICY_JSON_BYTES {
+        return Err(format!(
+            "{}: the policy is {} bytes as JSON; at most {MAX_POLICY_JSON_BYTES} can be pushed",
+            file.display(),
+            json.len()
+        ));
+    }
+    // What the filter will compile is what was validated, revision included.
+    let policy = compile_json_str(&json)
+        .map_err(|e| format!("{}: the policy as pushed does not validate: {e}", file.display()))?;
+    if labels.len() >= MAX_LABELS {
+        labels.clear();
+    }
+    labels.entry(doc_revision).or_insert(content);
+    labels.insert(revision.clone(), content);
+    Ok(Snapshot { revision, content, json, policy })
+}

@@ -1,0 +1,159 @@
+//! `guardrail serve`: push a policy file (or directory) to every connected Envoy, hot-reloaded.
+//!
+//! On start the policy is validated like `guardrail check` (exit 1 with `file:line: path: message`
+//! errors if it is not valid). Then a watcher thread polls it ([`watch`]); each valid change is
+//! pushed to every stream at once through the [`hub::Hub`], an invalid one is refused with a log
+//! line per error and the last good policy stays in force. The gRPC service ([`service`]) tracks
+//! every node's ACKs, NACKs and usage; a ticker rolls the fleet over at each UTC day.
+
+pub mod fleet;
+pub mod hub;
+pub mod service;
+pub mod watch;
+
+#[cfg(test)]
+mod tests;
+
+use crate::log::log;
+use crate::pb::policy_service_server::PolicyServiceServer;
+use anyhow::Context;
+use hub::{system_clock, Hub};
+use service::{PolicyServer, StreamLimits, MAX_MESSAGE_BYTES};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use watch::{Source, Watcher, POLL_INTERVAL};
+
+/// How long streams get to close when the server stops, before it exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Policy file (YAML or JSON), or a directory holding exactly one (`*.yaml`, `*.yml`, `*.json`;
+    /// hidden files, `~` backups, `*.swp` and `*.tmp` are ignored).
+    #[arg(long)]
+    policy: PathBuf,
+    /// Address to listen on, `HOST:PORT` (port 0 picks a free port; the log says which).
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    listen: String,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let source = Source::new(&args.policy);
+    let (file, text, doc) = match source.load() {
+        Ok(loaded) => loaded,
+        Err(lines) => {
+            for line in lines {
+                eprintln!("{line}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let hub = Hub::new(&file, doc, system_clock()).map_err(anyhow::Error::msg)?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(serve(args, source, file, text, hub))
+}
+
+async fn serve(args: &Args, source: Source, file: PathBuf, text: String, hub: Arc<Hub>) -> anyhow::Result<ExitCode> {
+    let listener =
+        TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let server = start(listener, hub.clone(), StreamLimits::default()).context("starting the gRPC server")?;
+    log!(
+        "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService)",
+        hub.current().revision,
+        file.display(),
+        server.addr
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = Watcher::new(source, hub.clone(), &file, &text);
+    let watcher_stop = stop.clone();
+    let watcher = std::thread::Builder::new()
+        .name("policy-watcher".into())
+        .spawn(move || watcher.run(POLL_INTERVAL, &watcher_stop))
+        .context("starting the policy watcher")?;
+
+    let ticker_hub = hub.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            every.tick().await;
+            ticker_hub.tick();
+        }
+    });
+
+    let signal = stop_signal().await;
+    log!("{signal}: stopping");
+    stop.store(true, Ordering::Relaxed);
+    ticker.abort();
+    server.stop(&hub).await;
+    let _ = watcher.join();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits for Ctrl-C or SIGTERM; names the one that came.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = term.recv() => "terminated",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "interrupted"
+}
+
+/// A gRPC server running in the background.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Serves the policy service on `listener` until [`Running::stop`].
+pub fn start(listener: TcpListener, hub: Arc<Hub>, limits: StreamLimits) -> std::io::Result<Running> {
+    let addr = listener.local_addr()?;
+    let service = PolicyServiceServer::new(PolicyServer::new(hub, limits)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            // Dead peers (a killed Envoy, a cut network) are noticed and their streams closed.
+            .http2_keepalive_interval(Some(Duration::from_secs(15)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    Ok(Running { addr, stop, task })
+}
+
+impl Running {
+    /// Ends every stream and stops the server (waiting at most [`SHUTDOWN_GRACE`]).
+    pub async fn stop(self, hub: &Hub) {
+        hub.shut_down();
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => log!("gRPC server error: {e}"),
+            Ok(Err(e)) => log!("gRPC server task failed: {e}"),
+            Err(_) => {
+                log!("streams did not close in time; stopping anyway");
+                task.abort();
+            }
+        }
+    }
+}

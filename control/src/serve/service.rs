@@ -1,0 +1,332 @@
+//! `guardrail.v1.PolicyService`: one bidirectional stream per Envoy process, and `Status`.
+//!
+//! Each stream runs in its own task. It waits for the client's `Hello` (the first message must be
+//! one), sends the current snapshot and fleet state, then relays every newer one while it records
+//! the client's ACKs, NACKs and usage reports. Outbound messages go through a small bounded
+//! channel: a client that stops reading fills it and its stream is closed, so it never holds up
+//! the others (who are fed from the hub's watch channels, not through it). Inbound messages are
+//! bounded in size by the server (`max_decoding_message_size`) and in rate per stream here.
+
+use super::fleet::{valid_id, FleetError, MAX_ID_LEN};
+use super::hub::Hub;
+use crate::log::log;
+use crate::pb::policy_service_server::PolicyService;
+use guardrail_proto::v1::{self, client_message::Msg};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The largest client message accepted (a usage report of thousands of apps fits easily).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Per-stream limits.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Time a new stream has to say Hello.
+    pub hello_timeout: Duration,
+    /// Outbound messages queued for one client before it counts as not keeping up.
+    pub outbound_queue: usize,
+    /// Sustained client messages per second, and the burst above it, before the stream is closed.
+    pub messages_per_sec: u32,
+    pub message_burst: u32,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            hello_timeout: Duration::from_secs(10),
+            outbound_queue: 8,
+            messages_per_sec: 50,
+            message_burst: 200,
+        }
+    }
+}
+
+/// The tonic service: a handle on the hub.
+#[derive(Clone)]
+pub struct PolicyServer {
+    hub: Arc<Hub>,
+    limits: StreamLimits,
+}
+
+impl PolicyServer {
+    pub fn new(hub: Arc<Hub>, limits: StreamLimits) -> Self {
+        PolicyServer { hub, limits }
+    }
+}
+
+type Outbound = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
+
+// === impl PolicyService ===
+
+#[tonic::async_trait]
+impl PolicyService for PolicyServer {
+    type StreamStream = Outbound;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<v1::ClientMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(2));
+        let conn = Connection { hub: self.hub.clone(), limits: self.limits, tx, peer };
+        tokio::spawn(conn.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        Ok(Response::new(self.hub.status()))
+    }
+}
+
+// === impl Connection ===
+
+/// One client stream.
+struct Connection {
+    hub: Arc<Hub>,
+    limits: StreamLimits,
+    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    peer: Option<SocketAddr>,
+}
+
+/// Why a stream ended; `Some` status is sent to the client.
+type End = Option<Status>;
+
+impl Connection {
+    async fn run(self, mut inbound: Streaming<v1::ClientMessage>) {
+        let peer = self.peer.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
+        let hello = match self.hello(&mut inbound).await {
+            Ok(hello) => hello,
+            Err(end) => {
+                if let Some(status) = &end {
+                    log!("stream from {peer} closed before Hello: {}", status.message());
+                }
+                self.close(end);
+                return;
+            }
+        };
+        let node = hello.node_id.clone();
+        match self.hub.connect(&hello) {
+            Ok(n) => log!(
+                "node {node} connected from {peer} (envoy {}, filter {}, holding revision {}){}",
+                or_dash(&hello.envoy_version),
+                or_dash(&hello.filter_version),
+                or_dash(&hello.revision),
+                if n.streams > 1 { format!("; it now has {} streams open", n.streams) } else { String::new() }
+            ),
+            Err(e) => {
+                log!("stream from {peer} refused: {e}");
+                self.close(Some(match e {
+                    FleetError::TooManyNodes => Status::resource_exhausted(e.to_string()),
+                    _ => Status::invalid_argument(e.to_string()),
+                }));
+                return;
+            }
+        }
+        let end = self.serve(&node, &mut inbound).await;
+        self.hub.disconnect(&node);
+        match &end {
+            Some(status) => log!("node {node} disconnected: {}", status.message()),
+            None => log!("node {node} disconnected"),
+        }
+        self.close(end);
+    }
+
+    /// Waits for the first message, which must be a valid Hello.
+    async fn hello(&self, inbound: &mut Streaming<v1::ClientMessage>) -> Result<v1::Hello, End> {
+        let first = tokio::time::timeout(self.limits.hello_timeout, inbound.message()).await;
+        match first {
+            Err(_) => Err(Some(Status::deadline_exceeded(format!(
+                "no Hello within {} s",
+                self.limits.hello_timeout.as_secs_f32()
+            )))),
+            Ok(Err(status)) => Err(Some(status)),
+            Ok(Ok(None)) => Err(None),
+            Ok(Ok(Some(v1::ClientMessage { msg: Some(Msg::Hello(hello)) }))) => {
+                if valid_id(&hello.node_id) {
+                    Ok(hello)
+                } else {
+                    Err(Some(Status::invalid_argument(FleetError::BadNodeId.to_string())))
+                }
+            }
+            Ok(Ok(Some(_))) => Err(Some(Status::failed_precondition("the first message on the stream must be Hello"))),
+        }
+    }
+
+    /// Relays snapshots and fleet state, and handles client messages, until the stream ends.
+    async fn serve(&self, node: &str, inbound: &mut Streaming<v1::ClientMessage>) -> End {
+        let mut snapshots = self.hub.snapshots();
+        let mut fleet = self.hub.fleet_states();
+        let mut shutdown = self.hub.shutdowns();
+        if *shutdown.borrow_and_update() {
+            return Some(Status::unavailable("the companion is stopping"));
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        if !self.send(node, snapshot.to_proto()) {
+            return None;
+        }
+        let state = fleet.borrow_and_update().clone();
+        if !self.send(node, fleet_message(state)) {
+            return None;
+        }
+        let mut bucket = Bucket::new(self.limits, Instant::now());
+        loop {
+            // Biased: a policy goes out before the fleet state computed with it.
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    return Some(Status::unavailable("the companion is stopping"));
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return Some(Status::unavailable("the companion is stopping"));
+                    }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    if !self.send(node, snapshot.to_proto()) {
+                        return None;
+                    }
+                }
+                changed = fleet.changed() => {
+                    if changed.is_err() {
+                        return Some(Status::unavailable("the companion is stopping"));
+                    }
+                    let state = fleet.borrow_and_update().clone();
+                    if !self.send(node, fleet_message(state)) {
+                        return None;
+                    }
+                }
+                () = self.tx.closed() => return None,
+                message = inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if !bucket.take(Instant::now()) {
+                            return Some(Status::resource_exhausted(format!(
+                                "more than {} messages per second",
+                                self.limits.messages_per_sec
+                            )));
+                        }
+                        if let Err(status) = self.handle(node, message) {
+                            return Some(status);
+                        }
+                    }
+                    Ok(None) => return None,
+                    // A transport error, or a message over the size limit.
+                    Err(status) => return Some(status),
+                },
+            }
+        }
+    }
+
+    /// One client message after Hello.
+    fn handle(&self, node: &str, message: v1::ClientMessage) -> Result<(), Status> {
+        self.hub.seen(node);
+        match message.msg {
+            Some(Msg::Hello(hello)) if hello.node_id == node => Ok(()),
+            Some(Msg::Hello(_)) => {
+                Err(Status::invalid_argument("a second Hello with another node_id; open one stream per node"))
+            }
+            Some(Msg::Ack(ack)) => {
+                check_revision(&ack.revision)?;
+                let served = self.hub.current().revision.clone();
+                self.hub.ack(node, &ack.revision);
+                if ack.revision == served {
+                    log!("node {node} ACK revision {}", ack.revision);
+                } else {
+                    log!("node {node} ACK revision {} (serving {served})", ack.revision);
+                }
+                Ok(())
+            }
+            Some(Msg::Nack(nack)) => {
+                check_revision(&nack.revision)?;
+                self.hub.nack(node, &nack.revision, &nack.error);
+                let mut lines = nack.error.lines().filter(|l| !l.trim().is_empty());
+                let first = lines.next().unwrap_or("(no error given)");
+                let more = lines.count();
+                log!(
+                    "node {node} NACK revision {}: {}{} (it keeps its previous policy)",
+                    nack.revision,
+                    super::fleet::truncated(first, 500).escape_debug(),
+                    if more > 0 { format!(" (+{more} more lines; see `guardrail status`)") } else { String::new() }
+                );
+                Ok(())
+            }
+            Some(Msg::Usage(report)) => {
+                self.hub.report(node, &report).map_err(|e| Status::invalid_argument(e.to_string()))
+            }
+            None => Err(Status::invalid_argument("empty client message")),
+        }
+    }
+
+    /// Queues one message; `false` (and the stream is over) if the client is gone or not reading.
+    fn send(&self, node: &str, message: v1::ServerMessage) -> bool {
+        match self.tx.try_send(Ok(message)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                log!(
+                    "node {node} is not reading its stream ({} messages queued): closing it",
+                    self.limits.outbound_queue
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Ends the stream, with `end`'s status when there is one and room for it.
+    fn close(self, end: End) {
+        if let Some(status) = end {
+            let _ = self.tx.try_send(Err(status));
+        }
+    }
+}
+
+fn fleet_message(state: v1::FleetState) -> v1::ServerMessage {
+    v1::ServerMessage { msg: Some(v1::server_message::Msg::Fleet(state)) }
+}
+
+fn check_revision(revision: &str) -> Result<(), Status> {
+    if revision.chars().count() > MAX_ID_LEN || revision.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!("a revision is at most {MAX_ID_LEN} printable characters")));
+    }
+    Ok(())
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// A token bucket over client messages.
+struct Bucket {
+    tokens: f64,
+    per_sec: f64,
+    burst: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(limits: StreamLimits, now: Instant) -> Self {
+        let burst = f64::from(limits.message_burst.max(1));
+        Bucket { tokens: burst, per_sec: f64::from(limits.messages_per_sec.max(1)), burst, at: now }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The policy service over a real in-process gRPC server (127.0.0.1:0) with tonic clients, a
+//! policy file in a temporary directory, a watcher polled by hand and a fake clock.
+
+use super::hub::{day_of, Clock, Hub, Offer};
+use super::service::{StreamLimits, MAX_MESSAGE_BYTES};
+use super::watch::{Polled, Source, Watcher};
+use super::{start, Running};
+use crate::pb::policy_service_client::PolicyServiceClient;
+use guardrail_proto::v1::{self, client_message::Msg, server_message};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+/// Long enough for anything that should happen; a broken test fails after it instead of hanging.
+const WAIT: Duration = Duration::from_secs(5);
+/// 2026-03-21T12:00:00Z.
+const NOON: i64 = 1_774_094_400;
+
+fn policy(revision: &str, budget: u64, extra_app: bool) -> String {
+    let mut text = format!(
+        "\
+apiVersion: guardrail/v1
+kind: Policy
+revision: {revision}
+settings:
+  gateway_region: eu-west-1
+tiers:
+  small:
+    rate: {{requests: 100, per: 1s}}
+    daily_budget: {budget}
+connectors:
+  approved: [upstream]
+apps:
+  - id: app-a
+    environment: prod
+    tier: small
+    lifecycle: published
+    region: eu-west-1
+    data_classes: [public]
+    connectors: [upstream]
+"
+    );
+    if extra_app {
+        text.push_str(
+            "  - id: app-b
+    environment: prod
+    tier: small
+    lifecycle: published
+    region: eu-west-1
+    data_classes: [public]
+    connectors: [upstream]
+",
+        );
+    }
+    text
+}
+
+// === Fixture ===
+
+/// A temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("guardrail-serve-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Fixture {
+    dir: TempDir,
+    file: PathBuf,
+    hub: Arc<Hub>,
+    now: Arc<AtomicI64>,
+    watcher: Watcher,
+    server: Option<Running>,
+}
+
+impl Fixture {
+    async fn new(text: &str) -> Fixture {
+        Fixture::with_limits(text, StreamLimits::default()).await
+    }
+
+    async fn with_limits(text: &str, limits: StreamLimits) -> Fixture {
+        let dir = TempDir::new();
+        let file = dir.0.join("policy.yaml");
+        std::fs::write(&file, text).unwrap();
+        let now = Arc::new(AtomicI64::new(NOON));
+        let clock_now = now.clone();
+        let clock: Clock = Arc::new(move || clock_now.load(Ordering::SeqCst));
+        let source = Source::new(&file);
+        let (path, read, doc) = source.load().unwrap();
+        let hub = Hub::new(&path, doc, clock).unwrap();
+        let watcher = Watcher::new(source, hub.clone(), &path, &read);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = start(listener, hub.clone(), limits).unwrap();
+        Fixture { dir, file, hub, now, watcher, server: Some(server) }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.server.as_ref().unwrap().addr)
+    }
+
+    async fn client(&self) -> PolicyServiceClient<Channel> {
+        let client = tokio::time::timeout(WAIT, PolicyServiceClient::connect(self.url())).await.unwrap().unwrap();
+        client.max_decoding_message_size(MAX_MESSAGE_BYTES * 2)
+    }
+
+    /// Opens a stream; the Hello (if any) is sent first.
+    async fn open(&self, hello: Option<&str>) -> Node {
+        let (tx, rx) = mpsc::channel(16);
+        if let Some(id) = hello {
+            tx.send(hello_message(id)).await.unwrap();
+        }
+        let mut client = self.client().await;
+        let response = tokio::time::timeout(WAIT, client.stream(ReceiverStream::new(rx))).await.unwrap().unwrap();
+        Node { tx, rx: response.into_inner() }
+    }
+
+    /// Writes the policy file and polls the watcher until it acts (two agreeing reads).
+    fn change(&mut self, text: &str) -> Polled {
+        std::fs::write(&self.file, text).unwrap();
+        self.settle()
+    }
+
+    fn settle(&mut self) -> Polled {
+        for _ in 0..3 {
+            let polled = self.watcher.poll();
+            if polled != Polled::Nothing {
+                return polled;
+            }
+        }
+        Polled::Nothing
+    }
+
+    async fn status(&self) -> v1::StatusResponse {
+        let mut client = self.client().await;
+        tokio::time::timeout(WAIT, client.status(v1::StatusRequest {})).await.unwrap().unwrap().into_inner()
+    }
+
+    async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop(&self.hub).await;
+        }
+    }
+}
+
+/// A client stream, as a filter would hold it.
+struct Node {
+    tx: mpsc::Sender<v1::ClientMessage>,
+    rx: Streaming<v1::ServerMessage>,
+}
+
+impl Node {
+    async fn send(&self, msg: Msg) {
+        self.tx.send(v1::ClientMessage { msg: Some(msg) }).await.unwrap();
+    }
+
+    /// The next server message, or the status the stream ended with.
+    async fn next(&mut self) -> Result<Option<server_message::Msg>, tonic::Status> {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(result) => result.map(|m| m.and_then(|m| m.msg)),
+            Err(_) => panic!("no server message within {WAIT:?}"),
+        }
+    }
+
+    async fn snapshot(&mut self) -> v1::PolicySnapshot {
+        match self.next().await {
+            Ok(Some(server_message::Msg::Snapshot(s))) => s,
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+    }
+
+    async fn fleet(&mut self) -> v1::FleetState {
+        match self.next().await {
+            Ok(Some(server_message::Msg::Fleet(f))) => f,
+            other => panic!("expected fleet state, got {other:?}"),
+        }
+    }
+
+    /// Nothing arrives within a short while.
+    async fn quiet(&mut self) {
+        let got = tokio::time::timeout(Duration::from_millis(150), self.rx.message()).await;
+        assert!(got.is_err(), "expected no message, got {got:?}");
+    }
+
+    /// Hello, then the initial snapshot and fleet state.
+    async fn joined(fixture: &Fixture, id: &str) -> (Node, v1::PolicySnapshot) {
+        let mut node = fixture.open(Some(id)).await;
+        let snapshot = node.snapshot().await;
+        node.fleet().await;
+        (node, snapshot)
+    }
+}
+
+fn hello_message(id: &str) -> v1::ClientMessage {
+    v1::ClientMessage {
+        msg: Some(Msg::Hello(v1::Hello {
+            node_id: id.into(),
+            envoy_version: "1.33.0".into(),
+            filter_version: "0.1.0".into(),
+            revision: String::new(),
+        })),
+    }
+}
+
+fn usage(day: u64, app: &str, allowed: u64) -> Msg {
+    Msg::Usage(v1::UsageReport { day, apps: vec![v1::AppUsage { app: app.into(), allowed, ..Default::default() }] })
+}
+
+/// Polls `check` until it holds (or fails the test after [`WAIT`]).
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn revision_in(json: &str) -> String {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap();
+    value["revision"].as_str().unwrap_or_default().to_string()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+// === Stream protocol ===
+
+#[tokio::test]
+async fn hello_gets_the_snapshot_then_the_fleet_state() {
+    let f = Fixture::new(&policy("1", 10, false)).await;
+    let mut node = f.open(Some("envoy-1")).await;
+    let snapshot = node.snapshot().await;
+    assert_eq!(snapshot.revision, "1");
+    assert_eq!(revision_in(&snapshot.policy_json), "1", "the JSON names the same revision");
+    guardrail_core::compile::compile_json_str(&snapshot.policy_json).expect("the pushed JSON is a valid policy");
+    let fleet = node.fleet().await;
+    assert_eq!((fleet.day, fleet.exhausted_apps.len()), (day_of(NOON), 0));
+    node.quiet().await;
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn the_first_message_must_be_hello() {
+    let f = Fixture::new(&policy("1", 10, false)).await;
+    let mut node = f.open(None).await;
+    node.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    let status = node.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+
+    let mut node = f.open(None).await;
+    node.send(Msg::Hello(v1::Hello::default())).await;
+    let status = node.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "empty node id: {status:?}");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_without_hello_is_closed_after_the_timeout() {
+    let limits = StreamLimits { hello_timeout: Duration::from_millis(100), ..StreamLimits::default() };
+    let f = Fixture::with_limits(&policy("1", 10, false), limits).await;
+    let mut silent = f.open(None).await;
+    let status = silent.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn acks_and_nacks_are_recorded_and_shown_by_status() {
+    let mut f = Fixture::new(&policy("1", 10, false)).await;
+    let (node, _) = Node::joined(&f, "envoy-1").await;
+    node.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    eventually("ACK recorded", || f.hub.node("envoy-1").is_some_and(|n| n.acked_revision == "1")).await;
+
+    assert_eq!(f.change(&policy("2", 10, false)), Polled::Offered(Offer::Published("2".into())));
+    node.send(Msg::Nack(v1::Nack {
+        revision: "2".into(),
+        error: "rules[0].when: unknown function\nrules[1].when: syntax error".into(),
+    }))
+    .await;
+    eventually("NACK recorded", || f.hub.node("envoy-1").is_some_and(|n| n.nacked_revision == "2")).await;
+
+    let status = f.status().await;
+    assert_eq!(status.revision, "2");
+    let n = &status.nodes[0];
+    assert_eq!(
+        (n.node_id.as_str(), n.connected, n.streams, n.acked_revision.as_str(), n.nacked_revision.as_str()),
+        ("envoy-1", true, 1, "1", "2")
+    );
+    assert!(n.last_error.contains("unknown function"), "{n:?}");
+    assert_eq!(n.envoy_version, "1.33.0");
+    assert_eq!(n.last_seen_unix, NOON);
+
+    node.send(Msg::Ack(v1::Ack { revision: "2".into() })).await;
+    eventually("ACK of the served revision clears the NACK", || {
+        f.hub.node("envoy-1").is_some_and(|n| n.acked_revision == "2" && n.last_error.is_empty())
+    })
+    .await;
+
+    drop(node);
+    eventually("disconnect recorded", || f.hub.node("envoy-1").is_some_and(|n| n.streams == 0)).await;
+    let status = f.status().await;
+    assert!(!status.nodes[0].connected, "kept, as disconnected");
+    f.stop().await;
+}
+
+// === Policy changes ===
+
+#[tokio::test]
+async fn a_policy_change_is_pushed_to_every_stream() {
+    let mut f = Fixture::new(&policy("1", 10, false)).await;
+    let (mut a, _) = Node::joined(&f, "envoy-a").await;
+    let (mut b, _) = Node::joined(&f, "envoy-b").await;
+    assert_eq!(f.change(&policy("2", 10, true)), Polled::Offered(Offer::Published("2".into())));
+    for node in [&mut a, &mut b] {
+        let s = node.snapshot().await;
+        assert_eq!(s.revision, "2");
+        assert!(s.policy_json.contains("app-b"));
+    }
+    // A new stream gets the newest policy right away.
+    let (_c, s) = Node::joined(&f, "envoy-c").await;
+    assert_eq!(s.revision, "2");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_change_is_refused_and_the_last_good_policy_stays() {
+    let mut f = Fixture::new(&policy("1", 10, false)).await;
+    let (mut node, _) = Node::joined(&f, "envoy-1").await;
+    let bad = policy("2", 10, false).replace("tier: small", "tier: huge");
+    let Polled::Invalid(lines) = f.change(&bad) else {
+        panic!("an unknown tier must be refused");
+    };
+    let file = path_str(&f.file).to_string();
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!("{file}:15: apps[0].tier"))),
+        "names file, line and field: {lines:?}"
+    );
+    assert_eq!(f.hub.current().revision, "1");
+    node.quiet().await;
+    let status = f.status().await;
+    assert_eq!(status.revision, "1");
+    assert!(status.last_policy_error.contains("apps[0].tier"), "{status:?}");
+
+    // Fixed: pushed, and the error is history.
+    assert_eq!(f.change(&policy("2", 10, false)), Polled::Offered(Offer::Published("2".into())));
+    assert_eq!(node.snapshot().await.revision, "2");
+    assert_eq!(f.status().await.last_policy_error, "");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_half_written_or_vanished_file_is_never_applied() {
+    let mut f = Fixture::new(&policy("1", 10, false)).await;
+    let (mut node, _) = Node::joined(&f, "envoy-1").await;
+
+    // A prefix of the new file is itself a valid policy (without app-b); it is seen once only,
+    // before the rest is written, so it is never applied.
+    let full = policy("2", 10, true);
+    let prefix = &full[..full.find("  - id: app-b").unwrap()];
+    std::fs::write(&f.file, prefix).unwrap();
+    assert_eq!(f.watcher.poll(), Polled::Nothing);
+    std::fs::write(&f.file, &full).unwrap();
+    assert_eq!(f.watcher.poll(), Polled::Nothing, "not confirmed yet");
+    assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Published("2".into())));
+    let s = node.snapshot().await;
+    assert!(s.policy_json.contains("app-b"), "the whole file");
+
+    // Vanished: reported, nothing pushed; back: nothing to push either.
+    std::fs::remove_file(&f.file).unwrap();
+    assert!(matches!(f.settle(), Polled::Unreadable(e) if e.contains("cannot read")));
+    assert_eq!(f.hub.current().revision, "2");
+    assert!(f.status().await.last_policy_error.contains("cannot read"));
+    assert_eq!(f.change(&full), Polled::Offered(Offer::Unchanged("2".into())));
+    node.quiet().await;
+
+    // Replaced by an atomic rename, as editors and `kubectl cp` do.
+    let tmp = f.dir.0.join(".policy.yaml.tmp");
+    std::fs::write(&tmp, policy("3", 10, true)).unwrap();
+    std::fs::rename(&tmp, &f.file).unwrap();
+    assert_eq!(f.settle(), Polled::Offered(Offer::Published("3".into())));
+    assert_eq!(node.snapshot().await.revision, "3");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn revisions_name_one_content_only() {
+    let mut f = Fixture::new(&policy("7", 10, false)).await;
+    let (mut node, _) = Node::joined(&f, "envoy-1").await;
+
+    // Comments and layout only: same policy, nothing to push.
+    let commented = format!("# reviewed\n{}", policy("7", 10, false));
+    assert_eq!(f.change(&commented), Polled::Offered(Offer::Unchanged("7".into())));
+    node.quiet().await;
+
+    // New content under the same revision: labelled with its hash.
+    let Polled::Offered(Offer::Published(label)) = f.change(&policy("7", 20, false)) else {
+        panic!("a content change must be pushed");
+    };
+    assert!(label.starts_with("7+sha256:") && label.len() == 17, "{label}");
+    let s = node.snapshot().await;
+    assert_eq!((s.revision.as_str(), revision_in(&s.policy_json)), (label.as_str(), label.clone()));
+
+    // Back to the first content: its first label again.
+    assert_eq!(f.change(&policy("7", 10, false)), Polled::Offered(Offer::Published("7".into())));
+    assert_eq!(node.snapshot().await.revision, "7");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_directory_holds_exactly_one_policy_file() {
+    let dir = TempDir::new();
+    let file = dir.0.join("policy.yaml");
+    std::fs::write(&file, policy("1", 10, false)).unwrap();
+    for ignored in [".policy.yaml.swp", "policy.yaml~", "policy.yaml.tmp", "README.md"] {
+        std::fs::write(dir.0.join(ignored), "junk").unwrap();
+    }
+    let source = Source::new(&dir.0);
+    let (path, _, doc) = source.load().unwrap();
+    assert_eq!((path.as_path(), doc.policy.revision.as_str()), (file.as_path(), "1"));
+
+    std::fs::write(dir.0.join("other.json"), "{}").unwrap();
+    let err = source.load().unwrap_err();
+    assert!(err[0].contains("holds 2 policy files (other.json, policy.yaml)"), "{err:?}");
+    std::fs::remove_file(dir.0.join("other.json")).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let err = source.load().unwrap_err();
+    assert!(err[0].contains("holds no policy file"), "{err:?}");
+}
+
+// === Fleet budgets ===
+
+#[tokio::test]
+async fn usage_of_two_nodes_sums_and_exhausts_the_app_fleet_wide() {
+    let f = Fixture::new(&policy("1", 10, true)).await;
+    let today = day_of(NOON);
+    let (mut a, _) = Node::joined(&f, "envoy-a").await;
+    let (mut b, _) = Node::joined(&f, "envoy-b").await;
+
+    a.send(usage(today, "app-a", 6)).await;
+    a.send(usage(today, "app-b", 3)).await;
+    eventually("first report", || f.hub.status().fleet_usage.len() == 2).await;
+    a.quiet().await;
+    b.send(usage(today, "app-a", 4)).await;
+    for node in [&mut a, &mut b] {
+        let fleet = node.fleet().await;
+        assert_eq!((fleet.day, fleet.exhausted_apps), (today, vec!["app-a".to_string()]));
+    }
+    let status = f.status().await;
+    let app_a = status.fleet_usage.iter().find(|u| u.app == "app-a").unwrap();
+    assert_eq!(app_a.allowed, 10);
+    assert_eq!(status.exhausted_apps, vec!["app-a".to_string()]);
+    assert_eq!(status.daily_budgets.get("app-a"), Some(&10));
+
+    // A repeated report changes nothing (counts are absolute).
+    b.send(usage(today, "app-a", 4)).await;
+    a.quiet().await;
+
+    // A new node learns of it on Hello.
+    let mut c = f.open(Some("envoy-c")).await;
+    c.snapshot().await;
+    assert_eq!(c.fleet().await.exhausted_apps, vec!["app-a".to_string()]);
+
+    // A new UTC day: nothing is exhausted.
+    f.now.store(NOON + 86_400, Ordering::SeqCst);
+    f.hub.tick();
+    for node in [&mut a, &mut b, &mut c] {
+        let fleet = node.fleet().await;
+        assert_eq!((fleet.day, fleet.exhausted_apps.len()), (today + 1, 0));
+    }
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_raised_budget_lifts_the_exhaustion() {
+    let mut f = Fixture::new(&policy("1", 10, false)).await;
+    let today = day_of(NOON);
+    let (mut a, _) = Node::joined(&f, "envoy-a").await;
+    a.send(usage(today, "app-a", 10)).await;
+    assert_eq!(a.fleet().await.exhausted_apps, vec!["app-a".to_string()]);
+    assert!(matches!(f.change(&policy("2", 50, false)), Polled::Offered(Offer::Published(_))));
+    assert_eq!(a.snapshot().await.revision, "2");
+    assert_eq!(a.fleet().await.exhausted_apps.len(), 0);
+    f.stop().await;
+}
+
+// === Misbehaving clients ===
+
+#[tokio::test]
+async fn bad_and_oversized_messages_close_only_their_stream() {
+    let f = Fixture::new(&policy("1", 10, false)).await;
+    let today = day_of(NOON);
+    let (mut good, _) = Node::joined(&f, "good").await;
+
+    let (mut big, _) = Node::joined(&f, "big").await;
+    big.send(Msg::Usage(v1::UsageReport {
+        day: today,
+        apps: vec![v1::AppUsage { app: "x".repeat(MAX_MESSAGE_BYTES + 1), ..Default::default() }],
+    }))
+    .await;
+    let status = big.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    let (mut skewed, _) = Node::joined(&f, "skewed").await;
+    skewed.send(usage(today + 5, "app-a", 1)).await;
+    let status = skewed.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // The well-behaved stream is still served.
+    good.send(usage(today, "app-a", 10)).await;
+    assert_eq!(good.fleet().await.exhausted_apps, vec!["app-a".to_string()]);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_flooding_client_is_cut_off() {
+    let limits = StreamLimits { messages_per_sec: 1, message_burst: 5, ..StreamLimits::default() };
+    let f = Fixture::with_limits(&policy("1", 10, false), limits).await;
+    let (mut flood, _) = Node::joined(&f, "flood").await;
+    for _ in 0..10 {
+        flood.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    }
+    let status = flood.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_up_the_others() {
+    let limits = StreamLimits { outbound_queue: 2, ..StreamLimits::default() };
+    // 256 KiB snapshots: a few overflow the HTTP/2 windows (64 KiB) of a client that does not read.
+    let owner = "o".repeat(256 * 1024);
+    let with_padding = |revision: &str| {
+        policy(revision, 10, false)
+            .replace("    environment: prod\n", &format!("    environment: prod\n    owner: {owner}\n"))
+    };
+    let mut f = Fixture::with_limits(&with_padding("1"), limits).await;
+    let (stuck, _) = Node::joined(&f, "stuck").await;
+    let (mut reader, _) = Node::joined(&f, "reader").await;
+    let mut revision = 1;
+    while f.hub.node("stuck").is_some_and(|n| n.streams > 0) {
+        revision += 1;
+        assert!(revision < 100, "the stuck stream was never closed");
+        let expected = revision.to_string();
+        assert_eq!(f.change(&with_padding(&expected)), Polled::Offered(Offer::Published(expected.clone())));
+        assert_eq!(reader.snapshot().await.revision, expected, "the reader keeps up");
+    }
+    drop(stuck);
+    assert_eq!(f.hub.node("reader").map(|n| n.streams), Some(1));
+    f.stop().await;
+}

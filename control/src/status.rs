@@ -1,0 +1,305 @@
+//! `guardrail status`: asks a running companion for its fleet and prints it.
+
+use crate::log::{now_secs, rfc3339_secs};
+use crate::pb::policy_service_client::PolicyServiceClient;
+use anyhow::Context;
+use guardrail_proto::v1;
+use serde_json::json;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long to wait for the companion, connecting and answering.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The companion's address, `HOST:PORT` or `http://HOST:PORT`.
+    #[arg(long, default_value = "127.0.0.1:18000")]
+    server: String,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let url = server_url(&args.server);
+    let status = match runtime.block_on(fetch(&url)) {
+        Ok(status) => status,
+        Err(why) => {
+            eprintln!("error: cannot get the status from the companion at {url}: {why}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let text = serde_json::to_string_pretty(&to_json(&status)).context("encoding JSON")?;
+        writeln!(out, "{text}").context("writing to standard output")?;
+    } else {
+        out.write_all(render(&status, now_secs()).as_bytes()).context("writing to standard output")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `HOST:PORT` becomes `http://HOST:PORT`; a URL stays as it is.
+pub fn server_url(server: &str) -> String {
+    if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+/// Calls `Status`; the error is a readable reason.
+pub async fn fetch(url: &str) -> Result<v1::StatusResponse, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad address: {e}"))?
+        .connect_timeout(TIMEOUT)
+        .timeout(TIMEOUT);
+    let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
+    let mut client = PolicyServiceClient::new(channel);
+    let response =
+        client.status(v1::StatusRequest {}).await.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?;
+    Ok(response.into_inner())
+}
+
+/// An error and its causes on one line (`transport error: tcp connect error: Connection refused`).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The status as JSON (`--json`): the proto fields, by their proto names.
+pub fn to_json(s: &v1::StatusResponse) -> serde_json::Value {
+    json!({
+        "revision": s.revision,
+        "day": s.day,
+        "date": date_of_day(s.day),
+        "last_policy_error": s.last_policy_error,
+        "nodes": s.nodes.iter().map(|n| json!({
+            "node_id": n.node_id,
+            "connected": n.connected,
+            "streams": n.streams,
+            "envoy_version": n.envoy_version,
+            "filter_version": n.filter_version,
+            "acked_revision": n.acked_revision,
+            "nacked_revision": n.nacked_revision,
+            "last_error": n.last_error,
+            "last_seen_unix": n.last_seen_unix,
+            "in_sync": n.acked_revision == s.revision,
+        })).collect::<Vec<_>>(),
+        "fleet_usage": s.fleet_usage.iter().map(|u| json!({
+            "app": u.app,
+            "allowed": u.allowed,
+            "throttled": u.throttled,
+            "soft_limit": u.soft_limit,
+            "denied": u.denied.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "daily_budget": s.daily_budgets.get(&u.app),
+            "exhausted": s.exhausted_apps.contains(&u.app),
+        })).collect::<Vec<_>>(),
+        "exhausted_apps": s.exhausted_apps,
+    })
+}
+
+/// `YYYY-MM-DD` of a day number.
+fn date_of_day(day: u64) -> String {
+    let secs = i64::try_from(day.saturating_mul(86_400)).unwrap_or(i64::MAX);
+    rfc3339_secs(secs).chars().take(10).collect()
+}
+
+/// The status as tables, for people.
+pub fn render(s: &v1::StatusResponse, now: i64) -> String {
+    let mut out = String::new();
+    let error =
+        if s.last_policy_error.is_empty() { "none".to_string() } else { s.last_policy_error.replace('\n', "\n  ") };
+    out.push_str(&format!("serving revision {}\n", s.revision));
+    out.push_str(&format!("last policy error: {error}\n\n"));
+
+    let in_sync = s.nodes.iter().filter(|n| n.connected && n.acked_revision == s.revision).count();
+    let connected = s.nodes.iter().filter(|n| n.connected).count();
+    out.push_str(&format!("nodes: {connected} connected, {in_sync} on revision {}\n", s.revision));
+    if s.nodes.is_empty() {
+        out.push_str("  (none yet)\n");
+    } else {
+        let mut rows = vec![row(&["NODE", "CONNECTED", "ACKED", "NACKED", "LAST SEEN", "ENVOY", "FILTER"])];
+        for n in &s.nodes {
+            let connected = match (n.connected, n.streams) {
+                (false, _) => "no".to_string(),
+                (true, 1) => "yes".to_string(),
+                (true, k) => format!("yes ({k} streams)"),
+            };
+            rows.push(row(&[
+                &n.node_id,
+                &connected,
+                dash(&n.acked_revision),
+                dash(&n.nacked_revision),
+                &ago(now - n.last_seen_unix),
+                dash(&n.envoy_version),
+                dash(&n.filter_version),
+            ]));
+        }
+        out.push_str(&table(&rows));
+        for n in s.nodes.iter().filter(|n| !n.last_error.is_empty()) {
+            out.push_str(&format!(
+                "  {} rejected {}: {}\n",
+                n.node_id,
+                n.nacked_revision,
+                n.last_error.replace('\n', "\n    ")
+            ));
+        }
+    }
+
+    out.push_str(&format!("\nfleet usage on {} (UTC):\n", date_of_day(s.day)));
+    if s.fleet_usage.is_empty() {
+        out.push_str("  (no usage reported yet)\n");
+    } else {
+        let mut rows = vec![row(&["APP", "ALLOWED", "BUDGET", "DENIED", "THROTTLED", "SOFT-LIMIT", "STATE"])];
+        for u in &s.fleet_usage {
+            let denied: u64 = u.denied.values().fold(0, |a, n| a.saturating_add(*n));
+            let budget = s.daily_budgets.get(&u.app).map_or_else(|| "-".to_string(), u64::to_string);
+            let state = if s.exhausted_apps.contains(&u.app) { "budget exhausted" } else { "ok" };
+            rows.push(row(&[
+                &u.app,
+                &u.allowed.to_string(),
+                &budget,
+                &denied.to_string(),
+                &u.throttled.to_string(),
+                &u.soft_limit.to_string(),
+                state,
+            ]));
+        }
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| (*c).to_string()).collect()
+}
+
+fn dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+/// Left-aligned columns, two spaces apart, indented by two.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::from(" ");
+        for (cell, width) in r.iter().zip(&widths) {
+            line.push(' ');
+            line.push_str(cell);
+            line.push_str(&" ".repeat(width.saturating_sub(cell.chars().count()) + 1));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `3s ago`, `4m ago`, `2h ago`, `3d ago`.
+fn ago(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        0..=119 => format!("{secs}s ago"),
+        120..=7_199 => format!("{}m ago", secs / 60),
+        7_200..=172_799 => format!("{}h ago", secs / 3_600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> v1::StatusResponse {
+        v1::StatusResponse {
+            revision: "8".into(),
+            nodes: vec![
+                v1::Node {
+                    node_id: "envoy-a".into(),
+                    envoy_version: "1.33.0".into(),
+                    filter_version: "0.1.0".into(),
+                    acked_revision: "7".into(),
+                    nacked_revision: "8".into(),
+                    last_error: "rules[0].when: bad\nrules[1].when: bad".into(),
+                    last_seen_unix: 990,
+                    connected: true,
+                    streams: 1,
+                },
+                v1::Node {
+                    node_id: "envoy-b".into(),
+                    acked_revision: "8".into(),
+                    last_seen_unix: 0,
+                    ..Default::default()
+                },
+            ],
+            fleet_usage: vec![v1::AppUsage {
+                app: "pos".into(),
+                allowed: 100,
+                denied: [("quota-exceeded".to_string(), 2)].into_iter().collect(),
+                ..Default::default()
+            }],
+            day: 20_000,
+            last_policy_error: String::new(),
+            exhausted_apps: vec!["pos".into()],
+            daily_budgets: [("pos".to_string(), 100)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn renders_nodes_and_usage() {
+        let text = render(&sample(), 1_000);
+        for want in [
+            "serving revision 8",
+            "last policy error: none",
+            "nodes: 1 connected, 0 on revision 8",
+            "envoy-a  yes        7      8       10s ago",
+            "envoy-b  no         8      -",
+            "envoy-a rejected 8: rules[0].when: bad\n    rules[1].when: bad",
+            "fleet usage on 2024-10-04 (UTC)",
+            "pos  100      100     2       0          0           budget exhausted",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn json_has_every_field() {
+        let v = to_json(&sample());
+        assert_eq!(v["nodes"][0]["nacked_revision"], "8");
+        assert_eq!(v["nodes"][1]["in_sync"], true);
+        assert_eq!(v["fleet_usage"][0]["daily_budget"], 100);
+        assert_eq!(v["fleet_usage"][0]["exhausted"], true);
+        assert_eq!(v["fleet_usage"][0]["denied"]["quota-exceeded"], 2);
+        assert_eq!(v["date"], "2024-10-04");
+    }
+
+    #[test]
+    fn addresses_and_ages() {
+        assert_eq!(server_url("127.0.0.1:18000"), "http://127.0.0.1:18000");
+        assert_eq!(server_url("https://cp:443"), "https://cp:443");
+        assert_eq!(ago(5), "5s ago");
+        assert_eq!(ago(600), "10m ago");
+        assert_eq!(ago(-3), "0s ago");
+    }
+}
