@@ -5,9 +5,10 @@
 #                        guardrail.wasm and the `guardrail` CLI (release)
 #   ./build.sh test      build, then every test: cargo test, clippy (host and wasm), rustfmt,
 #                        and the end-to-end suite in real Envoy (tests/e2e)
-#   ./build.sh run       build, then the demo: echo upstream, Envoy with the filter and
-#                        examples/policy.yaml; prints curl lines; Ctrl-C stops everything
-#   ./build.sh bench     the benchmark suite (not yet implemented)
+#   ./build.sh run       build, then the demo: the companion serving examples/policy.yaml, echo
+#                        upstream, Envoy with the filter; prints curl lines; Ctrl-C stops everything
+#   ./build.sh bench     the benchmark suite (bench/run.sh): overhead, accuracy, propagation, scale
+#   ./build.sh oci       the filter as an OCI image layout for Istio under dist/guardrail-oci
 #
 # Environment: GUARDRAIL_PORT (10000), ADMIN_PORT (9901), UPSTREAM_PORT (18080), CONTROL_PORT
 # (18000), POLICY (examples/policy.yaml), PYTHON (python3, to create .venv), CARGO_TARGET_DIR.
@@ -321,11 +322,11 @@ cmd_run() {
   policy_json "$policy" "$RUN_DIR/policy.json"
   local plugin_extra='{}'
 
-  # --- companion ------------------------------------------------------------------------------
-  # TODO(companion): once `guardrail serve` exists, start it here and let the filter dial it:
-  #   port_free "$control_port" || die "127.0.0.1:$control_port is in use (set CONTROL_PORT)"
-  #   spawn companion "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port"
-  #   plugin_extra='{"control": {"cluster": "guardrail_control"}}'
+  # --- companion: serves the policy file and pushes every valid edit to Envoy ----------------
+  port_free "$control_port" || die "127.0.0.1:$control_port is in use (set CONTROL_PORT)"
+  spawn "companion on 127.0.0.1:$control_port (serving $policy)" \
+    "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port"
+  plugin_extra='{"control": {"cluster": "guardrail_control"}}'
   # --------------------------------------------------------------------------------------------
 
   "$VENV/bin/python" envoy/render.py envoy/guardrail.yaml -o "$RUN_DIR/guardrail.yaml" \
@@ -346,7 +347,9 @@ cmd_run() {
   cat >&2 <<EOF
 
 Guardrail is up: gateway $url, admin http://127.0.0.1:$admin_port, upstream http://127.0.0.1:$upstream_port
-policy: $policy (inline in the plugin configuration; rendered config: $RUN_DIR/guardrail.yaml)
+policy: $policy, served by the companion on 127.0.0.1:$control_port: edit it and enforcement follows
+        (the same policy is inline in the plugin configuration until the first push; config: $RUN_DIR/guardrail.yaml)
+        fleet status: $GUARDRAIL_BIN status --server 127.0.0.1:$control_port
 
 Try:
 
@@ -368,16 +371,26 @@ EOF
 # === bench ===
 
 cmd_bench() {
-  die "./build.sh bench is not implemented yet (issue 6): it will run the same Envoy config with and without the filter and print a table of ratios"
+  cmd_build
+  exec bench/run.sh "$@"
 }
 
-# === main ===
+# The filter as an OCI image for Istio's WasmPlugin (Istio Wasm image spec, compat variant: one
+# tar+gzip layer holding plugin.wasm), written as an OCI image layout under dist/ without Docker.
+cmd_oci() {
+  cmd_build
+  local tag="${OCI_TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}"
+  "$VENV/bin/python" tools/oci.py "$GUARDRAIL_WASM" dist/guardrail-oci --tag "$tag"
+  "$VENV/bin/python" tools/oci.py --verify dist/guardrail-oci --wasm "$GUARDRAIL_WASM"
+  say "push with: skopeo copy oci:dist/guardrail-oci:$tag docker://REGISTRY/guardrail:$tag"
+}
 
 case "${1:-build}" in
   build) cmd_build ;;
   test) cmd_test ;;
   run) cmd_run ;;
-  bench) cmd_bench ;;
-  -h | --help | help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$1' (try: build, test, run, bench, help)" ;;
+  bench) shift; cmd_bench "$@" ;;
+  oci) cmd_oci ;;
+  -h | --help | help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$1' (try: build, test, run, bench, oci, help)" ;;
 esac
