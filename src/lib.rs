@@ -52,14 +52,14 @@ pub(crate) fn create_keys(policy: &CompiledPolicy) -> Result<(), StoreError> {
 struct Worker {
     policy: Option<Rc<CompiledPolicy>>,
     failure_mode: FailureMode,
-    gateway_region: Option<String>,
+    gateway_region: Option<Rc<str>>,
     tokens: TokenCache,
     metrics: host::Metrics,
     /// Set when a companion is configured: then snapshots and fleet state come through shared data.
     controlled: bool,
     /// The shared-data generation this worker has loaded.
     generation: u64,
-    fleet: Option<Fleet>,
+    fleet: Option<Rc<Fleet>>,
     /// Usage counted since the last flush to shared data (only when `controlled`).
     usage: HashMap<String, UsageCounters>,
 }
@@ -94,7 +94,7 @@ impl Worker {
                 if let Some(policy) = published.policy {
                     self.install(policy);
                 }
-                self.fleet = published.fleet;
+                self.fleet = published.fleet.map(Rc::new);
             }
             Err(e) => host::error(&format!(
                 "guardrail: published snapshot does not compile here ({e}); keeping the last good policy"
@@ -190,7 +190,7 @@ impl RootContext for GuardrailRoot {
         };
         let mut worker = self.worker.borrow_mut();
         worker.failure_mode = config.failure_mode;
-        worker.gateway_region = config.gateway_region;
+        worker.gateway_region = config.gateway_region.map(Rc::from);
         worker.controlled = config.control_cluster.is_some();
         if let Some(policy) = config.policy {
             if let Err(e) = create_keys(&policy) {
@@ -276,7 +276,7 @@ impl HttpContext for GuardrailHttp {
             request_id: header("x-request-id"),
             headers: &headers,
             gateway_region: gateway_region.as_deref(),
-            fleet: fleet.as_ref(),
+            fleet: fleet.as_deref(),
         };
 
         let Some(policy) = worker.policy.clone() else {
