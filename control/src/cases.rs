@@ -60,7 +60,7 @@ use crate::jwk::SigningKey;
 use crate::log::now_secs;
 use anyhow::Context;
 use guardrail_core::compile::CompiledPolicy;
-use guardrail_core::decide::{Code, Decision, Event};
+use guardrail_core::decide::{Code, Decision};
 use guardrail_core::duration::parse_duration;
 use guardrail_core::jwt::TokenCache;
 use guardrail_core::source::{load_file, locate, read_file, to_json_value};
@@ -380,14 +380,7 @@ impl Expect {
             }
         }
         if let Some(want) = &self.shadow {
-            let got: Vec<&str> = d
-                .events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Shadow { rule, .. } => Some(rule.as_str()),
-                    Event::SoftLimit { .. } => None,
-                })
-                .collect();
+            let got: Vec<&str> = d.shadow_rules();
             if got != want.iter().map(String::as_str).collect::<Vec<_>>() {
                 out.push(format!("shadow: expected [{}], got [{}]", want.join(", "), got.join(", ")));
             }
@@ -805,14 +798,7 @@ fn found_summary(d: &Decision<'_>) -> String {
     if let Some(ds) = d.dataset {
         found.push(format!("dataset {}", ds.id));
     }
-    let shadow: Vec<&str> = d
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Shadow { rule, .. } => Some(rule.as_str()),
-            Event::SoftLimit { .. } => None,
-        })
-        .collect();
+    let shadow: Vec<&str> = d.shadow_rules();
     if !shadow.is_empty() {
         found.push(format!("shadow [{}]", shadow.join(", ")));
     }

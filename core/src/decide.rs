@@ -159,6 +159,17 @@ impl<'p> Decision<'p> {
         self.denial.is_none()
     }
 
+    /// Ids of the shadow rules that would have denied this request.
+    pub fn shadow_rules(&self) -> Vec<&str> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Shadow { rule, .. } => Some(rule.as_str()),
+                Event::SoftLimit { .. } => None,
+            })
+            .collect()
+    }
+
     fn new() -> Self {
         Decision {
             denial: None,
