@@ -108,7 +108,10 @@ impl Worker {
         }
         let Some(app) = app else { return };
         let day = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(0);
-        let entry = self.usage.entry(app.to_string()).or_default();
+        if !self.usage.contains_key(app) {
+            self.usage.insert(app.to_string(), UsageCounters::default());
+        }
+        let Some(entry) = self.usage.get_mut(app) else { return };
         if entry.day != day {
             *entry = UsageCounters { day, ..UsageCounters::default() };
         }
