@@ -93,8 +93,10 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     }
     // 2. Resolve dot segments and collapse empty ones.
     let mut segments: Vec<&str> = Vec::new();
+    // A segment is judged by its name without `;params`, as servers that strip them (Tomcat,
+    // Jetty, Spring) will: `..;x` climbs like `..`, and `;x` alone is an empty segment.
     for seg in decoded.split('/') {
-        match seg {
+        match seg.split(';').next().unwrap_or("") {
             "" | "." => {}
             ".." => {
                 if segments.pop().is_none() {
@@ -235,6 +237,11 @@ mod tests {
             ("/a%20b", Ok("/a%20b"), "reserved stays encoded"),
             ("/a%3bb", Ok("/a%3Bb"), "hex upper-cased"),
             ("/", Ok("/"), "root"),
+            ("/catalog/..;/customers/1", Ok("/customers/1"), "dot-dot with params climbs"),
+            ("/catalog/..;x=1/customers/1", Ok("/customers/1"), "dot-dot with named params climbs"),
+            ("/a/.;x/customers", Ok("/a/customers"), "dot with params"),
+            ("/;x/customers", Ok("/customers"), "empty segment with params"),
+            ("/..;/x", Err(PathError::AboveRoot), "dot-dot with params above root"),
             ("/?q", Ok("/"), "root with query"),
             ("/caf\u{e9}", Ok("/caf\u{e9}"), "utf-8 kept"),
         ];
@@ -313,7 +320,9 @@ mod tests {
             Just("/./".to_string()),
             Just("/x/../".to_string()),
             Just("/%2e/".to_string()),
-            Just("/junk/%2E%2e/".to_string())
+            Just("/junk/%2E%2e/".to_string()),
+            Just("/junk/..;/".to_string()),
+            Just("/junk/%2e%2e;x=1/".to_string())
         ];
         let params = prop_oneof![Just(String::new()), Just(";a=b".to_string())];
         let tail = prop_oneof![
