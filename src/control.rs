@@ -346,11 +346,15 @@ pub fn flush_usage(deltas: &mut std::collections::HashMap<String, UsageCounters>
 }
 
 fn node_id() -> String {
-    let configured = proxy_wasm::hostcalls::get_property(vec!["node", "id"])
-        .ok()
-        .flatten()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|s| !s.is_empty());
+    // Envoy's node id (`--service-node` or bootstrap `node.id`): `xds.node.id` in current Envoy,
+    // `node.id` in older ones.
+    let configured = [vec!["xds", "node", "id"], vec!["node", "id"]].into_iter().find_map(|path| {
+        proxy_wasm::hostcalls::get_property(path)
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|s| !s.is_empty())
+    });
     let local = match host::SharedData.get(NODE_KEY) {
         Ok(Some((bytes, _))) => String::from_utf8(bytes).unwrap_or_default(),
         _ => String::new(),
