@@ -592,7 +592,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             ("tiers:\n  s: {rate: {requests: 1, per: 1s}}\n  s: {rate: {requests: 2, per: 1s}}\n", "duplicate key", "tiers", 5, "duplicate key `s` (first written on line 4)"),
             ("apps: [\n", "syntax error", "apps", 4, "did not find expected node content"),
             ("revision: 1\n---\nkind: Policy\n", "two documents", "", 4, "a second YAML document"),
-            ("revision: [1]\n", "untagged enum", "revision", 3, "untagged enum"),
+            ("revision: [1]\n", "revision of the wrong type", "revision", 3, "a number or a string"),
             ("kind: Policy\n", "duplicate key of a struct", "", 3, "duplicate key `kind` (first written on line 2)"),
             (
                 "settings:\n  identity:\n    jwt:\n      - issuer: x\n        jwks: {keys: []}\n        app_claims: sub\n",
