@@ -8,7 +8,7 @@ use crate::path::normalize_path;
 use crate::quota::{take, CounterStore, QuotaOutcome, Usage};
 use crate::raw::{Effect, RuleMode};
 use crate::raw::{Environment, Lifecycle};
-use crate::rules::{request_value, token_value, Vars};
+use crate::rules::{request_value, token_value, Vars, USES_APP, USES_DATASET, USES_REQUEST, USES_TOKEN};
 use crate::time::NANOS_PER_SEC;
 use std::borrow::Cow;
 
@@ -512,18 +512,23 @@ fn check_rules<'p>(
         t.note("rules", || "none in scope".to_string());
         return Ok(());
     }
-    let app_value =
-        policy.app_index(&app.id).and_then(|i| policy.app_values.get(i)).cloned().unwrap_or(cel::Value::Null);
-    let vars = Vars {
-        app: app_value,
-        dataset: dataset_index.and_then(|i| policy.dataset_values.get(i)).cloned().unwrap_or(cel::Value::Null),
-        request: request_value(method, &crate::path::normalize_host(req.host), path, req.headers),
-        token: token_value(token),
-    };
+    let rules: Vec<&crate::compile::Rule> = rules.collect();
+    let uses = rules.iter().fold(0u8, |bits, r| bits | r.expr.uses());
+    let wants = |bit: u8| uses & bit != 0;
+    let scope = policy.cel.scope(Vars {
+        app: wants(USES_APP)
+            .then(|| policy.app_index(&app.id).and_then(|i| policy.app_values.get(i)).cloned())
+            .map(|v| v.unwrap_or(cel::Value::Null)),
+        dataset: wants(USES_DATASET)
+            .then(|| dataset_index.and_then(|i| policy.dataset_values.get(i)).cloned().unwrap_or(cel::Value::Null)),
+        request: wants(USES_REQUEST)
+            .then(|| request_value(method, &crate::path::normalize_host(req.host), path, req.headers)),
+        token: wants(USES_TOKEN).then(|| token_value(token)),
+    });
     let mut allow_ids: Vec<&str> = Vec::new();
     let mut allowed = false;
     for rule in rules {
-        let result = policy.cel.eval(&rule.expr, &vars);
+        let result = policy.cel.eval(&rule.expr, &scope);
         t.note("rule", || {
             let outcome = match &result {
                 Ok(true) => "holds".to_string(),

@@ -91,6 +91,12 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
             }
         }
     }
+    // An escaped `%` that is followed by hex digits once the unreserved escapes are decoded
+    // (`%25%32%46` → `%252F`) is double encoding, however it was spelled.
+    let d = decoded.as_bytes();
+    if d.windows(5).any(|w| w.starts_with(b"%25") && hex_value(w[3]).is_some() && hex_value(w[4]).is_some()) {
+        return Err(PathError::DoubleEncoding);
+    }
     // 2. Resolve dot segments and collapse empty ones.
     let mut segments: Vec<&str> = Vec::new();
     // A segment is judged by its name without `;params`, as servers that strip them (Tomcat,
@@ -231,6 +237,8 @@ mod tests {
             ("/customers%zz", Err(PathError::BadEscape), "bad escape"),
             ("/customers%4", Err(PathError::BadEscape), "truncated escape"),
             ("/customers%252F7", Err(PathError::DoubleEncoding), "double encoding"),
+            ("/%25%32%46", Err(PathError::DoubleEncoding), "double encoding spelled with escaped digits"),
+            ("/a%25b", Ok("/a%25b"), "an escaped percent before a non-hex character"),
             ("/..", Err(PathError::AboveRoot), "above root"),
             ("customers", Err(PathError::NotAbsolute), "relative"),
             ("*", Err(PathError::NotAbsolute), "asterisk form"),

@@ -15,6 +15,56 @@ use std::sync::Arc;
 pub const MAX_EXPRESSION_LEN: usize = 2048;
 pub const MAX_NESTING: usize = 24;
 pub const VARIABLES: [&str; 4] = ["app", "dataset", "request", "token"];
+/// Comprehension macros multiply each other's cost (8 nested `exists` over 10 items are 10^8
+/// steps), so how many there are and how deep they nest is bounded too.
+pub const MAX_COMPREHENSION_NESTING: usize = 2;
+pub const MAX_COMPREHENSIONS: usize = 8;
+
+/// (deepest nesting, count) of comprehension macro calls, found lexically (string literals
+/// skipped). A name like `.exists(` inside a string cannot be one, so it is not counted.
+fn comprehensions(source: &str) -> (usize, usize, Vec<&str>) {
+    const MACROS: [&str; 5] = ["exists_one", "exists", "all", "map", "filter"];
+    let b = source.as_bytes();
+    let (mut i, mut depth, mut open, mut deepest, mut total) = (0usize, 0usize, Vec::<usize>::new(), 0usize, 0usize);
+    let mut bound = Vec::new();
+    while i < b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'.' => {
+                let rest = &source[i + 1..];
+                let name_len = rest.bytes().take_while(|c| c.is_ascii_alphanumeric() || *c == b'_').count();
+                let name = &rest[..name_len];
+                let paren = rest[name_len..].trim_start().starts_with('(');
+                if paren && MACROS.contains(&name) {
+                    // The comprehension's own variable (`.exists(x, ...)`) is bound, not free.
+                    let args = rest[name_len..].trim_start().get(1..).unwrap_or("").trim_start();
+                    let var_len = args.bytes().take_while(|c| c.is_ascii_alphanumeric() || *c == b'_').count();
+                    if args[var_len..].trim_start().starts_with(',') {
+                        bound.push(&args[..var_len]);
+                    }
+                    total += 1;
+                    open.push(depth + 1);
+                    deepest = deepest.max(open.len());
+                }
+            }
+            b'(' => depth += 1,
+            b')' => {
+                if open.last() == Some(&depth) {
+                    open.pop();
+                }
+                depth = depth.saturating_sub(1);
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    (deepest, total, bound)
+}
 
 /// The CEL environment shared by every rule of a policy.
 pub struct Cel {
@@ -36,6 +86,21 @@ impl Default for Cel {
 /// A compiled `when` expression.
 pub struct Expression {
     program: Program,
+    /// Which of [`VARIABLES`] the expression names (bit i for `VARIABLES[i]`).
+    uses: u8,
+}
+
+/// Bits of [`Expression::uses`].
+pub const USES_APP: u8 = 1;
+pub const USES_DATASET: u8 = 2;
+pub const USES_REQUEST: u8 = 4;
+pub const USES_TOKEN: u8 = 8;
+
+impl Expression {
+    /// The variables this expression reads, as `USES_*` bits: only those are built per request.
+    pub fn uses(&self) -> u8 {
+        self.uses
+    }
 }
 
 impl std::fmt::Debug for Expression {
@@ -65,9 +130,17 @@ impl Cel {
         if deepest > MAX_NESTING {
             return Err(format!("expression nests {deepest} brackets deep; at most {MAX_NESTING} are allowed"));
         }
+        let (nested, total, bound) = comprehensions(source);
+        if nested > MAX_COMPREHENSION_NESTING || total > MAX_COMPREHENSIONS {
+            return Err(format!(
+                "expression has {total} comprehensions (exists, all, exists_one, map, filter) nested {nested} deep; \
+                 at most {MAX_COMPREHENSIONS}, nested {MAX_COMPREHENSION_NESTING} deep, are allowed (their cost multiplies)"
+            ));
+        }
         let program = self.env.compile(source).map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
         let references = program.references();
-        let mut unknown: Vec<&str> = references.variables().into_iter().filter(|v| !VARIABLES.contains(v)).collect();
+        let mut unknown: Vec<&str> =
+            references.variables().into_iter().filter(|v| !VARIABLES.contains(v) && !bound.contains(v)).collect();
         unknown.sort_unstable();
         unknown.dedup();
         if !unknown.is_empty() {
@@ -77,17 +150,31 @@ impl Cel {
                 unknown.join("`, `")
             ));
         }
-        Ok(Expression { program })
+        let variables = references.variables();
+        let uses = VARIABLES
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| variables.contains(v))
+            .fold(0u8, |bits, (i, _)| bits | (1 << i));
+        Ok(Expression { program, uses })
+    }
+
+    /// One evaluation scope per request: the variables are converted into CEL's representation
+    /// once, however many rules are then evaluated in it. Variables left `None` are not bound
+    /// (no rule in scope reads them).
+    pub fn scope(&self, vars: Vars) -> Scope {
+        let mut ctx = Context::with_env(Arc::clone(&self.env));
+        for (name, value) in VARIABLES.iter().zip([vars.app, vars.dataset, vars.request, vars.token]) {
+            if let Some(value) = value {
+                ctx.add_variable_from_value(*name, value);
+            }
+        }
+        Scope { ctx }
     }
 
     /// Evaluates `expr` to a boolean; any other result or an error is an `Err` (the caller denies).
-    pub fn eval(&self, expr: &Expression, vars: &Vars) -> Result<bool, String> {
-        let mut ctx = Context::with_env(Arc::clone(&self.env));
-        ctx.add_variable_from_value("app", vars.app.clone());
-        ctx.add_variable_from_value("dataset", vars.dataset.clone());
-        ctx.add_variable_from_value("request", vars.request.clone());
-        ctx.add_variable_from_value("token", vars.token.clone());
-        match expr.program.execute(&ctx) {
+    pub fn eval(&self, expr: &Expression, scope: &Scope) -> Result<bool, String> {
+        match expr.program.execute(&scope.ctx) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("expression gave {:?}, not a boolean", other.type_of())),
             Err(e) => Err(e.to_string()),
@@ -95,12 +182,18 @@ impl Cel {
     }
 }
 
-/// The variables of one evaluation. App and dataset values are built once per policy.
+/// The variables of one request's evaluations (`None`: not needed). App and dataset values are
+/// built once per policy.
 pub struct Vars {
-    pub app: Value,
-    pub dataset: Value,
-    pub request: Value,
-    pub token: Value,
+    pub app: Option<Value>,
+    pub dataset: Option<Value>,
+    pub request: Option<Value>,
+    pub token: Option<Value>,
+}
+
+/// A request's variables, ready for [`Cel::eval`].
+pub struct Scope {
+    ctx: Context<'static, 'static>,
 }
 
 fn string(s: &str) -> Value {
@@ -216,6 +309,13 @@ mod tests {
             ("user.id == 'x'", Some("unknown variable `user`"), "unknown variable"),
             ("apps.id == 'x' || reqest.path == '/'", Some("unknown variables `apps`, `reqest`"), "two unknown"),
             (&"(".repeat(40), Some("nests"), "too deep"),
+            ("request.headers.exists(k, app.data_classes.exists(c, c == k))", None, "two nested comprehensions"),
+            (
+                "[1].exists(a, [1].exists(b, [1].exists(c, true)))",
+                Some("comprehensions"),
+                "three nested comprehensions",
+            ),
+            ("'.exists(.exists(.exists(' == request.path", None, "macro names in a string"),
         ];
         for (src, want_err, why) in cases {
             match (cel.compile(src), want_err) {
@@ -235,12 +335,12 @@ mod tests {
     fn eval_table() {
         let cel = Cel::default();
         let headers = vec![("x-team".to_string(), "crm".to_string()), (":path".to_string(), "/p".to_string())];
-        let vars = Vars {
-            app: map(vec![("id", string("pos")), ("tier", string("standard"))]),
-            dataset: Value::Null,
-            request: request_value("GET", "api.example", "/customers/7", &headers),
-            token: Value::Null,
-        };
+        let scope = cel.scope(Vars {
+            app: Some(map(vec![("id", string("pos")), ("tier", string("standard"))])),
+            dataset: Some(Value::Null),
+            request: Some(request_value("GET", "api.example", "/customers/7", &headers)),
+            token: Some(Value::Null),
+        });
         let cases: &[(&str, Result<bool, ()>, &str)] = &[
             ("app.tier == 'standard'", Ok(true), "string equality"),
             ("request.path.startsWith('/customers')", Ok(true), "startsWith"),
@@ -254,7 +354,7 @@ mod tests {
         ];
         for (src, want, why) in cases {
             let expr = cel.compile(src).unwrap_or_else(|e| panic!("{why}: compile: {e}"));
-            assert_eq!(cel.eval(&expr, &vars).map_err(|_| ()), *want, "{why}: {src}");
+            assert_eq!(cel.eval(&expr, &scope).map_err(|_| ()), *want, "{why}: {src}");
         }
     }
 }
