@@ -8,9 +8,11 @@
 //!
 //! - `decide/api_key/<apps>x<rules>`: the API-key path end to end (path normalisation, digest
 //!   lookup, lifecycle, connector, dataset match, residency, data class, the CEL rules in scope,
-//!   and the quota compare-and-swap on `MemoryStore`) with a rate so high nothing is throttled.
+//!   and the quota compare-and-swap on `MemoryStore`) with a rate so high nothing is throttled;
+//!   `10000x0` (no rules) shows what everything but CEL costs.
 //! - `decide/jwt_cached/1000x20`: the same with an EdDSA bearer token already in the `TokenCache`.
 //! - `jwt/verify/<alg>`: a full signature and claims check; `jwt/cached/<alg>`: a cache hit.
+//! - `policy/compile_json/<apps>x20`: compiling a policy from JSON, as each worker does per revision.
 //!
 //! The policy is generated here (see `scenario_policy`), shaped like `bench/bench.py`'s: three tiers,
 //! N apps with one API key each, 50 datasets with routes, R rules of realistic shapes, about 10%
@@ -322,7 +324,9 @@ fn decide_api_key(c: &mut Criterion) {
     let mut rng = ChaCha20Rng::seed_from_u64(SEED);
     let keys = signer(&mut rng);
     for apps in [10, 1_000, 10_000] {
-        for rules in [1, 20, 200] {
+        // 10k apps without rules: what the checks other than CEL cost.
+        let rules: &[usize] = if apps == 10_000 { &[0, 1, 20, 200] } else { &[1, 20, 200] };
+        for &rules in rules {
             let policy = compiled(apps, rules, &keys.jwks);
             let reqs = requests(&mut rng, apps, None);
             let mut tokens = TokenCache::new(4096);
@@ -369,6 +373,22 @@ fn jwt(c: &mut Criterion) {
     group.finish();
 }
 
+/// Compiling a policy from its JSON text: what the companion, the leader and then each worker do
+/// for every new revision (propagation time).
+fn compile_policy(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(SEED ^ 3);
+    let keys = signer(&mut rng);
+    let mut group = c.benchmark_group("policy");
+    group.sample_size(10);
+    for apps in [1_000, 10_000] {
+        let text = scenario_policy(apps, 20, &keys.jwks);
+        group.bench_with_input(BenchmarkId::new("compile_json", format!("{apps}x20")), &text, |b, text| {
+            b.iter(|| black_box(compile_json_str(text).is_ok()))
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     // Small samples keep the whole suite near a minute; the spread is reported anyway.
     Criterion::default()
@@ -381,6 +401,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = decide_api_key, decide_jwt_cached, jwt
+    targets = decide_api_key, decide_jwt_cached, jwt, compile_policy
 }
 criterion_main!(benches);

