@@ -48,6 +48,15 @@ pub(crate) fn create_keys(policy: &CompiledPolicy) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// `x-guardrail-*` in any spelling a server may fold into it: CGI-style upstreams (WSGI, PHP,
+/// Rack) read `x_guardrail_app` as `X-Guardrail-App`, so underscores count as dashes.
+fn is_guardrail_header(name: &str) -> bool {
+    const PREFIX: &[u8] = b"x-guardrail-";
+    let n = name.as_bytes();
+    n.len() >= PREFIX.len()
+        && n.iter().zip(PREFIX).all(|(a, b)| a.to_ascii_lowercase() == *b || (*a == b'_' && *b == b'-'))
+}
+
 /// What the HTTP contexts of one worker share with its root context.
 struct Worker {
     policy: Option<Rc<CompiledPolicy>>,
@@ -257,11 +266,11 @@ impl HttpContext for GuardrailHttp {
         let mut headers = host::request_headers();
         // Identity never comes from a header a client can set: drop every x-guardrail-* first,
         // from the request and from what decide() and its rules see.
-        if headers.iter().any(|(n, _)| n.starts_with("x-guardrail-")) {
-            for (name, _) in headers.iter().filter(|(n, _)| n.starts_with("x-guardrail-")) {
+        if headers.iter().any(|(n, _)| is_guardrail_header(n)) {
+            for (name, _) in headers.iter().filter(|(n, _)| is_guardrail_header(n)) {
                 host::remove_request_header(name);
             }
-            headers.retain(|(n, _)| !n.starts_with("x-guardrail-"));
+            headers.retain(|(n, _)| !is_guardrail_header(n));
         }
         let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
         let connector = host::upstream_cluster();
