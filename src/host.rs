@@ -60,8 +60,21 @@ pub fn plugin_configuration() -> Option<Vec<u8>> {
     hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten()
 }
 
+/// The request headers. Values that are not UTF-8 never panic: a pseudo-header (`:path`,
+/// `:authority`, `:method`) becomes a NUL, which decide() refuses as `invalid-path`; any other
+/// value is read lossily, so it can never match a key or a token.
 pub fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+    let raw = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+    raw.into_iter()
+        .map(|(name, value)| {
+            let value = match String::from_utf8(value) {
+                Ok(v) => v,
+                Err(_) if name.starts_with(':') => "\0".to_string(),
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            };
+            (name, value)
+        })
+        .collect()
 }
 
 pub fn remove_request_header(name: &str) {

@@ -283,6 +283,15 @@ fn checks<'p>(
         Denial::new(Code::InvalidPath, format!("{e}: refused rather than matched unsafely")).rule("path")
     })?;
     t.note("path", || format!("{} normalised to {path}", req.path));
+    // A Host that is really two (Envoy joins repeated Host headers with a comma) or carries
+    // whitespace, userinfo or control characters cannot be matched to a dataset safely.
+    if req.host.bytes().any(|b| b.is_ascii_control() || matches!(b, b',' | b' ' | b'@' | b'/' | b'\\')) {
+        return Err(Denial::new(
+            Code::InvalidPath,
+            "the Host header cannot be matched safely (several hosts, whitespace or control characters)",
+        )
+        .rule("host"));
+    }
 
     // Methods are matched and given to rules in upper case: HTTP/2 lets a client send `delete`,
     // and an upstream that reads methods case-insensitively must not see it slip past a rule.

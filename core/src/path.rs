@@ -102,14 +102,14 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     // A segment is judged by its name without `;params`, as servers that strip them (Tomcat,
     // Jetty, Spring) will: `..;x` climbs like `..`, and `;x` alone is an empty segment.
     for seg in decoded.split('/') {
-        match seg.split(';').next().unwrap_or("") {
+        match segment_name(seg) {
             "" | "." => {}
             ".." => {
                 if segments.pop().is_none() {
                     return Err(PathError::AboveRoot);
                 }
             }
-            s => segments.push(s),
+            _ => segments.push(seg),
         }
     }
     if segments.is_empty() {
@@ -132,9 +132,16 @@ fn utf8_len(first: u8) -> usize {
     }
 }
 
+/// A segment's name without `;params`, also when the `;` is percent-encoded (an upstream that
+/// decodes `%3B` and then strips params would otherwise see another name).
+fn segment_name(seg: &str) -> &str {
+    let cut = [seg.find(';'), seg.find("%3B"), seg.find("%3b")].into_iter().flatten().min();
+    cut.and_then(|i| seg.get(..i)).unwrap_or(seg)
+}
+
 /// The key a path segment is matched by: lower-case, without `;params`.
 fn segment_key(seg: &str) -> String {
-    seg.split(';').next().unwrap_or("").to_ascii_lowercase()
+    segment_name(seg).to_ascii_lowercase()
 }
 
 /// Lower-case host without port, brackets kept for IPv6, without trailing dot.
@@ -246,9 +253,11 @@ mod tests {
             ("/a%3bb", Ok("/a%3Bb"), "hex upper-cased"),
             ("/", Ok("/"), "root"),
             ("/catalog/..;/customers/1", Ok("/customers/1"), "dot-dot with params climbs"),
+            ("/customers;v=2/7", Ok("/customers;v=2/7"), "params are kept in the normalised path"),
             ("/catalog/..;x=1/customers/1", Ok("/customers/1"), "dot-dot with named params climbs"),
             ("/a/.;x/customers", Ok("/a/customers"), "dot with params"),
             ("/;x/customers", Ok("/customers"), "empty segment with params"),
+            ("/catalog/..%3B/customers", Ok("/customers"), "dot-dot with an encoded semicolon climbs"),
             ("/..;/x", Err(PathError::AboveRoot), "dot-dot with params above root"),
             ("/?q", Ok("/"), "root with query"),
             ("/caf\u{e9}", Ok("/caf\u{e9}"), "utf-8 kept"),
@@ -290,6 +299,7 @@ mod tests {
             ("x", "GET", "/customersX", None, "not a whole segment"),
             ("x", "GET", "/CUSTOMERS/7", Some(0), "case-insensitive"),
             ("x", "GET", "/customers;jsessionid=1/7", Some(0), "segment params ignored"),
+            ("x", "GET", "/customers%3B/7", Some(0), "encoded semicolon params ignored"),
             ("x", "POST", "/api/things", None, "method not in route"),
             ("x", "GET", "/api/things", Some(1), "method in route"),
             ("x", "POST", "/api/orders/1", Some(2), "longest prefix"),

@@ -7,6 +7,7 @@
 
 use crate::compile::{App, Dataset};
 use crate::jwt::VerifiedToken;
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
 use cel::objects::{Key, Map};
 use cel::{Context, Env, Program, Value};
 use std::collections::HashMap;
@@ -20,50 +21,56 @@ pub const VARIABLES: [&str; 4] = ["app", "dataset", "request", "token"];
 pub const MAX_COMPREHENSION_NESTING: usize = 2;
 pub const MAX_COMPREHENSIONS: usize = 8;
 
-/// (deepest nesting, count) of comprehension macro calls, found lexically (string literals
-/// skipped). A name like `.exists(` inside a string cannot be one, so it is not counted.
-fn comprehensions(source: &str) -> (usize, usize, Vec<&str>) {
-    const MACROS: [&str; 5] = ["exists_one", "exists", "all", "map", "filter"];
-    let b = source.as_bytes();
-    let (mut i, mut depth, mut open, mut deepest, mut total) = (0usize, 0usize, Vec::<usize>::new(), 0usize, 0usize);
-    let mut bound = Vec::new();
-    while i < b.len() {
-        match b[i] {
-            q @ (b'\'' | b'"') => {
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
+/// Comprehensions in a compiled expression: how deep they nest, how many there are, and the
+/// variables they bind. Read from the AST the macros expanded into, so no spelling (spaces,
+/// comments, line breaks) hides one.
+#[derive(Default)]
+struct Comprehensions {
+    deepest: usize,
+    total: usize,
+    bound: Vec<String>,
+}
+
+impl Comprehensions {
+    fn walk(&mut self, e: &IdedExpr, depth: usize) {
+        match &e.expr {
+            Expr::Comprehension(c) => {
+                self.total += 1;
+                self.deepest = self.deepest.max(depth + 1);
+                self.bound.push(c.iter_var.clone());
+                self.bound.extend(c.iter_var2.clone());
+                self.bound.push(c.accu_var.clone());
+                self.walk(&c.iter_range, depth);
+                self.walk(&c.accu_init, depth);
+                for inner in [&c.loop_cond, &c.loop_step, &c.result] {
+                    self.walk(inner, depth + 1);
                 }
             }
-            b'.' => {
-                let rest = &source[i + 1..];
-                let name_len = rest.bytes().take_while(|c| c.is_ascii_alphanumeric() || *c == b'_').count();
-                let name = &rest[..name_len];
-                let paren = rest[name_len..].trim_start().starts_with('(');
-                if paren && MACROS.contains(&name) {
-                    // The comprehension's own variable (`.exists(x, ...)`) is bound, not free.
-                    let args = rest[name_len..].trim_start().get(1..).unwrap_or("").trim_start();
-                    let var_len = args.bytes().take_while(|c| c.is_ascii_alphanumeric() || *c == b'_').count();
-                    if args[var_len..].trim_start().starts_with(',') {
-                        bound.push(&args[..var_len]);
-                    }
-                    total += 1;
-                    open.push(depth + 1);
-                    deepest = deepest.max(open.len());
+            Expr::Call(call) => {
+                if let Some(target) = &call.target {
+                    self.walk(target, depth);
+                }
+                for arg in &call.args {
+                    self.walk(arg, depth);
                 }
             }
-            b'(' => depth += 1,
-            b')' => {
-                if open.last() == Some(&depth) {
-                    open.pop();
-                }
-                depth = depth.saturating_sub(1);
-            }
-            _ => {}
+            Expr::List(list) => list.elements.iter().for_each(|x| self.walk(x, depth)),
+            Expr::Map(map) => map.entries.iter().for_each(|x| self.entry(&x.expr, depth)),
+            Expr::Struct(st) => st.entries.iter().for_each(|x| self.entry(&x.expr, depth)),
+            Expr::Select(sel) => self.walk(&sel.operand, depth),
+            Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
         }
-        i += 1;
     }
-    (deepest, total, bound)
+
+    fn entry(&mut self, e: &EntryExpr, depth: usize) {
+        match e {
+            EntryExpr::StructField(f) => self.walk(&f.value, depth),
+            EntryExpr::MapEntry(m) => {
+                self.walk(&m.key, depth);
+                self.walk(&m.value, depth);
+            }
+        }
+    }
 }
 
 /// The CEL environment shared by every rule of a policy.
@@ -130,17 +137,22 @@ impl Cel {
         if deepest > MAX_NESTING {
             return Err(format!("expression nests {deepest} brackets deep; at most {MAX_NESTING} are allowed"));
         }
-        let (nested, total, bound) = comprehensions(source);
+        let program = self.env.compile(source).map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
+        let mut found = Comprehensions::default();
+        found.walk(program.expression(), 0);
+        let (nested, total, bound) = (found.deepest, found.total, found.bound);
         if nested > MAX_COMPREHENSION_NESTING || total > MAX_COMPREHENSIONS {
             return Err(format!(
                 "expression has {total} comprehensions (exists, all, exists_one, map, filter) nested {nested} deep; \
                  at most {MAX_COMPREHENSIONS}, nested {MAX_COMPREHENSION_NESTING} deep, are allowed (their cost multiplies)"
             ));
         }
-        let program = self.env.compile(source).map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
         let references = program.references();
-        let mut unknown: Vec<&str> =
-            references.variables().into_iter().filter(|v| !VARIABLES.contains(v) && !bound.contains(v)).collect();
+        let mut unknown: Vec<&str> = references
+            .variables()
+            .into_iter()
+            .filter(|v| !VARIABLES.contains(v) && !bound.iter().any(|b| b == v))
+            .collect();
         unknown.sort_unstable();
         unknown.dedup();
         if !unknown.is_empty() {
@@ -316,6 +328,7 @@ mod tests {
                 "three nested comprehensions",
             ),
             ("'.exists(.exists(.exists(' == request.path", None, "macro names in a string"),
+            ("[1]. exists(a, [1] .exists (b, [1].\n exists(c, true)))", Some("comprehensions"), "spaced macro calls"),
         ];
         for (src, want_err, why) in cases {
             match (cel.compile(src), want_err) {

@@ -252,3 +252,17 @@ fn fleet_exhaustion_applies_for_its_day_only() {
     let d = decide(&policy, &req, tomorrow, &mut store, &mut tokens);
     assert!(d.allowed(), "yesterday's fleet state does not apply: {:?}", d.denial);
 }
+
+#[test]
+fn hosts_that_cannot_be_matched_safely_are_refused() {
+    let policy = policy();
+    let headers = key("pos");
+    for host in ["api.retailco.example,other.example", "api .example", "evil@api.example", "a\u{0}b"] {
+        let mut store = store_for(&policy);
+        let mut tokens = TokenCache::new(16);
+        let mut req = request("GET", "/", None, &headers);
+        req.host = host;
+        let d = decide(&policy, &req, T0, &mut store, &mut tokens);
+        assert_eq!(d.denial.map(|x| x.code), Some(Code::InvalidPath), "host {host:?}");
+    }
+}
