@@ -20,12 +20,15 @@ pub const VARIABLES: [&str; 4] = ["app", "dataset", "request", "token"];
 /// steps), so how many there are and how deep they nest is bounded too.
 pub const MAX_COMPREHENSION_NESTING: usize = 2;
 pub const MAX_COMPREHENSIONS: usize = 8;
+/// Longest list literal: with two nested comprehensions a rule costs at most 64² steps per list.
+pub const MAX_LIST_LITERAL: usize = 64;
 
 /// Comprehensions in a compiled expression: how deep they nest, how many there are, and the
 /// variables they bind. Read from the AST the macros expanded into, so no spelling (spaces,
 /// comments, line breaks) hides one.
 #[derive(Default)]
 struct Comprehensions {
+    longest_list: usize,
     deepest: usize,
     total: usize,
     bound: Vec<String>,
@@ -54,7 +57,10 @@ impl Comprehensions {
                     self.walk(arg, depth);
                 }
             }
-            Expr::List(list) => list.elements.iter().for_each(|x| self.walk(x, depth)),
+            Expr::List(list) => {
+                self.longest_list = self.longest_list.max(list.elements.len());
+                list.elements.iter().for_each(|x| self.walk(x, depth))
+            }
             Expr::Map(map) => map.entries.iter().for_each(|x| self.entry(&x.expr, depth)),
             Expr::Struct(st) => st.entries.iter().for_each(|x| self.entry(&x.expr, depth)),
             Expr::Select(sel) => self.walk(&sel.operand, depth),
@@ -140,6 +146,12 @@ impl Cel {
         let program = self.env.compile(source).map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
         let mut found = Comprehensions::default();
         found.walk(program.expression(), 0);
+        if found.longest_list > MAX_LIST_LITERAL {
+            return Err(format!(
+                "a list literal has {} elements; at most {MAX_LIST_LITERAL} are allowed (comprehensions over it multiply)",
+                found.longest_list
+            ));
+        }
         let (nested, total, bound) = (found.deepest, found.total, found.bound);
         if nested > MAX_COMPREHENSION_NESTING || total > MAX_COMPREHENSIONS {
             return Err(format!(
@@ -328,6 +340,7 @@ mod tests {
                 "three nested comprehensions",
             ),
             ("'.exists(.exists(.exists(' == request.path", None, "macro names in a string"),
+            (&format!("[{}].exists(a, a == 0)", vec!["0"; 65].join(",")), Some("list literal"), "long list literal"),
             ("[1]. exists(a, [1] .exists (b, [1].\n exists(c, true)))", Some("comprehensions"), "spaced macro calls"),
         ];
         for (src, want_err, why) in cases {

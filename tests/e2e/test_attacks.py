@@ -11,6 +11,8 @@ need another Envoy configuration, start their own Envoy; every Envoy goes into `
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -27,9 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from harness import Envoy, Response, bootstrap, request, responds_with, wait_for
+from harness import Envoy, Response, bootstrap, request, responds_with
 from policies import app, jwt_issuer, policy, tier
-from tokens import SigningKey, alg_none, b64url, claims, hs256_with_public_key, raw_token, swap_payload
+from tokens import SigningKey, alg_none, b64url, claims, hs256_with_public_key, swap_payload
 
 ISSUER_A = "https://idp-a.attacks.example"
 ISSUER_B = "https://idp-b.attacks.example"
@@ -279,9 +281,6 @@ def test_hs256_signed_with_a_public_key_is_refused(gw: Envoy, key: SigningKey, s
 
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512", "hs256", "Hs256"])
 def test_every_hmac_algorithm_is_refused(gw: Envoy, alg: str) -> None:
-    import hashlib
-    import hmac
-
     digest = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}[alg[-3:]]
     signing_input = f"{enc({'alg': alg, 'kid': RSA.kid})}.{enc(good_claims())}"
     mac = hmac.new(RSA.public_pem(), signing_input.encode(), digest).digest()
@@ -888,13 +887,16 @@ def test_repeated_api_keys_are_refused(gw: Envoy, keys: list[str]) -> None:
 def test_api_key_and_token_of_different_apps_are_refused(gw: Envoy) -> None:
     token_a = ED.sign(good_claims(azp="app-a"))
     token_b = ED.sign(good_claims(azp="app-b"))
-    responds_with(request(gw.url, "/orders", headers=[("x-api-key", KEYS["app-a"]), *bearer(token_b).items()]), 401, "unauthenticated")
-    responds_with(request(gw.url, "/orders", headers=[("x-api-key", KEYS["app-b"]), *bearer(token_a).items()]), 401, "unauthenticated")
-    bad = ATTACKER_SAME_KID.sign(good_claims(azp="app-a"))
-    responds_with(request(gw.url, "/orders", headers=[("x-api-key", KEYS["app-a"]), *bearer(bad).items()]), 401, "unauthenticated")
+    forged_a = ATTACKER_SAME_KID.sign(good_claims(azp="app-a"))
+
+    def both(key: str, token: str) -> Response:
+        return request(gw.url, "/orders", headers=[("x-api-key", KEYS[key]), ("authorization", f"Bearer {token}")])
+
+    responds_with(both("app-a", token_b), 401, "unauthenticated")
+    responds_with(both("app-b", token_a), 401, "unauthenticated")
+    responds_with(both("app-a", forged_a), 401, "unauthenticated")
     # Control: both naming the same app is fine.
-    r = responds_with(request(gw.url, "/orders", headers=[("x-api-key", KEYS["app-a"]), *bearer(token_a).items()]), 200)
-    assert r.upstream["headers"].get("x-guardrail-app") == "app-a"
+    assert responds_with(both("app-a", token_a), 200).upstream["headers"].get("x-guardrail-app") == "app-a"
 
 
 def test_two_bearer_tokens_are_refused(gw: Envoy) -> None:
@@ -902,7 +904,8 @@ def test_two_bearer_tokens_are_refused(gw: Envoy) -> None:
     token_b = ED.sign(good_claims(azp="app-b"))
     headers = [("authorization", f"Bearer {token_a}"), ("Authorization", f"Bearer {token_b}")]
     responds_with(request(gw.url, "/orders", headers=headers), 401, "unauthenticated")
-    responds_with(request(gw.url, "/orders", headers={"authorization": f"Bearer {token_a}, Bearer {token_b}"}), 401, "unauthenticated")
+    joined = {"authorization": f"Bearer {token_a}, Bearer {token_b}"}
+    responds_with(request(gw.url, "/orders", headers=joined), 401, "unauthenticated")
 
 
 # === hostile bytes: a request with bytes that are not UTF-8 still gets a decision ===
@@ -921,8 +924,8 @@ def test_non_utf8_header_values_get_a_decision(own_gw: Callable[..., Envoy]) -> 
     gateway = own_gw({"policy": POLICY}, name="attacks-bytes")
     for name, value in NON_UTF8_HEADERS:
         for _ in range(4):  # on new connections, so both workers get one
-            head = http_head("/orders", [("Host", "any.example"), *([] if name == "x-api-key" else [("x-api-key", KEYS["app-a"])]), (name, value)])
-            r = raw_request(gateway, head)
+            credential = [] if name == "x-api-key" else [("x-api-key", KEYS["app-a"])]
+            r = raw_request(gateway, http_head("/orders", [("Host", "any.example"), *credential, (name, value)]))
             assert r.status in (200, 400, 401), f"no decision for a non-UTF-8 `{name}`:\n{r}\n{gateway.log_tail(6)}"
         # The filter still decides on every worker afterwards.
         statuses = [request(gateway.url, "/orders", headers=with_key("app-a")).status for _ in range(12)]
