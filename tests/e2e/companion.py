@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from harness import _PDEATHSIG, can_connect, require_artifact, wait_for
+from harness import _PDEATHSIG, can_connect, require_artifact, stop_process_group, wait_for
 
 CLI_TIMEOUT = 20.0
 
@@ -149,19 +149,7 @@ class Companion:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=5)
+        stop_process_group(proc, sig)
         for f in self._log_files:
             f.close()
         self._log_files.clear()

@@ -332,6 +332,24 @@ def bootstrap(
 # === Envoy ===
 
 
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Sends `sig` to the process group of `proc` and waits; SIGKILL after 5 s."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
 class EnvoyExited(RuntimeError):
     """Envoy stopped (or never became ready); `.log` holds everything it wrote."""
 
@@ -453,19 +471,7 @@ class Envoy:
         _LIVE.discard(self)
         if proc is None:
             return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=5)
+        stop_process_group(proc, signal.SIGTERM)
         log_file = getattr(self, "_log_file", None)
         if log_file:
             log_file.close()
