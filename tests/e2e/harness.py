@@ -385,6 +385,7 @@ class Envoy:
     name: str = "envoy"
     extra_args: list[str] = field(default_factory=list)
     cwd: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)  # added to (and overriding) this process's environment
 
     proc: subprocess.Popen | None = None
     port: int = 0
@@ -409,7 +410,8 @@ class Envoy:
                "--admin-address-path", str(self.admin_address_path), *self.extra_args]
         self._log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     cwd=self.cwd or self.workdir, start_new_session=True)
+                                     cwd=self.cwd or self.workdir, start_new_session=True,
+                                     env={**os.environ, **self.env} if self.env else None)
         _LIVE.add(self)
         return self
 
@@ -559,6 +561,23 @@ class Envoy:
 
     def prometheus(self) -> str:
         return request(self.admin, "/stats/prometheus", timeout=5).body.decode()
+
+    def worker_connections(self) -> dict[str, int]:
+        """Connections each worker of the listener accepted so far, as {"worker_0": n, ..}: compare
+        two readings to see that a burst reached every worker."""
+        stats = self.stats(filter=r"^listener\..*worker_[0-9]+\.downstream_cx_total$")
+        return {m.group(1): v for k, v in stats.items() if (m := re.search(r"(worker_\d+)\.downstream_cx_total$", k))}
+
+    def crash_lines(self) -> list[str]:
+        """Log lines that show a crashed filter (panic, wasm trap, V8 failure); [] when clean."""
+        return [line for line in self.log().splitlines() if CRASH_SIGNS.search(line)]
+
+
+# What a crashed filter leaves in Envoy's log (a Rust panic, a wasm trap, a failed VM call).
+CRASH_SIGNS = re.compile(
+    r"panicked|panic|wasm trap|unreachable|Function: proxy_on_\w+ failed|Uncaught RuntimeError|stack overflow",
+    re.IGNORECASE,
+)
 
 
 def prometheus_value(text: str, guardrail_name: str) -> int | None:
