@@ -10,7 +10,7 @@ use crate::raw::{
     Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule,
     RuleMode,
 };
-use crate::rules::{app_value, dataset_value, Cel, Expression};
+use crate::rules::{Cel, Expression};
 use crate::time::{parse_rfc3339, NANOS_PER_SEC};
 use std::collections::{HashMap, HashSet};
 
@@ -32,9 +32,6 @@ pub struct CompiledPolicy {
     pub datasets: Vec<Dataset>,
     pub rules: Vec<Rule>,
     pub cel: Cel,
-    /// CEL values of every app and dataset (same order as `apps`/`datasets`), built once.
-    pub app_values: Vec<cel::Value>,
-    pub dataset_values: Vec<cel::Value>,
     dataset_index: DatasetIndex,
     app_by_id: HashMap<String, usize>,
     app_by_key_digest: HashMap<[u8; 32], usize>,
@@ -294,8 +291,6 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             dataset_index.insert(r.host.as_deref(), &r.path_prefix, &r.methods, i);
         }
     }
-    let app_values = apps.iter().map(|a| app_value(a, tiers.get(a.tier).map_or("", |t| t.name.as_str()))).collect();
-    let dataset_values = datasets.iter().map(dataset_value).collect();
     Ok(CompiledPolicy {
         revision: raw.revision.map(|r| r.to_text()).unwrap_or_default(),
         settings,
@@ -306,8 +301,6 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         datasets,
         rules,
         cel,
-        app_values,
-        dataset_values,
         dataset_index,
         app_by_id,
         app_by_key_digest,

@@ -8,7 +8,7 @@ use crate::path::normalize_path;
 use crate::quota::{take, CounterStore, QuotaOutcome, Usage};
 use crate::raw::{Effect, RuleMode};
 use crate::raw::{Environment, Lifecycle};
-use crate::rules::{request_value, token_value, Vars, USES_APP, USES_DATASET, USES_REQUEST, USES_TOKEN};
+use crate::rules::Input;
 use crate::time::NANOS_PER_SEC;
 use std::borrow::Cow;
 
@@ -521,23 +521,22 @@ fn check_rules<'p>(
         t.note("rules", || "none in scope".to_string());
         return Ok(());
     }
-    let rules: Vec<&crate::compile::Rule> = rules.collect();
-    let uses = rules.iter().fold(0u8, |bits, r| bits | r.expr.uses());
-    let wants = |bit: u8| uses & bit != 0;
-    let scope = policy.cel.scope(Vars {
-        app: wants(USES_APP)
-            .then(|| policy.app_index(&app.id).and_then(|i| policy.app_values.get(i)).cloned())
-            .map(|v| v.unwrap_or(cel::Value::Null)),
-        dataset: wants(USES_DATASET)
-            .then(|| dataset_index.and_then(|i| policy.dataset_values.get(i)).cloned().unwrap_or(cel::Value::Null)),
-        request: wants(USES_REQUEST)
-            .then(|| request_value(method, &crate::path::normalize_host(req.host), path, req.headers)),
-        token: wants(USES_TOKEN).then(|| token_value(token)),
+    // The rules read the request in place; only one that needs the interpreter has its
+    // variables converted (once per request, see `rules::Evaluation`).
+    let mut evaluation = policy.cel.evaluation(Input {
+        app,
+        tier: policy.tier_of(app).map_or("", |tier| tier.name.as_str()),
+        dataset,
+        method,
+        host: req.host,
+        path,
+        headers: req.headers,
+        token,
     });
-    let mut allow_ids: Vec<&str> = Vec::new();
-    let mut allowed = false;
+    // Whether enforced allow rules are in scope, and whether one holds.
+    let (mut allow_in_scope, mut allowed) = (false, false);
     for rule in rules {
-        let result = policy.cel.eval(&rule.expr, &scope);
+        let result = evaluation.eval(&rule.expr);
         t.note("rule", || {
             let outcome = match &result {
                 Ok(true) => "holds".to_string(),
@@ -561,13 +560,21 @@ fn check_rules<'p>(
             (Ok(true), Effect::Deny) => return Err(Denial::new(Code::AccessDenied, message()).rule(rule.id.clone())),
             (Ok(false), Effect::Allow) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: None }),
             (Ok(holds), Effect::Allow) if !shadow => {
-                allow_ids.push(&rule.id);
+                allow_in_scope = true;
                 allowed |= holds;
             }
             _ => {}
         }
     }
-    if !allow_ids.is_empty() && !allowed {
+    if allow_in_scope && !allowed {
+        // Every enforced allow rule in scope was evaluated (an error would have denied already).
+        let allow_ids: Vec<&str> = policy
+            .rules
+            .iter()
+            .filter(in_scope)
+            .filter(|r| r.effect == Effect::Allow && r.mode != RuleMode::Shadow)
+            .map(|r| r.id.as_str())
+            .collect();
         return Err(Denial::new(
             Code::AccessDenied,
             format!("no allow rule holds (in scope: {})", allow_ids.join(", ")),

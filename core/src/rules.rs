@@ -4,12 +4,29 @@
 //! Bounds keep any policy from making a request slow: an expression is at most
 //! [`MAX_EXPRESSION_LEN`] bytes and [`MAX_NESTING`] brackets deep (the parser recurses), and it may
 //! only name the four variables above (checked at compile time, so a typo is a policy error).
+//!
+//! Two paths evaluate an expression, with the same results. The `cel` crate parses and checks
+//! every one; those made of the usual parts (see `rules/fast.rs`) are also lowered into a tree
+//! that is evaluated over the request's data in place ([`Path::Fast`]), and the rest run on the
+//! crate's interpreter ([`Path::Interpreter`]), whose variables are converted into `cel::Value`s
+//! only when a rule of the request needs them, once per request:
+//!
+//! ```
+//! use guardrail_core::rules::{Cel, Path};
+//!
+//! let cel = Cel::default();
+//! assert_eq!(cel.compile("request.method == 'DELETE' && app.tier != 'gold'").unwrap().path(), Path::Fast);
+//! assert_eq!(cel.compile("{'a': 1}.a == 1").unwrap().path(), Path::Interpreter);
+//! ```
+
+mod fast;
 
 use crate::compile::{App, Dataset};
 use crate::jwt::VerifiedToken;
 use cel::common::ast::{EntryExpr, Expr, IdedExpr};
 use cel::objects::{Key, Map};
 use cel::{Context, Env, Program, Value};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -101,6 +118,19 @@ pub struct Expression {
     program: Program,
     /// Which of [`VARIABLES`] the expression names (bit i for `VARIABLES[i]`).
     uses: u8,
+    /// The expression lowered for the fast path, if all of it could be.
+    fast: Option<fast::Node>,
+}
+
+/// How an expression is evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Lowered at compile time and evaluated over the request's data in place. Should a value
+    /// turn out to need what only the interpreter does (`map`/`filter` over a map, whose result
+    /// follows its hash order), that one evaluation is handed over to the interpreter.
+    Fast,
+    /// On the `cel` crate's interpreter, over variables converted into `cel::Value`s.
+    Interpreter,
 }
 
 /// Bits of [`Expression::uses`].
@@ -108,11 +138,21 @@ pub const USES_APP: u8 = 1;
 pub const USES_DATASET: u8 = 2;
 pub const USES_REQUEST: u8 = 4;
 pub const USES_TOKEN: u8 = 8;
+pub const USES_ALL: u8 = USES_APP | USES_DATASET | USES_REQUEST | USES_TOKEN;
 
 impl Expression {
     /// The variables this expression reads, as `USES_*` bits: only those are built per request.
     pub fn uses(&self) -> u8 {
         self.uses
+    }
+
+    /// Which path evaluates this expression.
+    pub fn path(&self) -> Path {
+        if self.fast.is_some() {
+            Path::Fast
+        } else {
+            Path::Interpreter
+        }
     }
 }
 
@@ -180,23 +220,30 @@ impl Cel {
             .enumerate()
             .filter(|(_, v)| variables.contains(v))
             .fold(0u8, |bits, (i, _)| bits | (1 << i));
-        Ok(Expression { program, uses })
+        let fast = fast::lower(program.expression());
+        Ok(Expression { program, uses, fast })
     }
 
     /// One evaluation scope per request: the variables are converted into CEL's representation
     /// once, however many rules are then evaluated in it. Variables left `None` are not bound
     /// (no rule in scope reads them).
     pub fn scope(&self, vars: Vars) -> Scope {
+        let bound = [&vars.app, &vars.dataset, &vars.request, &vars.token]
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_some())
+            .fold(0u8, |bits, (i, _)| bits | (1 << i));
         let mut ctx = Context::with_env(Arc::clone(&self.env));
         for (name, value) in VARIABLES.iter().zip([vars.app, vars.dataset, vars.request, vars.token]) {
             if let Some(value) = value {
                 ctx.add_variable_from_value(*name, value);
             }
         }
-        Scope { ctx }
+        Scope { ctx, bound }
     }
 
-    /// Evaluates `expr` to a boolean; any other result or an error is an `Err` (the caller denies).
+    /// Evaluates `expr` on the interpreter, whatever its [`Path`], to a boolean; any other result
+    /// or an error is an `Err` (the caller denies).
     pub fn eval(&self, expr: &Expression, scope: &Scope) -> Result<bool, String> {
         match expr.program.execute(&scope.ctx) {
             Ok(Value::Bool(b)) => Ok(b),
@@ -204,10 +251,105 @@ impl Cel {
             Err(e) => Err(e.to_string()),
         }
     }
+
+    /// The evaluations of one request's rules: see [`Evaluation::eval`].
+    pub fn evaluation<'a>(&'a self, input: Input<'a>) -> Evaluation<'a> {
+        let host = normalized_host(input.host);
+        Evaluation { cel: self, input, host, scope: None }
+    }
+
+    /// Evaluates `expr` on the fast path alone: `None` if it takes the interpreter's, or if this
+    /// evaluation would be handed over to it. For tests that hold the two paths side by side.
+    pub fn eval_fast(&self, expr: &Expression, input: &Input<'_>) -> Option<Result<bool, String>> {
+        let node = expr.fast.as_ref()?;
+        let host = normalized_host(input.host);
+        let cx = fast::Cx { input, host: &host };
+        match fast::run(node, &cx) {
+            Ok(b) => Some(Ok(b)),
+            Err(fast::Fail::Error(e)) => Some(Err(e.into_owned())),
+            Err(fast::Fail::Defer) => None,
+        }
+    }
 }
 
-/// The variables of one request's evaluations (`None`: not needed). App and dataset values are
-/// built once per policy.
+/// What the rules read of one request, borrowed from it and from the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    pub app: &'a App,
+    /// The name of the app's tier.
+    pub tier: &'a str,
+    /// The dataset the request reaches, if any (`dataset` is null otherwise).
+    pub dataset: Option<&'a Dataset>,
+    /// Upper case.
+    pub method: &'a str,
+    /// As sent: rules see it normalised (`crate::path::normalize_host`).
+    pub host: &'a str,
+    /// Normalised.
+    pub path: &'a str,
+    /// Names as Envoy gives them: rules see them lower-cased, without pseudo-headers.
+    pub headers: &'a [(String, String)],
+    /// The verified bearer token, if any (`token` is null otherwise).
+    pub token: Option<&'a VerifiedToken>,
+}
+
+impl Input<'_> {
+    /// The interpreter's variables for the `USES_*` bits in `uses`.
+    pub fn vars(&self, uses: u8) -> Vars {
+        let wants = |bit: u8| uses & bit != 0;
+        Vars {
+            app: wants(USES_APP).then(|| app_value(self.app, self.tier)),
+            dataset: wants(USES_DATASET).then(|| self.dataset.map_or(Value::Null, dataset_value)),
+            request: wants(USES_REQUEST)
+                .then(|| request_value(self.method, &normalized_host(self.host), self.path, self.headers)),
+            token: wants(USES_TOKEN).then(|| token_value(self.token)),
+        }
+    }
+}
+
+/// One request's rule evaluations: fast-path expressions read the [`Input`] in place; the
+/// interpreter's scope is only built if an expression needs it, once, and each variable in it
+/// converted at most once.
+pub struct Evaluation<'a> {
+    cel: &'a Cel,
+    input: Input<'a>,
+    host: Cow<'a, str>,
+    scope: Option<Scope>,
+}
+
+impl Evaluation<'_> {
+    /// Evaluates `expr` to a boolean; any other result or an error is an `Err` (the caller
+    /// denies).
+    pub fn eval(&mut self, expr: &Expression) -> Result<bool, String> {
+        if let Some(node) = &expr.fast {
+            let cx = fast::Cx { input: &self.input, host: &self.host };
+            match fast::run(node, &cx) {
+                Ok(b) => return Ok(b),
+                Err(fast::Fail::Error(e)) => return Err(e.into_owned()),
+                Err(fast::Fail::Defer) => {}
+            }
+        }
+        let (cel, input) = (self.cel, &self.input);
+        let scope = self.scope.get_or_insert_with(|| cel.scope(input.vars(0)));
+        let missing = expr.uses & !scope.bound;
+        if missing != 0 {
+            let vars = input.vars(missing);
+            for (i, value) in [vars.app, vars.dataset, vars.request, vars.token].into_iter().enumerate() {
+                if let (Some(value), Some(name)) = (value, VARIABLES.get(i)) {
+                    scope.ctx.add_variable_from_value(*name, value);
+                }
+            }
+            scope.bound |= missing;
+        }
+        cel.eval(expr, scope)
+    }
+
+    /// Whether an expression needed the interpreter in this request.
+    pub fn interpreted(&self) -> bool {
+        self.scope.is_some()
+    }
+}
+
+/// The variables of one evaluation on the interpreter (`None`: not needed).
 pub struct Vars {
     pub app: Option<Value>,
     pub dataset: Option<Value>,
@@ -218,6 +360,28 @@ pub struct Vars {
 /// A request's variables, ready for [`Cel::eval`].
 pub struct Scope {
     ctx: Context<'static, 'static>,
+    /// `USES_*` bits of the variables bound.
+    bound: u8,
+}
+
+/// `crate::path::normalize_host`, borrowing `raw` when it is already normal (as it nearly always
+/// is): without a port, a trailing dot, surrounding blanks or an upper-case letter.
+fn normalized_host(raw: &str) -> Cow<'_, str> {
+    let host = raw.trim();
+    let host = if host.starts_with('[') {
+        host.find(']').and_then(|e| host.get(..=e)).unwrap_or(host)
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        }
+    };
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 fn string(s: &str) -> Value {
@@ -247,9 +411,9 @@ pub fn app_value(app: &App, tier: &str) -> Value {
         ("owner", opt(&app.owner)),
         ("team", opt(&app.team)),
         ("department", opt(&app.department)),
-        ("environment", string(&format!("{:?}", app.environment).to_lowercase())),
+        ("environment", string(fast::environment_name(app.environment))),
         ("tier", string(tier)),
-        ("lifecycle", string(&format!("{:?}", app.lifecycle).to_lowercase())),
+        ("lifecycle", string(fast::lifecycle_name(app.lifecycle))),
         ("region", string(&app.region)),
         ("data_classes", list(app.data_classes.iter().map(|c| string(c.as_str())))),
         ("connectors", list(app.connectors.iter().map(|c| string(c)))),
@@ -382,5 +546,87 @@ mod tests {
             let expr = cel.compile(src).unwrap_or_else(|e| panic!("{why}: compile: {e}"));
             assert_eq!(cel.eval(&expr, &scope).map_err(|_| ()), *want, "{why}: {src}");
         }
+    }
+
+    fn app() -> App {
+        App {
+            id: "pos".into(),
+            owner: None,
+            team: Some("crm".into()),
+            department: Some("retail".into()),
+            environment: crate::raw::Environment::Prod,
+            tier: 0,
+            lifecycle: crate::raw::Lifecycle::Published,
+            region: "eu-west-1".into(),
+            data_classes: vec![crate::raw::Classification::Internal],
+            connectors: vec!["upstream".into()],
+            overrides: Vec::new(),
+            quota_key: "guardrail.quota.pos".into(),
+        }
+    }
+
+    #[test]
+    fn app_values_name_environments_and_lifecycles_as_before() {
+        use crate::raw::{Environment, Lifecycle};
+        for e in [Environment::Dev, Environment::Test, Environment::Prod] {
+            assert_eq!(fast::environment_name(e), format!("{e:?}").to_lowercase());
+        }
+        for l in
+            [Lifecycle::Draft, Lifecycle::Approved, Lifecycle::Published, Lifecycle::Deprecated, Lifecycle::Quarantined]
+        {
+            assert_eq!(fast::lifecycle_name(l), format!("{l:?}").to_lowercase());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalized_host_is_normalize_host(
+            host in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "B", ".", ":", "80", "[", "]", " ", "é", "x:y", "É"]),
+                0..8,
+            )
+        ) {
+            let host = host.concat();
+            let (fast, slow) = (normalized_host(&host), crate::path::normalize_host(&host));
+            proptest::prop_assert_eq!(fast.as_ref(), slow.as_str());
+        }
+    }
+
+    /// The interpreter's scope is built only for an expression that needs it, once, and each
+    /// variable converted when an expression first reads it.
+    #[test]
+    fn evaluation_converts_variables_only_for_the_interpreter() {
+        let cel = Cel::default();
+        let app = app();
+        let headers = vec![("x-a".to_string(), "1".to_string()), ("X-A".to_string(), "2".to_string())];
+        let input = Input {
+            app: &app,
+            tier: "standard",
+            dataset: None,
+            method: "GET",
+            host: "API.example:443",
+            path: "/customers/7",
+            headers: &headers,
+            token: None,
+        };
+        let mut evaluation = cel.evaluation(input);
+        let cases: &[(&str, Path, Result<bool, ()>, bool)] = &[
+            ("app.tier == 'standard' && request.host == 'api.example'", Path::Fast, Ok(true), false),
+            ("request.headers['x-a'] == '1,2' && size(request.headers) == 1", Path::Fast, Ok(true), false),
+            ("dataset.id == 'x'", Path::Fast, Err(()), false),
+            // hash order: deferred to the interpreter for this evaluation
+            ("request.headers.map(k, k) == ['x-a']", Path::Fast, Ok(true), true),
+            ("{'a': app.id}.a == 'pos'", Path::Interpreter, Ok(true), true),
+            ("{'a': token}.a == null && request.method == 'GET'", Path::Interpreter, Ok(true), true),
+            ("app.environment == 'prod'", Path::Fast, Ok(true), true),
+        ];
+        for (src, path, want, interpreted) in cases {
+            let expr = cel.compile(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+            assert_eq!(expr.path(), *path, "{src}");
+            assert_eq!(evaluation.eval(&expr).map_err(|_| ()), *want, "{src}");
+            assert_eq!(evaluation.interpreted(), *interpreted, "{src}");
+        }
+        let scope = evaluation.scope.as_ref().map(|s| s.bound);
+        assert_eq!(scope, Some(USES_APP | USES_REQUEST | USES_TOKEN), "dataset never converted");
     }
 }

@@ -1,12 +1,13 @@
 //! CEL rules: any expression either fails to compile with a message, or compiles and evaluates
-//! to a boolean or an error against fixed variables. Never a panic; a hang is reported by
-//! libFuzzer's `-timeout` (see tools/fuzz.sh). Oversized or too deeply nested input is refused
-//! by `Cel::compile` itself (MAX_EXPRESSION_LEN, MAX_NESTING).
+//! to a boolean or an error against fixed variables, with the same outcome on the fast path as
+//! on the interpreter. Never a panic; a hang is reported by libFuzzer's `-timeout` (see
+//! tools/fuzz.sh). Oversized or too deeply nested input is refused by `Cel::compile` itself
+//! (MAX_EXPRESSION_LEN, MAX_NESTING).
 #![no_main]
 
 use guardrail_core::compile::{compile_json_str, CompiledPolicy};
 use guardrail_core::jwt::VerifiedToken;
-use guardrail_core::rules::{request_value, token_value, Vars, MAX_EXPRESSION_LEN};
+use guardrail_core::rules::{Input, MAX_EXPRESSION_LEN, USES_ALL};
 use libfuzzer_sys::fuzz_target;
 use std::sync::OnceLock;
 
@@ -60,14 +61,27 @@ fuzz_target!(|data: &[u8]| {
         scopes: vec!["dataset:customers".into(), "read".into()],
         clock_skew_seconds: 30,
     };
-    let app = policy.app_values.first().cloned();
-    for (dataset, token) in [(policy.dataset_values.first().cloned(), Some(&token)), (None, None)] {
-        let vars = Vars {
-            app: app.clone(),
+    let Some(app) = policy.apps.first() else {
+        return;
+    };
+    for (dataset, token) in [(policy.datasets.first(), Some(&token)), (None, None)] {
+        let input = Input {
+            app,
+            tier: policy.tier_of(app).map_or("", |t| t.name.as_str()),
             dataset,
-            request: Some(request_value("GET", "api.example", "/customers/7", &headers)),
-            token: Some(token_value(token)),
+            method: "GET",
+            host: "api.example",
+            path: "/customers/7",
+            headers: &headers,
+            token,
         };
-        let _ = policy.cel.eval(&expr, &policy.cel.scope(vars));
+        let interpreted = policy.cel.eval(&expr, &policy.cel.scope(input.vars(USES_ALL)));
+        if let Some(fast) = policy.cel.eval_fast(&expr, &input) {
+            assert_eq!(fast.is_ok(), interpreted.is_ok(), "{source}: fast {fast:?}, interpreter {interpreted:?}");
+            if let (Ok(a), Ok(b)) = (&fast, &interpreted) {
+                assert_eq!(a, b, "{source}");
+            }
+        }
+        let _ = policy.cel.evaluation(input).eval(&expr);
     }
 });
