@@ -121,7 +121,8 @@ impl Worker {
             self.usage.insert(app.to_string(), UsageCounters::default());
         }
         let Some(entry) = self.usage.get_mut(app) else { return };
-        if entry.day != day {
+        // Only a later day starts over: a clock stepped back keeps counting towards the later one.
+        if day > entry.day {
             *entry = UsageCounters { day, ..UsageCounters::default() };
         }
         f(entry);
