@@ -586,6 +586,10 @@ def part_overhead(work: Path) -> dict[str, Any]:
         "e": ([wasm_filter("hostcalls", TRIVIAL_WASM, "hostcalls")], None),
     }
     filters = {k: v for k, v in filters.items() if k in s["configs"]}
+    # BENCH_HOSTCALLS=headers,property,…: one more (e) per host call class, making only that call.
+    for call in filter(None, os.environ.get("BENCH_HOSTCALLS", "").split(" ")):
+        CONFIG_NAMES[f"e:{call}"] = f"trivial + host call {call}"
+        filters[f"e:{call}"] = ([wasm_filter("hostcalls", TRIVIAL_WASM, f"hostcalls:{call}")], None)
     envoys: dict[str, Envoy] = {}
     for key, (fs, route) in filters.items():
         port, admin = free_port(), free_port()

@@ -121,7 +121,8 @@ impl Worker {
             self.usage.insert(app.to_string(), UsageCounters::default());
         }
         let Some(entry) = self.usage.get_mut(app) else { return };
-        if entry.day != day {
+        // Only a later day starts over: a clock stepped back keeps counting towards the later one.
+        if day > entry.day {
             *entry = UsageCounters { day, ..UsageCounters::default() };
         }
         f(entry);
@@ -340,7 +341,10 @@ impl GuardrailHttp {
         if let Some(app) = decision.app {
             host::set_request_header("x-guardrail-app", &app.id);
             // The API key was for Guardrail: the upstream gets the verified app, never the secret.
-            host::remove_request_header(&policy.settings.api_key_header);
+            // (A host call only when there is one to remove.)
+            if request.header_values(&policy.settings.api_key_header).next().is_some() {
+                host::remove_request_header(&policy.settings.api_key_header);
+            }
         }
         if let Some(tier) = decision.tier {
             host::set_request_header("x-guardrail-tier", tier);

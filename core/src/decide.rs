@@ -11,6 +11,7 @@ use crate::raw::{Environment, Lifecycle};
 use crate::rules::Input;
 use crate::time::NANOS_PER_SEC;
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// The request attributes `decide()` reads. Header names are lower-case, as Envoy gives them.
 #[derive(Debug, Clone, Copy)]
@@ -310,11 +311,11 @@ fn checks<'p>(
             })?;
             t.note("credential", || format!("assumed app `{id}` (explain/test only)"));
             let bearer = req.header_values("authorization").next().and_then(bearer_token);
-            let bearer = bearer.filter(|b| match verified_token(policy, b, now_secs, tokens) {
-                Ok(_) => true,
+            let bearer = bearer.and_then(|b| match verified_token(policy, b, now_secs, tokens) {
+                Ok(verified) => Some(verified),
                 Err(e) => {
                     t.note("token", || format!("ignored: {}", e.detail));
-                    false
+                    None
                 }
             });
             (app, bearer)
@@ -365,7 +366,7 @@ fn checks<'p>(
     let dataset_index = policy.dataset_for(req.host, &method, &path);
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
     d.dataset = dataset;
-    let token = bearer.and_then(|b| tokens.get(b, now_secs));
+    let token = bearer.as_deref();
     match dataset {
         None => t.note("dataset", || "none matched: dataset checks do not apply".to_string()),
         Some(ds) => {
@@ -593,13 +594,13 @@ fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
 
 /// Finds the app from the request's credentials: an API key (by digest) and/or a bearer token.
 /// When both are sent they must name the same app.
-fn authenticate<'p, 'r>(
+fn authenticate<'p>(
     policy: &'p CompiledPolicy,
-    req: &Request<'r>,
+    req: &Request<'_>,
     now_secs: i64,
     tokens: &mut TokenCache,
     t: &mut Tracer,
-) -> Result<(&'p App, Option<&'r str>), Denial> {
+) -> Result<(&'p App, Option<Arc<VerifiedToken>>), Denial> {
     let mut keys = req.header_values(&policy.settings.api_key_header);
     let key = keys.next();
     if keys.next().is_some() {
@@ -627,18 +628,15 @@ fn authenticate<'p, 'r>(
             let token =
                 bearer_token(value).ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
             let verified = verified_token(policy, token, now_secs, tokens)?;
-            bearer = Some(token);
             t.note("credential", || {
-                format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, verified), verified.app)
+                format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, &verified), verified.app)
             });
-            let app_id = verified.app.clone();
-            match policy.app(&app_id) {
-                Some(app) => Some(app),
-                None => {
-                    return Err(Denial::new(Code::AppNotRegistered, format!("app `{app_id}` is not in the catalog"))
-                        .rule("catalog"))
-                }
-            }
+            let app = policy.app(&verified.app).ok_or_else(|| {
+                Denial::new(Code::AppNotRegistered, format!("app `{}` is not in the catalog", verified.app))
+                    .rule("catalog")
+            })?;
+            bearer = Some(verified);
+            Some(app)
         }
         None => None,
     };
@@ -669,16 +667,16 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// A verified token from the per-worker cache, verifying (and caching) it on a miss.
-fn verified_token<'c>(
+fn verified_token(
     policy: &CompiledPolicy,
     token: &str,
     now_secs: i64,
-    tokens: &'c mut TokenCache,
-) -> Result<&'c VerifiedToken, Denial> {
-    if tokens.get(token, now_secs).is_none() {
-        let verified =
-            verify(&policy.issuers, token, now_secs).map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
-        tokens.insert(token, verified);
+    tokens: &mut TokenCache,
+) -> Result<Arc<VerifiedToken>, Denial> {
+    if let Some(cached) = tokens.get(token, now_secs) {
+        return Ok(cached);
     }
-    tokens.get(token, now_secs).ok_or_else(|| unauthenticated("invalid token: expired"))
+    let verified =
+        verify(&policy.issuers, token, now_secs).map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
+    Ok(tokens.insert(token, verified))
 }

@@ -60,9 +60,10 @@ impl UsageCounters {
         self.allowed == 0 && self.throttled == 0 && self.soft_limit == 0 && self.denied.iter().all(|d| *d == 0)
     }
 
-    /// Adds `delta` (counts for `delta.day`); a new day starts the counts over.
+    /// Adds `delta` (counts for `delta.day`); a later day starts the counts over, an earlier one
+    /// (a clock stepped back across midnight) counts towards the later day.
     pub fn merge(&mut self, delta: &UsageCounters) {
-        if delta.day != self.day {
+        if delta.day > self.day {
             *self = UsageCounters { day: delta.day, ..UsageCounters::default() };
         }
         self.allowed = self.allowed.saturating_add(delta.allowed);

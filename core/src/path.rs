@@ -8,6 +8,7 @@
 //! case-insensitive, and ignores `;params` of a segment, so `/Customers;x=1/7` is still under
 //! `/customers`: a server that is lenient about either must not open a way around a dataset.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Why a path cannot be matched safely.
@@ -135,13 +136,21 @@ fn utf8_len(first: u8) -> usize {
 /// A segment's name without `;params`, also when the `;` is percent-encoded (an upstream that
 /// decodes `%3B` and then strips params would otherwise see another name).
 fn segment_name(seg: &str) -> &str {
-    let cut = [seg.find(';'), seg.find("%3B"), seg.find("%3b")].into_iter().flatten().min();
+    let b = seg.as_bytes();
+    let cut = b.iter().enumerate().position(|(i, &c)| {
+        c == b';' || (c == b'%' && b.get(i + 1) == Some(&b'3') && b.get(i + 2).is_some_and(|x| x | 0x20 == b'b'))
+    });
     cut.and_then(|i| seg.get(..i)).unwrap_or(seg)
 }
 
-/// The key a path segment is matched by: lower-case, without `;params`.
-fn segment_key(seg: &str) -> String {
-    segment_name(seg).to_ascii_lowercase()
+/// The key a path segment is matched by: lower-case, without `;params` (borrowed when it is so already).
+fn segment_key(seg: &str) -> Cow<'_, str> {
+    let name = segment_name(seg);
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 /// Lower-case host without port, brackets kept for IPv6, without trailing dot.
@@ -184,7 +193,7 @@ impl DatasetIndex {
         };
         let mut node = root;
         for seg in path_prefix.split('/').filter(|s| !s.is_empty()) {
-            node = node.children.entry(segment_key(seg)).or_default();
+            node = node.children.entry(segment_key(seg).into_owned()).or_default();
         }
         node.routes.push((dataset, methods.to_vec()));
     }
@@ -210,7 +219,7 @@ impl DatasetIndex {
         let mut best = matches(root).map(|ds| (ds, 0));
         let mut node = root;
         for (depth, seg) in path.split('/').filter(|s| !s.is_empty()).enumerate() {
-            match node.children.get(&segment_key(seg)) {
+            match node.children.get(segment_key(seg).as_ref()) {
                 Some(next) => node = next,
                 None => break,
             }

@@ -2,10 +2,15 @@
 //! UTC day, kept together in ONE shared-data value per app and updated with compare-and-swap, so
 //! every Envoy worker draws from the same bucket and an app gets exactly its quota.
 //!
-//! The value is 17 bytes: a format byte, the bucket's TAT in ns, the UTC day number and the count
-//! of requests admitted that day. All-zero means "full bucket, nothing used", so the initial value
-//! does not depend on the limits: creating a key twice (the host does not CAS-guard creation) writes
-//! the same bytes, and limits can change (an override expires) without touching the stored state.
+//! The value is 25 bytes: a format byte, the bucket's TAT in ns, the UTC day number, the count of
+//! requests admitted that day and the latest clock reading that updated it. All-zero means "full
+//! bucket, nothing used", so the initial value does not depend on the limits: creating a key twice
+//! (the host does not CAS-guard creation) writes the same bytes, and limits can change (an override
+//! expires) without touching the stored state.
+//!
+//! The wall clock can step (NTP, a VM resumed): stepped back, the bucket keeps its level instead of
+//! locking the app out for the length of the step, and the day's count is kept rather than started
+//! over; stepped forward, the bucket refills and a new day starts, as real time passing would.
 
 use crate::compile::Limits;
 use crate::time::{NANOS_PER_SEC, SECS_PER_DAY};
@@ -13,8 +18,14 @@ use crate::time::{NANOS_PER_SEC, SECS_PER_DAY};
 /// How many times a compare-and-swap is retried before the request fails closed.
 pub const MAX_CAS_RETRIES: u32 = 64;
 
-const FORMAT: u8 = 1;
-const VALUE_LEN: usize = 17;
+const FORMAT: u8 = 2;
+const VALUE_LEN: usize = 25;
+/// The 17-byte format before the clock reading was kept; still read (as "no reading yet").
+const FORMAT_V1: u8 = 1;
+const VALUE_LEN_V1: usize = 17;
+/// A clock reading this far behind the latest one is a step back, not two workers reading the
+/// clock a moment apart.
+const STEP_BACK_NS: u64 = NANOS_PER_SEC;
 
 /// Shared counters with compare-and-swap, as proxy-wasm shared data offers them.
 pub trait CounterStore {
@@ -38,6 +49,8 @@ pub struct QuotaState {
     pub tat_ns: u64,
     pub day: u32,
     pub used: u32,
+    /// The latest clock reading that updated the state (0: none yet).
+    pub last_ns: u64,
 }
 
 impl QuotaState {
@@ -47,18 +60,21 @@ impl QuotaState {
         out[1..9].copy_from_slice(&self.tat_ns.to_le_bytes());
         out[9..13].copy_from_slice(&self.day.to_le_bytes());
         out[13..17].copy_from_slice(&self.used.to_le_bytes());
+        out[17..25].copy_from_slice(&self.last_ns.to_le_bytes());
         out
     }
 
     /// Decodes a stored value; anything not written by this version reads as `None`.
     pub fn decode(bytes: &[u8]) -> Option<QuotaState> {
-        if bytes.len() != VALUE_LEN || bytes.first() != Some(&FORMAT) {
-            return None;
-        }
+        let last_ns = match (bytes.first(), bytes.len()) {
+            (Some(&FORMAT), VALUE_LEN) => u64::from_le_bytes(bytes.get(17..25)?.try_into().ok()?),
+            (Some(&FORMAT_V1), VALUE_LEN_V1) => 0,
+            _ => return None,
+        };
         let tat_ns = u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?);
         let day = u32::from_le_bytes(bytes.get(9..13)?.try_into().ok()?);
         let used = u32::from_le_bytes(bytes.get(13..17)?.try_into().ok()?);
-        Some(QuotaState { tat_ns, day, used })
+        Some(QuotaState { tat_ns, day, used, last_ns })
     }
 }
 
@@ -101,6 +117,17 @@ fn secs_to_next_day(now_ns: u64) -> u64 {
     (SECS_PER_DAY - now_secs % SECS_PER_DAY).max(1)
 }
 
+/// The state as seen from `now_ns` when the clock stepped back since it was last updated: the TAT
+/// moves back by the step, so the bucket is exactly as full as it was, and the step is recorded
+/// (so it is applied once). Otherwise `state` unchanged.
+pub fn rebase(state: QuotaState, now_ns: u64) -> QuotaState {
+    if state.last_ns > now_ns.saturating_add(STEP_BACK_NS) {
+        QuotaState { tat_ns: state.tat_ns.saturating_sub(state.last_ns - now_ns), last_ns: now_ns, ..state }
+    } else {
+        state
+    }
+}
+
 /// Pure arithmetic: the state after one request at `now_ns`, or why it is refused.
 pub fn step(
     state: QuotaState,
@@ -110,14 +137,21 @@ pub fn step(
 ) -> Result<(QuotaState, Usage), QuotaOutcome> {
     let interval = limits.rate.interval_ns();
     let capacity = interval.saturating_mul(limits.rate.burst);
-    let base = state.tat_ns.max(now_ns);
+    let state = rebase(state, now_ns);
+    let (tat_ns, last_ns) = (state.tat_ns, state.last_ns.max(now_ns));
+    let base = tat_ns.max(now_ns);
     let new_tat = base.saturating_add(interval);
     let ahead = new_tat - now_ns;
     if ahead > capacity {
         return Err(QuotaOutcome::RateLimited { retry_after_secs: ceil_secs(ahead - capacity).max(1) });
     }
     let today = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(u32::MAX);
-    let used_before = if state.day == today { state.used } else { 0 };
+    // A later day starts the count over; an earlier one (the clock stepped back across midnight)
+    // keeps counting against the later day, so a budget is never spent twice.
+    let (day, used_before) = match today.cmp(&state.day) {
+        std::cmp::Ordering::Greater => (today, 0),
+        _ => (state.day, state.used),
+    };
     let budget_reset_secs = secs_to_next_day(now_ns);
     let (used_after, budget_remaining, budget_soft_crossed) = match limits.daily_budget {
         Some(budget) => {
@@ -141,7 +175,7 @@ pub fn step(
         rate_soft_crossed: before_fill < soft_ratio && after_fill >= soft_ratio,
         budget_soft_crossed,
     };
-    Ok((QuotaState { tat_ns: new_tat, day: today, used: used_after }, usage))
+    Ok((QuotaState { tat_ns: new_tat, day, used: used_after, last_ns }, usage))
 }
 
 /// Takes one request from the app's quota in `store`, retrying compare-and-swap up to
@@ -156,7 +190,15 @@ pub fn take(store: &mut dyn CounterStore, key: &str, limits: &Limits, now_ns: u6
         let state = QuotaState::decode(&bytes).unwrap_or_default();
         let (next, usage) = match step(state, limits, now_ns, soft_ratio) {
             Ok(ok) => ok,
-            Err(refused) => return refused,
+            Err(refused) => {
+                // Refusals write nothing, except a clock step back (once), so that the bucket
+                // refills from the new time instead of measuring the step again on every request.
+                let rebased = rebase(state, now_ns);
+                if rebased != state {
+                    let _ = store.set(key, &rebased.encode(), cas);
+                }
+                return refused;
+            }
         };
         match store.set(key, &next.encode(), cas) {
             Ok(()) => return QuotaOutcome::Allowed(usage),
@@ -255,8 +297,12 @@ mod tests {
 
     #[test]
     fn encode_decode_roundtrip_and_garbage() {
-        let s = QuotaState { tat_ns: 123_456_789, day: 20_000, used: 42 };
+        let s = QuotaState { tat_ns: 123_456_789, day: 20_000, used: 42, last_ns: 987_654_321 };
         assert_eq!(QuotaState::decode(&s.encode()), Some(s), "roundtrip");
+        let v1 = s.encode();
+        let mut v1 = v1.get(..VALUE_LEN_V1).map(<[u8]>::to_vec).unwrap_or_default();
+        v1[0] = FORMAT_V1;
+        assert_eq!(QuotaState::decode(&v1), Some(QuotaState { last_ns: 0, ..s }), "the 17-byte format still reads");
         assert_eq!(QuotaState::decode(&[]), None, "empty value");
         assert_eq!(QuotaState::decode(&[9; VALUE_LEN]), None, "unknown format byte");
         assert_eq!(QuotaState::decode(&[FORMAT; 3]), None, "short value");
@@ -285,6 +331,63 @@ mod tests {
             }
             assert_eq!(admitted, *want, "{what}");
         }
+    }
+
+    /// Runs `(offset from T0 in seconds, may be negative)` requests; returns which were admitted.
+    fn admitted_at(l: &Limits, offsets: &[i64]) -> Vec<bool> {
+        let mut state = QuotaState::default();
+        offsets
+            .iter()
+            .map(|off| {
+                let now = T0.saturating_add_signed(off * SEC as i64);
+                match step(state, l, now, 0.7) {
+                    Ok((next, _)) => {
+                        state = next;
+                        true
+                    }
+                    Err(_) => {
+                        state = rebase(state, now); // as take() records a step back on a refusal
+                        false
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clock_steps_neither_lock_out_nor_refill() {
+        let hour = 3600;
+        // 5 of a 100-request bucket used, then the clock steps back an hour: still 95 left.
+        let l = limits(600, 60, 100, None);
+        let mut offsets = vec![0; 5];
+        offsets.extend([1 - hour; 95]);
+        offsets.push(1 - hour);
+        let got = admitted_at(&l, &offsets);
+        assert!(got[..100].iter().all(|&a| a), "within the bucket after a step back: {got:?}");
+        assert!(!got[100], "and not one more");
+        // A drained bucket stays drained after a step back, and refills with time after it.
+        let l = limits(10, 3600, 10, None);
+        let mut offsets = vec![0; 10];
+        offsets.extend([-hour, -hour + 1]);
+        offsets.extend([-hour + 360; 2]);
+        let got = admitted_at(&l, &offsets);
+        assert_eq!(got[10..], [false, false, true, false], "no refill from a step back; one after 6 minutes");
+        // Two workers reading the clock a moment apart is not a step: no credit.
+        let l = limits(1, 3600, 1, None);
+        assert_eq!(admitted_at(&l, &[1, 0, 1, 0]), [true, false, false, false], "sub-second reordering");
+    }
+
+    #[test]
+    fn daily_budget_is_not_spent_twice_across_midnight() {
+        let l = limits(1000, 1, 1000, Some(3));
+        let midnight = 72_000; // T0 is 04:00 UTC, so T0 + 20 h is the next midnight
+        let mut offsets = vec![midnight - 120; 4]; // 3 of 3 at 23:58, then refused
+        offsets.extend([midnight + 120; 4]); // a new day: 3 more
+        offsets.extend([midnight - 120; 2]); // stepped back to 23:58: the later day's count holds
+        offsets.extend([midnight + 120; 2]);
+        let got = admitted_at(&l, &offsets);
+        let want = [true, true, true, false, true, true, true, false, false, false, false, false];
+        assert_eq!(got, want);
     }
 
     #[test]
@@ -337,18 +440,12 @@ mod tests {
     }
 
     #[test]
-    fn clock_going_backwards_never_admits_more() {
+    fn clock_going_backwards_keeps_the_bucket_level() {
+        // 3 of 5 at +100 s; back to 0 s: 2 left, not 5 (no refill from the step) and not 0 (no
+        // lockout for the 100 s); 50 s later, 50 s worth of refill (one per 12 s, bucket cap).
         let l = limits(5, 60, 5, None);
-        let mut state = QuotaState::default();
-        let mut admitted = 0;
-        for off in [100u64, 100, 100, 0, 0, 0, 50, 50] {
-            if let Ok((next, _)) = step(state, &l, T0 + off * SEC, 0.7) {
-                state = next;
-                admitted += 1;
-            }
-        }
-        // 3 at +100s; going back to 0s and +50s finds the bucket still "in the future": refused.
-        assert_eq!(admitted, 3, "a clock stepping back gives no extra tokens");
+        let got = admitted_at(&l, &[100, 100, 100, 0, 0, 0, 50, 50, 50, 50, 50]);
+        assert_eq!(got, [true, true, true, true, true, false, true, true, true, true, false]);
     }
 
     // === CounterStore contract suite, run against every store ===
