@@ -558,6 +558,7 @@ CONFIG_NAMES = {
     "c": "native jwt_authn+rbac+local_ratelimit",
     "d": "trivial wasm filter",
     "e": "trivial + Guardrail's host calls",
+    "f": "Guardrail without its CEL rules",
 }
 
 
@@ -584,7 +585,13 @@ def part_overhead(work: Path) -> dict[str, Any]:
         "c": (native, native_route),
         "d": ([wasm_filter("trivial", TRIVIAL_WASM, "{}")], None),
         "e": ([wasm_filter("hostcalls", TRIVIAL_WASM, "hostcalls")], None),
+        "f": ([guardrail_filter({**policy, "rules": []})], None),
     }
+    if os.environ.get("BENCH_ALT_WASM"):  # A/B of two builds: (g) is (f) with another guardrail.wasm
+        CONFIG_NAMES["g"] = f"(f) with {os.environ['BENCH_ALT_WASM']}"
+        alt = guardrail_filter({**policy, "rules": []})
+        alt["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = os.environ["BENCH_ALT_WASM"]
+        filters["g"] = ([alt], None)
     filters = {k: v for k, v in filters.items() if k in s["configs"]}
     # BENCH_HOSTCALLS=headers,property,…: one more (e) per host call class, making only that call.
     for call in filter(None, os.environ.get("BENCH_HOSTCALLS", "").split(" ")):
