@@ -86,8 +86,9 @@ pub struct Hub {
 struct Inner {
     fleet: Fleet,
     last_policy_error: String,
-    /// Snapshots replaced since the last [`Hub::tick`], which frees them.
-    retired: Vec<Arc<Snapshot>>,
+    /// What a change left to free (the snapshot it replaced, the document's JSON tree): freed by the
+    /// next [`Hub::tick`], not before the change is pushed and logged.
+    retired: Vec<Box<dyn std::any::Any + Send + Sync>>,
     /// Label → content hash of every revision served by this process.
     labels: HashMap<String, [u8; 32]>,
 }
@@ -98,7 +99,8 @@ impl Hub {
     /// A hub serving `doc` (already validated, read from `file`).
     pub fn new(file: &Path, doc: Document, clock: Clock) -> Result<Arc<Hub>, String> {
         let mut labels = HashMap::new();
-        let snapshot = make_snapshot(file, doc, &mut labels)?;
+        let content = content_of(&doc);
+        let (snapshot, _) = make_snapshot(file, doc, content, &mut labels)?;
         let today = day_of(clock());
         let hub = Hub {
             snapshot: watch::Sender::new(Arc::new(snapshot)),
@@ -154,11 +156,12 @@ impl Hub {
     pub fn offer(&self, file: &Path, doc: Document) -> Offer {
         let mut inner = self.lock();
         let current = self.current();
-        if content_of(&doc) == current.content {
+        let content = content_of(&doc);
+        if content == current.content {
             inner.last_policy_error.clear();
             return Offer::Unchanged(current.revision.clone());
         }
-        let snapshot = match make_snapshot(file, doc, &mut inner.labels) {
+        let (snapshot, tree) = match make_snapshot(file, doc, content, &mut inner.labels) {
             Ok(s) => s,
             Err(e) => return self.refused(&mut inner, e),
         };
@@ -167,7 +170,8 @@ impl Hub {
         inner.last_policy_error.clear();
         self.recompute(&inner);
         // Freeing a large compiled policy takes milliseconds: not before the push is logged.
-        inner.retired.push(previous);
+        inner.retired.push(Box::new(previous));
+        inner.retired.push(Box::new(tree));
         Offer::Published(revision)
     }
 
@@ -294,9 +298,14 @@ fn content_of(doc: &Document) -> [u8; 32] {
     Sha256::digest(doc.canonical.as_bytes()).into()
 }
 
-/// Labels the document (see the module docs) and checks what will be pushed.
-fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 32]>) -> Result<Snapshot, String> {
-    let content = content_of(&doc);
+/// Labels the document (see the module docs) and checks what will be pushed. Also returns the
+/// document's JSON tree, for the caller to free when it suits.
+fn make_snapshot(
+    file: &Path,
+    doc: Document,
+    content: [u8; 32],
+    labels: &mut HashMap<String, [u8; 32]>,
+) -> Result<(Snapshot, serde_json::Value), String> {
     let doc_revision = doc.policy.revision.clone();
     let short = hex::encode(&content[..4]);
     let revision = if doc_revision.is_empty() {
@@ -307,14 +316,14 @@ fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 3
         doc_revision.clone()
     };
     let label = serde_json::Value::String(revision.clone());
-    let json = if doc.json.get("revision") == Some(&label) {
+    let mut tree = doc.json;
+    let json = if tree.get("revision") == Some(&label) {
         doc.canonical
     } else {
-        let mut value = doc.json;
-        if let Some(object) = value.as_object_mut() {
+        if let Some(object) = tree.as_object_mut() {
             object.insert("revision".into(), label);
         }
-        serde_json::to_string(&value).map_err(|e| format!("cannot encode the policy: {e}"))?
+        serde_json::to_string(&tree).map_err(|e| format!("cannot encode the policy: {e}"))?
     };
     if json.len() > MAX_POLICY_JSON_BYTES {
         return Err(format!(
@@ -333,5 +342,5 @@ fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 3
     }
     labels.entry(doc_revision).or_insert(content);
     labels.insert(revision.clone(), content);
-    Ok(Snapshot { revision, content, json, policy })
+    Ok((Snapshot { revision, content, json, policy }, tree))
 }

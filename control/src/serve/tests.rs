@@ -434,15 +434,23 @@ async fn a_json_change_is_pushed_at_the_first_poll_and_never_half_written() {
 }
 
 #[test]
-fn a_recently_modified_file_is_read_again_even_if_its_stat_did_not_change() {
+fn a_stat_is_trusted_once_the_file_was_read_a_clock_tick_after_its_last_write() {
     let dir = TempDir::new();
     let file = dir.0.join("policy.json");
     std::fs::write(&file, "{}").unwrap();
     let stamp = Source::new(&file).stamp().unwrap();
-    let now = std::time::SystemTime::now();
-    assert!(stamp.racy(now), "just written");
-    assert!(!stamp.racy(now + RACY + Duration::from_millis(1)), "written longer ago than RACY");
-    assert!(stamp.racy(now - Duration::from_secs(3600)), "written in the future (a clock step)");
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert!(stamp.racy(modified), "read as it was written");
+    assert!(stamp.racy(modified + RACY / 2), "read within the window");
+    assert!(!stamp.racy(modified + RACY), "read past the window");
+    assert!(stamp.racy(modified - Duration::from_secs(1)), "read before it was written (a clock step)");
+    // Whole seconds: a file system with coarse times gets a wider window.
+    let coarse = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let f = std::fs::File::options().write(true).open(&file).unwrap();
+    f.set_modified(coarse).unwrap();
+    let stamp = Source::new(&file).stamp().unwrap();
+    assert!(stamp.racy(coarse + RACY), "within a second of a whole-second time");
+    assert!(!stamp.racy(coarse + Duration::from_secs(3)), "seconds later");
 }
 
 #[tokio::test]

@@ -11,8 +11,9 @@
 //! symlink swaps) and in-place writes alike, with no platform notification API to go wrong. When
 //! the `stat` changes the file is read once (and discarded if the `stat` changed while it was
 //! read); content equal to what was acted on last is a touch, nothing more. File times are coarse
-//! (a kernel tick), so a second write within one tick may leave the `stat` as it was: a file
-//! modified less than [`RACY`] ago is read again on every poll until its time is safely past.
+//! (a kernel tick), so a second write within one tick may leave the `stat` as it was: until the
+//! file has been read once more than [`RACY`] after its modification time, it is read again on
+//! every poll (git's "racy" rule).
 //!
 //! A half-written file is never applied. A complete JSON document is acted on at once: a JSON
 //! text ends with the `}` that closes it, so a file caught half-written (truncated, or the prefix
@@ -26,19 +27,21 @@ use super::hub::{Hub, Offer};
 use crate::log::log;
 use guardrail_core::source::{load_document, load_json_document, load_yaml_document, read_file, Document};
 use guardrail_core::PolicyErrors;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often the watcher looks at the policy (a `stat`; a read only when that changed).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Polls in a row that must see the same file before a change that is not a complete JSON
 /// document is acted on: two intervals (20 ms) without a write.
 pub const CONFIRM_POLLS: u32 = 3;
-/// A file modified more recently than this is read on every poll, its `stat` not trusted alone.
-pub const RACY: Duration = Duration::from_millis(100);
+/// A `stat` is trusted alone once the file was read this long after its modification time (more
+/// than a kernel tick, the granularity of file times; see [`Stamp::racy`]).
+pub const RACY: Duration = Duration::from_millis(30);
+/// The same for file systems that keep whole seconds (FAT even two).
+const RACY_COARSE: Duration = Duration::from_millis(2500);
 /// A larger policy file is refused unread.
 pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -142,13 +145,15 @@ impl Stamp {
         Stamp { file: file.to_path_buf(), len: u64::MAX, modified: None, ids: [-1; 4] }
     }
 
-    /// Whether the file was modified so recently (or in the future) that a write may follow in the
-    /// same tick of the file-time clock without changing this stamp.
-    pub fn racy(&self, now: SystemTime) -> bool {
-        match self.modified.map(|m| now.duration_since(m)) {
-            Some(Ok(age)) => age < RACY,
-            Some(Err(_)) | None => true,
-        }
+    /// Whether a write after a read made at `read_at` could leave this stamp as it is: the read was
+    /// within one tick of the file-time clock after the modification (or before it: a clock step).
+    pub fn racy(&self, read_at: SystemTime) -> bool {
+        let Some(modified) = self.modified else {
+            return true;
+        };
+        let whole_seconds = modified.duration_since(UNIX_EPOCH).is_ok_and(|t| t.subsec_nanos() == 0);
+        let window = if whole_seconds { RACY_COARSE } else { RACY };
+        read_at.duration_since(modified).map_or(true, |age| age < window)
     }
 }
 
@@ -183,17 +188,18 @@ fn policy_file_in(dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
-/// What the watcher acted on last: a file's content (by hash) as of a stamp, or why it could not.
+/// What the watcher acted on last: a file's text as of a stamp and the time it was read (kept
+/// whole: comparing it costs less than hashing it), or why it could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Handled {
-    Content(Stamp, [u8; 32]),
+    Content(Stamp, String, SystemTime),
     Problem(String),
 }
 
 /// A change waiting for confirmation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
-    Content(Stamp, [u8; 32]),
+    Content(Stamp, String),
     Problem(String),
 }
 
@@ -224,7 +230,8 @@ pub struct Watcher {
 impl Watcher {
     /// A watcher of `source`, whose content `text` (read from `file`) is served already.
     pub fn new(source: Source, hub: Arc<Hub>, file: &Path, text: &str) -> Watcher {
-        Watcher { source, hub, handled: Handled::Content(Stamp::unknown(file), hash(text)), pending: None }
+        let handled = Handled::Content(Stamp::unknown(file), text.to_string(), UNIX_EPOCH);
+        Watcher { source, hub, handled, pending: None }
     }
 
     /// Polls until `stop` is set.
@@ -241,22 +248,23 @@ impl Watcher {
             Ok(stamp) => stamp,
             Err(problem) => return self.confirm(Seen::Problem(problem), None),
         };
-        if let Handled::Content(done, _) = &self.handled {
-            if *done == stamp && !stamp.racy(SystemTime::now()) {
+        if let Handled::Content(done, _, read_at) = &self.handled {
+            if *done == stamp && !stamp.racy(*read_at) {
                 self.pending = None;
                 return Polled::Nothing;
             }
         }
+        let read_at = SystemTime::now();
         let text = match self.source.read_at(&stamp) {
             Ok(Some(text)) => text,
             Ok(None) => return Polled::Nothing,
             Err(problem) => return self.confirm(Seen::Problem(problem), None),
         };
-        let hash = hash(&text);
-        if let Handled::Content(done, done_hash) = &mut self.handled {
-            if *done_hash == hash && done.file == stamp.file {
+        if let Handled::Content(done, done_text, done_read_at) = &mut self.handled {
+            if *done_text == text && done.file == stamp.file {
                 // Touched, or a recently written file read again: the content acted on.
                 *done = stamp;
+                *done_read_at = read_at;
                 self.pending = None;
                 return Polled::Nothing;
             }
@@ -264,14 +272,14 @@ impl Watcher {
         if let Some(loaded) = load_json_document(&text) {
             self.pending = None;
             let file = stamp.file.clone();
-            self.handled = Handled::Content(stamp, hash);
+            self.handled = Handled::Content(stamp, text, read_at);
             return self.act(&file, loaded);
         }
-        self.confirm(Seen::Content(stamp, hash), Some(text))
+        self.confirm(Seen::Content(stamp, text), Some(read_at))
     }
 
     /// Acts on `seen` once it was seen in [`CONFIRM_POLLS`] polls in a row.
-    fn confirm(&mut self, seen: Seen, text: Option<String>) -> Polled {
+    fn confirm(&mut self, seen: Seen, read_at: Option<SystemTime>) -> Polled {
         let polls = match &mut self.pending {
             Some((pending, n)) if *pending == seen => {
                 *n += 1;
@@ -286,7 +294,7 @@ impl Watcher {
             return Polled::Nothing;
         }
         self.pending = None;
-        match (seen, text) {
+        match (seen, read_at) {
             (Seen::Problem(problem), _) => {
                 if self.handled == Handled::Problem(problem.clone()) {
                     return Polled::Nothing;
@@ -297,10 +305,11 @@ impl Watcher {
                 self.hub.policy_error(problem.clone());
                 Polled::Unreadable(problem)
             }
-            (Seen::Content(stamp, hash), Some(text)) => {
+            (Seen::Content(stamp, text), Some(read_at)) => {
                 let file = stamp.file.clone();
-                self.handled = Handled::Content(stamp, hash);
-                self.act(&file, load_yaml_document(&text))
+                let loaded = load_yaml_document(&text);
+                self.handled = Handled::Content(stamp, text, read_at);
+                self.act(&file, loaded)
             }
             (Seen::Content(..), None) => Polled::Nothing,
         }
@@ -336,10 +345,6 @@ impl Watcher {
         }
         Polled::Offered(offer)
     }
-}
-
-fn hash(text: &str) -> [u8; 32] {
-    Sha256::digest(text.as_bytes()).into()
 }
 
 #[cfg(test)]
