@@ -9,28 +9,43 @@
 //! 4. as leader, keeps the stream open (reconnecting with exponential backoff and jitter), and
 //!    reports usage every [`REPORT_EVERY_NS`].
 //!
-//! Only the leader talks to the companion. It validates each snapshot with the same core as
-//! `guardrail check`, ACKs or NACKs it, and on success publishes it to shared data and bumps the
-//! generation, which every worker checks on each request: a worker compiles each revision once.
+//! Only the leader talks to the companion. A snapshot it receives is first shared as a candidate
+//! (`guardrail.candidate`, generation bumped), so that every worker compiles it while the leader
+//! does; then the leader validates it with the same core as `guardrail check`, ACKs or NACKs it,
+//! and on success publishes it as the snapshot (`guardrail.snapshot`, generation bumped again).
+//! Workers only ever put a snapshot in force, never a candidate.
+//!
+//! Every worker checks the generation on each request (one small shared-data read). When it moved
+//! ([`Follower::sync`]): a new candidate is compiled on the worker's next tick, brought forward to
+//! now, while requests go on being decided by the policy in force; a published snapshot the worker
+//! compiled ahead is put in force at once, and one it did not is compiled there and then, so that
+//! once the leader has ACKed a revision no request is decided by an older one. A worker compiles
+//! each revision once; the policy it replaces is freed on a later tick.
 
 use crate::host;
-use guardrail_core::compile::{compile, parse_json_value, CompiledPolicy};
+use guardrail_core::compile::{compile, parse_json_str, App, CompiledPolicy};
 use guardrail_core::fleet::{Fleet, UsageCounters};
-use guardrail_core::quota::{CounterStore, StoreError};
+use guardrail_core::quota::{ensure_keys, CounterStore, StoreError};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use guardrail_proto::v1::{
     client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot, ServerMessage,
     UsageReport,
 };
 use prost::Message;
+use std::rc::Rc;
+use std::time::Duration;
 
 pub const GEN_KEY: &str = "guardrail.gen";
 pub const SNAPSHOT_KEY: &str = "guardrail.snapshot";
+/// A snapshot received by the leader and not validated yet, for workers to compile ahead.
+pub const CANDIDATE_KEY: &str = "guardrail.candidate";
 pub const FLEET_KEY: &str = "guardrail.fleet";
 const LEADER_KEY: &str = "guardrail.leader";
 const NODE_KEY: &str = "guardrail.node";
 
 pub const TICK_MS: u64 = 100;
+/// The tick period while a worker has a compile pending: at once, after the current event.
+const SOON_MS: u64 = 1;
 const LEASE_NS: u64 = 3 * NANOS_PER_SEC;
 const REPORT_EVERY_NS: u64 = NANOS_PER_SEC;
 const BACKOFF_MIN_NS: u64 = 100_000_000;
@@ -72,29 +87,168 @@ fn bump_generation() -> Result<u64, StoreError> {
     Err(StoreError::CasMismatch)
 }
 
-/// What the companion last published: the policy snapshot (if any) and the fleet state.
-pub struct Published {
-    pub policy: Option<CompiledPolicy>,
-    pub fleet: Option<Fleet>,
+/// The value of a shared-data key (empty when it is missing or unreadable).
+fn shared(key: &str) -> Vec<u8> {
+    match host::SharedData.get(key) {
+        Ok(Some((bytes, _))) => bytes,
+        _ => Vec::new(),
+    }
 }
 
-/// Reads and compiles the published snapshot and fleet state.
-pub fn load_published() -> Result<Published, String> {
-    let policy = match host::SharedData.get(SNAPSHOT_KEY) {
-        Ok(Some((bytes, _))) if !bytes.is_empty() => Some(compile_json(&bytes).map_err(|e| e.join("; "))?),
-        _ => None,
-    };
-    let fleet = match host::SharedData.get(FLEET_KEY) {
-        Ok(Some((bytes, _))) => Fleet::decode(&bytes),
-        _ => None,
-    };
-    Ok(Published { policy, fleet })
+fn published_fleet() -> Option<Fleet> {
+    Fleet::decode(&shared(FLEET_KEY))
 }
 
+/// Reads and compiles a snapshot's `policy_json`, as `guardrail check` would.
 fn compile_json(json: &[u8]) -> Result<CompiledPolicy, Vec<String>> {
-    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| vec![format!("policy_json: {e}")])?;
-    let raw = parse_json_value(value).map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let text = std::str::from_utf8(json).map_err(|e| vec![format!("policy_json: not UTF-8 ({e})")])?;
+    let raw = parse_json_str(text).map_err(|e| {
+        // Not JSON at all, or JSON that is no policy document (then its field is named).
+        vec![if e.error.is_data() { e.to_policy_error().to_string() } else { format!("policy_json: {}", e.error) }]
+    })?;
     compile(raw).map_err(|e| e.0.iter().map(ToString::to_string).collect())
+}
+
+// === impl Follower ===
+
+/// A root context's view of what the leader publishes (see the module docs).
+#[derive(Default)]
+pub struct Follower {
+    /// The generation last looked at.
+    generation: u64,
+    /// A candidate is waiting for the next tick to be compiled.
+    behind: bool,
+    /// The tick period was shortened for it.
+    soon: bool,
+    /// The published snapshot last dealt with (put in force, or refused), as published.
+    snapshot: Vec<u8>,
+    /// The last candidate compiled ahead, and its policy (`None`: it does not compile).
+    ahead: Option<(Vec<u8>, Option<CompiledPolicy>)>,
+    /// Policies replaced on this worker: freed by a later tick (freeing one takes milliseconds).
+    retired: Vec<Rc<CompiledPolicy>>,
+}
+
+/// What [`Follower::sync`] found in shared data.
+#[derive(Default)]
+pub struct Synced {
+    /// A validated snapshot to put in force.
+    pub policy: Option<CompiledPolicy>,
+    /// The fleet state, when the generation moved.
+    pub fleet: Option<Option<Fleet>>,
+}
+
+impl Follower {
+    /// Looks at what the leader published: one shared-data read when the generation did not move.
+    ///
+    /// A published snapshot is put in force at once: compiled ahead, or compiled now (a worker
+    /// that has not compiled it ahead decides no request by an older policy once the leader has
+    /// ACKed it). A new candidate is compiled ahead on a tick only (`tick`): from a request, the
+    /// next tick is brought forward to now, and requests meanwhile are decided by the policy in
+    /// force, which the leader has not replaced yet either.
+    pub fn sync(&mut self, tick: bool) -> Synced {
+        let mut out = Synced::default();
+        let generation = generation();
+        let moved = generation != self.generation;
+        if moved {
+            self.generation = generation;
+            out.fleet = Some(published_fleet());
+        }
+        let look = moved || (self.behind && tick);
+        if !look {
+            if tick {
+                // A tick with nothing to compile: the time to free what was replaced.
+                self.retired.clear();
+            }
+            return out;
+        }
+        self.behind = false;
+        let snapshot = shared(SNAPSHOT_KEY);
+        if !snapshot.is_empty() && snapshot != self.snapshot {
+            out.policy = match self.ahead.take() {
+                Some((candidate, Some(policy))) if candidate == snapshot => Some(policy),
+                other => {
+                    self.ahead = other;
+                    compile_json(&snapshot)
+                        .map_err(|e| {
+                            host::error(&format!(
+                                "guardrail: published snapshot does not compile here ({}); keeping the last good policy",
+                                e.join("; ")
+                            ))
+                        })
+                        .ok()
+                }
+            };
+            self.snapshot = snapshot;
+        }
+        let candidate = shared(CANDIDATE_KEY);
+        let known = candidate.is_empty()
+            || candidate == self.snapshot
+            || self.ahead.as_ref().is_some_and(|(ahead, _)| *ahead == candidate);
+        if !known {
+            if !tick {
+                return self.later(out);
+            }
+            // Not logged when it fails: the leader NACKs it and says why.
+            let policy = compile_json(&candidate).ok();
+            self.ahead = Some((candidate, policy));
+        }
+        self.tick_normally();
+        out
+    }
+
+    /// Leaves the candidate for the next tick, and brings that tick forward (once: setting the
+    /// period again would push the tick back).
+    fn later(&mut self, out: Synced) -> Synced {
+        self.behind = true;
+        if !self.soon {
+            self.soon = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(SOON_MS)).is_ok();
+        }
+        out
+    }
+
+    fn tick_normally(&mut self) {
+        if self.soon {
+            self.soon = false;
+            let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(TICK_MS));
+        }
+    }
+
+    /// Keeps a replaced policy until a tick with nothing to compile frees it.
+    pub fn retire(&mut self, policy: Option<Rc<CompiledPolicy>>) {
+        self.retired.extend(policy);
+    }
+
+    /// The leader put `snapshot` (published under `generation`) in force itself.
+    fn adopt(&mut self, snapshot: &[u8], generation: u64) {
+        self.generation = generation;
+        self.snapshot = snapshot.to_vec();
+        if self.ahead.as_ref().is_some_and(|(ahead, _)| ahead == snapshot) {
+            self.ahead = None;
+        }
+    }
+
+    /// The leader refused `candidate` (shared under `generation`): nothing to compile ahead.
+    fn refused(&mut self, candidate: &[u8], generation: u64) {
+        self.generation = generation;
+        self.ahead = Some((candidate.to_vec(), None));
+    }
+}
+
+/// Creates the shared-data keys of the apps of `policy` that `previous` did not have (those exist
+/// already: keys are created before a policy is put in force, and never removed).
+fn create_new_keys(policy: &CompiledPolicy, previous: Option<&CompiledPolicy>) -> Result<(), StoreError> {
+    let Some(previous) = previous else {
+        return crate::create_keys(policy);
+    };
+    let new: Vec<&App> = policy.apps.iter().filter(|a| previous.app_index(&a.id).is_none()).collect();
+    ensure_keys(&mut host::SharedData, new.iter().map(|a| a.quota_key.as_str()))?;
+    for app in new {
+        let key = usage_key(&app.id);
+        if host::SharedData.get(&key)?.is_none() {
+            host::SharedData.set(&key, &UsageCounters::default().encode(), 0)?;
+        }
+    }
+    Ok(())
 }
 
 // === The stream client ===
@@ -213,9 +367,15 @@ impl ControlClient {
         }
     }
 
-    /// A message from the companion. Returns a policy to apply on this worker, if one arrived,
-    /// with the shared generation it was published under.
-    pub fn on_message(&mut self, token: u32, bytes: &[u8]) -> Option<(CompiledPolicy, u64)> {
+    /// A message from the companion. Returns a policy to apply on this worker, if one arrived
+    /// (`follower` knows it then); `previous` is the policy in force.
+    pub fn on_message(
+        &mut self,
+        token: u32,
+        bytes: &[u8],
+        follower: &mut Follower,
+        previous: Option<&CompiledPolicy>,
+    ) -> Option<CompiledPolicy> {
         if self.link != Link::Open(token) {
             return None;
         }
@@ -228,7 +388,7 @@ impl ControlClient {
             }
         };
         match message.msg {
-            Some(server_message::Msg::Snapshot(snapshot)) => self.on_snapshot(token, snapshot),
+            Some(server_message::Msg::Snapshot(snapshot)) => self.on_snapshot(token, snapshot, follower, previous),
             Some(server_message::Msg::Fleet(fleet)) => {
                 publish_fleet(&fleet);
                 None
@@ -237,7 +397,13 @@ impl ControlClient {
         }
     }
 
-    fn on_snapshot(&mut self, token: u32, snapshot: PolicySnapshot) -> Option<(CompiledPolicy, u64)> {
+    fn on_snapshot(
+        &mut self,
+        token: u32,
+        snapshot: PolicySnapshot,
+        follower: &mut Follower,
+        previous: Option<&CompiledPolicy>,
+    ) -> Option<CompiledPolicy> {
         let nack = |error: String| {
             host::error(&format!("guardrail: NACK revision `{}`: {error}", snapshot.revision));
             send(
@@ -245,10 +411,17 @@ impl ControlClient {
                 client_message::Msg::Nack(guardrail_proto::v1::Nack { revision: snapshot.revision.clone(), error }),
             );
         };
-        let policy = match compile_json(snapshot.policy_json.as_bytes()) {
+        let json = snapshot.policy_json.as_bytes();
+        // The other workers compile it while this one does. Only an optimisation: if it cannot be
+        // shared, they compile the snapshot once it is published.
+        let shared = host::SharedData.set(CANDIDATE_KEY, json, 0).and_then(|()| bump_generation());
+        let policy = match compile_json(json) {
             Ok(p) => p,
             Err(errors) => {
                 nack(errors.join("\n"));
+                if let Ok(generation) = shared {
+                    follower.refused(json, generation);
+                }
                 return None;
             }
         };
@@ -259,8 +432,8 @@ impl ControlClient {
             ));
         }
         let published = host::SharedData
-            .set(SNAPSHOT_KEY, snapshot.policy_json.as_bytes(), 0)
-            .and_then(|()| crate::create_keys(&policy))
+            .set(SNAPSHOT_KEY, json, 0)
+            .and_then(|()| create_new_keys(&policy, previous))
             .and_then(|()| bump_generation());
         let generation = match published {
             Ok(generation) => generation,
@@ -271,8 +444,9 @@ impl ControlClient {
         };
         send(token, client_message::Msg::Ack(guardrail_proto::v1::Ack { revision: snapshot.revision.clone() }));
         host::info(&format!("guardrail: ACK revision `{}`", snapshot.revision));
+        follower.adopt(json, generation);
         self.revision = snapshot.revision;
-        Some((policy, generation))
+        Some(policy)
     }
 }
 

@@ -66,8 +66,8 @@ struct Worker {
     metrics: host::Metrics,
     /// Set when a companion is configured: then snapshots and fleet state come through shared data.
     controlled: bool,
-    /// The shared-data generation this worker has loaded.
-    generation: u64,
+    /// What this worker has taken from shared data.
+    follower: control::Follower,
     fleet: Option<Rc<Fleet>>,
     /// Usage counted since the last flush to shared data (only when `controlled`).
     usage: HashMap<String, UsageCounters>,
@@ -87,27 +87,25 @@ impl Worker {
         self.policy = Some(Rc::new(policy));
     }
 
-    /// Loads what the companion published if the shared generation moved. One small shared-data
-    /// read when nothing changed; each revision is compiled once per worker.
+    /// Takes what the companion published if the shared generation moved: one small shared-data
+    /// read when nothing changed (see [`control::Follower::sync`]).
     fn sync(&mut self) {
+        self.follow(false);
+    }
+
+    /// [`Worker::sync`]; on a tick (`tick`), also compiles a candidate ahead.
+    fn follow(&mut self, tick: bool) {
         if !self.controlled {
             return;
         }
-        let generation = control::generation();
-        if generation == self.generation {
-            return;
+        let synced = self.follower.sync(tick);
+        if let Some(policy) = synced.policy {
+            let replaced = self.policy.take();
+            self.install(policy);
+            self.follower.retire(replaced);
         }
-        self.generation = generation;
-        match control::load_published() {
-            Ok(published) => {
-                if let Some(policy) = published.policy {
-                    self.install(policy);
-                }
-                self.fleet = published.fleet.map(Rc::new);
-            }
-            Err(e) => host::error(&format!(
-                "guardrail: published snapshot does not compile here ({e}); keeping the last good policy"
-            )),
+        if let Some(fleet) = synced.fleet {
+            self.fleet = fleet.map(Rc::new);
         }
     }
 
@@ -146,7 +144,7 @@ impl GuardrailRoot {
                 tokens: TokenCache::new(TOKEN_CACHE_CAPACITY),
                 metrics: host::Metrics::define(),
                 controlled: false,
-                generation: 0,
+                follower: control::Follower::default(),
                 fleet: None,
                 usage: HashMap::new(),
             })),
@@ -174,11 +172,13 @@ impl Context for GuardrailRoot {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-        if let Some((policy, generation)) = control.on_message(token_id, &bytes) {
+        let mut worker = self.worker.borrow_mut();
+        let Worker { follower, policy, .. } = &mut *worker;
+        if let Some(policy) = control.on_message(token_id, &bytes, follower, policy.as_deref()) {
             // Published to shared data for the other workers; this one has it compiled already.
-            let mut worker = self.worker.borrow_mut();
+            let replaced = worker.policy.take();
             worker.install(policy);
-            worker.generation = generation;
+            worker.follower.retire(replaced);
         }
     }
 
@@ -232,7 +232,7 @@ impl RootContext for GuardrailRoot {
             return;
         };
         let mut worker = self.worker.borrow_mut();
-        worker.sync();
+        worker.follow(true);
         control::flush_usage(&mut worker.usage);
         let Some(policy) = worker.policy.clone() else {
             control.tick(now, &[]);

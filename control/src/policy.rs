@@ -41,9 +41,8 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let Some(doc) = load(&args.path) else {
         return Ok(ExitCode::FAILURE);
     };
-    let json = serde_json::to_string(&doc.json).context("encoding the policy as JSON")?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{json}").context("writing to standard output")?;
+    writeln!(out, "{}", doc.canonical).context("writing to standard output")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -182,21 +182,61 @@ pub fn parse_json_value(value: serde_json::Value) -> Result<RawPolicy, PolicyErr
     })
 }
 
-/// Reads and compiles a policy from JSON text.
+/// Why JSON text is not a policy document: the field path reached (empty for the document) and
+/// serde_json's error, whose position ([`serde_json::Error::line`]) is in that text.
+#[derive(Debug)]
+pub struct JsonError {
+    pub path: String,
+    pub error: serde_json::Error,
+}
+
+impl JsonError {
+    /// The error as a [`PolicyError`]: its path and [`bare_message`].
+    pub fn to_policy_error(&self) -> PolicyError {
+        PolicyError::new(self.path.clone(), bare_message(&self.error))
+    }
+}
+
+/// serde_json's message without its ` at line L column C` suffix (a position in one line of compact
+/// JSON says nothing to a policy author; files report their own line).
+pub fn bare_message(e: &serde_json::Error) -> String {
+    let mut text = e.to_string();
+    let at = format!(" at line {} column {}", e.line(), e.column());
+    if let Some(i) = text.rfind(&at) {
+        text.replace_range(i..i + at.len(), "");
+    }
+    text
+}
+
+/// Reads a policy document from JSON text (the whole text: trailing characters are an error).
+///
+/// The text is read once without tracking where the deserializer is, which costs a third more;
+/// only when it does not parse is it read again with `serde_path_to_error`, to name the field.
+pub fn parse_json_str(text: &str) -> Result<RawPolicy, JsonError> {
+    serde_json::from_str(text).map_err(|fast| {
+        let mut de = serde_json::Deserializer::from_str(text);
+        match serde_path_to_error::deserialize::<_, RawPolicy>(&mut de) {
+            Err(e) => {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                JsonError { path, error: e.into_inner() }
+            }
+            // Read the second time: what failed is after the document (trailing characters).
+            Ok(_) => JsonError { path: String::new(), error: fast },
+        }
+    })
+}
+
+/// Reads and compiles a policy from JSON text: what the filter does with every snapshot.
 pub fn compile_json_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let raw: RawPolicy = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        PolicyErrors::from(PolicyError::new(path, e.into_inner().to_string()))
-    })?;
+    let raw = parse_json_str(text).map_err(|e| PolicyErrors::from(e.to_policy_error()))?;
     compile(raw)
 }
 
 // === Compilation ===
 
 /// Validates a raw policy and builds its indexes. Returns every problem found, not only the first.
-pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
+pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     let mut errs = Errors::default();
     if raw.api_version != "guardrail/v1" {
         errs.push("apiVersion", format!("unsupported apiVersion `{}`; expected `guardrail/v1`", raw.api_version));
@@ -244,33 +284,39 @@ pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         }
     }
 
-    let mut apps = Vec::new();
-    let mut app_by_id = HashMap::new();
-    let mut app_by_key_digest: HashMap<[u8; 32], usize> = HashMap::new();
-    let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
-    for (i, raw_app) in raw.apps.iter().enumerate() {
-        let path = format!("apps[{i}]");
-        let Some(app) = compile_app(raw_app, &path, &tier_by_name, &raw, &mut errs) else {
+    // Apps are the bulk of a policy: their fields are moved out of the raw document, not copied,
+    // and a field path is only written out for an error.
+    let raw_apps = std::mem::take(&mut raw.apps);
+    let mut apps = Vec::with_capacity(raw_apps.len());
+    let mut app_by_id = HashMap::with_capacity(raw_apps.len());
+    let mut app_by_key_digest: HashMap<[u8; 32], usize> = HashMap::with_capacity(raw_apps.len());
+    for (i, mut raw_app) in raw_apps.into_iter().enumerate() {
+        let api_keys = std::mem::take(&mut raw_app.api_keys);
+        let Some(app) = compile_app(raw_app, i, &tier_by_name, &raw, &mut errs) else {
             continue;
         };
         if app_by_id.contains_key(&app.id) {
-            errs.push(format!("{path}.id"), format!("duplicate app id `{}`", app.id));
+            errs.push(format!("apps[{i}].id"), format!("duplicate app id `{}`", app.id));
             continue;
         }
         let index = apps.len();
-        for (k, digest_text) in raw_app.api_keys.iter().enumerate() {
-            let key_path = format!("{path}.api_keys[{k}]");
-            let Some(digest) = parse_key_digest(digest_text, &key_path, &mut errs) else {
+        for (k, digest_text) in api_keys.iter().enumerate() {
+            let Some(digest) = parse_key_digest(digest_text) else {
+                errs.push(
+                    format!("apps[{i}].api_keys[{k}]"),
+                    "expected `sha256:<64 lower-case hex>` as printed by `guardrail hash-key` (plain keys are never stored)",
+                );
                 continue;
             };
-            if let Some(owner) = key_owner.get(&digest) {
+            if let Some(&o) = app_by_key_digest.get(&digest) {
+                // The owner is an app before this one, or this one (a key listed twice).
+                let owner = apps.get(o).map_or(app.id.as_str(), |a: &App| a.id.as_str());
                 errs.push(
-                    key_path,
+                    format!("apps[{i}].api_keys[{k}]"),
                     format!("API-key digest already used by app `{owner}`; every key must belong to one app"),
                 );
                 continue;
             }
-            key_owner.insert(digest, app.id.clone());
             app_by_key_digest.insert(digest, index);
         }
         app_by_id.insert(app.id.clone(), index);
@@ -381,37 +427,36 @@ fn valid_id(id: &str) -> bool {
 }
 
 fn compile_app(
-    raw: &RawApp,
-    path: &str,
+    raw: RawApp,
+    i: usize,
     tier_by_name: &HashMap<String, usize>,
     policy: &RawPolicy,
     errs: &mut Errors,
 ) -> Option<App> {
     let before = errs.0.len();
+    let at = |field: &str| format!("apps[{i}].{field}");
     if !valid_id(&raw.id) {
-        errs.push(
-            format!("{path}.id"),
-            format!("invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :", raw.id),
-        );
+        errs.push(at("id"), format!("invalid app id `{}`: use 1-{MAX_APP_ID_LEN} of A-Z a-z 0-9 - _ . :", raw.id));
     }
     let tier = match tier_by_name.get(&raw.tier) {
         Some(&t) => t,
         None => {
             let known: Vec<&str> = policy.tiers.keys().map(String::as_str).collect();
-            errs.push(format!("{path}.tier"), format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")));
+            errs.push(at("tier"), format!("unknown tier `{}` (known: {})", raw.tier, known.join(", ")));
             0
         }
     };
-    let region = match raw.region.as_deref().map(str::trim) {
-        Some(r) if !r.is_empty() => r.to_string(),
+    let region = match raw.region {
+        Some(r) if r.trim().len() == r.len() && !r.is_empty() => r,
+        Some(r) if !r.trim().is_empty() => r.trim().to_string(),
         _ => {
-            errs.push(format!("{path}.region"), "every app needs a region (residency is checked against it)");
+            errs.push(at("region"), "every app needs a region (residency is checked against it)");
             String::new()
         }
     };
     let mut overrides = Vec::new();
     for (k, o) in raw.quota_overrides.iter().enumerate() {
-        let opath = format!("{path}.quota_overrides[{k}]");
+        let opath = at(&format!("quota_overrides[{k}]"));
         let rate = o.rate.as_ref().and_then(|r| compile_rate(r, &format!("{opath}.rate"), errs));
         let daily_budget = o.daily_budget.and_then(|b| positive(b, &format!("{opath}.daily_budget"), errs));
         if o.rate.is_none() && o.daily_budget.is_none() {
@@ -424,44 +469,38 @@ fn compile_app(
             Err(e) => errs.push(format!("{opath}.expires_at"), e),
         }
     }
-    let mut data_classes = raw.data_classes.clone();
+    let mut data_classes = raw.data_classes;
     data_classes.sort();
     data_classes.dedup();
     if errs.0.len() != before {
         return None;
     }
+    let quota_key = format!("guardrail.quota.{}", raw.id);
     Some(App {
-        id: raw.id.clone(),
-        owner: raw.owner.clone(),
-        team: raw.team.clone(),
-        department: raw.department.clone(),
+        id: raw.id,
+        owner: raw.owner,
+        team: raw.team,
+        department: raw.department,
         environment: raw.environment,
         tier,
         lifecycle: raw.lifecycle,
         region,
         data_classes,
-        connectors: raw.connectors.clone(),
+        connectors: raw.connectors,
         overrides,
-        quota_key: format!("guardrail.quota.{}", raw.id),
+        quota_key,
     })
 }
 
 /// Parses `sha256:<64 lower-case hex>` as printed by `guardrail hash-key`.
-fn parse_key_digest(text: &str, path: &str, errs: &mut Errors) -> Option<[u8; 32]> {
-    let hex_part = text.strip_prefix("sha256:");
-    let parsed =
-        hex_part.filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-    let mut out = [0u8; 32];
-    match parsed.map(|h| hex::decode_to_slice(h, &mut out)) {
-        Some(Ok(())) => Some(out),
-        _ => {
-            errs.push(
-                path,
-                "expected `sha256:<64 lower-case hex>` as printed by `guardrail hash-key` (plain keys are never stored)",
-            );
-            None
-        }
+fn parse_key_digest(text: &str) -> Option<[u8; 32]> {
+    let hex_part = text.strip_prefix("sha256:")?;
+    if hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
     }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).ok()?;
+    Some(out)
 }
 
 fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -> Vec<Dataset> {

@@ -1,9 +1,13 @@
-//! Policies from files: YAML (or JSON, read as YAML) with `file:line: path: message` errors.
+//! Policies from files: YAML or JSON, with `file:line: path: message` errors.
 //!
-//! Parsing goes through `serde_yaml_ng` and `serde_path_to_error`, so a typo, a wrong type or an
-//! unknown enum value is reported with its field path and the line it is on. Errors found later,
-//! when the policy is compiled, carry only a field path (`apps[2].tier`); [`locate`] finds the
-//! line of that path in the text with `yaml-rust2`'s event parser, which marks every event.
+//! A JSON document (text that parses as one JSON object) is read with `serde_json` directly: the
+//! companion reads every change of a large policy file, and the YAML reader is ten times slower
+//! on it. YAML, and text that is not a complete JSON document, goes through `serde_yaml_ng` and
+//! `serde_path_to_error`, so a typo, a wrong type or an unknown enum value is reported with its
+//! field path and the line it is on. Either way the policy compiled is the document's JSON form
+//! ([`Document::canonical`]), exactly what the filter receives. Errors carry a field path
+//! (`apps[2].tier`); only when there are errors is the text indexed ([`locate`], with
+//! `yaml-rust2`'s event parser, which marks every event and reads JSON too) to find their lines.
 //!
 //! Only the companion (`guardrail check`, `serve`, `export`) uses this module: the filter reads
 //! JSON and builds `guardrail-core` without the `yaml` feature.
@@ -16,9 +20,11 @@
 //! assert_eq!(errors.0[0].line, Some(3));
 //! ```
 
-use crate::compile::{compile, parse_json_value, CompiledPolicy};
+use crate::compile::{bare_message, compile, parse_json_str, CompiledPolicy, JsonError};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::raw::RawPolicy;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -38,16 +44,7 @@ pub fn parse_document(text: &str) -> Result<RawPolicy, PolicyErrors> {
         return Err(PolicyErrors::from(PolicyError { path: String::new(), message: message.into(), line: Some(line) }));
     }
     if !index.duplicates.is_empty() {
-        let errors = index
-            .duplicates
-            .iter()
-            .map(|d| PolicyError {
-                path: d.path.clone(),
-                message: format!("duplicate key `{}` (first written on line {})", d.key, d.first_line),
-                line: Some(d.line),
-            })
-            .collect();
-        return Err(PolicyErrors(errors));
+        return Err(duplicate_errors(&index));
     }
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
@@ -81,18 +78,164 @@ pub fn load_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
 #[derive(Debug)]
 pub struct Document {
     /// The document as written, converted to JSON (for the filter's plugin configuration).
-    pub json: serde_json::Value,
+    pub json: Value,
+    /// `json` as compact JSON (object keys sorted): the text that was compiled into `policy`, and
+    /// what the companion pushes (with its `revision` replaced by the label it serves it under).
+    pub canonical: String,
     pub policy: CompiledPolicy,
 }
 
-/// Like [`load_str`], and also converts the document to JSON, checking that the JSON form parses
-/// the same way: the filter reads that form, so what was validated is what it gets.
+/// Parses and compiles a policy document (JSON or YAML), keeping its JSON form. The policy is
+/// compiled from that JSON form, so what was validated is what the filter gets.
 pub fn load_document(text: &str) -> Result<Document, PolicyErrors> {
-    let raw = parse_document(text)?;
-    let policy = compile(raw).map_err(|errors| with_lines(text, errors))?;
+    load_json_document(text).unwrap_or_else(|| load_yaml_document(text))
+}
+
+/// Reads a JSON document with `serde_json`. `None` when the text is not one complete JSON value:
+/// YAML, a JSON file with a syntax error, or one caught half-written (a JSON text ends with the
+/// `}` that closes it, so no prefix of a document parses). Such text is for
+/// [`load_yaml_document`], whose errors name the line. A key written twice in one object is an
+/// error (serde_json would keep the last silently).
+pub fn load_json_document(text: &str) -> Option<Result<Document, PolicyErrors>> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let json = match serde_json::from_str::<Unique>(text) {
+        Ok(Unique(json)) => json,
+        // The only data error the reader raises: located by the full index, which sees them all.
+        Err(e) if e.is_data() => return Some(Err(duplicate_keys(text, &e))),
+        Err(_) => return None,
+    };
+    Some(compile_json_form(text, json))
+}
+
+/// Reads a YAML document (or JSON read as YAML) with located errors.
+pub fn load_yaml_document(text: &str) -> Result<Document, PolicyErrors> {
+    parse_document(text)?;
     let json = to_json_value(text)?;
-    parse_json_value(json.clone()).map_err(|errors| with_lines(text, errors))?;
-    Ok(Document { json, policy })
+    compile_json_form(text, json)
+}
+
+/// Compiles the JSON form of `text`; errors get their lines in `text`.
+fn compile_json_form(text: &str, json: Value) -> Result<Document, PolicyErrors> {
+    let canonical = serde_json::to_string(&json)
+        .map_err(|e| PolicyErrors::from(PolicyError::new("", format!("cannot encode the policy as JSON: {e}"))))?;
+    let raw = parse_json_str(&canonical).map_err(|e| located(text, &e))?;
+    let policy = compile(raw).map_err(|errors| with_lines(text, errors))?;
+    Ok(Document { json, canonical, policy })
+}
+
+/// A parse error of the JSON form, with its path as the YAML reader reports it and its line in
+/// `text` (`text` and the JSON form have the same field paths, not the same lines).
+fn located(text: &str, e: &JsonError) -> PolicyErrors {
+    let (path, message) = split_message(bare_message(&e.error), &e.path);
+    let index = LineIndex::build(text);
+    let line = index.lines.get(&e.path).copied().or_else(|| index.line_of(&path));
+    PolicyErrors::from(PolicyError { path, message, line })
+}
+
+/// The duplicate keys of a JSON text that [`Unique`] refused, with their lines.
+fn duplicate_keys(text: &str, e: &serde_json::Error) -> PolicyErrors {
+    let index = LineIndex::build(text);
+    if index.duplicates.is_empty() {
+        // Not expected (both readers unescape keys alike); still an error, where serde_json saw it.
+        return PolicyErrors::from(PolicyError { path: String::new(), message: bare_message(e), line: Some(e.line()) });
+    }
+    duplicate_errors(&index)
+}
+
+fn duplicate_errors(index: &LineIndex) -> PolicyErrors {
+    PolicyErrors(
+        index
+            .duplicates
+            .iter()
+            .map(|d| PolicyError {
+                path: d.path.clone(),
+                message: format!("duplicate key `{}` (first written on line {})", d.key, d.first_line),
+                line: Some(d.line),
+            })
+            .collect(),
+    )
+}
+
+/// A JSON value whose objects have no key twice.
+struct Unique(Value);
+
+impl<'de> Deserialize<'de> for Unique {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueVisitor).map(Unique)
+    }
+}
+
+/// Builds a [`Value`] as serde_json's own visitor does, refusing duplicate keys.
+struct UniqueVisitor;
+
+impl<'de> Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        Unique::deserialize(deserializer).map(|u| u.0)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(Unique(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let Unique(value) = map.next_value()?;
+            match object.entry(key) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                serde_json::map::Entry::Occupied(first) => {
+                    return Err(de::Error::custom(format_args!("duplicate key `{}`", first.key())));
+                }
+            }
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 /// Fills in the line of every error that has none, from its field path.
@@ -129,6 +272,13 @@ fn yaml_error(e: &serde_yaml_ng::Error, reached: &str) -> (String, String) {
             text.replace_range(i..i + at.len(), "");
         }
     }
+    split_message(text, reached)
+}
+
+/// The path an error message (without position) is about, and the message without that path: a
+/// prefix naming a path (`serde_yaml_ng` writes one) wins over the path reached, and an unknown
+/// field is about the mapping holding it.
+fn split_message(text: String, reached: &str) -> (String, String) {
     let mut candidate = Some(reached);
     while let Some(path) = candidate.filter(|p| !p.is_empty()) {
         if let Some(rest) = text.strip_prefix(path).and_then(|r| r.strip_prefix(": ")) {
@@ -628,6 +778,153 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "apps[0].lifecycle");
         assert_eq!(errors[0].line, Some(5));
+    }
+
+    /// A JSON policy with one app per line, so that every field is on a line of its own app.
+    fn json_policy(apps: &[&str]) -> String {
+        let mut text = String::from(
+            "{\n  \"apiVersion\": \"guardrail/v1\",\n  \"kind\": \"Policy\",\n  \"revision\": \"r1\",\n  \"tiers\": {\"s\": {\"rate\": {\"requests\": 1, \"per\": \"1s\"}}},\n  \"apps\": [\n",
+        );
+        let lines: Vec<String> = apps.iter().map(|a| format!("    {a}")).collect();
+        text.push_str(&lines.join(",\n"));
+        text.push_str("\n  ]\n}\n");
+        text
+    }
+
+    const APP: &str = r#"{"id": "a", "tier": "s", "environment": "dev", "lifecycle": "draft", "region": "eu"}"#;
+    const KEY: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn json_documents_are_read_with_serde_json() {
+        let text = json_policy(&[APP]);
+        let doc = load_json_document(&text).map(|r| r.map_err(|e| e.to_string()));
+        let Some(Ok(doc)) = doc else { panic!("a valid JSON policy: {doc:?}") };
+        assert_eq!(doc.policy.revision, "r1");
+        assert_eq!(doc.policy.apps.len(), 1);
+        // The canonical form is the document as compact JSON, keys sorted.
+        assert_eq!(serde_json::from_str::<Value>(&doc.canonical).ok(), Some(doc.json.clone()));
+        assert!(
+            doc.canonical.starts_with(r#"{"apiVersion":"guardrail/v1","apps":[{"environment""#),
+            "{}",
+            doc.canonical
+        );
+        // The same document read as YAML compiles to the same thing.
+        let yaml = load_yaml_document(&text).map_err(|e| e.to_string());
+        assert_eq!(yaml.map(|d| d.canonical).as_deref(), Ok(doc.canonical.as_str()));
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_its_line() {
+        // (apps, why, expected path, expected line, message part); app i is on line 7 + i.
+        let app = |id: &str, replace: &str, with: &str| {
+            APP.replace("\"id\": \"a\"", &format!("\"id\": \"{id}\"")).replace(replace, with)
+        };
+        let keyed = |id: &str, keys: &str| app(id, "}", &format!(r#", "api_keys": [{keys}]}}"#));
+        let cases: Vec<(Vec<String>, &str, &str, usize, &str)> = vec![
+            (
+                vec![app("a", "", ""), app("b", "\"tier\"", "\"tierr\"")],
+                "unknown field",
+                "apps[1]",
+                8,
+                "unknown field `tierr`, expected one of",
+            ),
+            (
+                vec![app("a", "draft", "retired")],
+                "unknown variant",
+                "apps[0].lifecycle",
+                7,
+                "unknown variant `retired`",
+            ),
+            (
+                vec![app("a", "", ""), app("b", "\"eu\"", "7")],
+                "wrong type",
+                "apps[1].region",
+                8,
+                "invalid type: integer `7`, expected a string",
+            ),
+            (
+                vec![app("a", "", ""), app("b", "\"tier\": \"s\", ", "")],
+                "missing field",
+                "apps[1]",
+                8,
+                "missing field `tier`",
+            ),
+            (
+                vec![app("a", "", ""), app("b", "\"s\"", "\"gold\"")],
+                "compile error: unknown tier",
+                "apps[1].tier",
+                8,
+                "unknown tier `gold` (known: s)",
+            ),
+            (
+                vec![app("a", "", ""), app("b", "\"tier\"", "\"id\": \"c\", \"tier\"")],
+                "duplicate key in an object",
+                "apps[1]",
+                8,
+                "duplicate key `id` (first written on line 8)",
+            ),
+            (
+                vec![keyed("a", &format!("\"{KEY}\", \"{KEY}\""))],
+                "one key listed twice by its app",
+                "apps[0].api_keys[1]",
+                7,
+                "API-key digest already used by app `a`",
+            ),
+            (
+                vec![keyed("a", &format!("\"{KEY}\"")), keyed("b", &format!("\"{KEY}\""))],
+                "one key for two apps",
+                "apps[1].api_keys[0]",
+                8,
+                "API-key digest already used by app `a`",
+            ),
+        ];
+        for (apps, why, want_path, want_line, want_message) in &cases {
+            let apps: Vec<&str> = apps.iter().map(String::as_str).collect();
+            let text = json_policy(&apps);
+            let errors = match load_json_document(&text) {
+                Some(Err(e)) => e.0,
+                other => panic!("{why}: expected errors from the JSON reader, got {other:?}"),
+            };
+            assert_eq!(errors.len(), 1, "{why}: one error expected, got {errors:?}");
+            let e = &errors[0];
+            assert_eq!((e.path.as_str(), e.line), (*want_path, Some(*want_line)), "{why}: {e:?}");
+            assert!(e.message.contains(want_message), "{why}: message of {e:?}");
+            assert!(!e.message.contains(" at line "), "{why}: no position of the JSON form in {e:?}");
+            let file = FileErrors { file: PathBuf::from("p.json"), errors: errors.clone() };
+            assert_eq!(file.lines()[0], format!("p.json:{want_line}: {want_path}: {}", e.message), "{why}");
+        }
+    }
+
+    #[test]
+    fn duplicate_tiers_in_json_are_an_error() {
+        // A map field: serde_json alone would keep the second tier silently.
+        let text = "{\"apiVersion\": \"guardrail/v1\", \"kind\": \"Policy\",\n \"tiers\": {\"s\": {\"rate\": {\"requests\": 1, \"per\": \"1s\"}},\n  \"s\": {\"rate\": {\"requests\": 9, \"per\": \"1s\"}}}}\n";
+        let errors = load_document(text).err().map(|e| e.0).unwrap_or_default();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].path.as_str(), errors[0].line), ("tiers", Some(3)));
+        assert!(errors[0].message.starts_with("duplicate key `s`"), "{errors:?}");
+    }
+
+    #[test]
+    fn text_that_is_not_one_complete_json_document_goes_to_the_yaml_reader() {
+        let full = json_policy(&[APP, APP]);
+        // Every prefix of the document (a file caught half-written) is refused by the JSON reader.
+        for cut in (1..full.trim_end().len()).step_by(7) {
+            assert!(load_json_document(&full[..cut]).is_none(), "prefix of {cut} bytes read as JSON");
+        }
+        for (text, why) in [
+            ("apiVersion: guardrail/v1\nkind: Policy\n", "YAML"),
+            ("{apiVersion: guardrail/v1, kind: Policy}\n", "a YAML flow mapping"),
+            ("{\"kind\": \"Policy\",}\n", "a JSON syntax error"),
+            ("{\"kind\": \"Policy\"}\n{}\n", "two documents"),
+        ] {
+            assert!(load_json_document(text).is_none(), "{why}");
+        }
+        // A syntax error is then reported by the YAML reader, with its line.
+        let text = "{\n  \"apiVersion\": \"guardrail/v1\",\n  \"kind\": [\n}\n";
+        let errors = load_document(text).err().map(|e| e.0).unwrap_or_default();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].line.is_some(), "{errors:?}");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use super::fleet::{Counts, Fleet, FleetError, Node};
 use crate::log::log;
-use guardrail_core::compile::{compile_json_str, CompiledPolicy};
+use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::source::Document;
 use guardrail_core::time::SECS_PER_DAY;
 use guardrail_proto::v1;
@@ -86,6 +86,9 @@ pub struct Hub {
 struct Inner {
     fleet: Fleet,
     last_policy_error: String,
+    /// What a change left to free (the snapshot it replaced, the document's JSON tree): freed by the
+    /// next [`Hub::tick`], not before the change is pushed and logged.
+    retired: Vec<Box<dyn std::any::Any + Send + Sync>>,
     /// Label → content hash of every revision served by this process.
     labels: HashMap<String, [u8; 32]>,
 }
@@ -96,13 +99,19 @@ impl Hub {
     /// A hub serving `doc` (already validated, read from `file`).
     pub fn new(file: &Path, doc: Document, clock: Clock) -> Result<Arc<Hub>, String> {
         let mut labels = HashMap::new();
-        let snapshot = make_snapshot(file, doc, &mut labels)?;
+        let content = content_of(&doc);
+        let (snapshot, _) = make_snapshot(file, doc, content, &mut labels)?;
         let today = day_of(clock());
         let hub = Hub {
             snapshot: watch::Sender::new(Arc::new(snapshot)),
             fleet_state: watch::Sender::new(v1::FleetState { day: today, exhausted_apps: Vec::new() }),
             shutdown: watch::Sender::new(false),
-            inner: Mutex::new(Inner { fleet: Fleet::default(), last_policy_error: String::new(), labels }),
+            inner: Mutex::new(Inner {
+                fleet: Fleet::default(),
+                last_policy_error: String::new(),
+                retired: Vec::new(),
+                labels,
+            }),
             clock,
         };
         Ok(Arc::new(hub))
@@ -147,22 +156,22 @@ impl Hub {
     pub fn offer(&self, file: &Path, doc: Document) -> Offer {
         let mut inner = self.lock();
         let current = self.current();
-        let content = match content_of(&doc) {
-            Ok(c) => c,
-            Err(e) => return self.refused(&mut inner, e),
-        };
-        if content.1 == current.content {
+        let content = content_of(&doc);
+        if content == current.content {
             inner.last_policy_error.clear();
             return Offer::Unchanged(current.revision.clone());
         }
-        let snapshot = match make_snapshot(file, doc, &mut inner.labels) {
+        let (snapshot, tree) = match make_snapshot(file, doc, content, &mut inner.labels) {
             Ok(s) => s,
             Err(e) => return self.refused(&mut inner, e),
         };
         let revision = snapshot.revision.clone();
-        self.snapshot.send_replace(Arc::new(snapshot));
+        let previous = self.snapshot.send_replace(Arc::new(snapshot));
         inner.last_policy_error.clear();
         self.recompute(&inner);
+        // Freeing a large compiled policy takes milliseconds: not before the push is logged.
+        inner.retired.push(Box::new(previous));
+        inner.retired.push(Box::new(tree));
         Offer::Published(revision)
     }
 
@@ -217,12 +226,15 @@ impl Hub {
     }
 
     /// Once a second or so: a new UTC day empties the exhausted set, an expiring override may
-    /// lower a budget, and old usage is forgotten.
+    /// lower a budget, old usage is forgotten, and the snapshot replaced last is freed.
     pub fn tick(&self) {
         let now = self.now();
         let mut inner = self.lock();
         inner.fleet.prune(day_of(now), now);
         self.recompute(&inner);
+        let retired = std::mem::take(&mut inner.retired);
+        drop(inner);
+        drop(retired);
     }
 
     /// Recomputes today's exhausted apps; pushes them when they (or the day) changed.
@@ -281,16 +293,19 @@ pub fn day_of(secs: i64) -> u64 {
     u64::try_from(secs.max(0)).unwrap_or(0) / SECS_PER_DAY
 }
 
-/// The document as compact JSON and the SHA-256 of that JSON.
-fn content_of(doc: &Document) -> Result<(String, [u8; 32]), String> {
-    let json = serde_json::to_string(&doc.json).map_err(|e| format!("cannot encode the policy as JSON: {e}"))?;
-    let hash = Sha256::digest(json.as_bytes()).into();
-    Ok((json, hash))
+/// SHA-256 of the document as compact JSON.
+fn content_of(doc: &Document) -> [u8; 32] {
+    Sha256::digest(doc.canonical.as_bytes()).into()
 }
 
-/// Labels the document (see the module docs) and checks what will be pushed.
-fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 32]>) -> Result<Snapshot, String> {
-    let (_, content) = content_of(&doc)?;
+/// Labels the document (see the module docs) and checks what will be pushed. Also returns the
+/// document's JSON tree, for the caller to free when it suits.
+fn make_snapshot(
+    file: &Path,
+    doc: Document,
+    content: [u8; 32],
+    labels: &mut HashMap<String, [u8; 32]>,
+) -> Result<(Snapshot, serde_json::Value), String> {
     let doc_revision = doc.policy.revision.clone();
     let short = hex::encode(&content[..4]);
     let revision = if doc_revision.is_empty() {
@@ -300,11 +315,16 @@ fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 3
     } else {
         doc_revision.clone()
     };
-    let mut value = doc.json;
-    if let Some(object) = value.as_object_mut() {
-        object.insert("revision".into(), serde_json::Value::String(revision.clone()));
-    }
-    let json = serde_json::to_string(&value).map_err(|e| format!("cannot encode the policy: {e}"))?;
+    let label = serde_json::Value::String(revision.clone());
+    let mut tree = doc.json;
+    let json = if tree.get("revision") == Some(&label) {
+        doc.canonical
+    } else {
+        if let Some(object) = tree.as_object_mut() {
+            object.insert("revision".into(), label);
+        }
+        serde_json::to_string(&tree).map_err(|e| format!("cannot encode the policy: {e}"))?
+    };
     if json.len() > MAX_POLICY_JSON_BYTES {
         return Err(format!(
             "{}: the policy is {} bytes as JSON; at most {MAX_POLICY_JSON_BYTES} can be pushed",
@@ -312,13 +332,15 @@ fn make_snapshot(file: &Path, doc: Document, labels: &mut HashMap<String, [u8; 3
             json.len()
         ));
     }
-    // What the filter will compile is what was validated, revision included.
-    let policy = compile_json_str(&json)
-        .map_err(|e| format!("{}: the policy as pushed does not validate: {e}", file.display()))?;
+    // What the filter compiles is what was validated: the policy was compiled from the canonical
+    // JSON (`Document::canonical`), and the pushed JSON differs from it at most in `revision`, now
+    // this label (a revision may be any string). Compiling it a second time would find nothing new.
+    let mut policy = doc.policy;
+    policy.revision.clone_from(&revision);
     if labels.len() >= MAX_LABELS {
         labels.clear();
     }
     labels.entry(doc_revision).or_insert(content);
     labels.insert(revision.clone(), content);
-    Ok(Snapshot { revision, content, json, policy })
+    Ok((Snapshot { revision, content, json, policy }, tree))
 }

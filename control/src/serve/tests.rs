@@ -3,7 +3,7 @@
 
 use super::hub::{day_of, Clock, Hub, Offer};
 use super::service::{StreamLimits, MAX_MESSAGE_BYTES};
-use super::watch::{Polled, Source, Watcher};
+use super::watch::{Polled, Source, Watcher, CONFIRM_POLLS, RACY};
 use super::{start, Running};
 use crate::pb::policy_service_client::PolicyServiceClient;
 use guardrail_proto::v1::{self, client_message::Msg, server_message};
@@ -60,6 +60,12 @@ apps:
     text
 }
 
+/// [`policy`] as indented JSON.
+fn json_policy(revision: &str, budget: u64, extra_app: bool) -> String {
+    let value: serde_json::Value = serde_yaml_ng::from_str(&policy(revision, budget, extra_app)).unwrap();
+    serde_json::to_string_pretty(&value).unwrap()
+}
+
 // === Fixture ===
 
 /// A temporary directory, removed when dropped.
@@ -97,8 +103,12 @@ impl Fixture {
     }
 
     async fn with_limits(text: &str, limits: StreamLimits) -> Fixture {
+        Fixture::with_file("policy.yaml", text, limits).await
+    }
+
+    async fn with_file(name: &str, text: &str, limits: StreamLimits) -> Fixture {
         let dir = TempDir::new();
-        let file = dir.0.join("policy.yaml");
+        let file = dir.0.join(name);
         std::fs::write(&file, text).unwrap();
         let now = Arc::new(AtomicI64::new(NOON));
         let clock_now = now.clone();
@@ -132,14 +142,14 @@ impl Fixture {
         Node { tx, rx: response.into_inner() }
     }
 
-    /// Writes the policy file and polls the watcher until it acts (two agreeing reads).
+    /// Writes the policy file and polls the watcher until it acts (a YAML change once confirmed).
     fn change(&mut self, text: &str) -> Polled {
         std::fs::write(&self.file, text).unwrap();
         self.settle()
     }
 
     fn settle(&mut self) -> Polled {
-        for _ in 0..3 {
+        for _ in 0..CONFIRM_POLLS + 2 {
             let polled = self.watcher.poll();
             if polled != Polled::Nothing {
                 return polled;
@@ -367,6 +377,83 @@ async fn an_invalid_change_is_refused_and_the_last_good_policy_stays() {
 }
 
 #[tokio::test]
+async fn a_json_change_is_pushed_at_the_first_poll_and_never_half_written() {
+    let mut f = Fixture::with_file("policy.json", &json_policy("1", 10, false), StreamLimits::default()).await;
+    let (mut node, _) = Node::joined(&f, "envoy-1").await;
+
+    // Written in place and caught half-written: never pushed, however long it stays so (once
+    // confirmed it is refused like any invalid change).
+    let full = json_policy("2", 10, true);
+    std::fs::write(&f.file, &full[..full.find("app-b").unwrap()]).unwrap();
+    let mut refused = 0;
+    for _ in 0..CONFIRM_POLLS + 2 {
+        match f.watcher.poll() {
+            Polled::Nothing => {}
+            Polled::Invalid(_) => refused += 1,
+            other => panic!("a half-written JSON file was acted on: {other:?}"),
+        }
+    }
+    assert_eq!(refused, 1, "refused once, once confirmed");
+    assert_eq!(f.hub.current().revision, "1");
+    node.quiet().await;
+
+    // Complete: a JSON document cannot be a prefix of another, so it is pushed at once.
+    std::fs::write(&f.file, &full).unwrap();
+    assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Published("2".into())));
+    assert!(node.snapshot().await.policy_json.contains("app-b"), "the whole file");
+    assert_eq!(f.watcher.poll(), Polled::Nothing, "acted on once");
+
+    // Replaced by an atomic rename: pushed at the first poll too.
+    let tmp = f.dir.0.join("policy.json.tmp");
+    std::fs::write(&tmp, json_policy("3", 10, true)).unwrap();
+    std::fs::rename(&tmp, &f.file).unwrap();
+    assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Published("3".into())));
+    assert_eq!(node.snapshot().await.revision, "3");
+
+    // Rewritten with the same content, or the same document laid out differently: nothing pushed.
+    std::fs::write(&f.file, json_policy("3", 10, true)).unwrap();
+    assert_eq!(f.watcher.poll(), Polled::Nothing);
+    let compact: serde_json::Value = serde_json::from_str(&json_policy("3", 10, true)).unwrap();
+    std::fs::write(&f.file, compact.to_string()).unwrap();
+    assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Unchanged("3".into())));
+    node.quiet().await;
+
+    // An error is refused at the first poll, naming the file, the line and the field.
+    let bad = json_policy("4", 10, true).replacen("\"tier\": \"small\"", "\"tier\": \"gold\"", 1);
+    let line = bad[..bad.find("gold").unwrap()].matches('\n').count() + 1;
+    std::fs::write(&f.file, &bad).unwrap();
+    let Polled::Invalid(lines) = f.watcher.poll() else {
+        panic!("an invalid JSON change must be refused at once");
+    };
+    let want = format!("{}:{line}: apps[0].tier: unknown tier `gold`", f.file.display());
+    assert!(lines.len() == 1 && lines[0].starts_with(&want), "{lines:?} should start with {want}");
+    assert_eq!(f.hub.current().revision, "3");
+    assert!(f.status().await.last_policy_error.contains("unknown tier `gold`"));
+    node.quiet().await;
+    f.stop().await;
+}
+
+#[test]
+fn a_stat_is_trusted_once_the_file_was_read_a_clock_tick_after_its_last_write() {
+    let dir = TempDir::new();
+    let file = dir.0.join("policy.json");
+    std::fs::write(&file, "{}").unwrap();
+    let stamp = Source::new(&file).stamp().unwrap();
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    assert!(stamp.racy(modified), "read as it was written");
+    assert!(stamp.racy(modified + RACY / 2), "read within the window");
+    assert!(!stamp.racy(modified + RACY), "read past the window");
+    assert!(stamp.racy(modified - Duration::from_secs(1)), "read before it was written (a clock step)");
+    // Whole seconds: a file system with coarse times gets a wider window.
+    let coarse = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let f = std::fs::File::options().write(true).open(&file).unwrap();
+    f.set_modified(coarse).unwrap();
+    let stamp = Source::new(&file).stamp().unwrap();
+    assert!(stamp.racy(coarse + RACY), "within a second of a whole-second time");
+    assert!(!stamp.racy(coarse + Duration::from_secs(3)), "seconds later");
+}
+
+#[tokio::test]
 async fn a_half_written_or_vanished_file_is_never_applied() {
     let mut f = Fixture::new(&policy("1", 10, false)).await;
     let (mut node, _) = Node::joined(&f, "envoy-1").await;
@@ -378,7 +465,9 @@ async fn a_half_written_or_vanished_file_is_never_applied() {
     std::fs::write(&f.file, prefix).unwrap();
     assert_eq!(f.watcher.poll(), Polled::Nothing);
     std::fs::write(&f.file, &full).unwrap();
-    assert_eq!(f.watcher.poll(), Polled::Nothing, "not confirmed yet");
+    for _ in 1..CONFIRM_POLLS {
+        assert_eq!(f.watcher.poll(), Polled::Nothing, "not confirmed yet");
+    }
     assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Published("2".into())));
     let s = node.snapshot().await;
     assert!(s.policy_json.contains("app-b"), "the whole file");

@@ -6,24 +6,42 @@
 //! several documents would need rules for every list and setting; one file per directory keeps
 //! "what is served" obvious, and still lets a Kubernetes ConfigMap mounted as a directory work.)
 //!
-//! The watcher polls: every interval it reads the file and hashes it. Polling sees atomic renames
-//! (editors, `kubectl`, ConfigMap symlink swaps) and in-place writes alike, with no platform
-//! notification API to go wrong. A change is acted on only once two reads in a row agree, so a
-//! file caught half-written (truncated, or the prefix of a longer document, which can be valid
-//! YAML) is never applied, and a file that vanishes for a moment is not reported. A file that
-//! stays missing or unreadable is reported once and the last good policy stays in force.
+//! The watcher polls every [`POLL_INTERVAL`] (10 ms): a `stat` of the file (device, inode, size,
+//! modification and change times), which sees atomic renames (editors, `kubectl`, ConfigMap
+//! symlink swaps) and in-place writes alike, with no platform notification API to go wrong. When
+//! the `stat` changes the file is read once (and discarded if the `stat` changed while it was
+//! read); content equal to what was acted on last is a touch, nothing more. File times are coarse
+//! (a kernel tick), so a second write within one tick may leave the `stat` as it was: until the
+//! file has been read once more than [`RACY`] after its modification time, it is read again on
+//! every poll (git's "racy" rule).
+//!
+//! A half-written file is never applied. A complete JSON document is acted on at once: a JSON
+//! text ends with the `}` that closes it, so a file caught half-written (truncated, or the prefix
+//! of the new document) does not parse as one. Anything else (YAML, whose prefix is often valid
+//! YAML, or JSON with an error) is acted on only once [`CONFIRM_POLLS`] polls in a row saw the
+//! same file and content (20 ms without a write). A file that vanishes for a moment is not
+//! reported either; one that stays missing or unreadable is reported once and the last good policy
+//! stays in force. Each change is read once, parsed and compiled once, and pushed.
 
 use super::hub::{Hub, Offer};
 use crate::log::log;
-use guardrail_core::source::{load_document, read_file, Document};
-use sha2::{Digest, Sha256};
+use guardrail_core::source::{load_document, load_json_document, load_yaml_document, read_file, Document};
+use guardrail_core::PolicyErrors;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How often the watcher reads the policy: a change is applied 1 to 2 intervals after it is made.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the watcher looks at the policy (a `stat`; a read only when that changed).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Polls in a row that must see the same file before a change that is not a complete JSON
+/// document is acted on: two intervals (20 ms) without a write.
+pub const CONFIRM_POLLS: u32 = 3;
+/// A `stat` is trusted alone once the file was read this long after its modification time (more
+/// than a kernel tick, the granularity of file times; see [`Stamp::racy`]).
+pub const RACY: Duration = Duration::from_millis(30);
+/// The same for file systems that keep whole seconds (FAT even two).
+const RACY_COARSE: Duration = Duration::from_millis(2500);
 /// A larger policy file is refused unread.
 pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -63,17 +81,79 @@ impl Source {
 
     /// The policy file's path and text.
     fn read(&self) -> Result<(PathBuf, String), String> {
+        let stamp = self.stamp()?;
+        let text = read_checked(&stamp)?;
+        Ok((stamp.file, text))
+    }
+
+    /// The policy file and its `stat`.
+    pub fn stamp(&self) -> Result<Stamp, String> {
         let file = self.file()?;
-        let size =
-            std::fs::metadata(&file).map_err(|e| format!("{}: cannot read the file: {e}", file.display()))?.len();
-        if size > MAX_FILE_BYTES {
-            return Err(format!(
-                "{}: the file is {size} bytes; a policy may be at most {MAX_FILE_BYTES}",
-                file.display()
-            ));
-        }
-        let text = read_file(&file).map_err(|e| e.lines().join("; "))?;
-        Ok((file, text))
+        let meta = std::fs::metadata(&file).map_err(|e| format!("{}: cannot read the file: {e}", file.display()))?;
+        Ok(Stamp::of(file, &meta))
+    }
+
+    /// The text of the file `stamp` names, if the file still has that `stamp` after it was read
+    /// (`None`: it is being written; look again at the next poll).
+    fn read_at(&self, stamp: &Stamp) -> Result<Option<String>, String> {
+        let text = read_checked(stamp)?;
+        let after = std::fs::metadata(&stamp.file).map(|meta| Stamp::of(stamp.file.clone(), &meta)).ok();
+        Ok((after.as_ref() == Some(stamp)).then_some(text))
+    }
+}
+
+/// Reads the file of `stamp`, refusing one larger than [`MAX_FILE_BYTES`].
+fn read_checked(stamp: &Stamp) -> Result<String, String> {
+    if stamp.len > MAX_FILE_BYTES {
+        return Err(format!(
+            "{}: the file is {} bytes; a policy may be at most {MAX_FILE_BYTES}",
+            stamp.file.display(),
+            stamp.len
+        ));
+    }
+    read_file(&stamp.file).map_err(|e| e.lines().join("; "))
+}
+
+/// What `stat` says of the policy file: any write or replacement changes it, except a second write
+/// of the same size within one tick of the file-time clock (see [`Stamp::racy`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    file: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    /// Device, inode and change time (seconds, nanoseconds), where the platform has them.
+    ids: [i64; 4],
+}
+
+// === impl Stamp ===
+
+impl Stamp {
+    fn of(file: PathBuf, meta: &std::fs::Metadata) -> Stamp {
+        #[cfg(unix)]
+        let ids = {
+            use std::os::unix::fs::MetadataExt;
+            // Device and inode numbers are compared, never computed with: wrapping is harmless.
+            [meta.dev() as i64, meta.ino() as i64, meta.ctime(), meta.ctime_nsec()]
+        };
+        #[cfg(not(unix))]
+        let ids = [0; 4];
+        Stamp { file, len: meta.len(), modified: meta.modified().ok(), ids }
+    }
+
+    /// A stamp no file has, for content whose stamp is not known yet.
+    fn unknown(file: &Path) -> Stamp {
+        Stamp { file: file.to_path_buf(), len: u64::MAX, modified: None, ids: [-1; 4] }
+    }
+
+    /// Whether a write after a read made at `read_at` could leave this stamp as it is: the read was
+    /// within one tick of the file-time clock after the modification (or before it: a clock step).
+    pub fn racy(&self, read_at: SystemTime) -> bool {
+        let Some(modified) = self.modified else {
+            return true;
+        };
+        let whole_seconds = modified.duration_since(UNIX_EPOCH).is_ok_and(|t| t.subsec_nanos() == 0);
+        let window = if whole_seconds { RACY_COARSE } else { RACY };
+        read_at.duration_since(modified).map_or(true, |age| age < window)
     }
 }
 
@@ -108,17 +188,25 @@ fn policy_file_in(dir: &Path) -> Result<PathBuf, String> {
     }
 }
 
-/// What the watcher last read: a file's content (by hash), or why it could not.
+/// What the watcher acted on last: a file's text as of a stamp and the time it was read (kept
+/// whole: comparing it costs less than hashing it), or why it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Handled {
+    Content(Stamp, String, SystemTime),
+    Problem(String),
+}
+
+/// A change waiting for confirmation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
-    Content(PathBuf, [u8; 32]),
+    Content(Stamp, String),
     Problem(String),
 }
 
 /// What one poll did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Polled {
-    /// Nothing new, or a change not yet confirmed by a second read.
+    /// Nothing new, or a change not yet confirmed.
     Nothing,
     /// A change was offered to the hub.
     Offered(Offer),
@@ -128,14 +216,13 @@ pub enum Polled {
     Unreadable(String),
 }
 
-/// Polls a [`Source`] and offers each confirmed change to the hub.
+/// Polls a [`Source`] and offers each change to the hub.
 pub struct Watcher {
     source: Source,
     hub: Arc<Hub>,
-    /// The last read, awaiting confirmation by the next.
-    pending: Option<Seen>,
-    /// The last read acted on.
-    handled: Option<Seen>,
+    handled: Handled,
+    /// A change seen in this many polls in a row, not acted on yet.
+    pending: Option<(Seen, u32)>,
 }
 
 // === impl Watcher ===
@@ -143,8 +230,8 @@ pub struct Watcher {
 impl Watcher {
     /// A watcher of `source`, whose content `text` (read from `file`) is served already.
     pub fn new(source: Source, hub: Arc<Hub>, file: &Path, text: &str) -> Watcher {
-        let seen = Seen::Content(file.to_path_buf(), hash(text));
-        Watcher { source, hub, pending: Some(seen.clone()), handled: Some(seen) }
+        let handled = Handled::Content(Stamp::unknown(file), text.to_string(), UNIX_EPOCH);
+        Watcher { source, hub, handled, pending: None }
     }
 
     /// Polls until `stop` is set.
@@ -155,32 +242,86 @@ impl Watcher {
         }
     }
 
-    /// Reads the source once and acts on a change seen twice in a row.
+    /// Looks at the source once and acts on a change (see the module docs for when).
     pub fn poll(&mut self) -> Polled {
-        let read = self.source.read();
-        let seen = match &read {
-            Ok((file, text)) => Seen::Content(file.clone(), hash(text)),
-            Err(problem) => Seen::Problem(problem.clone()),
+        let stamp = match self.source.stamp() {
+            Ok(stamp) => stamp,
+            Err(problem) => return self.confirm(Seen::Problem(problem), None),
         };
-        let confirmed = self.pending.as_ref() == Some(&seen);
-        self.pending = Some(seen.clone());
-        if !confirmed || self.handled.as_ref() == Some(&seen) {
-            return Polled::Nothing;
+        if let Handled::Content(done, _, read_at) = &self.handled {
+            if *done == stamp && !stamp.racy(*read_at) {
+                self.pending = None;
+                return Polled::Nothing;
+            }
         }
-        self.handled = Some(seen);
-        let served = self.hub.current().revision.clone();
-        let (file, text) = match read {
-            Ok(read) => read,
-            Err(problem) => {
-                log!("policy unreadable: {problem}; still serving revision {served}");
-                self.hub.policy_error(problem.clone());
-                return Polled::Unreadable(problem);
+        let read_at = SystemTime::now();
+        let text = match self.source.read_at(&stamp) {
+            Ok(Some(text)) => text,
+            Ok(None) => return Polled::Nothing,
+            Err(problem) => return self.confirm(Seen::Problem(problem), None),
+        };
+        if let Handled::Content(done, done_text, done_read_at) = &mut self.handled {
+            if *done_text == text && done.file == stamp.file {
+                // Touched, or a recently written file read again: the content acted on.
+                *done = stamp;
+                *done_read_at = read_at;
+                self.pending = None;
+                return Polled::Nothing;
+            }
+        }
+        if let Some(loaded) = load_json_document(&text) {
+            self.pending = None;
+            let file = stamp.file.clone();
+            self.handled = Handled::Content(stamp, text, read_at);
+            return self.act(&file, loaded);
+        }
+        self.confirm(Seen::Content(stamp, text), Some(read_at))
+    }
+
+    /// Acts on `seen` once it was seen in [`CONFIRM_POLLS`] polls in a row.
+    fn confirm(&mut self, seen: Seen, read_at: Option<SystemTime>) -> Polled {
+        let polls = match &mut self.pending {
+            Some((pending, n)) if *pending == seen => {
+                *n += 1;
+                *n
+            }
+            _ => {
+                self.pending = Some((seen.clone(), 1));
+                1
             }
         };
-        let doc = match load_document(&text) {
+        if polls < CONFIRM_POLLS {
+            return Polled::Nothing;
+        }
+        self.pending = None;
+        match (seen, read_at) {
+            (Seen::Problem(problem), _) => {
+                if self.handled == Handled::Problem(problem.clone()) {
+                    return Polled::Nothing;
+                }
+                self.handled = Handled::Problem(problem.clone());
+                let served = self.hub.current().revision.clone();
+                log!("policy unreadable: {problem}; still serving revision {served}");
+                self.hub.policy_error(problem.clone());
+                Polled::Unreadable(problem)
+            }
+            (Seen::Content(stamp, text), Some(read_at)) => {
+                let file = stamp.file.clone();
+                let loaded = load_yaml_document(&text);
+                self.handled = Handled::Content(stamp, text, read_at);
+                self.act(&file, loaded)
+            }
+            (Seen::Content(..), None) => Polled::Nothing,
+        }
+    }
+
+    /// Offers a loaded change to the hub, or logs why it is refused.
+    fn act(&mut self, file: &Path, loaded: Result<Document, PolicyErrors>) -> Polled {
+        let served = self.hub.current().revision.clone();
+        let doc = match loaded {
             Ok(doc) => doc,
             Err(errors) => {
-                let lines = guardrail_core::source::FileErrors { file: file.clone(), errors: errors.0 }.lines();
+                let lines = guardrail_core::source::FileErrors { file: file.to_path_buf(), errors: errors.0 }.lines();
                 for line in &lines {
                     log!("policy change refused: {line}");
                 }
@@ -189,7 +330,7 @@ impl Watcher {
                 return Polled::Invalid(lines);
             }
         };
-        let offer = self.hub.offer(&file, doc);
+        let offer = self.hub.offer(file, doc);
         match &offer {
             Offer::Published(revision) => {
                 log!("policy revision {revision} from {}: pushing to every node (was {served})", file.display())
@@ -204,10 +345,6 @@ impl Watcher {
         }
         Polled::Offered(offer)
     }
-}
-
-fn hash(text: &str) -> [u8; 32] {
-    Sha256::digest(text.as_bytes()).into()
 }
 
 #[cfg(test)]
