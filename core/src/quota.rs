@@ -8,7 +8,8 @@
 //! (the host does not CAS-guard creation) writes the same bytes, and limits can change (an override
 //! expires) without touching the stored state.
 //!
-//! The wall clock can step (NTP, a VM resumed): stepped back, the bucket keeps its level instead of
+//! The wall clock can step (NTP, a VM resumed): stepped back, a bucket reads the latest time it saw
+//! until the clock catches up, so it keeps its level instead of
 //! locking the app out for the length of the step, and the day's count is kept rather than started
 //! over; stepped forward, the bucket refills and a new day starts, as real time passing would.
 
@@ -23,9 +24,6 @@ const VALUE_LEN: usize = 25;
 /// The 17-byte format before the clock reading was kept; still read (as "no reading yet").
 const FORMAT_V1: u8 = 1;
 const VALUE_LEN_V1: usize = 17;
-/// A clock reading this far behind the latest one is a step back, not two workers reading the
-/// clock a moment apart.
-const STEP_BACK_NS: u64 = NANOS_PER_SEC;
 
 /// Shared counters with compare-and-swap, as proxy-wasm shared data offers them.
 pub trait CounterStore {
@@ -117,17 +115,6 @@ fn secs_to_next_day(now_ns: u64) -> u64 {
     (SECS_PER_DAY - now_secs % SECS_PER_DAY).max(1)
 }
 
-/// The state as seen from `now_ns` when the clock stepped back since it was last updated: the TAT
-/// moves back by the step, so the bucket is exactly as full as it was, and the step is recorded
-/// (so it is applied once). Otherwise `state` unchanged.
-pub fn rebase(state: QuotaState, now_ns: u64) -> QuotaState {
-    if state.last_ns > now_ns.saturating_add(STEP_BACK_NS) {
-        QuotaState { tat_ns: state.tat_ns.saturating_sub(state.last_ns - now_ns), last_ns: now_ns, ..state }
-    } else {
-        state
-    }
-}
-
 /// Pure arithmetic: the state after one request at `now_ns`, or why it is refused.
 pub fn step(
     state: QuotaState,
@@ -137,8 +124,11 @@ pub fn step(
 ) -> Result<(QuotaState, Usage), QuotaOutcome> {
     let interval = limits.rate.interval_ns();
     let capacity = interval.saturating_mul(limits.rate.burst);
-    let state = rebase(state, now_ns);
-    let (tat_ns, last_ns) = (state.tat_ns, state.last_ns.max(now_ns));
+    // Time never runs backwards for a bucket: a clock stepped back reads as the latest time seen
+    // until it catches up, so the bucket keeps its level (no lockout, no refill from the step, and
+    // stepping back and forth again credits nothing).
+    let now_ns = now_ns.max(state.last_ns);
+    let (tat_ns, last_ns) = (state.tat_ns, now_ns);
     let base = tat_ns.max(now_ns);
     let new_tat = base.saturating_add(interval);
     let ahead = new_tat - now_ns;
@@ -190,15 +180,7 @@ pub fn take(store: &mut dyn CounterStore, key: &str, limits: &Limits, now_ns: u6
         let state = QuotaState::decode(&bytes).unwrap_or_default();
         let (next, usage) = match step(state, limits, now_ns, soft_ratio) {
             Ok(ok) => ok,
-            Err(refused) => {
-                // Refusals write nothing, except a clock step back (once), so that the bucket
-                // refills from the new time instead of measuring the step again on every request.
-                let rebased = rebase(state, now_ns);
-                if rebased != state {
-                    let _ = store.set(key, &rebased.encode(), cas);
-                }
-                return refused;
-            }
+            Err(refused) => return refused,
         };
         match store.set(key, &next.encode(), cas) {
             Ok(()) => return QuotaOutcome::Allowed(usage),
@@ -345,10 +327,7 @@ mod tests {
                         state = next;
                         true
                     }
-                    Err(_) => {
-                        state = rebase(state, now); // as take() records a step back on a refusal
-                        false
-                    }
+                    Err(_) => false,
                 }
             })
             .collect()
@@ -371,7 +350,9 @@ mod tests {
         offsets.extend([-hour, -hour + 1]);
         offsets.extend([-hour + 360; 2]);
         let got = admitted_at(&l, &offsets);
-        assert_eq!(got[10..], [false, false, true, false], "no refill from a step back; one after 6 minutes");
+        assert_eq!(got[10..], [false, false, false, false], "no refill from a step back, nor while behind");
+        let got = admitted_at(&l, &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -hour, 360, 360]);
+        assert_eq!(got[10..], [false, true, false], "back and forth again: one token for 6 real minutes");
         // Two workers reading the clock a moment apart is not a step: no credit.
         let l = limits(1, 3600, 1, None);
         assert_eq!(admitted_at(&l, &[1, 0, 1, 0]), [true, false, false, false], "sub-second reordering");
@@ -442,10 +423,10 @@ mod tests {
     #[test]
     fn clock_going_backwards_keeps_the_bucket_level() {
         // 3 of 5 at +100 s; back to 0 s: 2 left, not 5 (no refill from the step) and not 0 (no
-        // lockout for the 100 s); 50 s later, 50 s worth of refill (one per 12 s, bucket cap).
+        // lockout); no refill until the clock is past +100 s again, then one per 12 s.
         let l = limits(5, 60, 5, None);
-        let got = admitted_at(&l, &[100, 100, 100, 0, 0, 0, 50, 50, 50, 50, 50]);
-        assert_eq!(got, [true, true, true, true, true, false, true, true, true, true, false]);
+        let got = admitted_at(&l, &[100, 100, 100, 0, 0, 0, 50, 50, 50, 50, 50, 112]);
+        assert_eq!(got, [true, true, true, true, true, false, false, false, false, false, false, true]);
     }
 
     // === CounterStore contract suite, run against every store ===
