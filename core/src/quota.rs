@@ -127,6 +127,7 @@ pub fn step(
     // Time never runs backwards for a bucket: a clock stepped back reads as the latest time seen
     // until it catches up, so the bucket keeps its level (no lockout, no refill from the step, and
     // stepping back and forth again credits nothing).
+    let clock_ns = now_ns;
     let now_ns = now_ns.max(state.last_ns);
     let (tat_ns, last_ns) = (state.tat_ns, now_ns);
     let base = tat_ns.max(now_ns);
@@ -142,7 +143,8 @@ pub fn step(
         std::cmp::Ordering::Greater => (today, 0),
         _ => (state.day, state.used),
     };
-    let budget_reset_secs = secs_to_next_day(now_ns);
+    // The budget resets at the next midnight of the clock as it reads (that is when a new day starts).
+    let budget_reset_secs = secs_to_next_day(clock_ns);
     let (used_after, budget_remaining, budget_soft_crossed) = match limits.daily_budget {
         Some(budget) => {
             if u64::from(used_before) >= budget {
