@@ -153,8 +153,9 @@ fn segment_key(seg: &str) -> Cow<'_, str> {
     }
 }
 
-/// Lower-case host without port, brackets kept for IPv6, without trailing dot.
-pub fn normalize_host(raw: &str) -> String {
+/// Lower-case host without port, brackets kept for IPv6, without trailing dot; borrowed from
+/// `raw` when it is so already (as it nearly always is).
+pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     let host = raw.trim();
     let host = if host.starts_with('[') {
         host.find(']').and_then(|e| host.get(..=e)).unwrap_or(host)
@@ -164,7 +165,12 @@ pub fn normalize_host(raw: &str) -> String {
             _ => host,
         }
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 // === Dataset index ===
@@ -188,7 +194,7 @@ pub struct DatasetIndex {
 impl DatasetIndex {
     pub fn insert(&mut self, host: Option<&str>, path_prefix: &str, methods: &[String], dataset: usize) {
         let root = match host {
-            Some(h) => self.by_host.entry(normalize_host(h)).or_default(),
+            Some(h) => self.by_host.entry(normalize_host(h).into_owned()).or_default(),
             None => &mut self.any_host,
         };
         let mut node = root;
@@ -200,7 +206,8 @@ impl DatasetIndex {
 
     /// The dataset a normalised path (from [`normalize_path`]) reaches, if any.
     pub fn lookup(&self, host: &str, method: &str, normalized_path: &str) -> Option<usize> {
-        let specific = self.by_host.get(&normalize_host(host)).and_then(|n| Self::walk(n, method, normalized_path));
+        let specific =
+            self.by_host.get(normalize_host(host).as_ref()).and_then(|n| Self::walk(n, method, normalized_path));
         let any = Self::walk(&self.any_host, method, normalized_path);
         match (specific, any) {
             (Some((ds, d1)), Some((_, d2))) if d1 >= d2 => Some(ds),
