@@ -100,13 +100,38 @@ pub fn load_json_document(text: &str) -> Option<Result<Document, PolicyErrors>> 
     if !text.trim_start().starts_with('{') {
         return None;
     }
-    let json = match serde_json::from_str::<Unique>(text) {
-        Ok(Unique(json)) => json,
+    // The JSON tree (for the canonical form) and the policy are read from the text side by side:
+    // the companion validates every change of a large file while the gateways wait for it. A JSON
+    // text and its canonical form hold the same values under the same keys, so they compile alike.
+    let (tree, policy) = std::thread::scope(|scope| {
+        let tree = std::thread::Builder::new().spawn_scoped(scope, || json_tree(text));
+        let policy = compile_json_text(text);
+        let tree = match tree {
+            Ok(handle) => handle.join().unwrap_or_else(|_| json_tree(text)),
+            Err(_) => json_tree(text),
+        };
+        (tree, policy)
+    });
+    let (json, canonical) = match tree {
+        Ok(tree) => tree,
         // The only data error the reader raises: located by the full index, which sees them all.
         Err(e) if e.is_data() => return Some(Err(duplicate_keys(text, &e))),
         Err(_) => return None,
     };
-    Some(compile_json_form(text, json))
+    Some(policy.map(|policy| Document { json, canonical, policy }))
+}
+
+/// The JSON tree of `text` (refusing duplicate keys) and its compact form.
+fn json_tree(text: &str) -> Result<(Value, String), serde_json::Error> {
+    let Unique(json) = serde_json::from_str(text)?;
+    let canonical = serde_json::to_string(&json)?;
+    Ok((json, canonical))
+}
+
+/// Compiles JSON text; errors get their lines in it.
+fn compile_json_text(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
+    let raw = parse_json_str(text).map_err(|e| located(text, &e))?;
+    compile(raw).map_err(|errors| with_lines(text, errors))
 }
 
 /// Reads a YAML document (or JSON read as YAML) with located errors.
