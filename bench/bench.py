@@ -927,8 +927,9 @@ def _utc(text: str, fmt: str) -> float:
 
 def propagation_stages(written: dict[str, float], companion_log: Path, envoy_log: Path) -> dict[str, Any]:
     """Where the time goes, per change, from the logs (millisecond timestamps; Envoy runs with
-    TZ=UTC): file write → companion push (its poll, two agreeing reads, validation) → the leader's
-    ACK (receive, validate, compile) → the last worker's "in force" (its own compile)."""
+    TZ=UTC): file write → companion push (its poll, read, validation) → the leader's ACK (receive,
+    validate, compile) → the last worker's "in force" (its own compile, begun when the leader shared
+    the snapshot, then the first request after the ACK)."""
     push: dict[str, float] = {}
     for line in companion_log.read_text(errors="replace").splitlines():
         m = _COMPANION_PUSH.match(line)

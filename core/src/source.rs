@@ -4,8 +4,8 @@
 //! companion reads every change of a large policy file, and the YAML reader is ten times slower
 //! on it. YAML, and text that is not a complete JSON document, goes through `serde_yaml_ng` and
 //! `serde_path_to_error`, so a typo, a wrong type or an unknown enum value is reported with its
-//! field path and the line it is on. Either way the policy compiled is the document's JSON form
-//! ([`Document::canonical`]), exactly what the filter receives. Errors carry a field path
+//! field path and the line it is on. Either way what is compiled holds exactly the values of the
+//! JSON the filter receives ([`Document::canonical`]). Errors carry a field path
 //! (`apps[2].tier`); only when there are errors is the text indexed ([`locate`], with
 //! `yaml-rust2`'s event parser, which marks every event and reads JSON too) to find their lines.
 //!
@@ -79,14 +79,15 @@ pub fn load_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
 pub struct Document {
     /// The document as written, converted to JSON (for the filter's plugin configuration).
     pub json: Value,
-    /// `json` as compact JSON (object keys sorted): the text that was compiled into `policy`, and
-    /// what the companion pushes (with its `revision` replaced by the label it serves it under).
+    /// `json` as compact JSON (object keys sorted): what the companion pushes (with its `revision`
+    /// replaced by the label it serves it under). `policy` was compiled from it (YAML) or from the
+    /// JSON text it was made from, which holds the same values under the same keys.
     pub canonical: String,
     pub policy: CompiledPolicy,
 }
 
-/// Parses and compiles a policy document (JSON or YAML), keeping its JSON form. The policy is
-/// compiled from that JSON form, so what was validated is what the filter gets.
+/// Parses and compiles a policy document (JSON or YAML), keeping its JSON form: what was validated
+/// is what the filter gets.
 pub fn load_document(text: &str) -> Result<Document, PolicyErrors> {
     load_json_document(text).unwrap_or_else(|| load_yaml_document(text))
 }
@@ -100,13 +101,38 @@ pub fn load_json_document(text: &str) -> Option<Result<Document, PolicyErrors>> 
     if !text.trim_start().starts_with('{') {
         return None;
     }
-    let json = match serde_json::from_str::<Unique>(text) {
-        Ok(Unique(json)) => json,
+    // The JSON tree (for the canonical form) and the policy are read from the text side by side:
+    // the companion validates every change of a large file while the gateways wait for it. A JSON
+    // text and its canonical form hold the same values under the same keys, so they compile alike.
+    let (tree, policy) = std::thread::scope(|scope| {
+        let tree = std::thread::Builder::new().spawn_scoped(scope, || json_tree(text));
+        let policy = compile_json_text(text);
+        let tree = match tree {
+            Ok(handle) => handle.join().unwrap_or_else(|_| json_tree(text)),
+            Err(_) => json_tree(text),
+        };
+        (tree, policy)
+    });
+    let (json, canonical) = match tree {
+        Ok(tree) => tree,
         // The only data error the reader raises: located by the full index, which sees them all.
         Err(e) if e.is_data() => return Some(Err(duplicate_keys(text, &e))),
         Err(_) => return None,
     };
-    Some(compile_json_form(text, json))
+    Some(policy.map(|policy| Document { json, canonical, policy }))
+}
+
+/// The JSON tree of `text` (refusing duplicate keys) and its compact form.
+fn json_tree(text: &str) -> Result<(Value, String), serde_json::Error> {
+    let Unique(json) = serde_json::from_str(text)?;
+    let canonical = serde_json::to_string(&json)?;
+    Ok((json, canonical))
+}
+
+/// Compiles JSON text; errors get their lines in it.
+fn compile_json_text(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
+    let raw = parse_json_str(text).map_err(|e| located(text, &e))?;
+    compile(raw).map_err(|errors| with_lines(text, errors))
 }
 
 /// Reads a YAML document (or JSON read as YAML) with located errors.
