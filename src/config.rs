@@ -1,7 +1,7 @@
 //! The plugin configuration (Envoy's `configuration` of the wasm filter, a JSON string):
 //! `{"policy": {..}, "control": {"cluster": ".."}, "gateway_region": "..", "failure_mode": "closed"}`.
 
-use guardrail_core::compile::{compile, parse_json_value, CompiledPolicy};
+use guardrail_core::compile::{compile, parse_json_str, CompiledPolicy};
 use guardrail_core::raw::FailureMode;
 use guardrail_core::PolicyError;
 use serde::Deserialize;
@@ -55,7 +55,9 @@ pub fn parse(bytes: &[u8]) -> Result<FilterConfig, Vec<PolicyError>> {
     };
     let policy = match raw.policy {
         Some(value) => {
-            let raw_policy = parse_json_value(value).map_err(|e| e.0.into_iter().map(prefix).collect::<Vec<_>>())?;
+            // Read as JSON text, by the one reader the policy types have (`parse_json_str`).
+            let text = value.to_string();
+            let raw_policy = parse_json_str(&text).map_err(|e| vec![prefix(e.to_policy_error())])?;
             Some(compile(raw_policy).map_err(|e| e.0.into_iter().map(prefix).collect::<Vec<_>>())?)
         }
         None => None,

@@ -173,15 +173,6 @@ impl CompiledPolicy {
 
 // === Parsing ===
 
-/// Reads a policy from a JSON value; errors carry the field path (`apps[2].lifecycle`).
-pub fn parse_json_value(value: serde_json::Value) -> Result<RawPolicy, PolicyErrors> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        PolicyErrors::from(PolicyError::new(path, e.into_inner().to_string()))
-    })
-}
-
 /// Why JSON text is not a policy document: the field path reached (empty for the document) and
 /// serde_json's error, whose position ([`serde_json::Error::line`]) is in that text.
 #[derive(Debug)]
@@ -210,22 +201,20 @@ pub fn bare_message(e: &serde_json::Error) -> String {
 
 /// Reads a policy document from JSON text (the whole text: trailing characters are an error).
 ///
-/// The text is read straight into the raw policy, without tracking where the deserializer is.
-/// Only when it does not parse is it read again, as a JSON tree deserialized with
-/// `serde_path_to_error` ([`parse_json_value`], the code inline policies go through), to name the
-/// field: a second path-tracking deserializer of the whole policy would add 200 KB to the `.wasm`.
+/// One pass, tracking the field path as it goes, so an error names the field (`apps[2].tier`).
+/// The policy types are deserialized from this one reader only: every other reader would be
+/// another copy of all their code in the `.wasm` (a path-free fast pass plus a tracked pass over a
+/// JSON tree were 69 KB more; the tracking costs about 0.7 ms of a 1,000-app policy's 5 ms
+/// compile, natively).
 pub fn parse_json_str(text: &str) -> Result<RawPolicy, JsonError> {
-    serde_json::from_str(text).map_err(|fast| match serde_json::from_str::<serde_json::Value>(text) {
-        Err(error) => JsonError { path: String::new(), error },
-        Ok(value) => match serde_path_to_error::deserialize::<_, RawPolicy>(value) {
-            Err(e) => {
-                let path = e.path().to_string();
-                let path = if path == "." { String::new() } else { path };
-                JsonError { path, error: e.into_inner() }
-            }
-            Ok(_) => JsonError { path: String::new(), error: fast },
-        },
-    })
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw = serde_path_to_error::deserialize::<_, RawPolicy>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        JsonError { path, error: e.into_inner() }
+    })?;
+    de.end().map_err(|error| JsonError { path: String::new(), error })?;
+    Ok(raw)
 }
 
 /// Reads and compiles a policy from JSON text: what the filter does with every snapshot.
