@@ -4,6 +4,7 @@
 
 use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
+use crate::fasthash::{FastMap, FastSet};
 use crate::jwt::{compile_issuer, Issuer};
 use crate::path::DatasetIndex;
 use crate::raw::{
@@ -27,14 +28,14 @@ pub struct CompiledPolicy {
     pub settings: Settings,
     pub issuers: Vec<Issuer>,
     pub tiers: Vec<Tier>,
-    pub approved_connectors: HashSet<String>,
+    pub approved_connectors: FastSet<String>,
     pub apps: Vec<App>,
     pub datasets: Vec<Dataset>,
     pub rules: Vec<Rule>,
     pub cel: Cel,
     dataset_index: DatasetIndex,
-    app_by_id: HashMap<String, usize>,
-    app_by_key_digest: HashMap<[u8; 32], usize>,
+    app_by_id: FastMap<String, usize>,
+    app_by_key_digest: FastMap<[u8; 32], usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -265,7 +266,7 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         tiers.push(Tier { name: name.clone(), rate, daily_budget });
     }
 
-    let mut approved_connectors = HashSet::new();
+    let mut approved_connectors = FastSet::default();
     for (i, c) in raw.connectors.approved.iter().enumerate() {
         if c.trim().is_empty() {
             errs.push(format!("connectors.approved[{i}]"), "empty connector name");
@@ -278,8 +279,9 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     // and a field path is only written out for an error.
     let raw_apps = std::mem::take(&mut raw.apps);
     let mut apps = Vec::with_capacity(raw_apps.len());
-    let mut app_by_id = HashMap::with_capacity(raw_apps.len());
-    let mut app_by_key_digest: HashMap<[u8; 32], usize> = HashMap::with_capacity(raw_apps.len());
+    let mut app_by_id = FastMap::with_capacity_and_hasher(raw_apps.len(), Default::default());
+    let mut app_by_key_digest: FastMap<[u8; 32], usize> =
+        FastMap::with_capacity_and_hasher(raw_apps.len(), Default::default());
     for (i, mut raw_app) in raw_apps.into_iter().enumerate() {
         let api_keys = std::mem::take(&mut raw_app.api_keys);
         let Some(app) = compile_app(raw_app, i, &tier_by_name, &raw, &mut errs) else {

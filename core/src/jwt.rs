@@ -854,26 +854,6 @@ impl std::hash::Hasher for Fingerprint {
     }
 }
 
-/// Seeded hash of `bytes`, eight at a time, with a final avalanche (MurmurHash3's fmix64).
-fn fingerprint(seed: u64, bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut h = seed ^ (bytes.len() as u64).wrapping_mul(K);
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(w);
-        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(K).rotate_left(29);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ h >> 33
-}
-
 /// `a == b`, eight bytes at a time (wasm's `memcmp` goes one byte at a time).
 fn same_token(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -908,7 +888,7 @@ impl TokenCache {
     /// issuer's skew not passed, nbf ok), else None (and drops a stale entry).
     pub fn get(&mut self, token: &str, now_secs: i64) -> Option<Arc<VerifiedToken>> {
         self.last_now = self.last_now.max(now_secs);
-        let fp = fingerprint(self.seed, token.as_bytes());
+        let fp = crate::fasthash::fingerprint(self.seed, token.as_bytes());
         let entry = self.entries.get(&fp).filter(|e| same_token(&e.token, token))?;
         if !entry.verified.is_valid_at(now_secs) {
             self.entries.remove(&fp);
@@ -927,7 +907,7 @@ impl TokenCache {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.inserts_since_sweep = self.inserts_since_sweep.saturating_add(1);
-        let fp = fingerprint(self.seed, token.as_bytes());
+        let fp = crate::fasthash::fingerprint(self.seed, token.as_bytes());
         if !self.entries.contains_key(&fp) {
             self.make_room();
         }

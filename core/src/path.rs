@@ -8,8 +8,8 @@
 //! case-insensitive, and ignores `;params` of a segment, so `/Customers;x=1/7` is still under
 //! `/customers`: a server that is lenient about either must not open a way around a dataset.
 
+use crate::fasthash::FastMap;
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 /// Why a path cannot be matched safely.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,7 +177,7 @@ pub fn normalize_host(raw: &str) -> Cow<'_, str> {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<String, Node>,
+    children: FastMap<String, Node>,
     /// (dataset index, methods; empty = any) of routes ending at this node.
     routes: Vec<(usize, Vec<String>)>,
 }
@@ -187,7 +187,7 @@ struct Node {
 /// wins over one for any host.
 #[derive(Debug, Default)]
 pub struct DatasetIndex {
-    by_host: HashMap<String, Node>,
+    by_host: FastMap<String, Node>,
     any_host: Node,
 }
 
