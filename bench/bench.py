@@ -552,6 +552,26 @@ def wrk(port: int, script: Path, duration: float, connections: int, threads: int
 
 # === 1. overhead ===
 
+
+def perf_record(e: Envoy, out: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """BENCH_PERF=1: samples Envoy's CPU (perf, software clock) while one wrk run lasts."""
+    proc = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4999", "-p", str(e.pid), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    return proc, out
+
+
+def perf_report(perf: tuple[subprocess.Popen[bytes], Path], key: str, requests: int) -> None:
+    """Where Envoy's CPU went, per shared object: `[JIT]`/anonymous memory is the wasm code V8
+    compiled, `envoy` the proxy and the host calls' C++ side, `[kernel.kallsyms]` the sockets."""
+    proc, out = perf
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    r = subprocess.run(["perf", "report", "-i", str(out), "--stdio", "--sort", "dso", "-q"],
+                       capture_output=True, text=True, timeout=120)
+    shares = [line.split(None, 1) for line in r.stdout.splitlines() if "%" in line]
+    say(f"overhead: perf ({key}) {requests} requests: " + ", ".join(f"{d.strip()} {p}" for p, d in shares[:6]))
+
 CONFIG_NAMES = {
     "a": "router only",
     "b": "Guardrail",
@@ -626,10 +646,13 @@ def part_overhead(work: Path) -> dict[str, Any]:
         order = keys if rnd % 2 == 0 else keys[::-1]
         for key in order:
             e = envoys[key]
+            perf = perf_record(e, work / f"perf-{key}.data") if rnd == 0 and os.environ.get("BENCH_PERF") else None
             before = cpu_ticks(e.pid)
             t0 = time.monotonic()
             res = wrk(e.port, script, s["duration_s"], s["connections"], s["threads"])
             wall = time.monotonic() - t0
+            if perf:
+                perf_report(perf, key, res["requests"])
             cpu_s = (cpu_ticks(e.pid) - before) / CLK_TCK
             n = res["requests"]
             run = {
