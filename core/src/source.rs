@@ -840,6 +840,20 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
     }
 
     #[test]
+    fn the_filters_json_reader_names_the_field_and_refuses_trailing_text() {
+        // parse_json_str is the one reader of the policy types (the filter's snapshots and inline
+        // policies): one tracked pass, then the end of the text.
+        let text = json_policy(&[APP]);
+        assert!(parse_json_str(&text).is_ok());
+        let e = parse_json_str(&format!("{text} x")).err().map(|e| (e.path, bare_message(&e.error)));
+        assert_eq!(e, Some((String::new(), "trailing characters".to_string())));
+        let e = parse_json_str(&text.replace("\"eu\"", "7")).err().map(|e| (e.path, bare_message(&e.error)));
+        assert_eq!(e, Some(("apps[0].region".to_string(), "invalid type: integer `7`, expected a string".to_string())));
+        let e = parse_json_str(&text.replace("\"tier\"", "\"tierr\"")).err().map(|e| e.path);
+        assert_eq!(e.as_deref(), Some("apps[0].tierr"), "the path reached: the unknown key itself");
+    }
+
+    #[test]
     fn json_errors_name_the_field_and_its_line() {
         // (apps, why, expected path, expected line, message part); app i is on line 7 + i.
         let app = |id: &str, replace: &str, with: &str| {
