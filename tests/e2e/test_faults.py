@@ -338,6 +338,14 @@ class FakeGateway:
         self._serial += 1
         return f"fake-{self._serial}-{name}"
 
+    def open_with(self, revision: str) -> FakeStream:
+        """Waits for the filter's next stream, sends a good snapshot of `revision` as it opens and
+        waits for its ACK: the policy in force from then on."""
+        stream = self.next_stream(lambda s: s.send(snapshot(revision, load_policy(revision))))
+        stream.wait_for_ack(revision)
+        self.in_force = revision
+        return stream
+
     def push_good(self, stream: FakeStream, revision: str) -> float:
         """Sends a good snapshot on `stream`, waits for its ACK; returns when the ACK came."""
         stream.send(snapshot(revision, load_policy(revision)))
@@ -391,9 +399,7 @@ def test_deaf_companion_stalls_nothing(fake_gw: FakeGateway) -> None:
     gw, fake = fake_gw.gw, fake_gw.fake
     first = fake_gw.revision("deaf")
     with Load(gw.url) as load:
-        stream = fake_gw.next_stream(lambda s: s.send(snapshot(first, load_policy(first))))
-        stream.wait_for_ack(first)
-        fake_gw.in_force = first
+        stream = fake_gw.open_with(first)
         stream.reading.clear()
         deaf = time.monotonic()
         read_while_deaf = len(stream.received)
@@ -444,9 +450,7 @@ def test_garbage_from_the_companion_changes_nothing(fake_gw: FakeGateway) -> Non
     good = fake_gw.revision("before-garbage")
     undecodable_before = len(guardrail_log_lines(gw, "undecodable message from the companion"))
     with Load(gw.url) as load:
-        stream = fake_gw.next_stream(lambda s: s.send(snapshot(good, load_policy(good))))
-        stream.wait_for_ack(good)
-        fake_gw.in_force = good
+        stream = fake_gw.open_with(good)
         garbage_from = time.monotonic()
         for raw in UNDECODABLE_BYTES:
             stream.send(raw)
@@ -488,9 +492,7 @@ def test_oversized_snapshot_is_refused_and_the_stream_comes_back(fake_gw: FakeGa
     exact = padded_snapshot(at_limit, load_policy(at_limit), MAX_MESSAGE_BYTES)
     assert len(big) == MAX_MESSAGE_BYTES + 1 and len(exact) == MAX_MESSAGE_BYTES
     with Load(gw.url) as load:
-        stream = fake_gw.next_stream(lambda s: s.send(snapshot(good, load_policy(good))))
-        stream.wait_for_ack(good)
-        fake_gw.in_force = good
+        stream = fake_gw.open_with(good)
         fake.on_open = lambda s: s.send(exact)  # for the stream the filter dials after the reset
         sent = time.monotonic()
         stream.send(big)
@@ -545,9 +547,7 @@ def test_lying_companion_is_nacked_and_the_last_good_policy_stays(fake_gw: FakeG
     gw, fake = fake_gw.gw, fake_gw.fake
     good = fake_gw.revision("before-lies")
     with Load(gw.url) as load:
-        stream = fake_gw.next_stream(lambda s: s.send(snapshot(good, load_policy(good))))
-        stream.wait_for_ack(good)
-        fake_gw.in_force = good
+        stream = fake_gw.open_with(good)
         lies_from = time.monotonic()
         for revision, (doc, _) in LIES.items():
             stream.send(snapshot(revision, doc))
