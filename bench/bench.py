@@ -65,7 +65,7 @@ SETTINGS: dict[str, Any] = {
     "configs": os.environ.get("BENCH_CONFIGS", "abcde"),  # which of (a)..(e) to run
     "duration_s": env_num("BENCH_DURATION", 8),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
-    "warmup_s": env_num("BENCH_WARMUP", 3),
+    "warmup_s": env_num("BENCH_WARMUP", 2),  # per run, in its fresh Envoy
     "connections": int(env_num("BENCH_CONNECTIONS", 16)),
     "threads": int(env_num("BENCH_THREADS", 2)),
     "apps": int(env_num("BENCH_APPS", 1000)),
@@ -140,11 +140,11 @@ def http_get(port: int, path: str, headers: Mapping[str, str] | None = None, tim
         conn.close()
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of a whole process (all threads), in clock ticks."""
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a whole process (all threads), in clock ticks."""
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
 
 
 def rss_kib(pid: int) -> int:
@@ -186,7 +186,7 @@ class Proc:
     proc: subprocess.Popen | None = None
 
     def start(self) -> "Proc":
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*_PDEATHSIG, *self.cmd], stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
                                      env={**os.environ, "TZ": "UTC"})  # log timestamps comparable
@@ -626,34 +626,38 @@ def part_overhead(work: Path) -> dict[str, Any]:
     for e in [upstream, *envoys.values()]:
         e.validate()
     upstream.up()
-    for e in envoys.values():
-        e.up()
-
     # Every configuration must pass the requests through: a 401/403/429 would be measuring denials.
     for key, e in envoys.items():
+        e.up()
         for path, name, value in reqs[:40]:
             status, body = http_get(e.port, path, {"host": gen.HOST, name: value})
             if status != 200:
                 raise SystemExit(f"overhead: ({key}) {CONFIG_NAMES[key]} answered {status} to {path} with {name}: "
                                  f"{body[:400]!r}\n{e.log_tail()}")
-    say(f"overhead: warming up each configuration for {s['warmup_s']:.0f}s")
-    for e in envoys.values():
-        wrk(e.port, script, s["warmup_s"], s["connections"], s["threads"])
+        e.stop()
 
+    # Each round starts every configuration in a fresh Envoy process: two processes of one
+    # configuration differ by up to ±10 µs of CPU per request here (where their memory lands), so
+    # a configuration kept in one process would carry one draw of that for the whole run.
+    say(f"overhead: {s['rounds']} rounds; each run starts its Envoy and warms it up for {s['warmup_s']:.0f}s")
     keys = list(envoys)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in keys}
     for rnd in range(s["rounds"]):
         order = keys if rnd % 2 == 0 else keys[::-1]
         for key in order:
             e = envoys[key]
+            e.up()
+            wrk(e.port, script, s["warmup_s"], s["connections"], s["threads"])
             perf = perf_record(e, work / f"perf-{key}.data") if rnd == 0 and os.environ.get("BENCH_PERF") else None
-            before = cpu_ticks(e.pid)
+            before = cpu_split(e.pid)
             t0 = time.monotonic()
             res = wrk(e.port, script, s["duration_s"], s["connections"], s["threads"])
             wall = time.monotonic() - t0
             if perf:
                 perf_report(perf, key, res["requests"])
-            cpu_s = (cpu_ticks(e.pid) - before) / CLK_TCK
+            after = cpu_split(e.pid)
+            user_s, sys_s = ((a - b) / CLK_TCK for a, b in zip(after, before))
+            cpu_s = user_s + sys_s
             n = res["requests"]
             run = {
                 "round": rnd + 1,
@@ -662,16 +666,20 @@ def part_overhead(work: Path) -> dict[str, Any]:
                 "p50_ms": res["p50_us"] / 1000,
                 "p99_ms": res["p99_us"] / 1000,
                 "cpu_us_per_req": cpu_s * 1e6 / n if n else float("nan"),
+                # User time holds the filters' work; system time the sockets, alike for every configuration.
+                "user_us_per_req": user_s * 1e6 / n if n else float("nan"),
+                "sys_us_per_req": sys_s * 1e6 / n if n else float("nan"),
                 "envoy_cpu_util": cpu_s / wall,
                 "non_2xx": res["status_errors"],
                 "socket_errors": res["connect_errors"] + res["read_errors"] + res["write_errors"] + res["timeouts"],
             }
+            e.stop()
             runs[key].append(run)
             say(f"overhead: round {rnd + 1} ({key}) {CONFIG_NAMES[key]:<40} {run['rps']:8.0f} req/s  "
-                f"p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms  {run['cpu_us_per_req']:6.1f} µs CPU/req"
+                f"p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms  {run['cpu_us_per_req']:6.1f} µs CPU/req "
+                f"(user {run['user_us_per_req']:5.1f})"
                 + (f"  NON-2XX {run['non_2xx']}" if run["non_2xx"] else ""))
-    for e in [*envoys.values(), upstream]:
-        e.stop()
+    upstream.stop()
 
     configs = {}
     for key in keys:
@@ -683,6 +691,8 @@ def part_overhead(work: Path) -> dict[str, Any]:
             "p99_ms": median([r["p99_ms"] for r in rs]),
             "cpu_us_per_req": median([r["cpu_us_per_req"] for r in rs]),
             "cpu_us_per_req_min": min(r["cpu_us_per_req"] for r in rs),
+            "user_us_per_req": median([r["user_us_per_req"] for r in rs]),
+            "sys_us_per_req": median([r["sys_us_per_req"] for r in rs]),
             "non_2xx": sum(r["non_2xx"] for r in rs),
             "socket_errors": sum(r["socket_errors"] for r in rs),
             "runs": rs,
