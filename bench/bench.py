@@ -71,6 +71,7 @@ SETTINGS: dict[str, Any] = {
     "apps": int(env_num("BENCH_APPS", 1000)),
     "rules": int(env_num("BENCH_RULES", 20)),
     "jwt_apps": int(env_num("BENCH_JWT_APPS", 200)),  # distinct tokens in the mix
+    "request_apps": int(env_num("BENCH_REQUEST_APPS", 0)),  # apps the requests come from (0: all)
     # accuracy
     "accuracy_apps": int(env_num("BENCH_ACCURACY_APPS", 20)),
     "accuracy_quota": int(env_num("BENCH_ACCURACY_QUOTA", 50)),
@@ -586,9 +587,12 @@ def part_overhead(work: Path) -> dict[str, Any]:
     s = SETTINGS
     rng = random.Random(6)
     key = issuer()
-    jwt_apps = [gen.app_id(i) for i in rng.sample(range(s["apps"]), min(s["jwt_apps"], s["apps"]))]
+    # The apps the requests come from (all of the policy's unless BENCH_REQUEST_APPS narrows them:
+    # the same policy with a smaller working set).
+    req_apps = min(s["request_apps"] or s["apps"], s["apps"])
+    jwt_apps = [gen.app_id(i) for i in rng.sample(range(req_apps), min(s["jwt_apps"], req_apps))]
     tokens = [key.token(a) for a in jwt_apps]
-    reqs = gen.requests(rng, 4000, s["apps"], tokens)
+    reqs = gen.requests(rng, 4000, req_apps, tokens)
     req_file = work / "requests.tsv"
     req_file.write_text("".join(f"{p}\t{n}\t{v}\n" for p, n, v in reqs))
     script = work / "mix.lua"
@@ -708,7 +712,7 @@ def part_overhead(work: Path) -> dict[str, Any]:
     return {
         "workload": {
             "apps": s["apps"], "datasets": gen.DATASETS, "rules": s["rules"], "distinct_requests": len(reqs),
-            "mix": f"50% API key (random of {s['apps']} apps), 50% EdDSA JWT ({len(tokens)} distinct tokens)",
+            "mix": f"50% API key (random of {req_apps} apps), 50% EdDSA JWT ({len(tokens)} distinct tokens)",
             "wrk": f"-t{s['threads']} -c{s['connections']} -d{s['duration_s']:.0f}s × {s['rounds']} rounds, alternated",
             "envoy": "--concurrency 1; upstream: a separate Envoy (1 worker) with direct_response 200",
         },

@@ -14,7 +14,7 @@ command -v node >/dev/null || { echo "error: node is needed (apt-get install nod
 target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
 CARGO_PROFILE_RELEASE_STRIP=false cargo build --quiet --release --target wasm32-wasip1 -p guardrail-core --example decide_loop
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+trap '[[ -n "${KEEP:-}" ]] || rm -rf "$work"' EXIT
 "$PYTHON" - "$work" "$rules" <<'PY'
 import json, random, sys
 sys.path.insert(0, "bench")
