@@ -152,6 +152,13 @@ impl CompiledPolicy {
         self.dataset_index.lookup(host, method, normalized_path)
     }
 
+    /// The app a verified token names: at the token's cached index if the app there still has
+    /// that id (one comparison instead of a lookup), else by id.
+    pub fn app_of_token(&self, token: &crate::jwt::VerifiedToken) -> Option<&App> {
+        let hinted = token.app_index.and_then(|i| self.apps.get(i)).filter(|a| a.id == token.app);
+        hinted.or_else(|| self.app(&token.app))
+    }
+
     pub fn app_index(&self, id: &str) -> Option<usize> {
         self.app_by_id.get(id).copied()
     }

@@ -631,7 +631,7 @@ fn authenticate<'p>(
             t.note("credential", || {
                 format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, &verified), verified.app)
             });
-            let app = policy.app(&verified.app).ok_or_else(|| {
+            let app = policy.app_of_token(&verified).ok_or_else(|| {
                 Denial::new(Code::AppNotRegistered, format!("app `{}` is not in the catalog", verified.app))
                     .rule("catalog")
             })?;
@@ -676,7 +676,8 @@ fn verified_token(
     if let Some(cached) = tokens.get(token, now_secs) {
         return Ok(cached);
     }
-    let verified =
+    let mut verified =
         verify(&policy.issuers, token, now_secs).map_err(|e| unauthenticated(format!("invalid token: {e}")))?;
+    verified.app_index = policy.app_index(&verified.app);
     Ok(tokens.insert(token, verified))
 }

@@ -458,6 +458,9 @@ pub struct VerifiedToken {
     pub scopes: Vec<String>,
     /// The issuer's clock skew when it was verified, so a cached token is judged as `verify` would.
     pub clock_skew_seconds: i64,
+    /// Where `app` was in the catalog when the token was cached: a hint that saves a lookup by id
+    /// on later requests, used only if the app at that index still has that id.
+    pub app_index: Option<usize>,
 }
 
 impl VerifiedToken {
@@ -596,7 +599,7 @@ pub fn verify(issuers: &[Issuer], token: &str, now_secs: i64) -> Result<Verified
         Some(_) => return Err(invalid_claim("scope", "must be a space-separated string")),
     };
 
-    Ok(VerifiedToken { issuer: index, app, claims, exp, iat, nbf, scopes, clock_skew_seconds: skew })
+    Ok(VerifiedToken { issuer: index, app, claims, exp, iat, nbf, scopes, clock_skew_seconds: skew, app_index: None })
 }
 
 fn malformed(why: &str) -> TokenError {
@@ -1533,6 +1536,7 @@ mod tests {
             nbf,
             scopes: Vec::new(),
             clock_skew_seconds: skew,
+            app_index: None,
         }
     }
 

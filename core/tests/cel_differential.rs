@@ -223,6 +223,7 @@ fn token() -> impl Strategy<Value = Option<VerifiedToken>> {
         nbf: None,
         scopes: Vec::new(),
         clock_skew_seconds: 0,
+        app_index: None,
     });
     prop_oneof![1 => Just(None), 5 => some.prop_map(Some)]
 }

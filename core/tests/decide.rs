@@ -4,7 +4,7 @@
 
 use guardrail_core::compile::{compile_json_str, CompiledPolicy};
 use guardrail_core::decide::{decide, decide_traced, Code, Event, Request};
-use guardrail_core::jwt::TokenCache;
+use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::quota::{ensure_keys, MemoryStore};
 
 const T0: u64 = 1_795_924_800 * 1_000_000_000; // 2026-11-29T04:00:00Z
@@ -265,4 +265,29 @@ fn hosts_that_cannot_be_matched_safely_are_refused() {
         let d = decide(&policy, &req, T0, &mut store, &mut tokens);
         assert_eq!(d.denial.map(|x| x.code), Some(Code::InvalidPath), "host {host:?}");
     }
+}
+
+#[test]
+fn a_cached_tokens_app_index_is_only_a_hint() {
+    let policy = policy();
+    let token = |app: &str, app_index: Option<usize>| VerifiedToken {
+        issuer: 0,
+        app: app.to_string(),
+        claims: serde_json::Map::new(),
+        exp: 2_000_000_000,
+        iat: None,
+        nbf: None,
+        scopes: Vec::new(),
+        clock_skew_seconds: 0,
+        app_index,
+    };
+    let found = |t: &VerifiedToken| policy.app_of_token(t).map(|a| a.id.as_str());
+    let approved = policy.app_index("approved");
+    assert!(approved.is_some_and(|i| i > 0));
+    assert_eq!(found(&token("approved", approved)), Some("approved"), "the hint, when right");
+    // A token cached under another policy, where the indexes differ: never the app at the index.
+    assert_eq!(found(&token("approved", Some(0))), Some("approved"), "a stale hint falls back to the id");
+    assert_eq!(found(&token("approved", Some(10_000))), Some("approved"), "an index past the end too");
+    assert_eq!(found(&token("approved", None)), Some("approved"));
+    assert_eq!(found(&token("gone", Some(0))), None, "an app not in the catalog is not found at any index");
 }
