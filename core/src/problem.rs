@@ -41,15 +41,42 @@ pub fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
 
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields):
 /// the bucket as policy `"rate"` and, where set, the daily budget as policy `"daily"`.
+/// Built on every admitted request, so without `format!`.
 pub fn ratelimit_headers(limits: &Limits, usage: &Usage) -> [(&'static str, String); 2] {
     let window = limits.rate.per_ns.div_ceil(NANOS_PER_SEC).max(1);
-    let mut policy = format!("\"rate\";q={};w={}", limits.rate.burst, window);
-    let mut state = format!("\"rate\";r={};t={}", usage.rate_remaining, usage.rate_reset_secs);
+    let (mut policy, mut state) = (String::with_capacity(64), String::with_capacity(64));
+    let item = |out: &mut String, name: &str, (k1, v1): (&str, u64), (k2, v2): (&str, u64)| {
+        for part in [name, ";", k1, "="] {
+            out.push_str(part);
+        }
+        push_u64(out, v1);
+        for part in [";", k2, "="] {
+            out.push_str(part);
+        }
+        push_u64(out, v2);
+    };
+    item(&mut policy, "\"rate\"", ("q", limits.rate.burst), ("w", window));
+    item(&mut state, "\"rate\"", ("r", usage.rate_remaining), ("t", usage.rate_reset_secs));
     if let (Some(budget), Some(left)) = (limits.daily_budget, usage.budget_remaining) {
-        policy.push_str(&format!(", \"daily\";q={budget};w={SECS_PER_DAY}"));
-        state.push_str(&format!(", \"daily\";r={left};t={}", usage.budget_reset_secs));
+        item(&mut policy, ", \"daily\"", ("q", budget), ("w", SECS_PER_DAY));
+        item(&mut state, ", \"daily\"", ("r", left), ("t", usage.budget_reset_secs));
     }
     [("ratelimit-policy", policy), ("ratelimit", state)]
+}
+
+/// Appends `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits.iter().skip(start).map(|&d| char::from(d)));
 }
 
 /// One decision-log line for a denial.
@@ -130,5 +157,8 @@ mod tests {
         let [(_, policy), (_, state)] = ratelimit_headers(&limits, &usage);
         assert_eq!(policy, "\"rate\";q=100;w=60, \"daily\";q=5000;w=86400", "policy field");
         assert_eq!(state, "\"rate\";r=99;t=1, \"daily\";r=4999;t=3600", "state field");
+        let spent = Usage { rate_remaining: 0, budget_remaining: Some(u64::MAX), ..usage };
+        let [_, (_, state)] = ratelimit_headers(&Limits { daily_budget: Some(1), ..limits }, &spent);
+        assert_eq!(state, "\"rate\";r=0;t=1, \"daily\";r=18446744073709551615;t=3600", "0 and the largest count");
     }
 }
