@@ -95,51 +95,73 @@ pub fn send_response(status: u32, headers: &[(&str, String)], body: &str) {
     let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
 }
 
-/// Envoy counters (`wasmcustom.guardrail.*` in `/stats`), defined once per VM.
+/// Envoy counters (`wasmcustom.guardrail.*` in `/stats`), defined once per VM. Counts are kept
+/// per worker and added to Envoy's counters by [`Metrics::flush`] on every tick (100 ms): one host
+/// call per counter per tick instead of one per request.
 pub struct Metrics {
-    allowed: Option<u32>,
-    throttled: Option<u32>,
-    soft_limit: Option<u32>,
-    shadow: Option<u32>,
-    denied: [Option<u32>; Code::ALL.len()],
+    ids: [Option<u32>; SLOTS],
+    pending: [u64; SLOTS],
 }
+
+const ALLOWED: usize = 0;
+const THROTTLED: usize = 1;
+const SOFT_LIMIT: usize = 2;
+const SHADOW: usize = 3;
+/// `denied.<code>` for `Code::ALL[i]` is slot `DENIED + i`.
+const DENIED: usize = 4;
+const SLOTS: usize = DENIED + Code::ALL.len();
 
 impl Metrics {
     pub fn define() -> Metrics {
         let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
-        Metrics {
-            allowed: counter("guardrail.allowed"),
-            throttled: counter("guardrail.throttled"),
-            soft_limit: counter("guardrail.soft_limit"),
-            shadow: counter("guardrail.shadow"),
-            denied: Code::ALL.map(|code| counter(&format!("guardrail.denied.{}", code.as_str()))),
+        let mut ids = [None; SLOTS];
+        for (slot, name) in
+            [(ALLOWED, "allowed"), (THROTTLED, "throttled"), (SOFT_LIMIT, "soft_limit"), (SHADOW, "shadow")]
+        {
+            if let Some(id) = ids.get_mut(slot) {
+                *id = counter(&format!("guardrail.{name}"));
+            }
+        }
+        for (id, code) in ids.iter_mut().skip(DENIED).zip(Code::ALL) {
+            *id = counter(&format!("guardrail.denied.{}", code.as_str()));
+        }
+        Metrics { ids, pending: [0; SLOTS] }
+    }
+
+    fn bump(&mut self, slot: usize) {
+        if let Some(n) = self.pending.get_mut(slot) {
+            *n = n.saturating_add(1);
         }
     }
 
-    fn bump(id: Option<u32>) {
-        if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+    /// Adds the counts kept since the last flush to Envoy's counters.
+    pub fn flush(&mut self) {
+        for (n, id) in self.pending.iter_mut().zip(self.ids) {
+            if let (Some(id), true) = (id, *n > 0) {
+                let _ = hostcalls::increment_metric(id, i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+            *n = 0;
         }
     }
 
-    pub fn allowed(&self) {
-        Self::bump(self.allowed);
+    pub fn allowed(&mut self) {
+        self.bump(ALLOWED);
     }
 
-    pub fn soft_limit(&self) {
-        Self::bump(self.soft_limit);
+    pub fn soft_limit(&mut self) {
+        self.bump(SOFT_LIMIT);
     }
 
-    pub fn shadow(&self) {
-        Self::bump(self.shadow);
+    pub fn shadow(&mut self) {
+        self.bump(SHADOW);
     }
 
-    pub fn denied(&self, code: Code) {
+    pub fn denied(&mut self, code: Code) {
         if let Some(i) = Code::ALL.iter().position(|c| *c == code) {
-            Self::bump(self.denied.get(i).copied().flatten());
+            self.bump(DENIED + i);
         }
         if code.status() == 429 {
-            Self::bump(self.throttled);
+            self.bump(THROTTLED);
         }
     }
 }

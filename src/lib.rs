@@ -154,6 +154,12 @@ impl GuardrailRoot {
 }
 
 impl Context for GuardrailRoot {
+    /// The VM is going away: what the counters hold since the last tick still counts.
+    fn on_done(&mut self) -> bool {
+        self.worker.borrow_mut().metrics.flush();
+        true
+    }
+
     fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
         let Some(control) = self.control.as_mut() else {
             return;
@@ -220,14 +226,15 @@ impl RootContext for GuardrailRoot {
             let mut client = ControlClient::new(cluster);
             client.revision = worker.policy.as_ref().map(|p| p.revision.clone()).unwrap_or_default();
             self.control = Some(client);
-            drop(worker);
-            let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(control::TICK_MS));
         }
+        // The tick flushes the counters (and, with a companion, drives the link to it).
+        let _ = proxy_wasm::hostcalls::set_tick_period(Duration::from_millis(control::TICK_MS));
         true
     }
 
     fn on_tick(&mut self) {
         let now = host::now_ns();
+        self.worker.borrow_mut().metrics.flush();
         let Some(control) = self.control.as_mut() else {
             return;
         };

@@ -9,7 +9,7 @@ the repository root.
     with Envoy(bootstrap(plugin_configuration(policy), upstream_port=echo.server_port), tmp) as gw:
         r = request(gw.url, "/orders", headers={"x-api-key": "k1"})
         responds_with(r, 200)
-        assert gw.counter("guardrail.allowed") == 1
+        wait_for(lambda: gw.counter("guardrail.allowed") == 1, what="the counter (flushed every tick)")
 """
 
 from __future__ import annotations
@@ -599,3 +599,30 @@ def validate(config_path: Path, cwd: Path | None = None, timeout: float = 60.0) 
 
 def counter_delta(before: Mapping[str, int], after: Mapping[str, int], gw: Envoy, name: str) -> int:
     return gw.counter(name, after) - gw.counter(name, before)
+
+
+def quiet_stats(gw: Envoy, timeout: float = 5.0) -> dict[str, int]:
+    """Guardrail's counters once two readings 150 ms apart (more than a tick) agree: earlier
+    requests' counts have all been flushed, so deltas from here count only what follows."""
+    deadline = time.monotonic() + timeout
+    last = gw.stats()
+    while True:
+        time.sleep(0.15)
+        now = gw.stats()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
+def settled_deltas(gw: Envoy, before: Mapping[str, int], expected: Mapping[str, int],
+                   timeout: float = 5.0) -> tuple[dict[str, int], dict[str, int]]:
+    """(deltas of the `expected` counters since `before`, the /stats reading) once they equal
+    `expected`, or the last reading after `timeout`: each worker adds its counts to Envoy's
+    counters on its tick (every 100 ms), so a count shows up to one tick after the request."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = gw.stats()
+        deltas = {name: counter_delta(before, after, gw, name) for name in expected}
+        if deltas == dict(expected) or time.monotonic() > deadline:
+            return deltas, after
+        time.sleep(0.05)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness import Envoy, counter_delta, prometheus_value, request, responds_with, wait_for
+from harness import Envoy, prometheus_value, quiet_stats, request, responds_with, settled_deltas, wait_for
 from policies import app, jwt_issuer, policy, tier
 from tokens import SigningKey, alg_none, claims, hs256_with_public_key, raw_token, swap_payload
 
@@ -342,7 +342,7 @@ def test_every_denial_writes_a_decision_line(gw: Envoy, headers: dict[str, str],
 
 
 def test_counters(gw: Envoy) -> None:
-    before = gw.stats()
+    before = quiet_stats(gw)
     for _ in range(2):
         responds_with(request(gw.url, "/c"), 401, "unauthenticated")
     responds_with(request(gw.url, "/c", headers=with_key("quarantined-app")), 403, "app-not-active")
@@ -350,10 +350,6 @@ def test_counters(gw: Envoy) -> None:
         responds_with(request(gw.url, "/c", headers=with_key("stats-app")), 200)
     for _ in range(2):
         responds_with(request(gw.url, "/c", headers=with_key("stats-app")), 429, "quota-exceeded")
-    after = gw.stats()
-
-    names = sorted(after)
-    assert any(n.endswith("guardrail.allowed") for n in names), f"no guardrail.allowed counter in /stats: {names}"
     expected = {
         "guardrail.allowed": 5,
         "guardrail.denied.unauthenticated": 2,
@@ -361,14 +357,21 @@ def test_counters(gw: Envoy) -> None:
         "guardrail.denied.quota-exceeded": 2,
         "guardrail.throttled": 2,
     }
-    deltas = {name: counter_delta(before, after, gw, name) for name in expected}
+    deltas, after = settled_deltas(gw, before, expected)
+    names = sorted(after)
+    assert any(n.endswith("guardrail.allowed") for n in names), f"no guardrail.allowed counter in /stats: {names}"
     assert deltas == expected, f"counter deltas: {deltas}\n/stats?filter=guardrail: {after}"
+    # Nothing more arrives on a later tick: each request counted once.
+    time.sleep(0.3)
+    assert settled_deltas(gw, before, expected, timeout=0)[0] == expected
 
 
 def test_prometheus_shows_the_counters(gw: Envoy) -> None:
+    before = quiet_stats(gw)
     responds_with(request(gw.url, "/p", headers=with_key("pos-dashboard")), 200)
     responds_with(request(gw.url, "/p"), 401, "unauthenticated")
-    stats = gw.stats()
+    deltas, stats = settled_deltas(gw, before, {"guardrail.allowed": 1, "guardrail.denied.unauthenticated": 1})
+    assert deltas == {"guardrail.allowed": 1, "guardrail.denied.unauthenticated": 1}, deltas
     text = gw.prometheus()
     for name in ("guardrail.allowed", "guardrail.denied.unauthenticated", "guardrail.throttled"):
         value = prometheus_value(text, name)
