@@ -4,7 +4,7 @@
 
 use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
-use crate::fasthash::{FastMap, FastSet};
+use crate::fasthash::FastMap;
 use crate::jwt::{compile_issuer, Issuer};
 use crate::path::DatasetIndex;
 use crate::raw::{
@@ -28,7 +28,8 @@ pub struct CompiledPolicy {
     pub settings: Settings,
     pub issuers: Vec<Issuer>,
     pub tiers: Vec<Tier>,
-    pub approved_connectors: FastSet<String>,
+    /// `connectors.approved`, each with its index in that list.
+    pub approved_connectors: FastMap<String, usize>,
     pub apps: Vec<App>,
     pub datasets: Vec<Dataset>,
     pub rules: Vec<Rule>,
@@ -85,6 +86,21 @@ pub struct App {
     pub overrides: Vec<QuotaOverride>,
     /// Shared-data key of this app's quota state.
     pub quota_key: String,
+    /// The catalog checks of every request as bits, set by [`compile`] (`None`: compare the strings).
+    pub masks: Option<AppMasks>,
+}
+
+/// An app's connectors, data classes and region as the bits and ids a request is checked against,
+/// so that a decision reads them from the app itself rather than from strings behind pointers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppMasks {
+    /// Bit `i`: the app lists `connectors.approved[i]` (for `i` < 64; above, the strings decide).
+    pub connectors: u64,
+    /// Bit [`Classification::bit`] of each of its data classes.
+    pub classes: u8,
+    /// The id of its region among the datasets' regions ([`Dataset::region_mask`]); `None` if no
+    /// dataset allows it.
+    pub region: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +126,9 @@ pub struct Dataset {
     pub allowed_regions: Vec<String>,
     pub routes: Vec<Route>,
     pub requires_jit: bool,
+    /// Bit `id` for each allowed region whose id ([`AppMasks::region`]) is below 64, set by
+    /// [`compile`] when all of them are (`None`: compare the strings).
+    pub region_mask: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -273,11 +292,11 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         tiers.push(Tier { name: name.clone(), rate, daily_budget });
     }
 
-    let mut approved_connectors = FastSet::default();
+    let mut approved_connectors = FastMap::default();
     for (i, c) in raw.connectors.approved.iter().enumerate() {
         if c.trim().is_empty() {
             errs.push(format!("connectors.approved[{i}]"), "empty connector name");
-        } else if !approved_connectors.insert(c.clone()) {
+        } else if approved_connectors.insert(c.clone(), i).is_some() {
             errs.push(format!("connectors.approved[{i}]"), format!("duplicate connector `{c}`"));
         }
     }
@@ -322,7 +341,8 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         apps.push(app);
     }
 
-    let datasets = compile_datasets(&raw.datasets, &issuers, &mut errs);
+    let mut datasets = compile_datasets(&raw.datasets, &issuers, &mut errs);
+    set_masks(&mut apps, &mut datasets, &approved_connectors);
     let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
     let cel = Cel::default();
     let rules = compile_rules(&raw.rules, &dataset_ids, &cel, &mut errs);
@@ -488,7 +508,34 @@ fn compile_app(
         connectors: raw.connectors,
         overrides,
         quota_key,
+        masks: None,
     })
+}
+
+/// Gives every dataset region an id (in order of first appearance) and sets [`AppMasks`] and
+/// [`Dataset::region_mask`] from the strings.
+fn set_masks(apps: &mut [App], datasets: &mut [Dataset], approved_connectors: &FastMap<String, usize>) {
+    let mut region_ids: FastMap<&str, u32> = FastMap::default();
+    for d in datasets.iter_mut() {
+        let mut mask = Some(0u64);
+        for r in &d.allowed_regions {
+            let next = u32::try_from(region_ids.len()).unwrap_or(u32::MAX);
+            let id = *region_ids.entry(r.as_str()).or_insert(next);
+            mask = mask.and_then(|m| Some(m | 1u64.checked_shl(id).filter(|_| id < 64)?));
+        }
+        d.region_mask = mask;
+    }
+    for app in apps.iter_mut() {
+        let connectors = app
+            .connectors
+            .iter()
+            .filter_map(|c| approved_connectors.get(c))
+            .filter(|&&i| i < 64)
+            .fold(0u64, |m, &i| m | 1 << i);
+        let classes = app.data_classes.iter().fold(0u8, |m, c| m | c.bit());
+        let region = region_ids.get(app.region.as_str()).copied();
+        app.masks = Some(AppMasks { connectors, classes, region });
+    }
 }
 
 /// Parses `sha256:<64 lower-case hex>` as printed by `guardrail hash-key`.
@@ -562,6 +609,7 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
                 allowed_regions,
                 routes,
                 requires_jit,
+                region_mask: None,
             });
         }
     }

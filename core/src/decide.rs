@@ -343,14 +343,18 @@ fn checks<'p>(
 
     // --- connector: the Envoy cluster the request is routed to ---
     if let Some(connector) = req.connector {
-        if !policy.approved_connectors.contains(connector) {
+        let Some(&index) = policy.approved_connectors.get(connector) else {
             return Err(Denial::new(
                 Code::ConnectorNotApproved,
                 format!("connector `{connector}` is not in connectors.approved"),
             )
             .rule("connector"));
-        }
-        if !app.connectors.iter().any(|c| c == connector) {
+        };
+        let listed = match (app.masks, 1u64.checked_shl(u32::try_from(index).unwrap_or(u32::MAX))) {
+            (Some(masks), Some(bit)) => masks.connectors & bit != 0,
+            _ => app.connectors.iter().any(|c| c == connector),
+        };
+        if !listed {
             return Err(Denial::new(
                 Code::ConnectorNotApproved,
                 format!("connector `{connector}` is not among app `{}`'s connectors", app.id),
@@ -377,7 +381,11 @@ fn checks<'p>(
                 check_jit(policy, app, ds, token)?;
                 t.note("jit", || format!("token scoped `dataset:{}`", ds.id));
             }
-            if !app.data_classes.contains(&ds.classification) {
+            let classified = match app.masks {
+                Some(masks) => masks.classes & ds.classification.bit() != 0,
+                None => app.data_classes.contains(&ds.classification),
+            };
+            if !classified {
                 return Err(Denial::new(
                     Code::AccessDenied,
                     format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
@@ -456,7 +464,13 @@ fn checks<'p>(
 
 fn check_residency(policy: &CompiledPolicy, req: &Request<'_>, app: &App, ds: &Dataset) -> Result<(), Denial> {
     let residency = |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
-    if !ds.allowed_regions.contains(&app.region) {
+    let allowed = match (app.masks, ds.region_mask) {
+        (Some(masks), Some(mask)) => {
+            masks.region.and_then(|id| 1u64.checked_shl(id)).is_some_and(|bit| mask & bit != 0)
+        }
+        _ => ds.allowed_regions.contains(&app.region),
+    };
+    if !allowed {
         return residency(format!("app region `{}` is not allowed for dataset `{}`", app.region, ds.id));
     }
     match req.gateway_region.or(policy.settings.gateway_region.as_deref()) {

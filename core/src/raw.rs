@@ -149,6 +149,11 @@ pub enum Classification {
 }
 
 impl Classification {
+    /// This classification's bit in [`crate::compile::AppMasks::classes`].
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Classification::Public => "public",

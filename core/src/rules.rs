@@ -542,6 +542,7 @@ mod tests {
             connectors: vec!["upstream".into()],
             overrides: Vec::new(),
             quota_key: "guardrail.quota.pos".into(),
+            masks: None,
         }
     }
 

@@ -91,6 +91,7 @@ fn app() -> impl Strategy<Value = (App, String)> {
                     connectors,
                     overrides: Vec::new(),
                     quota_key: format!("guardrail.quota.{id}"),
+                    masks: None,
                 };
                 (app, tier.to_string())
             },
@@ -112,6 +113,7 @@ fn dataset() -> impl Strategy<Value = Option<Dataset>> {
             allowed_regions,
             routes: Vec::new(),
             requires_jit,
+            region_mask: None,
         },
     );
     prop_oneof![1 => Just(None), 5 => some.prop_map(Some)]

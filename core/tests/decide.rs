@@ -291,3 +291,80 @@ fn a_cached_tokens_app_index_is_only_a_hint() {
     assert_eq!(found(&token("approved", None)), Some("approved"));
     assert_eq!(found(&token("gone", Some(0))), None, "an app not in the catalog is not found at any index");
 }
+
+/// The bits `compile` derives for connectors, data classes and regions decide exactly as the
+/// strings they come from, including past 64 connectors or regions, where the strings decide.
+#[test]
+fn masks_decide_as_the_strings() {
+    let region = |i: usize| format!("\"r{i}\"");
+    let regions = |r: std::ops::Range<usize>| r.map(region).collect::<Vec<_>>().join(", ");
+    let dataset_regions = [regions(0..2), regions(2..66), format!("{}, {}", region(66), region(0)), region(1)];
+    let datasets: Vec<String> = dataset_regions
+        .iter()
+        .enumerate()
+        .map(|(i, allowed)| {
+            let class = ["public", "internal", "confidential", "public"][i];
+            format!(
+                r#"{{"id": "ds{i}", "classification": "{class}", "allowed_regions": [{allowed}],
+                    "routes": [{{"path_prefix": "/ds{i}"}}]}}"#
+            )
+        })
+        .collect();
+    let connectors = |picks: &[&str]| picks.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ");
+    let apps: Vec<String> = [
+        ("a0", "r0", r#""public""#, connectors(&["c0", "c63"])),
+        ("a1", "r1", r#""public", "internal""#, connectors(&["c64", "c69"])),
+        ("a2", "r65", r#""internal", "confidential""#, connectors(&["c0", "c64"])),
+        ("a3", "r66", r#""public", "confidential""#, connectors(&["c63", "c69", "unlisted"])),
+        ("a4", "r69", r#""public""#, connectors(&[])),
+        ("a5", "nowhere", r#""public", "internal", "confidential""#, connectors(&["c0", "c63", "c64", "c69"])),
+    ]
+    .iter()
+    .map(|(id, region, classes, connectors)| {
+        format!(
+            r#"{{"id": "{id}", "environment": "prod", "tier": "t", "lifecycle": "published", "region": "{region}",
+                "data_classes": [{classes}], "connectors": [{connectors}], "api_keys": ["{}"]}}"#,
+            digest(&format!("key-{id}"))
+        )
+    })
+    .collect();
+    let approved = (0..70).map(|i| format!("\"c{i}\"")).collect::<Vec<_>>().join(", ");
+    let text = format!(
+        r#"{{"apiVersion": "guardrail/v1", "kind": "Policy", "revision": "masks",
+        "settings": {{"gateway_region": "r0"}},
+        "tiers": {{"t": {{"rate": {{"requests": 1000000, "per": "1s"}}}}}},
+        "connectors": {{"approved": [{approved}]}},
+        "apps": [{}], "datasets": [{}]}}"#,
+        apps.join(","),
+        datasets.join(",")
+    );
+    let masked = compile_json_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert!(masked.apps.iter().all(|a| a.masks.is_some()), "compile sets every app's masks");
+    let region_masks: Vec<bool> = masked.datasets.iter().map(|d| d.region_mask.is_some()).collect();
+    assert_eq!(region_masks, [true, false, false, true], "a dataset with a region id past 63 keeps its strings");
+    let mut strings = compile_json_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    strings.apps.iter_mut().for_each(|a| a.masks = None);
+    strings.datasets.iter_mut().for_each(|d| d.region_mask = None);
+
+    let mut outcomes = std::collections::BTreeSet::new();
+    for app in ["a0", "a1", "a2", "a3", "a4", "a5"] {
+        for connector in [Some("c0"), Some("c63"), Some("c64"), Some("c69"), Some("unlisted"), None] {
+            for path in ["/ds0/x", "/ds1/x", "/ds2/x", "/ds3/x", "/other"] {
+                let headers = key(app);
+                let verdict = |policy: &CompiledPolicy| {
+                    let mut store = store_for(policy);
+                    let mut tokens = TokenCache::new(4);
+                    let d = decide(policy, &request("GET", path, connector, &headers), T0, &mut store, &mut tokens);
+                    d.denial.map(|d| (d.code, d.detail.to_string()))
+                };
+                let want = verdict(&strings);
+                assert_eq!(verdict(&masked), want, "{app} via {connector:?} to {path}");
+                outcomes.insert(want.map(|(code, _)| code.as_str()));
+            }
+        }
+    }
+    // The table reaches every outcome the masks take part in.
+    for outcome in [None, Some("connector-not-approved"), Some("residency-violation"), Some("access-denied")] {
+        assert!(outcomes.contains(&outcome), "no case ends in {outcome:?}: {outcomes:?}");
+    }
+}
