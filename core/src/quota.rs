@@ -214,7 +214,7 @@ pub fn ensure_keys<'a>(
 /// An in-memory store with proxy-wasm's CAS semantics (every write bumps the token).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    entries: std::collections::HashMap<String, (Vec<u8>, u32)>,
+    entries: crate::fasthash::FastMap<String, (Vec<u8>, u32)>,
 }
 
 impl CounterStore for MemoryStore {
@@ -223,11 +223,17 @@ impl CounterStore for MemoryStore {
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        let entry = self.entries.entry(key.to_string()).or_insert_with(|| (Vec::new(), 0));
+        if !self.entries.contains_key(key) {
+            self.entries.insert(key.to_string(), (Vec::new(), 0));
+        }
+        let Some(entry) = self.entries.get_mut(key) else {
+            return Err(StoreError::Unavailable("the entry just made is missing".into()));
+        };
         if cas != 0 && entry.1 != cas {
             return Err(StoreError::CasMismatch);
         }
-        entry.0 = value.to_vec();
+        entry.0.clear();
+        entry.0.extend_from_slice(value);
         entry.1 = entry.1.wrapping_add(1).max(1);
         Ok(())
     }
