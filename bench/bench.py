@@ -65,6 +65,7 @@ SETTINGS: dict[str, Any] = {
     "configs": os.environ.get("BENCH_CONFIGS", "abcde"),  # which of (a)..(e) to run
     "duration_s": env_num("BENCH_DURATION", 8),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
+    "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
     "warmup_s": env_num("BENCH_WARMUP", 2),  # per run, in its fresh Envoy
     "connections": int(env_num("BENCH_CONNECTIONS", 16)),
     "threads": int(env_num("BENCH_THREADS", 2)),
@@ -230,13 +231,14 @@ class Proc:
 class Envoy(Proc):
     """An Envoy process with a bootstrap written to `workdir/name.json`; `port` is its listener."""
 
-    def __init__(self, name: str, config: dict[str, Any], workdir: Path, port: int, admin_port: int, concurrency: int):
+    def __init__(self, name: str, config: dict[str, Any], workdir: Path, port: int, admin_port: int, concurrency: int,
+                 cpus: list[str] | None = None):
         self.name = name
         self.port = port
         self.admin_port = admin_port
         self.config_path = workdir / f"{name}.json"
         self.config_path.write_text(json.dumps(config, indent=1))
-        super().__init__([str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(concurrency),
+        super().__init__([*(cpus or []), str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(concurrency),
                           "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"],
                          workdir / f"{name}.log")
 
@@ -541,8 +543,25 @@ end
 """
 
 
+def pinned(cpu: str) -> list[str]:
+    """`taskset -c CPU` when BENCH_PIN is on (the default with two or more CPUs): the Envoy under
+    test alone on the last CPU, wrk and the upstream on the others, so that its CPU per request
+    does not move with how the scheduler interleaves it with the load generator."""
+    if SETTINGS["pin"] and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", cpu]
+    return []
+
+
+def measured_cpu() -> str:
+    return str((os.cpu_count() or 1) - 1)
+
+
+def load_cpus() -> str:
+    return f"0-{max(0, (os.cpu_count() or 1) - 2)}"
+
+
 def wrk(port: int, script: Path, duration: float, connections: int, threads: int) -> dict[str, Any]:
-    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s", "--latency",
+    cmd = [*pinned(load_cpus()), "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s", "--latency",
            "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
     for line in r.stdout.splitlines():
@@ -600,7 +619,8 @@ def part_overhead(work: Path) -> dict[str, Any]:
 
     upstream_port, up_admin = free_port(), free_port()
     upstream = Envoy("upstream", bootstrap(port=upstream_port, admin_port=up_admin, http_filters=[], clusters=[],
-                                           direct_response=True), work, upstream_port, up_admin, 1)
+                                           direct_response=True), work, upstream_port, up_admin, 1,
+                      cpus=pinned(load_cpus()))
     policy = bench_policy(apps=s["apps"], rules=s["rules"])
     native, native_route = native_filters([key.jwk()], s["apps"], jwt_apps)
     filters = {
@@ -625,7 +645,7 @@ def part_overhead(work: Path) -> dict[str, Any]:
     for key, (fs, route) in filters.items():
         port, admin = free_port(), free_port()
         cfg = bootstrap(port=port, admin_port=admin, http_filters=fs, clusters=[cluster("upstream", upstream_port)], route=route)
-        envoys[key] = Envoy(f"overhead-{key}", cfg, work, port, admin, 1)
+        envoys[key] = Envoy(f"overhead-{key}", cfg, work, port, admin, 1, cpus=pinned(measured_cpu()))
     say(f"overhead: validating the {len(envoys) + 1} Envoy configs (envoy --mode validate)")
     for e in [upstream, *envoys.values()]:
         e.validate()
@@ -731,7 +751,8 @@ def part_accuracy(work: Path) -> dict[str, Any]:
     k, q = s["accuracy_apps"], s["accuracy_quota"]
     upstream_port, up_admin = free_port(), free_port()
     upstream = Envoy("acc-upstream", bootstrap(port=upstream_port, admin_port=up_admin, http_filters=[], clusters=[],
-                                               direct_response=True), work, upstream_port, up_admin, 1)
+                                               direct_response=True), work, upstream_port, up_admin, 1,
+                      cpus=pinned(load_cpus()))
     tier = {"rate": {"requests": q, "per": "1h", "burst": q}}
     policy = bench_policy(apps=k, rules=s["rules"], tier=tier, revision="accuracy-1")
     port, admin = free_port(), free_port()
@@ -861,7 +882,8 @@ def part_propagation(work: Path) -> dict[str, Any]:
 
     upstream_port, up_admin = free_port(), free_port()
     upstream = Envoy("prop-upstream", bootstrap(port=upstream_port, admin_port=up_admin, http_filters=[], clusters=[],
-                                                direct_response=True), work, upstream_port, up_admin, 1)
+                                                direct_response=True), work, upstream_port, up_admin, 1,
+                      cpus=pinned(load_cpus()))
     port, admin = free_port(), free_port()
     envoy = Envoy("propagation", bootstrap(port=port, admin_port=admin, http_filters=[guardrail_filter(None, control=True)],
                                            clusters=[cluster("upstream", upstream_port),
@@ -1010,7 +1032,8 @@ def part_scale(work: Path) -> dict[str, Any]:
     s = SETTINGS
     upstream_port, up_admin = free_port(), free_port()
     upstream = Envoy("scale-upstream", bootstrap(port=upstream_port, admin_port=up_admin, http_filters=[], clusters=[],
-                                                 direct_response=True), work, upstream_port, up_admin, 1)
+                                                 direct_response=True), work, upstream_port, up_admin, 1,
+                      cpus=pinned(load_cpus()))
     upstream.up()
     out: dict[str, Any] = {"envoy_workers": 2, "rss": []}
     variants: list[tuple[str, list[dict[str, Any]], int]] = [("router only", [], 0)]
