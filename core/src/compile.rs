@@ -37,6 +37,9 @@ pub struct CompiledPolicy {
     dataset_index: DatasetIndex,
     app_by_id: FastMap<String, usize>,
     app_by_key_digest: FastMap<[u8; 32], usize>,
+    /// For each dataset index, then for requests that reach no dataset (the last entry): the
+    /// indexes of the rules in scope ([`Rule::applies_to`]), in policy order.
+    rules_in_scope: Vec<Vec<u32>>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +156,17 @@ pub struct Rule {
     pub mode: RuleMode,
 }
 
+impl Rule {
+    /// Whether the rule is in scope for a request reaching `dataset`: its `datasets` and
+    /// `classifications` lists, where given, must each name the dataset.
+    pub fn applies_to(&self, dataset: Option<&Dataset>) -> bool {
+        let by_dataset = self.datasets.is_empty() || dataset.is_some_and(|ds| self.datasets.contains(&ds.id));
+        let by_class = self.classifications.is_empty()
+            || dataset.is_some_and(|ds| self.classifications.contains(&ds.classification));
+        by_dataset && by_class
+    }
+}
+
 // === impl CompiledPolicy ===
 
 impl CompiledPolicy {
@@ -176,6 +190,12 @@ impl CompiledPolicy {
     pub fn app_of_token(&self, token: &crate::jwt::VerifiedToken) -> Option<&App> {
         let hinted = token.app_index.and_then(|i| self.apps.get(i)).filter(|a| a.id == token.app);
         hinted.or_else(|| self.app(&token.app))
+    }
+
+    /// The rules in scope for a request that reaches dataset `dataset` (an index), in policy order.
+    pub fn rules_for(&self, dataset: Option<usize>) -> impl Iterator<Item = &Rule> + '_ {
+        let list = self.rules_in_scope.get(dataset.unwrap_or(self.datasets.len()));
+        list.into_iter().flatten().filter_map(|&i| self.rules.get(i as usize))
     }
 
     pub fn app_index(&self, id: &str) -> Option<usize> {
@@ -356,6 +376,15 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
             dataset_index.insert(r.host.as_deref(), &r.path_prefix, &r.methods, i);
         }
     }
+    let rules_in_scope = datasets
+        .iter()
+        .map(Some)
+        .chain([None])
+        .map(|d| {
+            let in_scope = rules.iter().enumerate().filter(|(_, r)| r.applies_to(d));
+            in_scope.filter_map(|(i, _)| u32::try_from(i).ok()).collect()
+        })
+        .collect();
     Ok(CompiledPolicy {
         revision: raw.revision.map(|r| r.to_text()).unwrap_or_default(),
         settings,
@@ -369,6 +398,7 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
         dataset_index,
         app_by_id,
         app_by_key_digest,
+        rules_in_scope,
     })
 }
 

@@ -525,13 +525,7 @@ fn check_rules<'p>(
     t: &mut Tracer,
 ) -> Result<(), Denial> {
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
-    let in_scope = |r: &&crate::compile::Rule| {
-        let by_dataset = r.datasets.is_empty() || dataset.is_some_and(|ds| r.datasets.contains(&ds.id));
-        let by_class =
-            r.classifications.is_empty() || dataset.is_some_and(|ds| r.classifications.contains(&ds.classification));
-        by_dataset && by_class
-    };
-    let mut rules = policy.rules.iter().filter(in_scope).peekable();
+    let mut rules = policy.rules_for(dataset_index).peekable();
     if rules.peek().is_none() {
         t.note("rules", || "none in scope".to_string());
         return Ok(());
@@ -584,9 +578,7 @@ fn check_rules<'p>(
     if allow_in_scope && !allowed {
         // Every enforced allow rule in scope was evaluated (an error would have denied already).
         let allow_ids: Vec<&str> = policy
-            .rules
-            .iter()
-            .filter(in_scope)
+            .rules_for(dataset_index)
             .filter(|r| r.effect == Effect::Allow && r.mode != RuleMode::Shadow)
             .map(|r| r.id.as_str())
             .collect();

@@ -368,3 +368,18 @@ fn masks_decide_as_the_strings() {
         assert!(outcomes.contains(&outcome), "no case ends in {outcome:?}: {outcomes:?}");
     }
 }
+
+#[test]
+fn the_rules_in_scope_are_listed_per_dataset_at_compile_time() {
+    let policy = policy();
+    let ids = |rules: Vec<&guardrail_core::compile::Rule>| rules.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    for (i, ds) in policy.datasets.iter().enumerate() {
+        let listed = ids(policy.rules_for(Some(i)).collect());
+        assert_eq!(listed, ids(policy.rules.iter().filter(|r| r.applies_to(Some(ds))).collect()), "{}", ds.id);
+    }
+    assert_eq!(ids(policy.rules_for(None).collect()), ["no-deletes", "watch-post"], "no dataset: the global rules");
+    assert_eq!(
+        ids(policy.rules_for(policy.datasets.iter().position(|d| d.id == "catalog")).collect()),
+        ["no-deletes", "catalog-readers", "watch-post"]
+    );
+}
