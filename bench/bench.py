@@ -63,10 +63,10 @@ def env_num(name: str, default: float) -> float:
 SETTINGS: dict[str, Any] = {
     # overhead
     "configs": os.environ.get("BENCH_CONFIGS", "abcde"),  # which of (a)..(e) to run
-    "duration_s": env_num("BENCH_DURATION", 8),  # one wrk run per configuration per round
+    "duration_s": env_num("BENCH_DURATION", 6),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
     "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
-    "warmup_s": env_num("BENCH_WARMUP", 2),  # per run, in its fresh Envoy
+    "warmup_s": env_num("BENCH_WARMUP", 8),  # per run, in its fresh Envoy
     "connections": int(env_num("BENCH_CONNECTIONS", 16)),
     "threads": int(env_num("BENCH_THREADS", 2)),
     "apps": int(env_num("BENCH_APPS", 1000)),
@@ -1174,10 +1174,10 @@ def table(results: dict[str, Any]) -> str:
         w(f"Overhead ({ov['workload']['wrk']}; {ov['workload']['envoy']})")
         w(f"  {ov['workload']['mix']}; {ov['workload']['apps']} apps, {ov['workload']['datasets']} datasets, "
           f"{ov['workload']['rules']} rules")
-        w(f"  {'config':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11} {'non-2xx':>8}")
+        w(f"  {'config':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11} {'user':>6} {'non-2xx':>8}")
         for key, c in ov["configs"].items():
             w(f"  ({key}) {c['name']:<40} {c['rps']:8.0f} {c['p50_ms']:7.2f} {c['p99_ms']:7.2f} "
-              f"{c['cpu_us_per_req']:11.1f} {c['non_2xx']:8d}")
+              f"{c['cpu_us_per_req']:11.1f} {c.get('user_us_per_req', float('nan')):6.1f} {c['non_2xx']:8d}")
         r = ov["ratios"]
         pairs = [(k[4:].replace("_over_", "/"), v) for k, v in r.items() if k.startswith("rps_")]
         w("  throughput " + "  ".join(f"{name} {v:.2f}" for name, v in pairs))
