@@ -551,7 +551,7 @@ fn set_masks(apps: &mut [App], datasets: &mut [Dataset], approved_connectors: &F
         for r in &d.allowed_regions {
             let next = u32::try_from(region_ids.len()).unwrap_or(u32::MAX);
             let id = *region_ids.entry(r.as_str()).or_insert(next);
-            mask = mask.and_then(|m| Some(m | 1u64.checked_shl(id).filter(|_| id < 64)?));
+            mask = mask.and_then(|m| Some(m | 1u64.checked_shl(id)?));
         }
         d.region_mask = mask;
     }
