@@ -223,11 +223,13 @@ impl CounterStore for MemoryStore {
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        if !self.entries.contains_key(key) {
-            self.entries.insert(key.to_string(), (Vec::new(), 0));
-        }
         let Some(entry) = self.entries.get_mut(key) else {
-            return Err(StoreError::Unavailable("the entry just made is missing".into()));
+            // A missing key has token 0: only an unconditional write creates it.
+            if cas != 0 {
+                return Err(StoreError::CasMismatch);
+            }
+            self.entries.insert(key.to_string(), (value.to_vec(), 1));
+            return Ok(());
         };
         if cas != 0 && entry.1 != cas {
             return Err(StoreError::CasMismatch);
