@@ -544,9 +544,10 @@ end
 
 
 def pinned(cpu: str) -> list[str]:
-    """`taskset -c CPU` when BENCH_PIN is on (the default with two or more CPUs): the Envoy under
-    test alone on the last CPU, wrk and the upstream on the others, so that its CPU per request
-    does not move with how the scheduler interleaves it with the load generator."""
+    """`taskset -c CPU` when BENCH_PIN is on (the default with two or more CPUs). In the overhead
+    part the Envoy under test runs alone on the last CPU, wrk and the upstream on the others, so
+    that its CPU per request does not move with how the scheduler interleaves it with the load
+    generator; the other parts pin only their upstream (to the load CPUs) and leave the rest free."""
     if SETTINGS["pin"] and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
         return ["taskset", "-c", cpu]
     return []
