@@ -66,7 +66,7 @@ SETTINGS: dict[str, Any] = {
     "duration_s": env_num("BENCH_DURATION", 6),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
     "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
-    "warmup_s": env_num("BENCH_WARMUP", 8),  # per run, in its fresh Envoy
+    "warmup_s": env_num("BENCH_WARMUP", 6),  # per run, in its fresh Envoy
     "connections": int(env_num("BENCH_CONNECTIONS", 16)),
     "threads": int(env_num("BENCH_THREADS", 2)),
     "apps": int(env_num("BENCH_APPS", 1000)),
