@@ -1175,10 +1175,14 @@ def table(results: dict[str, Any]) -> str:
         w(f"Overhead ({ov['workload']['wrk']}; {ov['workload']['envoy']})")
         w(f"  {ov['workload']['mix']}; {ov['workload']['apps']} apps, {ov['workload']['datasets']} datasets, "
           f"{ov['workload']['rules']} rules")
-        w(f"  {'config':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11} {'user':>6} {'non-2xx':>8}")
+        # The median over the rounds, and the range of the single runs: a run moves by ±20 µs here.
+        w(f"  {'config':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11} {'runs':>11} {'user':>6} "
+          f"{'non-2xx':>8}")
         for key, c in ov["configs"].items():
+            cpu = [run["cpu_us_per_req"] for run in c.get("runs", [])]
+            spread = f"{min(cpu):.0f}-{max(cpu):.0f}" if cpu else "-"
             w(f"  ({key}) {c['name']:<40} {c['rps']:8.0f} {c['p50_ms']:7.2f} {c['p99_ms']:7.2f} "
-              f"{c['cpu_us_per_req']:11.1f} {c.get('user_us_per_req', float('nan')):6.1f} {c['non_2xx']:8d}")
+              f"{c['cpu_us_per_req']:11.1f} {spread:>11} {c.get('user_us_per_req', float('nan')):6.1f} {c['non_2xx']:8d}")
         r = ov["ratios"]
         pairs = [(k[4:].replace("_over_", "/"), v) for k, v in r.items() if k.startswith("rps_")]
         w("  throughput " + "  ".join(f"{name} {v:.2f}" for name, v in pairs))
