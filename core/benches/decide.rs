@@ -390,9 +390,10 @@ fn compile_policy(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    // About 80 s for the suite. Measuring longer does not steady the 10,000- and 1,000-app figures:
-    // they move by up to 2x from one process to the next (where the heap puts the policy; e.g.
-    // 1000x20 at 1.44-2.47 µs over six runs of that bench alone), which 4 s per bench did not fix.
+    // About 75 s for the suite. Measuring longer does not steady the 10,000- and 1,000-app figures:
+    // they move by up to 2x from one process to the next (1000x20 alone, six processes: 1.44-2.47
+    // µs, and 1.28-2.15 with address-space randomisation off; cause not found), which 4 s per
+    // bench did not fix either.
     Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
