@@ -167,6 +167,39 @@ impl Rule {
     }
 }
 
+// === impl App, Dataset ===
+
+impl App {
+    /// Whether the app lists `connector`, which is `connectors.approved[index]`.
+    pub fn lists_connector(&self, index: usize, connector: &str) -> bool {
+        let bit = u32::try_from(index).ok().and_then(|i| 1u64.checked_shl(i));
+        match (self.masks, bit) {
+            (Some(masks), Some(bit)) => masks.connectors & bit != 0,
+            _ => self.connectors.iter().any(|c| c == connector),
+        }
+    }
+
+    /// Whether the app may access data of `class` (its `data_classes`).
+    pub fn may_access(&self, class: Classification) -> bool {
+        match self.masks {
+            Some(masks) => masks.classes & class.bit() != 0,
+            None => self.data_classes.contains(&class),
+        }
+    }
+}
+
+impl Dataset {
+    /// Whether the dataset's `allowed_regions` hold the app's region.
+    pub fn allows_region_of(&self, app: &App) -> bool {
+        match (app.masks, self.region_mask) {
+            (Some(masks), Some(mask)) => {
+                masks.region.and_then(|id| 1u64.checked_shl(id)).is_some_and(|bit| mask & bit != 0)
+            }
+            _ => self.allowed_regions.contains(&app.region),
+        }
+    }
+}
+
 // === impl CompiledPolicy ===
 
 impl CompiledPolicy {

@@ -350,11 +350,7 @@ fn checks<'p>(
             )
             .rule("connector"));
         };
-        let listed = match (app.masks, 1u64.checked_shl(u32::try_from(index).unwrap_or(u32::MAX))) {
-            (Some(masks), Some(bit)) => masks.connectors & bit != 0,
-            _ => app.connectors.iter().any(|c| c == connector),
-        };
-        if !listed {
+        if !app.lists_connector(index, connector) {
             return Err(Denial::new(
                 Code::ConnectorNotApproved,
                 format!("connector `{connector}` is not among app `{}`'s connectors", app.id),
@@ -381,11 +377,7 @@ fn checks<'p>(
                 check_jit(policy, app, ds, token)?;
                 t.note("jit", || format!("token scoped `dataset:{}`", ds.id));
             }
-            let classified = match app.masks {
-                Some(masks) => masks.classes & ds.classification.bit() != 0,
-                None => app.data_classes.contains(&ds.classification),
-            };
-            if !classified {
+            if !app.may_access(ds.classification) {
                 return Err(Denial::new(
                     Code::AccessDenied,
                     format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
@@ -464,13 +456,7 @@ fn checks<'p>(
 
 fn check_residency(policy: &CompiledPolicy, req: &Request<'_>, app: &App, ds: &Dataset) -> Result<(), Denial> {
     let residency = |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
-    let allowed = match (app.masks, ds.region_mask) {
-        (Some(masks), Some(mask)) => {
-            masks.region.and_then(|id| 1u64.checked_shl(id)).is_some_and(|bit| mask & bit != 0)
-        }
-        _ => ds.allowed_regions.contains(&app.region),
-    };
-    if !allowed {
+    if !ds.allows_region_of(app) {
         return residency(format!("app region `{}` is not allowed for dataset `{}`", app.region, ds.id));
     }
     match req.gateway_region.or(policy.settings.gateway_region.as_deref()) {
