@@ -1,6 +1,6 @@
 """The benchmark policies, generated (Python standard library only).
 
-The same shapes as `core/benches/decide.rs` (`scenario_policy`): three tiers, N apps with one API
+The same shapes as `bench/decide/src/main.rs` (`scenario_policy`): three tiers, N apps with one API
 key each, 50 datasets with routes (every fifth one `regulated`, so JIT-only), and R rules of a few
 realistic shapes, about 10% unscoped, 20% scoped to a classification and the rest to one or two
 datasets. None of the deny rules holds and every allow rule holds for the requests `requests()`
@@ -34,7 +34,7 @@ def app_id(i: int) -> str:
 
 
 def api_key(i: int) -> str:
-    """The plain API key of app `i` (as in core/benches/decide.rs)."""
+    """The plain API key of app `i` (as in bench/decide/src/main.rs)."""
     return f"bench-key-{i:05}-{(i * 2_654_435_761) & 0xFFFFFFFF:08x}"
 
 

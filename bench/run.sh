@@ -5,7 +5,7 @@
 #   GUARDRAIL_WASM (target/wasm32-wasip1/release/guardrail.wasm), GUARDRAIL_BIN (target/release/guardrail),
 #   ENVOY_BIN (.venv/bin/envoy), relative paths taken from the repository root.
 # Installs wrk and h2load (Debian packages) if missing; builds the trivial comparison filter
-# (bench/trivial-filter → target/bench-trivial) and the criterion bench before measuring anything.
+# (bench/trivial-filter → target/bench-trivial) and the criterion bench (bench/decide) before measuring anything.
 #
 # Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide (default: all),
 # BENCH_DURATION (6 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcde), BENCH_WARMUP (6 s, per run), BENCH_CONNECTIONS (16),
@@ -59,10 +59,11 @@ if wants overhead || wants scale; then
     --manifest-path bench/trivial-filter/Cargo.toml --target-dir "$target_dir/bench-trivial"
 fi
 if wants decide; then
-  say "building the criterion bench (core/benches/decide.rs)"
-  # The same profile overrides bench.py uses to run it (no fat LTO: minutes of linking for nothing).
-  CARGO_PROFILE_BENCH_LTO=false CARGO_PROFILE_BENCH_CODEGEN_UNITS=16 CARGO_PROFILE_BENCH_STRIP=false \
-    cargo bench --quiet -p guardrail-core --bench decide --no-run
+  say "building the criterion bench (bench/decide)"
+  # Exactly as ./build.sh builds it (nothing to do after it): with the CLI, in one invocation and
+  # with the same settings, so that the two share every dependency.
+  CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    cargo build --quiet --release -p guardrail-control -p guardrail-bench
 fi
 
 exec "$PYTHON" "$ROOT/bench/bench.py" --only "$ONLY" "$@"

@@ -894,7 +894,7 @@ fn fast_path_matches_the_interpreter_on_corner_cases() {
     assert!(fast > cases.len() * 9 / 10, "only {fast} of {} corner cases take the fast path", cases.len());
 }
 
-/// The rule shapes of the benchmark (`bench/policy_gen.py`, `core/benches/decide.rs`) take the fast
+/// The rule shapes of the benchmark (`bench/policy_gen.py`, `bench/decide/src/main.rs`) take the fast
 /// path, and evaluating them never builds the interpreter's scope.
 #[test]
 fn benchmark_rule_shapes_take_the_fast_path() {

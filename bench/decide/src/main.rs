@@ -2,9 +2,11 @@
 //! with a fixed seed and a fake clock (nothing sleeps, nothing reads the real time).
 //!
 //! ```sh
-//! cargo bench -p guardrail-core --bench decide            # everything (about a minute)
-//! cargo bench -p guardrail-core --bench decide -- api_key  # one group
+//! BENCH_ONLY=decide ./build.sh bench                    # everything (about a minute), into the report
+//! target/release/guardrail-bench --bench decide/api_key  # one group, once built by the line above
 //! ```
+//!
+//! Without `--bench`, criterion runs each bench once as a test.
 //!
 //! - `decide/api_key/<apps>x<rules>`: the API-key path end to end (path normalisation, digest
 //!   lookup, lifecycle, connector, dataset match, residency, data class, the CEL rules in scope,
