@@ -67,7 +67,8 @@ SETTINGS: dict[str, Any] = {
     "duration_s": env_num("BENCH_DURATION", 6),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
     "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
-    "warmup_s": env_num("BENCH_WARMUP", 6),  # per run, in its fresh Envoy
+    # per run, in its fresh Envoy: the first second already costs what later ones do (bench/README.md)
+    "warmup_s": env_num("BENCH_WARMUP", 2),
     "connections": int(env_num("BENCH_CONNECTIONS", 16)),
     "threads": int(env_num("BENCH_THREADS", 2)),
     "apps": int(env_num("BENCH_APPS", 1000)),
