@@ -64,7 +64,7 @@ SETTINGS: dict[str, Any] = {
     # overhead
     # which of (a)..(f) to run; (e), the host-call price list, only when profiling (BENCH_CONFIGS=abcde)
     "configs": os.environ.get("BENCH_CONFIGS", "abcd"),
-    "duration_s": env_num("BENCH_DURATION", 6),  # one wrk run per configuration per round
+    "duration_s": env_num("BENCH_DURATION", 5),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
     "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
     # per run, in its fresh Envoy: the first second already costs what later ones do (bench/README.md)
