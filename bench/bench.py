@@ -1076,7 +1076,7 @@ def part_decide(work: Path) -> dict[str, Any]:
     target = target if target.is_absolute() else REPO / target
     binary = target / "release" / "guardrail-bench"
     if not binary.is_file():
-        return {"skipped": f"{binary} is missing: bench/run.sh builds it (cargo build --release -p guardrail-bench)"}
+        return {"skipped": f"{binary} is missing: ./build.sh (or bench/run.sh) builds it with the CLI"}
     log = work / "criterion.log"
     home = work / "criterion"
     say(f"decide: {binary.relative_to(REPO) if binary.is_relative_to(REPO) else binary} --bench (log: {log})")
