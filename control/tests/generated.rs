@@ -27,12 +27,18 @@ fn out_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Compares `generated` with the checked-in `checked_in`, or replaces it when
-/// `GUARDRAIL_REGENERATE` is set.
-fn compare(generated: &Path, checked_in: &Path) {
-    let new = std::fs::read_to_string(generated).unwrap();
+/// The file `name` a generator wrote into `dir`; the directory is removed.
+fn take(dir: PathBuf, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(name)).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    text
+}
+
+/// Compares `new` with the checked-in `checked_in`, or replaces it when `GUARDRAIL_REGENERATE`
+/// is set.
+fn compare(new: &str, checked_in: &Path) {
     if std::env::var_os("GUARDRAIL_REGENERATE").is_some() {
-        std::fs::write(checked_in, &new).unwrap();
+        std::fs::write(checked_in, new).unwrap();
         eprintln!("wrote {}", checked_in.display());
         return;
     }
@@ -49,8 +55,7 @@ fn messages_are_what_the_proto_generates() {
     let fds = protox::compile([PROTO], [repo().join("proto")]).unwrap();
     let out = out_dir("messages");
     prost_build::Config::new().out_dir(&out).compile_fds(fds).unwrap();
-    compare(&out.join("guardrail.v1.rs"), &repo().join("proto/src/guardrail.v1.rs"));
-    let _ = std::fs::remove_dir_all(out);
+    compare(&take(out, "guardrail.v1.rs"), &repo().join("proto/src/guardrail.v1.rs"));
 }
 
 #[test]
@@ -64,6 +69,5 @@ fn service_code_is_what_the_proto_generates() {
         .out_dir(&out)
         .compile_fds(fds)
         .unwrap();
-    compare(&out.join("guardrail.v1.rs"), &repo().join("control/src/pb/guardrail.v1.rs"));
-    let _ = std::fs::remove_dir_all(out);
+    compare(&take(out, "guardrail.v1.rs"), &repo().join("control/src/pb/guardrail.v1.rs"));
 }
