@@ -64,7 +64,7 @@ SETTINGS: dict[str, Any] = {
     # overhead
     # which of (a)..(f) to run; (e), the host-call price list, only when profiling (BENCH_CONFIGS=abcde)
     "configs": os.environ.get("BENCH_CONFIGS", "abcd"),
-    "duration_s": env_num("BENCH_DURATION", 5),  # one wrk run per configuration per round
+    "duration_s": env_num("BENCH_DURATION", 4),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
     "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
     # per run, in its fresh Envoy: the first second already costs what later ones do (bench/README.md)
@@ -653,15 +653,14 @@ def part_overhead(work: Path) -> dict[str, Any]:
     for e in [upstream, *envoys.values()]:
         e.validate()
     upstream.up()
-    # Every configuration must pass the requests through: a 401/403/429 would be measuring denials.
-    for key, e in envoys.items():
-        e.up()
+
+    def check(key: str, e: Envoy) -> None:
+        """Every configuration must pass the requests through: a 401/403/429 would be measuring denials."""
         for path, name, value in reqs[:40]:
             status, body = http_get(e.port, path, {"host": gen.HOST, name: value})
             if status != 200:
                 raise SystemExit(f"overhead: ({key}) {CONFIG_NAMES[key]} answered {status} to {path} with {name}: "
                                  f"{body[:400]!r}\n{e.log_tail()}")
-        e.stop()
 
     # Each round starts every configuration in a fresh Envoy process: two processes of one
     # configuration differ by up to ±10 µs of CPU per request here (where their memory lands), so
@@ -674,6 +673,8 @@ def part_overhead(work: Path) -> dict[str, Any]:
         for key in order:
             e = envoys[key]
             e.up()
+            if rnd == 0:
+                check(key, e)  # before the warm-up of its first run (a start of Guardrail's Envoy costs 2 s)
             wrk(e.port, script, s["warmup_s"], s["connections"], s["threads"])
             perf = perf_record(e, work / f"perf-{key}.data") if rnd == 0 and os.environ.get("BENCH_PERF") else None
             before = cpu_split(e.pid)

@@ -392,14 +392,14 @@ fn compile_policy(c: &mut Criterion) {
 }
 
 fn config() -> Criterion {
-    // About 45 s for the suite. Measuring longer does not steady the 10,000- and 1,000-app figures:
+    // About 35 s for the suite. Measuring longer does not steady the 10,000- and 1,000-app figures:
     // they move by up to 2x from one process to the next (1000x20 alone, six processes: 1.44-2.47
     // µs, and 1.28-2.15 with address-space randomisation off; 10000x1 in eight: 1.22-3.05; cause not
     // found), which 3 and 4 s per bench did not fix either.
     Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_millis(1500))
+        .measurement_time(Duration::from_secs(1))
         .without_plots()
 }
 
