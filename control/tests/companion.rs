@@ -180,14 +180,20 @@ fn serve_pushes_edits_and_status_shows_them() {
         assert!(table.contains(want), "{want:?} in:\n{table}");
     }
 
-    // An edit is picked up by the watcher thread (written beside, then renamed over the file).
-    let tmp = dir.join(".policy.yaml.tmp");
-    std::fs::write(&tmp, policy(2, OTHER_JWK)).unwrap();
-    std::fs::rename(&tmp, &file).unwrap();
+    // An edit is picked up by the watcher thread. Written beside, then renamed over the file: a
+    // write in place can be seen half done (truncated) when this thread stalls for longer than the
+    // watcher's quiet window, as it did once under a loaded `./build.sh test`, and then the first
+    // refusal is of the empty file (the watcher's own tests cover partial writes).
+    let edit = |text: String| {
+        let tmp = dir.join(".policy.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    edit(policy(2, OTHER_JWK));
     server.wait_for("policy revision 2 from");
 
     // An invalid edit is refused, named by file, line and field; revision 2 stays.
-    std::fs::write(&file, policy(3, OTHER_JWK).replace("lifecycle: published", "lifecycle: shipped")).unwrap();
+    edit(policy(3, OTHER_JWK).replace("lifecycle: published", "lifecycle: shipped"));
     let refused = server.wait_for("policy change refused:");
     assert!(refused.contains(&format!("{}:18: apps[0].lifecycle", s(&file))), "{refused}");
     server.wait_for("still serving revision 2");
