@@ -1077,7 +1077,7 @@ def part_decide(work: Path) -> dict[str, Any]:
     target = target if target.is_absolute() else REPO / target
     binary = target / "release" / "guardrail-bench"
     if not binary.is_file():
-        return {"skipped": f"{binary} is missing: ./build.sh (or bench/run.sh) builds it with the CLI"}
+        return {"skipped": f"{binary} is missing: ./build.sh builds it with the CLI"}
     log = work / "criterion.log"
     home = work / "criterion"
     say(f"decide: {binary.relative_to(REPO) if binary.is_relative_to(REPO) else binary} --bench (log: {log})")
@@ -1099,8 +1099,7 @@ def part_decide(work: Path) -> dict[str, Any]:
         }
     if not out:
         return {"skipped": f"guardrail-bench wrote no estimates under {home}; see {log}"}
-    return {"profile": "release as build.sh builds the CLI (no fat LTO, codegen-units=16; opt-level 3 for"
-                       " guardrail-core, \"z\" for its dependencies but sha2 and the P-256 crates)",
+    return {"profile": "release, built by ./build.sh with the CLI and its settings (see build.sh)",
             "benches": out}
 
 

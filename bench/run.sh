@@ -5,7 +5,8 @@
 #   GUARDRAIL_WASM (target/wasm32-wasip1/release/guardrail.wasm), GUARDRAIL_BIN (target/release/guardrail),
 #   ENVOY_BIN (.venv/bin/envoy), relative paths taken from the repository root.
 # Installs wrk and h2load (Debian packages) if missing; builds the trivial comparison filter
-# (bench/trivial-filter → target/bench-trivial) and the criterion bench (bench/decide) before measuring anything.
+# (bench/trivial-filter → target/bench-trivial) before measuring anything. The criterion bench
+# (target/release/guardrail-bench, from bench/decide) is built by ./build.sh with the CLI.
 #
 # Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide (default: all),
 # BENCH_DURATION (4 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcd), BENCH_WARMUP (2 s, per run), BENCH_CONNECTIONS (16),
@@ -58,12 +59,10 @@ if wants overhead || wants scale; then
   cargo build --quiet --release --target wasm32-wasip1 \
     --manifest-path bench/trivial-filter/Cargo.toml --target-dir "$target_dir/bench-trivial"
 fi
-if wants decide; then
-  say "building the criterion bench (bench/decide)"
-  # Exactly as ./build.sh builds it (nothing to do after it): with the CLI, in one invocation and
-  # with the same settings, so that the two share every dependency.
-  CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-    cargo build --quiet --release -p guardrail-control -p guardrail-bench
+# The criterion bench is one of the artifacts ./build.sh makes (with the CLI, sharing its
+# dependencies and its build settings, which live there only).
+if wants decide && [[ ! -x "$target_dir/release/guardrail-bench" ]]; then
+  die "$target_dir/release/guardrail-bench does not exist; build it with ./build.sh"
 fi
 
 exec "$PYTHON" "$ROOT/bench/bench.py" --only "$ONLY" "$@"

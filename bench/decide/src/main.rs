@@ -2,7 +2,7 @@
 //! with a fixed seed and a fake clock (nothing sleeps, nothing reads the real time).
 //!
 //! ```sh
-//! BENCH_ONLY=decide ./build.sh bench                    # everything (about a minute), into the report
+//! BENCH_ONLY=decide ./build.sh bench                    # everything (about 35 s), into the report
 //! target/release/guardrail-bench --bench decide/api_key  # one group, once built by the line above
 //! ```
 //!
