@@ -23,9 +23,10 @@
 //! each revision once; the policy it replaces is freed on a later tick.
 
 use crate::host;
-use guardrail_core::compile::{compile, parse_json_str, App, CompiledPolicy};
+use guardrail_core::compile::{compile_with, parse_json_str, App, CompiledPolicy};
 use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::quota::{ensure_keys, CounterStore, StoreError};
+use guardrail_core::rules::ExpressionCache;
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use guardrail_proto::v1::{
     client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot, ServerMessage,
@@ -99,14 +100,15 @@ fn published_fleet() -> Option<Fleet> {
     Fleet::decode(&shared(FLEET_KEY))
 }
 
-/// Reads and compiles a snapshot's `policy_json`, as `guardrail check` would.
-fn compile_json(json: &[u8]) -> Result<CompiledPolicy, Vec<String>> {
+/// Reads and compiles a snapshot's `policy_json`, as `guardrail check` would, reusing the rules'
+/// expressions of the previous compile on this worker.
+fn compile_json(json: &[u8], expressions: &mut ExpressionCache) -> Result<CompiledPolicy, Vec<String>> {
     let text = std::str::from_utf8(json).map_err(|e| vec![format!("policy_json: not UTF-8 ({e})")])?;
     let raw = parse_json_str(text).map_err(|e| {
         // Not JSON at all, or JSON that is no policy document (then its field is named).
         vec![if e.error.is_data() { e.to_policy_error().to_string() } else { format!("policy_json: {}", e.error) }]
     })?;
-    compile(raw).map_err(|e| e.0.iter().map(ToString::to_string).collect())
+    compile_with(raw, expressions).map_err(|e| e.0.iter().map(ToString::to_string).collect())
 }
 
 // === impl Follower ===
@@ -126,6 +128,8 @@ pub struct Follower {
     ahead: Option<(Vec<u8>, Option<CompiledPolicy>)>,
     /// Policies replaced on this worker: freed by a later tick (freeing one takes milliseconds).
     retired: Vec<Rc<CompiledPolicy>>,
+    /// The rules' expressions of the last compile, for the next one.
+    expressions: ExpressionCache,
 }
 
 /// What [`Follower::sync`] found in shared data.
@@ -168,7 +172,7 @@ impl Follower {
                 Some((candidate, Some(policy))) if candidate == snapshot => Some(policy),
                 other => {
                     self.ahead = other;
-                    compile_json(&snapshot)
+                    compile_json(&snapshot, &mut self.expressions)
                         .map_err(|e| {
                             host::error(&format!(
                                 "guardrail: published snapshot does not compile here ({}); keeping the last good policy",
@@ -189,7 +193,7 @@ impl Follower {
                 return self.later(out);
             }
             // Not logged when it fails: the leader NACKs it and says why.
-            let policy = compile_json(&candidate).ok();
+            let policy = compile_json(&candidate, &mut self.expressions).ok();
             self.ahead = Some((candidate, policy));
         }
         self.tick_normally();
@@ -415,7 +419,7 @@ impl ControlClient {
         // The other workers compile it while this one does. Only an optimisation: if it cannot be
         // shared, they compile the snapshot once it is published.
         let shared = host::SharedData.set(CANDIDATE_KEY, json, 0).and_then(|()| bump_generation());
-        let policy = match compile_json(json) {
+        let policy = match compile_json(json, &mut follower.expressions) {
             Ok(p) => p,
             Err(errors) => {
                 nack(errors.join("\n"));

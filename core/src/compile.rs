@@ -11,9 +11,10 @@ use crate::raw::{
     Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule,
     RuleMode,
 };
-use crate::rules::{Cel, Expression};
+use crate::rules::{Cel, Expression, ExpressionCache};
 use crate::time::{parse_rfc3339, NANOS_PER_SEC};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// The longest app id: it ends up in shared-data keys, headers and log lines.
 pub const MAX_APP_ID_LEN: usize = 128;
@@ -149,7 +150,7 @@ pub struct Rule {
     pub id: String,
     pub effect: Effect,
     pub when: String,
-    pub expr: Expression,
+    pub expr: Arc<Expression>,
     pub datasets: Vec<String>,
     pub classifications: Vec<Classification>,
     pub message: Option<String>,
@@ -297,7 +298,7 @@ pub fn parse_json_str(text: &str) -> Result<RawPolicy, JsonError> {
     Ok(raw)
 }
 
-/// Reads and compiles a policy from JSON text: what the filter does with every snapshot.
+/// Reads and compiles a policy from JSON text.
 pub fn compile_json_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
     let raw = parse_json_str(text).map_err(|e| PolicyErrors::from(e.to_policy_error()))?;
     compile(raw)
@@ -306,7 +307,13 @@ pub fn compile_json_str(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
 // === Compilation ===
 
 /// Validates a raw policy and builds its indexes. Returns every problem found, not only the first.
-pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
+pub fn compile(raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
+    compile_with(raw, &mut ExpressionCache::default())
+}
+
+/// As [`compile`], taking the rules' expressions that `cache` holds from the previous compile
+/// instead of parsing them again: what the filter and the companion do with every revision.
+pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<CompiledPolicy, PolicyErrors> {
     let mut errs = Errors::default();
     if raw.api_version != "guardrail/v1" {
         errs.push("apiVersion", format!("unsupported apiVersion `{}`; expected `guardrail/v1`", raw.api_version));
@@ -397,8 +404,8 @@ pub fn compile(mut raw: RawPolicy) -> Result<CompiledPolicy, PolicyErrors> {
     let mut datasets = compile_datasets(&raw.datasets, &issuers, &mut errs);
     set_masks(&mut apps, &mut datasets, &approved_connectors);
     let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
-    let cel = Cel::default();
-    let rules = compile_rules(&raw.rules, &dataset_ids, &cel, &mut errs);
+    let rules = compile_rules(&raw.rules, &dataset_ids, cache, &mut errs);
+    let cel = cache.cel().clone();
 
     if !errs.0.is_empty() {
         return Err(PolicyErrors(errs.0));
@@ -679,7 +686,12 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
     out
 }
 
-fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, cel: &Cel, errs: &mut Errors) -> Vec<Rule> {
+fn compile_rules(
+    raw: &[RawRule],
+    dataset_ids: &HashSet<&str>,
+    cache: &mut ExpressionCache,
+    errs: &mut Errors,
+) -> Vec<Rule> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for (i, r) in raw.iter().enumerate() {
@@ -689,7 +701,7 @@ fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, cel: &Cel, errs: 
         } else if !seen.insert(r.id.clone()) {
             errs.push(format!("{path}.id"), format!("duplicate rule id `{}`", r.id));
         }
-        let expr = match cel.compile(&r.when) {
+        let expr = match cache.compile(&r.when) {
             Ok(expr) => Some(expr),
             Err(e) => {
                 errs.push(format!("{path}.when"), format!("rule `{}`: {e}", r.id));
@@ -713,5 +725,6 @@ fn compile_rules(raw: &[RawRule], dataset_ids: &HashSet<&str>, cel: &Cel, errs: 
             mode: r.mode,
         });
     }
+    cache.finish();
     out
 }

@@ -20,9 +20,10 @@
 //! assert_eq!(errors.0[0].line, Some(3));
 //! ```
 
-use crate::compile::{bare_message, compile, parse_json_str, CompiledPolicy, JsonError};
+use crate::compile::{bare_message, compile_with, parse_json_str, CompiledPolicy, JsonError};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::raw::RawPolicy;
+use crate::rules::ExpressionCache;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -89,7 +90,8 @@ pub struct Document {
 /// Parses and compiles a policy document (JSON or YAML), keeping its JSON form: what was validated
 /// is what the filter gets.
 pub fn load_document(text: &str) -> Result<Document, PolicyErrors> {
-    load_json_document(text).unwrap_or_else(|| load_yaml_document(text))
+    let expressions = &mut ExpressionCache::default();
+    load_json_document(text, expressions).unwrap_or_else(|| load_yaml_document(text, expressions))
 }
 
 /// Reads a JSON document with `serde_json`. `None` when the text is not one complete JSON value:
@@ -97,7 +99,8 @@ pub fn load_document(text: &str) -> Result<Document, PolicyErrors> {
 /// `}` that closes it, so no prefix of a document parses). Such text is for
 /// [`load_yaml_document`], whose errors name the line. A key written twice in one object is an
 /// error (serde_json would keep the last silently).
-pub fn load_json_document(text: &str) -> Option<Result<Document, PolicyErrors>> {
+/// `expressions` holds the rules' expressions of the previous load (see [`ExpressionCache`]).
+pub fn load_json_document(text: &str, expressions: &mut ExpressionCache) -> Option<Result<Document, PolicyErrors>> {
     if !text.trim_start().starts_with('{') {
         return None;
     }
@@ -106,7 +109,7 @@ pub fn load_json_document(text: &str) -> Option<Result<Document, PolicyErrors>> 
     // text and its canonical form hold the same values under the same keys, so they compile alike.
     let (tree, policy) = std::thread::scope(|scope| {
         let tree = std::thread::Builder::new().spawn_scoped(scope, || json_tree(text));
-        let policy = compile_json_text(text);
+        let policy = compile_json_text(text, expressions);
         let tree = match tree {
             Ok(handle) => handle.join().unwrap_or_else(|_| json_tree(text)),
             Err(_) => json_tree(text),
@@ -130,24 +133,24 @@ fn json_tree(text: &str) -> Result<(Value, String), serde_json::Error> {
 }
 
 /// Compiles JSON text; errors get their lines in it.
-fn compile_json_text(text: &str) -> Result<CompiledPolicy, PolicyErrors> {
+fn compile_json_text(text: &str, expressions: &mut ExpressionCache) -> Result<CompiledPolicy, PolicyErrors> {
     let raw = parse_json_str(text).map_err(|e| located(text, &e))?;
-    compile(raw).map_err(|errors| with_lines(text, errors))
+    compile_with(raw, expressions).map_err(|errors| with_lines(text, errors))
 }
 
 /// Reads a YAML document (or JSON read as YAML) with located errors.
-pub fn load_yaml_document(text: &str) -> Result<Document, PolicyErrors> {
+pub fn load_yaml_document(text: &str, expressions: &mut ExpressionCache) -> Result<Document, PolicyErrors> {
     parse_document(text)?;
     let json = to_json_value(text)?;
-    compile_json_form(text, json)
+    compile_json_form(text, json, expressions)
 }
 
 /// Compiles the JSON form of `text`; errors get their lines in `text`.
-fn compile_json_form(text: &str, json: Value) -> Result<Document, PolicyErrors> {
+fn compile_json_form(text: &str, json: Value, expressions: &mut ExpressionCache) -> Result<Document, PolicyErrors> {
     let canonical = serde_json::to_string(&json)
         .map_err(|e| PolicyErrors::from(PolicyError::new("", format!("cannot encode the policy as JSON: {e}"))))?;
     let raw = parse_json_str(&canonical).map_err(|e| located(text, &e))?;
-    let policy = compile(raw).map_err(|errors| with_lines(text, errors))?;
+    let policy = compile_with(raw, expressions).map_err(|errors| with_lines(text, errors))?;
     Ok(Document { json, canonical, policy })
 }
 
@@ -823,7 +826,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
     #[test]
     fn json_documents_are_read_with_serde_json() {
         let text = json_policy(&[APP]);
-        let doc = load_json_document(&text).map(|r| r.map_err(|e| e.to_string()));
+        let doc = load_json_document(&text, &mut ExpressionCache::default()).map(|r| r.map_err(|e| e.to_string()));
         let Some(Ok(doc)) = doc else { panic!("a valid JSON policy: {doc:?}") };
         assert_eq!(doc.policy.revision, "r1");
         assert_eq!(doc.policy.apps.len(), 1);
@@ -835,7 +838,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             doc.canonical
         );
         // The same document read as YAML compiles to the same thing.
-        let yaml = load_yaml_document(&text).map_err(|e| e.to_string());
+        let yaml = load_yaml_document(&text, &mut ExpressionCache::default()).map_err(|e| e.to_string());
         assert_eq!(yaml.map(|d| d.canonical).as_deref(), Ok(doc.canonical.as_str()));
     }
 
@@ -921,7 +924,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
         for (apps, why, want_path, want_line, want_message) in &cases {
             let apps: Vec<&str> = apps.iter().map(String::as_str).collect();
             let text = json_policy(&apps);
-            let errors = match load_json_document(&text) {
+            let errors = match load_json_document(&text, &mut ExpressionCache::default()) {
                 Some(Err(e)) => e.0,
                 other => panic!("{why}: expected errors from the JSON reader, got {other:?}"),
             };
@@ -950,7 +953,10 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
         let full = json_policy(&[APP, APP]);
         // Every prefix of the document (a file caught half-written) is refused by the JSON reader.
         for cut in (1..full.trim_end().len()).step_by(7) {
-            assert!(load_json_document(&full[..cut]).is_none(), "prefix of {cut} bytes read as JSON");
+            assert!(
+                load_json_document(&full[..cut], &mut ExpressionCache::default()).is_none(),
+                "prefix of {cut} bytes read as JSON"
+            );
         }
         for (text, why) in [
             ("apiVersion: guardrail/v1\nkind: Policy\n", "YAML"),
@@ -958,7 +964,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             ("{\"kind\": \"Policy\",}\n", "a JSON syntax error"),
             ("{\"kind\": \"Policy\"}\n{}\n", "two documents"),
         ] {
-            assert!(load_json_document(text).is_none(), "{why}");
+            assert!(load_json_document(text, &mut ExpressionCache::default()).is_none(), "{why}");
         }
         // A syntax error is then reported by the YAML reader, with its line.
         let text = "{\n  \"apiVersion\": \"guardrail/v1\",\n  \"kind\": [\n}\n";

@@ -2,10 +2,12 @@
 //! API key can reach, with a fake clock and the in-memory counter store.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
-use guardrail_core::compile::{compile_json_str, CompiledPolicy};
+use guardrail_core::compile::{compile_json_str, compile_with, parse_json_str, CompiledPolicy};
 use guardrail_core::decide::{decide, decide_traced, Code, Event, Request};
 use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::quota::{ensure_keys, MemoryStore};
+use guardrail_core::rules::ExpressionCache;
+use std::sync::Arc;
 
 const T0: u64 = 1_795_924_800 * 1_000_000_000; // 2026-11-29T04:00:00Z
 
@@ -22,6 +24,13 @@ fn app(id: &str, env: &str, lifecycle: &str, region: &str, classes: &str, tier: 
 }
 
 fn policy() -> CompiledPolicy {
+    match compile_json_str(&policy_text()) {
+        Ok(p) => p,
+        Err(e) => panic!("fixture policy is invalid: {e}"),
+    }
+}
+
+fn policy_text() -> String {
     let apps = [
         app("pos", "prod", "published", "eu-west-1", r#""public", "internal", "regulated""#, "standard"),
         app("promo", "dev", "draft", "eu-west-1", r#""public""#, "standard"),
@@ -33,7 +42,7 @@ fn policy() -> CompiledPolicy {
         app("tiny", "prod", "published", "eu-west-1", r#""public""#, "tiny"),
     ]
     .join(",");
-    let text = format!(
+    format!(
         r#"{{"apiVersion": "guardrail/v1", "kind": "Policy", "revision": "r1",
         "settings": {{"gateway_region": "eu-west-1"}},
         "tiers": {{"standard": {{"rate": {{"requests": 100, "per": "1m"}}, "daily_budget": 1000}},
@@ -54,11 +63,7 @@ fn policy() -> CompiledPolicy {
           {{"id": "watch-post", "effect": "deny", "when": "request.method == 'POST'", "mode": "shadow"}},
           {{"id": "broken", "effect": "deny", "when": "request.headers['x-missing'] == 'x'", "classifications": ["regulated"]}}
         ]}}"#
-    );
-    match compile_json_str(&text) {
-        Ok(p) => p,
-        Err(e) => panic!("fixture policy is invalid: {e}"),
-    }
+    )
 }
 
 fn store_for(policy: &CompiledPolicy) -> MemoryStore {
@@ -182,6 +187,36 @@ fn denials_name_rule_and_app() {
         d.events.iter().any(|e| matches!(e, Event::Shadow { rule, .. } if rule == "watch-post")),
         "shadow hit reported"
     );
+}
+
+/// The filter and the companion compile each revision with the expressions of the one before: an
+/// edited rule is compiled anew and decides, an unchanged one is shared.
+#[test]
+fn a_revision_compiled_with_the_last_ones_expressions_decides_by_its_own_rules() {
+    let mut cache = ExpressionCache::default();
+    let text = policy_text();
+    let compile = |text: &str, cache: &mut ExpressionCache| match parse_json_str(text) {
+        Ok(raw) => compile_with(raw, cache).unwrap_or_else(|e| panic!("{e}")),
+        Err(e) => panic!("{}", e.error),
+    };
+    let first = compile(&text, &mut cache);
+    let second = compile(&text.replace("request.method == 'DELETE'", "request.method == 'GET'"), &mut cache);
+    assert!(Arc::ptr_eq(&first.rules[1].expr, &second.rules[1].expr), "an unchanged rule's expression is shared");
+    assert!(!Arc::ptr_eq(&first.rules[0].expr, &second.rules[0].expr), "an edited rule is compiled anew");
+    let mut tokens = TokenCache::new(16);
+    let pos = key("pos");
+    let get = request("GET", "/", None, &pos);
+    let d = decide(&first, &get, T0, &mut store_for(&first), &mut tokens);
+    assert!(d.allowed(), "{:?}", d.denial);
+    let d = decide(&second, &get, T0, &mut store_for(&second), &mut tokens);
+    assert_eq!(d.denial.and_then(|d| d.rule).as_deref(), Some("no-deletes"), "the edited rule decides");
+    // And back: the first revision's expression was dropped with it, and is compiled again.
+    let third = compile(&text, &mut cache);
+    assert!(!Arc::ptr_eq(&first.rules[0].expr, &third.rules[0].expr));
+    assert!(decide(&third, &get, T0, &mut store_for(&third), &mut tokens).allowed());
+    let delete = request("DELETE", "/", None, &pos);
+    let d = decide(&third, &delete, T0, &mut store_for(&third), &mut tokens);
+    assert_eq!(d.denial.and_then(|d| d.rule).as_deref(), Some("no-deletes"));
 }
 
 #[test]

@@ -25,6 +25,7 @@
 
 use super::hub::{Hub, Offer};
 use crate::log::log;
+use guardrail_core::rules::ExpressionCache;
 use guardrail_core::source::{load_document, load_json_document, load_yaml_document, read_file, Document};
 use guardrail_core::PolicyErrors;
 use std::path::{Path, PathBuf};
@@ -223,6 +224,8 @@ pub struct Watcher {
     handled: Handled,
     /// A change seen in this many polls in a row, not acted on yet.
     pending: Option<(Seen, u32)>,
+    /// The rules' expressions of the last change loaded, for the next one.
+    expressions: ExpressionCache,
 }
 
 // === impl Watcher ===
@@ -231,7 +234,7 @@ impl Watcher {
     /// A watcher of `source`, whose content `text` (read from `file`) is served already.
     pub fn new(source: Source, hub: Arc<Hub>, file: &Path, text: &str) -> Watcher {
         let handled = Handled::Content(Stamp::unknown(file), text.to_string(), UNIX_EPOCH);
-        Watcher { source, hub, handled, pending: None }
+        Watcher { source, hub, handled, pending: None, expressions: ExpressionCache::default() }
     }
 
     /// Polls until `stop` is set.
@@ -269,7 +272,7 @@ impl Watcher {
                 return Polled::Nothing;
             }
         }
-        if let Some(loaded) = load_json_document(&text) {
+        if let Some(loaded) = load_json_document(&text, &mut self.expressions) {
             self.pending = None;
             let file = stamp.file.clone();
             self.handled = Handled::Content(stamp, text, read_at);
@@ -307,7 +310,7 @@ impl Watcher {
             }
             (Seen::Content(stamp, text), Some(read_at)) => {
                 let file = stamp.file.clone();
-                let loaded = load_yaml_document(&text);
+                let loaded = load_yaml_document(&text, &mut self.expressions);
                 self.handled = Handled::Content(stamp, text, read_at);
                 self.act(&file, loaded)
             }
