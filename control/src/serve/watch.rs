@@ -6,7 +6,7 @@
 //! several documents would need rules for every list and setting; one file per directory keeps
 //! "what is served" obvious, and still lets a Kubernetes ConfigMap mounted as a directory work.)
 //!
-//! The watcher polls every [`POLL_INTERVAL`] (10 ms): a `stat` of the file (device, inode, size,
+//! The watcher polls every [`POLL_INTERVAL`] (5 ms): a `stat` of the file (device, inode, size,
 //! modification and change times), which sees atomic renames (editors, `kubectl`, ConfigMap
 //! symlink swaps) and in-place writes alike, with no platform notification API to go wrong. When
 //! the `stat` changes the file is read once (and discarded if the `stat` changed while it was
@@ -34,10 +34,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often the watcher looks at the policy (a `stat`; a read only when that changed).
-pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// (A `stat` costs microseconds; the interval is most of the time a JSON change takes to be noticed.)
+pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// Polls in a row that must see the same file before a change that is not a complete JSON
-/// document is acted on: two intervals (20 ms) without a write.
-pub const CONFIRM_POLLS: u32 = 3;
+/// document is acted on: four intervals (20 ms) without a write.
+pub const CONFIRM_POLLS: u32 = 5;
 /// A `stat` is trusted alone once the file was read this long after its modification time (more
 /// than a kernel tick, the granularity of file times; see [`Stamp::racy`]).
 pub const RACY: Duration = Duration::from_millis(30);
