@@ -1,6 +1,7 @@
 """Attacks, end to end: hostile tokens (RFC 8725 and its bis draft), spoofed headers, host and path
 spellings, and hostile bytes, each sent to a real Envoy (two workers) running the real
-guardrail.wasm in front of the echo upstream. Every attack must end in a decision: refused where
+guardrail.wasm in front of the echo upstream; the header, method, host and path attacks over HTTP/2
+as well (curl, cleartext with prior knowledge). Every attack must end in a decision: refused where
 it should be, never a panic. The last test reads the log of every Envoy this module started and
 fails on any sign of a crashed filter (panic, wasm trap, V8 failure).
 
@@ -17,11 +18,15 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -826,6 +831,12 @@ def raw_gw(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Any) -
 def test_no_spelling_of_a_protected_path_reaches_the_upstream(request_fixture: Any, which: str, path: str) -> None:
     gateway = request_fixture("gw" if which == "normalising-envoy" else "raw_gw")
     r = raw_request(gateway, http_head(path, [("Host", "any.example"), ("x-api-key", KEYS["app-a"])]))
+    kept_out_of_vault(r, path)
+
+
+def kept_out_of_vault(r: Response, path: str) -> None:
+    """`path` (a spelling of dataset `vault`) was refused: by its dataset (403), by the filter as
+    unsafe (400 `invalid-path`) or by Envoy itself (400)."""
     assert r.status != 200, f"{path!r} reached the upstream as {r.upstream['path']!r}: it escaped dataset `vault`"
     if r.status == 403:
         responds_with(r, 403, "access-denied", app="app-a")
@@ -980,6 +991,89 @@ def test_a_rule_whose_cost_explodes_is_refused_or_bounded(launch: Any, call: str
         pytest.fail(f"rule `cost-bomb` held a worker for more than 3 s (still running): {when}")
     assert time.monotonic() - started < 3
     assert r.status != 200 or "cost-bomb" not in gateway.log(), r
+
+
+# === HTTP/2: the same decisions whatever the protocol ===
+#
+# Clients may speak HTTP/2 to Envoy (cleartext with prior knowledge here; the listener's codec is
+# AUTO, as in most meshes). Its requests reach the filter as the same header map, but with their own
+# spellings: `:authority` instead of Host, methods as sent, repeated fields as separate entries.
+
+
+def h2_request(gw: Envoy, path: str, *, method: str = "GET", headers: list[tuple[str, str]] | None = None) -> Response:
+    """One HTTP/2 request over cleartext (prior knowledge), sent with curl, the path as it is
+    (`--path-as-is`); a `Host` header becomes `:authority`."""
+    assert shutil.which("curl"), "curl is needed for the HTTP/2 attacks (apt-get install curl)"
+    with tempfile.TemporaryDirectory() as tmp:
+        head, body = Path(tmp, "head"), Path(tmp, "body")
+        cmd = ["curl", "-sS", "--http2-prior-knowledge", "--path-as-is", "--max-time", "10", "-X", method,
+               "-D", str(head), "-o", str(body), "-w", "%{http_version}"]
+        for name, value in headers or []:
+            cmd += ["-H", f"{name}: {value}"]
+        cmd.append(f"http://127.0.0.1:{gw.port}{path}")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, f"curl failed ({done.returncode}): {done.stderr}"
+        assert done.stdout == "2", f"curl did not speak HTTP/2 (http_version {done.stdout!r})"
+        status_line, *lines = head.read_text().splitlines()
+        merged: dict[str, str] = {}
+        for line in lines:
+            name, sep, value = line.partition(":")
+            if sep:
+                name, value = name.strip().lower(), value.strip()
+                merged[name] = f"{merged[name]}, {value}" if name in merged else value
+        return Response(int(status_line.split()[1]), merged, body.read_bytes(), url=f"{method} h2 {path}")
+
+
+def test_http2_requests_are_decided_as_http1_ones(gw: Envoy) -> None:
+    responds_with(h2_request(gw, "/orders"), 401, "unauthenticated")
+    spoofed = [*SPOOFED, ("x_guardrail_app", "app-b"), ("x-guardrail_tier", "platinum")]
+    r = responds_with(h2_request(gw, "/orders", headers=[*spoofed, ("x-api-key", KEYS["app-a"])]), 200)
+    seen = r.upstream["headers"]
+    assert (seen.get("x-guardrail-app"), seen.get("x-guardrail-tier")) == ("app-a", "standard"), seen
+    leaked = {k: v for k, v in seen.items()
+              if k.replace("_", "-").startswith("x-guardrail-") and k not in ("x-guardrail-app", "x-guardrail-tier")}
+    assert not leaked, f"client-set headers reached the upstream over HTTP/2: {leaked}"
+    assert "x-api-key" not in seen, "the API key must not reach the upstream"
+    assert r.header("ratelimit") and r.header("ratelimit-policy"), r
+    r = responds_with(h2_request(gw, "/orders", headers=list(bearer(ED.sign(good_claims())).items())), 200)
+    assert r.upstream["headers"].get("x-guardrail-app") == "jwt-app"
+
+
+@pytest.mark.parametrize("method", ["delete", "Delete", "DELETE"])
+def test_http2_method_case_does_not_dodge_rules(gw: Envoy, method: str) -> None:
+    # HTTP/2 carries the method as sent (`:method: delete`), and Envoy 1.40 passes it on as it is
+    # (over HTTP/1.1 it refuses lower case itself): the filter must meet it with the DELETE rule.
+    r = h2_request(gw, "/orders/1", method=method, headers=list(with_key("app-a").items()))
+    responds_with(r, 403, "access-denied", app="app-a")
+    assert r.json().get("rule") == "no-deletes", r
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [[KEYS["app-a"], KEYS["app-a"]], [KEYS["app-a"], KEYS["app-b"]], ["k-nobody", KEYS["app-a"]]],
+    ids=["same-twice", "two-apps", "unknown-then-valid"],
+)
+def test_http2_repeated_api_keys_are_refused(gw: Envoy, keys: list[str]) -> None:
+    responds_with(h2_request(gw, "/orders", headers=[("x-api-key", k) for k in keys]), 401, "unauthenticated")
+
+
+@pytest.mark.parametrize("host", [API_HOST, "API.EXAMPLE", "api.example:80", "api.example."])
+def test_http2_authority_selects_the_dataset(gw: Envoy, host: str) -> None:
+    r = h2_request(gw, "/customers/1", headers=[("Host", host), ("x-api-key", KEYS["app-a"])])
+    responds_with(r, 403, "access-denied", app="app-a")
+    assert r.json().get("rule") == "data-class", r
+
+
+def test_http2_control_other_authorities_are_not_in_the_dataset(gw: Envoy) -> None:
+    r = h2_request(gw, "/customers/1", headers=[("Host", "other.example"), ("x-api-key", KEYS["app-a"])])
+    assert responds_with(r, 200).upstream["headers"]["host"] == "other.example"
+
+
+@pytest.mark.parametrize("which", ["normalising-envoy", "raw-envoy"])
+@pytest.mark.parametrize("path", [p for p in VAULT_SPELLINGS if "#" not in p])  # curl keeps fragments to itself
+def test_http2_no_spelling_of_a_protected_path_reaches_the_upstream(request_fixture: Any, which: str, path: str) -> None:
+    gateway = request_fixture("gw" if which == "normalising-envoy" else "raw_gw")
+    kept_out_of_vault(h2_request(gateway, path, headers=[("Host", "any.example"), ("x-api-key", KEYS["app-a"])]), path)
 
 
 # === last: no Envoy of this module ever saw the filter crash ===
