@@ -18,6 +18,7 @@ mod pb;
 mod policy;
 mod serve;
 mod status;
+mod tls;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -8,6 +8,7 @@ use serde_json::json;
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
+use tonic::transport::ClientTlsConfig;
 
 /// How long to wait for the companion, connecting and answering.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -20,16 +21,36 @@ pub struct Args {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: crate::tls::ClientArgs,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
-    let url = server_url(&args.server);
-    let status = match runtime.block_on(fetch(&url)) {
+    let tls = args.tls.config()?;
+    let url = server_url(&args.server, tls.is_some());
+    if tls.is_some() && url.starts_with("http://") {
+        return Err(crate::UsageError(format!(
+            "--tls-ca: the server {url} is plain http://; use https:// or HOST:PORT"
+        ))
+        .into());
+    }
+    let tls_on = tls.is_some();
+    let status = match runtime.block_on(fetch(&url, tls)) {
         Ok(status) => status,
         Err(why) => {
             eprintln!("error: cannot get the status from the companion at {url}: {why}");
+            // A TLS mismatch shows up as a protocol error or a cancelled call: say what may be missing.
+            if !why.contains("tcp connect error") && !why.contains("invalid peer certificate") {
+                if !tls_on {
+                    eprintln!(
+                        "hint: if the companion serves TLS, pass --tls-ca (and --tls-cert/--tls-key for mutual TLS)"
+                    );
+                } else if args.tls.tls_cert.is_none() {
+                    eprintln!("hint: a companion started with --tls-client-ca also needs --tls-cert and --tls-key");
+                }
+            }
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -43,21 +64,28 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `HOST:PORT` becomes `http://HOST:PORT`; a URL stays as it is.
-pub fn server_url(server: &str) -> String {
+/// `HOST:PORT` becomes `http://HOST:PORT` (`https://` with `tls`); a URL stays as it is.
+pub fn server_url(server: &str, tls: bool) -> String {
     if server.contains("://") {
         server.to_string()
+    } else if tls {
+        format!("https://{server}")
     } else {
         format!("http://{server}")
     }
 }
 
 /// Calls `Status`; the error is a readable reason.
-pub async fn fetch(url: &str) -> Result<v1::StatusResponse, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+pub async fn fetch(url: &str, tls: Option<ClientTlsConfig>) -> Result<v1::StatusResponse, String> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad address: {e}"))?
         .connect_timeout(TIMEOUT)
         .timeout(TIMEOUT);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {}", error_chain(&e)))?;
+    } else if url.starts_with("https://") {
+        return Err("https:// needs --tls-ca (the CA that signed the companion's certificate)".to_string());
+    }
     let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
     let mut client = PolicyServiceClient::new(channel);
     let response =
@@ -66,7 +94,7 @@ pub async fn fetch(url: &str) -> Result<v1::StatusResponse, String> {
 }
 
 /// An error and its causes on one line (`transport error: tcp connect error: Connection refused`).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {
@@ -296,8 +324,9 @@ mod tests {
 
     #[test]
     fn addresses_and_ages() {
-        assert_eq!(server_url("127.0.0.1:18000"), "http://127.0.0.1:18000");
-        assert_eq!(server_url("https://cp:443"), "https://cp:443");
+        assert_eq!(server_url("127.0.0.1:18000", false), "http://127.0.0.1:18000");
+        assert_eq!(server_url("127.0.0.1:18000", true), "https://127.0.0.1:18000");
+        assert_eq!(server_url("https://cp:443", false), "https://cp:443");
         assert_eq!(ago(5), "5s ago");
         assert_eq!(ago(600), "10m ago");
         assert_eq!(ago(-3), "0s ago");

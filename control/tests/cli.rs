@@ -420,3 +420,51 @@ fn export_refuses_an_invalid_policy() {
     assert!(stderr(&out).starts_with(&format!("{}:", file.arg())), "{}", stderr(&out));
     assert!(stderr(&out).contains("apps[0].lifecycle"), "{}", stderr(&out));
 }
+
+#[test]
+fn tls_flags_that_cannot_work_are_refused_naming_the_flag() {
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.yaml");
+    let missing = std::env::temp_dir().join(format!("guardrail-cli-no-cert-{}.pem", std::process::id()));
+    let missing = missing.to_str().unwrap_or_default();
+    let not_pem = TempFile::new("pem", "just text\n");
+    let cert_only = TempFile::new("pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    let serve = |tls: &[&str]| {
+        let mut args = vec!["serve", "--policy", policy, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(tls);
+        guardrail(&args)
+    };
+    let cases: &[(&str, Output, i32, &str)] = &[
+        ("missing certificate", serve(&["--tls-cert", missing, "--tls-key", not_pem.arg()]), 1, "--tls-cert "),
+        (
+            "a key that is no PEM key",
+            serve(&["--tls-cert", cert_only.arg(), "--tls-key", not_pem.arg()]),
+            1,
+            "--tls-key ",
+        ),
+        (
+            "a certificate that is no PEM certificate",
+            serve(&["--tls-cert", not_pem.arg(), "--tls-key", not_pem.arg()]),
+            1,
+            "holds no PEM certificate",
+        ),
+        ("a certificate without its key", serve(&["--tls-cert", cert_only.arg()]), 2, "--tls-key"),
+        ("a client CA without a certificate", serve(&["--tls-client-ca", cert_only.arg()]), 2, "--tls-cert"),
+        (
+            "a client certificate without a CA",
+            guardrail(&["status", "--tls-cert", cert_only.arg(), "--tls-key", not_pem.arg()]),
+            2,
+            "--tls-ca",
+        ),
+        ("https without a CA", guardrail(&["status", "--server", "https://127.0.0.1:1"]), 1, "needs --tls-ca"),
+        (
+            "a CA with plain http",
+            guardrail(&["status", "--server", "http://127.0.0.1:1", "--tls-ca", cert_only.arg()]),
+            2,
+            "plain http://",
+        ),
+    ];
+    for (why, out, code, want) in cases {
+        assert_eq!(out.status.code(), Some(*code), "{why}: {}", stderr(out));
+        assert!(stderr(out).contains(want), "{why}: stderr should mention `{want}`: {}", stderr(out));
+    }
+}

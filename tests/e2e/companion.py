@@ -89,6 +89,8 @@ class Companion:
     workdir: Path
     name: str = "companion"
     port: int = 0
+    args: list[str] = field(default_factory=list)  # more `serve` flags (--tls-cert …)
+    status_args: list[str] = field(default_factory=list)  # more `status` flags (--tls-ca …)
     proc: subprocess.Popen | None = None
     starts: int = 0
     _log_files: list[Any] = field(default_factory=list)
@@ -111,7 +113,7 @@ class Companion:
         log = open(self.log_path, "wb")
         self._log_files.append(log)
         cmd = [*_PDEATHSIG, str(require_artifact("GUARDRAIL_BIN")), "serve", "--policy", str(self.policy),
-               "--listen", f"127.0.0.1:{self.port}"]
+               "--listen", f"127.0.0.1:{self.port}", *self.args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
@@ -169,8 +171,8 @@ class Companion:
     # --- status ---
 
     def status(self) -> dict[str, Any]:
-        """`guardrail status --server 127.0.0.1:PORT --json`."""
-        proc = guardrail("status", "--server", self.address, "--json", timeout=15)
+        """`guardrail status --server 127.0.0.1:PORT --json` (with `status_args`)."""
+        proc = guardrail("status", "--server", self.address, "--json", *self.status_args, timeout=15)
         assert proc.returncode == 0, f"guardrail status exited {proc.returncode}: {proc.stderr}"
         return json.loads(proc.stdout)
 

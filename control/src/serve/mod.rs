@@ -28,6 +28,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::transport::ServerTlsConfig;
 use watch::{Source, Watcher, POLL_INTERVAL};
 
 /// How long streams get to close when the server stops, before it exits anyway.
@@ -42,6 +43,8 @@ pub struct Args {
     /// Address to listen on, `HOST:PORT` (port 0 picks a free port; the log says which).
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: String,
+    #[command(flatten)]
+    tls: crate::tls::ServerArgs,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -55,21 +58,30 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let tls = args.tls.config()?;
     let hub = Hub::new(&file, doc, system_clock()).map_err(anyhow::Error::msg)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(args, source, file, text, hub))
+    runtime.block_on(serve(args, tls, source, file, text, hub))
 }
 
-async fn serve(args: &Args, source: Source, file: PathBuf, text: String, hub: Arc<Hub>) -> anyhow::Result<ExitCode> {
+async fn serve(
+    args: &Args,
+    tls: Option<ServerTlsConfig>,
+    source: Source,
+    file: PathBuf,
+    text: String,
+    hub: Arc<Hub>,
+) -> anyhow::Result<ExitCode> {
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    let server = start(listener, hub.clone(), StreamLimits::default()).context("starting the gRPC server")?;
+    let server = start(listener, hub.clone(), StreamLimits::default(), tls)?;
     log!(
-        "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService)",
+        "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService, {})",
         hub.current().revision,
         file.display(),
-        server.addr
+        server.addr,
+        args.tls.describe()
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -121,14 +133,28 @@ pub struct Running {
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
-/// Serves the policy service on `listener` until [`Running::stop`].
-pub fn start(listener: TcpListener, hub: Arc<Hub>, limits: StreamLimits) -> std::io::Result<Running> {
-    let addr = listener.local_addr()?;
+/// Serves the policy service on `listener` until [`Running::stop`], over TLS when `tls` is set.
+pub fn start(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    limits: StreamLimits,
+    tls: Option<ServerTlsConfig>,
+) -> anyhow::Result<Running> {
+    let addr = listener.local_addr().context("starting the gRPC server")?;
     let service = PolicyServiceServer::new(PolicyServer::new(hub, limits)).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(|e| {
+            anyhow::anyhow!(
+                "--tls-cert/--tls-key/--tls-client-ca: not usable for TLS: {}",
+                crate::status::error_chain(&e)
+            )
+        })?;
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             // Dead peers (a killed Envoy, a cut network) are noticed and their streams closed.
             .http2_keepalive_interval(Some(Duration::from_secs(15)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

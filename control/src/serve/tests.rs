@@ -118,7 +118,7 @@ impl Fixture {
         let hub = Hub::new(&path, doc, clock).unwrap();
         let watcher = Watcher::new(source, hub.clone(), &path, &read);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = start(listener, hub.clone(), limits).unwrap();
+        let server = start(listener, hub.clone(), limits, None).unwrap();
         Fixture { dir, file, hub, now, watcher, server: Some(server) }
     }
 
