@@ -251,12 +251,13 @@ PY
   fi
 }
 
-# demo_lines POLICY_JSON BASE_URL: prints curl lines that show each decision, from the policy and
-# examples/demo-keys.txt (`app_id key` per line) and, for a JWT line, examples/demo/issuer-key.jwk.json.
+# demo_lines POLICY_JSON BASE_URL POLICY: prints curl lines that show each decision, from the policy
+# and examples/demo-keys.txt (`app_id key` per line) and, for JWT lines, examples/demo/issuer-key.jwk.json.
 demo_lines() {
-  "$VENV/bin/python" - "$1" "$2" "$ROOT/examples/demo-keys.txt" "$ROOT/examples/demo/issuer-key.jwk.json" <<'PY'
-import json, os, shlex, sys, time
-policy_path, url, keys_path, jwk_path = sys.argv[1:5]
+  "$VENV/bin/python" - "$1" "$2" "$ROOT/examples/demo-keys.txt" "$ROOT/examples/demo/issuer-key.jwk.json" \
+    "$3" "${GUARDRAIL_BIN#"$ROOT"/}" <<'PY'
+import json, os, re, shlex, sys, time
+policy_path, url, keys_path, jwk_path, policy_arg, guardrail_bin = sys.argv[1:7]
 policy = json.load(open(policy_path))
 apps = {a["id"]: a for a in policy.get("apps", [])}
 keys = {}
@@ -300,6 +301,50 @@ if ok:
     if n < 1000:
         show(f"429 quota-exceeded: {small} (tier {apps[small]['tier']}) gets {n} requests, then Retry-After",
              f"for i in $(seq {n + 1}); do {curl('/orders/42', keys[small], ' -o /dev/null -w ' + shlex.quote('%{http_code}' + chr(92) + 'n'))}; done")
+
+# Data governance, from the datasets (their first route, when it names no host): residency, data
+# classes, a just-in-time credential, and a deny rule on the method.
+def in_region(a, ds):
+    return a.get("region") in ds.get("allowed_regions", [])
+
+def has_class(a, ds):
+    return ds.get("classification") in a.get("data_classes", [])
+
+def needs_jit(ds):
+    return ds.get("requires_jit", ds.get("classification") == "regulated")
+
+def first(pairs):
+    return next(iter(pairs), None)
+
+datasets = [(ds, r["path_prefix"].rstrip("/") + "/1") for ds in policy.get("datasets", [])
+            for r in ds.get("routes", [])[:1] if "host" not in r and "path_prefix" in r]
+gov = [(ds, p, i) for ds, p in datasets for i in ok]
+hit = first((ds, p, i) for ds, p, i in gov if has_class(apps[i], ds) and not in_region(apps[i], ds))
+if hit:
+    ds, p, i = hit
+    show(f"403 residency-violation: {i} is in {apps[i]['region']}; {ds['id']} may be read from {', '.join(ds['allowed_regions'])}", curl(p, keys[i]))
+hit = first((ds, p, i) for ds, p, i in gov if in_region(apps[i], ds) and not has_class(apps[i], ds))
+if hit:
+    ds, p, i = hit
+    show(f"403 access-denied (data-class): {ds['id']} is {ds['classification']}, not among {i}'s data classes", curl(p, keys[i]))
+hit = first((ds, p, i) for ds, p, i in gov if needs_jit(ds) and in_region(apps[i], ds) and has_class(apps[i], ds))
+if hit and os.path.exists(jwk_path):
+    ds, p, i = hit
+    show(f"403 jit-required: {ds['id']} needs a just-in-time token besides {i}'s key", curl(p, keys[i]))
+    mint = f"{guardrail_bin} mint --key {shlex.quote(os.path.relpath(jwk_path))} --app {i} --scope dataset:{ds['id']} --ttl 10m --policy {shlex.quote(policy_arg)} 2>/dev/null"
+    show(f"200: with a token scoped dataset:{ds['id']} (minted now, valid 10 minutes)", curl(p, keys[i], f' -H "authorization: Bearer $({mint})"'))
+for rule in policy.get("rules", []):
+    m = re.fullmatch(r"\s*request\.method\s*==\s*'([A-Z]+)'\s*", rule.get("when", ""))
+    if not m or rule.get("effect") != "deny" or rule.get("mode") == "shadow":
+        continue
+    def in_scope(ds):
+        return (not rule.get("datasets") or ds["id"] in rule["datasets"]) and \
+               (not rule.get("classifications") or ds.get("classification") in rule["classifications"])
+    hit = first((ds, p, i) for ds, p, i in gov if in_scope(ds) and not needs_jit(ds) and in_region(apps[i], ds) and has_class(apps[i], ds))
+    if hit:
+        ds, p, i = hit
+        show(f"403 access-denied: rule {rule['id']} (a {m.group(1)} of {ds['id']})", curl(p, keys[i], f" -X {m.group(1)}"))
+        break
 
 # A JWT for an app without API keys, signed with the demo issuer key (if the policy trusts it).
 try:
@@ -371,7 +416,7 @@ policy: $policy, served by the companion on 127.0.0.1:$control_port: edit it and
 Try:
 
 EOF
-  demo_lines "$RUN_DIR/policy.json" "$url" >&2 || warn "could not derive example requests from the policy"
+  demo_lines "$RUN_DIR/policy.json" "$url" "$policy" >&2 || warn "could not derive example requests from the policy"
   cat >&2 <<EOF
   # counters and decision log
   curl -s 'http://127.0.0.1:$admin_port/stats?filter=^wasmcustom.guardrail'

@@ -98,6 +98,29 @@ def test_demo_decisions(demo_gw: Envoy, demo_policy: dict[str, Any]) -> None:
             responds_with(r, 403, "app-not-active", app=app_id)
 
 
+def test_demo_governance_lines(demo_gw: Envoy) -> None:
+    """The data-governance lines `run` prints for the demo policy: residency, data classes, JIT (with
+    a token minted as the printed line mints it), and the DELETE rule."""
+    keys = demo_keys()
+
+    def get(path: str, app: str, method: str = "GET", **headers: str) -> Any:
+        return request(demo_gw.url, path, method=method, headers={"x-api-key": keys[app], **headers})
+
+    responds_with(get("/customers/1", "us-promo"), 403, "residency-violation", app="us-promo")
+    assert responds_with(get("/catalog/1", "us-promo"), 200).upstream["headers"].get("x-guardrail-app") == "us-promo"
+    r = responds_with(get("/customers/1", "promo-builder"), 403, "access-denied", app="promo-builder")
+    assert r.json().get("rule") == "data-class", r
+    responds_with(get("/customers/1", "pos-dashboard"), 200)
+    r = responds_with(get("/customers/1", "pos-dashboard", method="DELETE"), 403, "access-denied", app="pos-dashboard")
+    assert r.json().get("rule") == "no-deletes", r
+    responds_with(get("/payments/1", "pos-dashboard"), 403, "jit-required", app="pos-dashboard")
+    minted = guardrail("mint", "--key", "examples/demo/issuer-key.jwk.json", "--app", "pos-dashboard",
+                       "--scope", "dataset:payments", "--ttl", "10m", "--policy", str(POLICY_YAML))
+    assert minted.returncode == 0, minted.stderr
+    r = get("/payments/1", "pos-dashboard", authorization=f"Bearer {minted.stdout.strip()}")
+    assert responds_with(r, 200).upstream["headers"].get("x-guardrail-app") == "pos-dashboard"
+
+
 def test_demo_quota_line(demo_gw: Envoy, demo_policy: dict[str, Any]) -> None:
     """The app with the smallest bucket gets its burst, then 429 (what `run` prints last)."""
     apps = {a["id"]: a for a in demo_policy["apps"]}
