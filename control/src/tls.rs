@@ -30,9 +30,7 @@ impl ServerArgs {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        let identity =
-            Identity::from_pem(pem("--tls-cert", cert, Block::Certificate)?, pem("--tls-key", key, Block::Key)?);
-        let mut config = ServerTlsConfig::new().identity(identity);
+        let mut config = ServerTlsConfig::new().identity(identity(cert, key)?);
         if let Some(ca) = &self.tls_client_ca {
             config = config.client_ca_root(Certificate::from_pem(pem("--tls-client-ca", ca, Block::Certificate)?));
         }
@@ -75,10 +73,7 @@ impl ClientArgs {
         let mut config =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem("--tls-ca", ca, Block::Certificate)?));
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            config = config.identity(Identity::from_pem(
-                pem("--tls-cert", cert, Block::Certificate)?,
-                pem("--tls-key", key, Block::Key)?,
-            ));
+            config = config.identity(identity(cert, key)?);
         }
         if let Some(name) = &self.tls_server_name {
             config = config.domain_name(name.clone());
@@ -91,6 +86,11 @@ impl ClientArgs {
 enum Block {
     Certificate,
     Key,
+}
+
+/// The certificate of `--tls-cert` with the key of `--tls-key`.
+fn identity(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
+    Ok(Identity::from_pem(pem("--tls-cert", cert, Block::Certificate)?, pem("--tls-key", key, Block::Key)?))
 }
 
 /// The PEM file of `flag`, if it holds the expected kind of block.
