@@ -27,14 +27,19 @@ pub fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "ok: {} (revision {revision}, {} apps, {} datasets, {} rules)",
+        "ok: {} (revision {revision}, {}, {}, {})",
         args.path.display(),
-        p.apps.len(),
-        p.datasets.len(),
-        p.rules.len()
+        counted(p.apps.len(), "app"),
+        counted(p.datasets.len(), "dataset"),
+        counted(p.rules.len(), "rule")
     )
     .context("writing to standard output")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `1 rule`, `2 rules`, `0 rules`.
+fn counted(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 pub fn export(args: &ExportArgs) -> anyhow::Result<ExitCode> {

@@ -205,7 +205,7 @@ fn check_accepts_a_valid_policy() {
     let file = TempFile::new("yaml", &valid_policy());
     let out = guardrail(&["check", file.arg()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stdout(&out), format!("ok: {} (revision 42, 2 apps, 1 datasets, 1 rules)\n", file.arg()));
+    assert_eq!(stdout(&out), format!("ok: {} (revision 42, 2 apps, 1 dataset, 1 rule)\n", file.arg()));
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
 
@@ -216,7 +216,7 @@ fn check_accepts_json() {
     let file = TempFile::new("json", &stdout(&out));
     let out = guardrail(&["check", file.arg()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("(revision 42, 2 apps, 1 datasets, 1 rules)"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("(revision 42, 2 apps, 1 dataset, 1 rule)"), "{}", stdout(&out));
 }
 
 /// Each case: a change to the valid policy (`from` → `to`), and the `path: message` part expected
