@@ -27,6 +27,11 @@ use std::process::ExitCode;
 
 /// TTL when neither `--ttl` nor a policy says otherwise (the default `jit_max_ttl`).
 const DEFAULT_TTL_SECS: i64 = 15 * 60;
+/// `iss` and `aud` of a token minted with neither `--policy` nor `--issuer` / `--audience`: the
+/// policy's issuer for this key is then `{issuer: guardrail, audiences: [guardrail]}` (or has no
+/// `audiences`).
+const DEFAULT_ISSUER: &str = "guardrail";
+const DEFAULT_AUDIENCE: &str = "guardrail";
 /// Without a policy to bound it, a "short-lived" credential lives at most a day.
 const MAX_TTL_WITHOUT_POLICY_SECS: i64 = 86_400;
 
@@ -44,10 +49,10 @@ pub struct Args {
     /// Lifetime, e.g. `5m`, `15m` (default: the policy's `jit_max_ttl`, else 15m).
     #[arg(long)]
     ttl: Option<String>,
-    /// `iss` claim (default with --policy: the issuer whose JWKS holds the key).
+    /// `iss` claim (default with --policy: the issuer whose JWKS holds the key; else `guardrail`).
     #[arg(long)]
     issuer: Option<String>,
-    /// `aud` claim (default with --policy: the issuer's audience).
+    /// `aud` claim (default with --policy: the issuer's audience; else `guardrail`).
     #[arg(long)]
     audience: Option<String>,
     /// Check the request against this policy (file or directory) first.
@@ -94,6 +99,14 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let token = match &args.policy {
         None => {
             let plan = plan_without_policy(&request, &key)?;
+            if request.issuer.is_none() || request.audience.is_none() {
+                eprintln!(
+                    "note: no --policy: the token says iss `{}`, aud `{}`; the policy's issuer of this key \
+                     must be named so (or give --issuer / --audience, or --policy to take them from it)",
+                    plan.issuer,
+                    plan.audience.as_deref().unwrap_or_default()
+                );
+            }
             mint(&key, &request, &plan, now)?
         }
         Some(path) => {
@@ -166,18 +179,13 @@ fn check_request(request: &Request) -> Result<(), UsageError> {
 }
 
 fn plan_without_policy(request: &Request, key: &SigningKey) -> Result<Plan, UsageError> {
-    let (Some(issuer), Some(audience)) = (&request.issuer, &request.audience) else {
-        return Err(UsageError(
-            "without --policy, give --issuer and --audience (with --policy they come from the issuer that trusts the key)".into(),
-        ));
-    };
     let ttl_secs = request.ttl_secs.unwrap_or(DEFAULT_TTL_SECS);
     if ttl_secs > MAX_TTL_WITHOUT_POLICY_SECS {
         return Err(UsageError(format!("--ttl of {ttl_secs} s: a JIT credential lives at most a day")));
     }
     Ok(Plan {
-        issuer: issuer.clone(),
-        audience: Some(audience.clone()),
+        issuer: request.issuer.clone().unwrap_or_else(|| DEFAULT_ISSUER.to_string()),
+        audience: Some(request.audience.clone().unwrap_or_else(|| DEFAULT_AUDIENCE.to_string())),
         kid: Some(key.kid.clone()),
         app_claim: None,
         ttl_secs,

@@ -306,9 +306,18 @@ fn mint_issues_tokens_the_policy_accepts() {
     let verified = guardrail_core::jwt::verify(&policy.issuers, text(&out.stdout).trim_end(), now).unwrap();
     assert_eq!(verified.exp - verified.iat.unwrap(), 900, "15m by default");
 
-    let out = guardrail(&["mint", "--key", s(&key), "--app", "analyst"]);
-    assert_eq!(out.status.code(), Some(2), "issuer and audience are needed without a policy");
-    assert!(text(&out.stderr).contains("give --issuer and --audience"), "{}", text(&out.stderr));
+    // The command as SPEC.md gives it: iss and aud are `guardrail`, and stderr says so.
+    let out = guardrail(&["mint", "--key", s(&key), "--app", "analyst", "--scope", "dataset:patients", "--ttl", "15m"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("iss `guardrail`, aud `guardrail`"), "{}", text(&out.stderr));
+    let named_guardrail = guardrail_core::source::load_str(
+        &text_of_policy.replace("issuer: https://id.example", "issuer: guardrail").replace("[api]", "[guardrail]"),
+    )
+    .unwrap();
+    let verified = guardrail_core::jwt::verify(&named_guardrail.issuers, text(&out.stdout).trim_end(), now).unwrap();
+    assert_eq!((verified.app.as_str(), verified.exp - verified.iat.unwrap()), ("analyst", 900));
+    assert_eq!(verified.scopes, ["dataset:patients"]);
+    assert!(guardrail_core::jwt::verify(&policy.issuers, text(&out.stdout).trim_end(), now).is_err(), "another issuer");
 }
 
 #[test]

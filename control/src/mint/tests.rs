@@ -257,14 +257,16 @@ fn the_kid_is_the_one_the_policy_lists_and_the_audience_must_be_chosen_among_sev
 }
 
 #[test]
-fn without_a_policy_issuer_and_audience_are_required() {
+fn without_a_policy_issuer_and_audience_default_to_guardrail() {
     let req = request("anything", &["dataset:x"]);
-    assert!(plan_without_policy(&req, &key()).is_err());
+    let plan = plan_without_policy(&req, &key()).unwrap();
+    assert_eq!((plan.issuer.as_str(), plan.audience.as_deref()), ("guardrail", Some("guardrail")));
     let mut req = req;
     req.issuer = Some("https://id.example".into());
     req.audience = Some("api".into());
     let plan = plan_without_policy(&req, &key()).unwrap();
     assert_eq!((plan.ttl_secs, plan.kid.as_deref()), (900, Some("test-1")));
+    assert_eq!((plan.issuer.as_str(), plan.audience.as_deref()), ("https://id.example", Some("api")));
     req.ttl_secs = Some(86_401);
     assert!(plan_without_policy(&req, &key()).is_err(), "a day at most");
 }
