@@ -366,19 +366,21 @@ fn report(policy: &CompiledPolicy, probe: &Probe, decision: &Decision<'_>, now_s
     let mut s = String::new();
     let host = if probe.host.is_empty() { "none".to_string() } else { format!("`{}`", probe.host) };
     s.push_str(&format!("{} {} (host {host})\n", probe.method, probe.path));
-    let who = match &probe.credential {
-        Credential::App(id) => format!("as app `{id}` (assumed, no credential sent)"),
-        Credential::ApiKey(_) => format!("with an API key in `{}`", policy.settings.api_key_header),
-        Credential::None => "without an API key".to_string(),
+    let bearer = probe.headers.iter().any(|(k, _)| k == "authorization");
+    let who = match (&probe.credential, bearer) {
+        (Credential::App(id), false) => format!("as app `{id}` (assumed, no credential sent)"),
+        (Credential::App(id), true) => format!("as app `{id}` (assumed) with a bearer token"),
+        (Credential::ApiKey(_), false) => format!("with an API key in `{}`", policy.settings.api_key_header),
+        (Credential::ApiKey(_), true) => {
+            format!("with an API key in `{}` and a bearer token", policy.settings.api_key_header)
+        }
+        (Credential::None, false) => "without a credential".to_string(),
+        (Credential::None, true) => "with a bearer token (no API key)".to_string(),
     };
-    let bearer = if probe.headers.iter().any(|(k, _)| k == "authorization") { " and a bearer token" } else { "" };
     let connector = probe.connector.as_deref().map_or("none (local reply)".to_string(), |c| format!("`{c}`"));
     let (region, region_from) = probe.gateway_region(policy);
     let region = region.map_or("unset".to_string(), |r| format!("{r} ({region_from})"));
-    s.push_str(&format!(
-        "  {who}{bearer}; connector {connector}; gateway region {region}; at {}\n",
-        rfc3339_secs(now_secs)
-    ));
+    s.push_str(&format!("  {who}; connector {connector}; gateway region {region}; at {}\n", rfc3339_secs(now_secs)));
     for name in &probe.dropped {
         s.push_str(&format!("  header `{name}` dropped: the filter removes client-sent x-guardrail-* headers\n"));
     }
