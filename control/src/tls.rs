@@ -1,13 +1,22 @@
-//! TLS on the companion's gRPC channel (rustls, through tonic): `serve` with a certificate and key,
-//! and, with a client CA, mutual TLS that lets only Envoys (and `status` callers) holding a
-//! certificate from that CA connect; `status` as the client.
+//! TLS on the companion's gRPC channel (rustls): `serve` with a certificate and key, and, with a
+//! client CA, mutual TLS that lets only Envoys (and `status` callers) holding a certificate from
+//! that CA connect; `status` as the client (through tonic). The server's files are read again when
+//! they change ([`ServerTls`]), so a renewed certificate needs no restart.
 //!
 //! Files are PEM. Every problem names the flag and the file: a file that cannot be read, one
 //! without the expected PEM block, a key that does not belong to the certificate.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio_rustls::rustls::{
+    self,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+    RootCertStore, ServerConfig,
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// `serve`'s TLS flags.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -25,16 +34,15 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    /// The server's TLS configuration (`None`: plain text).
-    pub fn config(&self) -> anyhow::Result<Option<ServerTlsConfig>> {
+    /// The server's TLS (`None`: plain text), read from the files now; see [`ServerTls`].
+    pub fn server_tls(&self) -> anyhow::Result<Option<Arc<ServerTls>>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        let mut config = ServerTlsConfig::new().identity(identity(cert, key)?);
-        if let Some(ca) = &self.tls_client_ca {
-            config = config.client_ca_root(Certificate::from_pem(pem("--tls-client-ca", ca, Block::Certificate)?));
-        }
-        Ok(Some(config))
+        let files = Files { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() };
+        let stamp = files.stamp();
+        let config = files.server_config()?;
+        Ok(Some(Arc::new(ServerTls { files, state: Mutex::new((stamp, Arc::new(config))) })))
     }
 
     /// How the log describes the channel.
@@ -45,6 +53,136 @@ impl ServerArgs {
             (Some(_), Some(_)) => "mutual TLS",
         }
     }
+}
+
+/// The companion's TLS configuration, rebuilt from its files when one of them changes (a renewed
+/// certificate, a rotated client CA) so that new connections get it without a restart; streams
+/// already open keep the session they have. A change that does not make a usable configuration
+/// (a half-written file, a key that is not the certificate's) is refused with an error and the
+/// configuration in force stays.
+pub struct ServerTls {
+    files: Files,
+    /// What the files looked like when last read, and the configuration in force.
+    state: Mutex<(Stamp, Arc<ServerConfig>)>,
+}
+
+/// Outcome of [`ServerTls::reload_if_changed`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    Unchanged,
+    /// The files changed and the new configuration is in force.
+    Reloaded,
+    /// The files changed but do not make a usable configuration (why); the old one stays.
+    Refused(String),
+}
+
+impl ServerTls {
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.lock().1)
+    }
+
+    /// Reads the files again if their size or modification time changed since the last look.
+    pub fn reload_if_changed(&self) -> Reload {
+        let stamp = self.files.stamp();
+        if stamp == self.lock().0 {
+            return Reload::Unchanged;
+        }
+        // Read outside the lock; a change meanwhile is seen by the next look.
+        let built = self.files.server_config();
+        let mut state = self.lock();
+        state.0 = stamp;
+        match built {
+            Ok(config) => {
+                state.1 = Arc::new(config);
+                Reload::Reloaded
+            }
+            Err(e) => Reload::Refused(format!("{e:#}")),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Stamp, Arc<ServerConfig>)> {
+        // A panic while holding it cannot leave the pair half-updated: recover the guard.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Size and modification time of each file (`None`: cannot be read).
+type Stamp = Vec<Option<(u64, Option<SystemTime>)>>;
+
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+}
+
+impl Files {
+    fn stamp(&self) -> Stamp {
+        [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|path| std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok())))
+            .collect()
+    }
+
+    /// rustls's configuration from the files, as tonic would make it (HTTP/2 by ALPN; with a
+    /// client CA, a client certificate from it is required), naming the flag and file of any
+    /// problem.
+    fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("the TLS library refused its default protocol versions")?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for cert in certificates("--tls-client-ca", ca)? {
+                    roots
+                        .add(cert)
+                        .with_context(|| format!("--tls-client-ca {}: not a usable CA certificate", ca.display()))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .with_context(|| format!("--tls-client-ca {}: not usable to verify clients", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let chain = certificates("--tls-cert", &self.cert)?;
+        let key = private_key(&self.key)?;
+        let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => anyhow::anyhow!(
+                "--tls-key {}: not the private key of the certificate in --tls-cert {}",
+                self.key.display(),
+                self.cert.display()
+            ),
+            e => anyhow::anyhow!(
+                "--tls-cert {} / --tls-key {}: not usable for TLS: {e}",
+                self.cert.display(),
+                self.key.display()
+            ),
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+/// The certificates of a PEM file (at least one).
+fn certificates(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let bytes = pem(flag, path, Block::Certificate)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{flag} {}: not a valid PEM certificate: {e}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{flag} {}: holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let bytes = pem("--tls-key", path, Block::Key)?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("--tls-key {}: not a valid PEM private key: {e}", path.display()))
 }
 
 /// `status`'s TLS flags.

@@ -4,13 +4,19 @@ whose `guardrail_control` cluster has a TLS transport socket (README "Companion 
 An Envoy with a client certificate from the companion's client CA gets every push; Envoys that
 speak plain text, present no certificate, or one from another CA are refused and keep enforcing
 what they had (their inline policy). `guardrail status` needs the CA and a client certificate too.
-The certificates are made here (Python `cryptography`), valid for an hour.
+The companion logs each failed handshake with rustls's reason, and takes renewed certificate files
+without a restart (refusing a broken renewal and keeping what it had). The certificates are made
+here (Python `cryptography`), valid for an hour.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import re
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +74,8 @@ class Pki:
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1)))
 
-    def issue(self, cn: str, *, server: bool) -> Issued:
+    def issue(self, cn: str, *, server: bool, to: Issued | None = None) -> Issued:
+        """A certificate for `cn` and its key, written to `to`'s files (replaced atomically) or new ones."""
         key = ec.generate_private_key(ec.SECP256R1())
         builder = self._builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), self.ca.subject, key.public_key())
         if server:
@@ -78,12 +85,19 @@ class Pki:
         else:
             usage = ExtendedKeyUsageOID.CLIENT_AUTH
         cert = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False).sign(self.key, hashes.SHA256())
-        issued = Issued(self.dir / f"{self.name}-{cn}.pem", self.dir / f"{self.name}-{cn}.key")
-        issued.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        issued.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
-        issued.key.chmod(0o600)
+        issued = to or Issued(self.dir / f"{self.name}-{cn}.pem", self.dir / f"{self.name}-{cn}.key")
+        replace(issued.key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        replace(issued.cert, cert.public_bytes(serialization.Encoding.PEM))
         return issued
+
+
+def replace(path: Path, data: bytes) -> None:
+    """Writes `path` as a renewal tool does: a file beside it (owner-only), renamed over it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
 
 
 def tls_socket(ca: Path, client: Issued | None) -> dict[str, Any]:
@@ -196,6 +210,14 @@ def test_envoys_without_the_trust_of_both_sides_never_get_the_policy(env: Env, h
         # Still the inline policy (x-app quarantined), though the companion serves x-app published.
         responds_with(request(gw.url, "/", headers={"x-api-key": KEYS["x-app"]}), 403, "app-not-active", app="x-app")
         assert "ACK revision" not in gw.log(), f"{how}: the gateway took a snapshot"
+        # The companion says who failed and why (rustls's reason), for whoever debugs the link.
+        reason = {
+            "plain-text": "received corrupt message of type InvalidContentType",
+            "no-client-certificate": "peer sent no certificates",
+            "certificate-of-another-ca": "invalid peer certificate: UnknownIssuer",
+            "wrong-companion-ca": "received fatal alert: UnknownCA",
+        }[how]
+        env.comp.wait_for_log(r"TLS handshake with 127\.0\.0\.1:\d+ failed: " + re.escape(reason))
     finally:
         gw.stop()
 
@@ -214,4 +236,57 @@ def test_a_key_that_is_not_the_certificates_stops_serve(env: Env) -> None:
     out = guardrail("serve", "--policy", str(env.policy_file), "--listen", "127.0.0.1:0",
                     "--tls-cert", str(env.server.cert), "--tls-key", str(other.key), timeout=15)
     assert out.returncode == 1, out.stderr
-    assert "--tls-cert/--tls-key" in out.stderr and "not usable for TLS" in out.stderr, out.stderr
+    assert f"--tls-key {other.key}: not the private key of the certificate in --tls-cert {env.server.cert}" in out.stderr, \
+        out.stderr
+
+
+def served_certificate(env: Env) -> bytes:
+    """The DER certificate the companion presents to a new connection (as an Envoy with a client
+    certificate, over HTTP/2)."""
+    ctx = ssl.create_default_context(cafile=str(env.pki.ca_pem))
+    ctx.load_cert_chain(str(env.client.cert), str(env.client.key))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", env.comp.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+
+
+def der_of(cert: Path) -> bytes:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_refused(env: Env) -> None:
+    gw = env.gateway("tls-renewal", tls_socket(env.pki.ca_pem, env.client))
+    try:
+        wait_for(lambda: env.comp.node_acked("tls-1"), timeout=20, what="the node to ACK tls-1")
+        [node] = [n["node_id"] for n in env.comp.connected_nodes()]
+        assert served_certificate(env) == der_of(env.server.cert)
+        before = der_of(env.server.cert)
+        changed = len(re.findall("TLS certificate files changed: new connections get them", env.comp.log()))
+
+        env.pki.issue("companion-renewed", server=True, to=env.server)
+        renewed = der_of(env.server.cert)
+        assert renewed != before
+        wait_for(lambda: env.comp.log().count("TLS certificate files changed: new connections get them") > changed,
+                 timeout=10, what="the companion to read the renewed certificate")
+        assert served_certificate(env) == renewed
+        # The stream opened before the renewal stays up, and pushes still reach it.
+        write_policy(env.policy_file, make_policy("tls-3", "quarantined"))
+        wait_for(lambda: env.comp.node_acked("tls-3"), timeout=20, what="tls-3 ACKed over the stream opened before")
+        assert [n["node_id"] for n in env.comp.connected_nodes()] == [node], env.comp.status()
+        assert re.findall(r"node (\S+) connected from", env.comp.log()).count(node) == 1, "the stream was reopened"
+
+        # A renewal that went wrong (the key is not PEM): refused, the renewed certificate stays.
+        replace(env.server.key, b"not a key\n")
+        env.comp.wait_for_log(r"TLS certificate files changed but are refused, the ones read before stay in force: "
+                              r"--tls-key \S+: holds no PEM private key")
+        assert served_certificate(env) == renewed
+        assert env.comp.running
+    finally:
+        gw.stop()
+        env.pki.issue("companion", server=True, to=env.server)
+        write_policy(env.policy_file, make_policy("tls-1", "published"))
+        wait_for(lambda: env.comp.status().get("revision") == "tls-1", timeout=10, what="tls-1 served again")

@@ -16,6 +16,7 @@ mod tests;
 
 use crate::log::log;
 use crate::pb::policy_service_server::PolicyServiceServer;
+use crate::tls::{Reload, ServerTls};
 use anyhow::Context;
 use hub::{system_clock, Hub};
 use service::{PolicyServer, StreamLimits, MAX_MESSAGE_BYTES};
@@ -28,7 +29,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::ServerTlsConfig;
+use tokio_stream::wrappers::ReceiverStream;
 use watch::{Source, Watcher, POLL_INTERVAL};
 
 /// How long streams get to close when the server stops, before it exits anyway.
@@ -58,7 +59,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let tls = args.tls.config()?;
+    let tls = args.tls.server_tls()?;
     let hub = Hub::new(&file, doc, system_clock()).map_err(anyhow::Error::msg)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
@@ -67,7 +68,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 
 async fn serve(
     args: &Args,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<ServerTls>>,
     source: Source,
     file: PathBuf,
     text: String,
@@ -75,7 +76,7 @@ async fn serve(
 ) -> anyhow::Result<ExitCode> {
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-    let server = start(listener, hub.clone(), StreamLimits::default(), tls)?;
+    let server = start(listener, hub.clone(), StreamLimits::default(), tls.clone())?;
     log!(
         "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService, {})",
         hub.current().revision,
@@ -98,6 +99,13 @@ async fn serve(
         loop {
             every.tick().await;
             ticker_hub.tick();
+            match tls.as_deref().map(ServerTls::reload_if_changed) {
+                None | Some(Reload::Unchanged) => {}
+                Some(Reload::Reloaded) => log!("TLS certificate files changed: new connections get them"),
+                Some(Reload::Refused(why)) => {
+                    log!("TLS certificate files changed but are refused, the ones read before stay in force: {why}")
+                }
+            }
         }
     });
 
@@ -138,32 +146,107 @@ pub fn start(
     listener: TcpListener,
     hub: Arc<Hub>,
     limits: StreamLimits,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<ServerTls>>,
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("starting the gRPC server")?;
     let service = PolicyServiceServer::new(PolicyServer::new(hub, limits)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).map_err(|e| {
-            anyhow::anyhow!(
-                "--tls-cert/--tls-key/--tls-client-ca: not usable for TLS: {}",
-                crate::status::error_chain(&e)
-            )
-        })?;
-    }
+    let server = tonic::transport::Server::builder()
+        // Dead peers (a killed Envoy, a cut network) are noticed and their streams closed.
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(service);
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(
-        builder
-            // Dead peers (a killed Envoy, a cut network) are noticed and their streams closed.
-            .http2_keepalive_interval(Some(Duration::from_secs(15)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
-    );
+    let stopped = async {
+        let _ = stopped.await;
+    };
+    let task = match tls {
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Some(tls) => tokio::spawn(server.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped)),
+    };
     Ok(Running { addr, stop, task })
+}
+
+/// How long a client gets to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed handshakes logged per minute; the rest are counted in the next line.
+const HANDSHAKE_FAILURES_LOGGED: u32 = 20;
+
+/// The connections of `listener` that complete a TLS handshake with the configuration in force
+/// when they arrive; each failed handshake is logged with the peer and rustls's reason (a client
+/// without a certificate, one from another CA, plain text), at most
+/// [`HANDSHAKE_FAILURES_LOGGED`] a minute. Accepting stops when the server drops the stream.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let failures = Arc::new(FailureLog::default());
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: the next accept may work.
+                    log!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let (tx, failures) = (tx.clone(), failures.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    // Closed without a TLS error, most often before a word: a TCP health check or a
+                    // port scan.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                    Ok(Err(e)) => failures.note(peer, &crate::status::error_chain(&e)),
+                    Err(_) => failures.note(peer, &format!("no handshake within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Rate-limits the log lines of failed handshakes.
+#[derive(Default)]
+struct FailureLog {
+    /// (start of the current minute, lines logged in it, failures not logged in it)
+    window: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>,
+}
+
+impl FailureLog {
+    fn note(&self, peer: SocketAddr, why: &str) {
+        let now = std::time::Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let new_minute = match w.0 {
+            None => true,
+            Some(start) => now.duration_since(start) >= Duration::from_secs(60),
+        };
+        if new_minute {
+            if w.2 > 0 {
+                log!("TLS: {} more failed handshakes in the last minute were not logged", w.2);
+            }
+            *w = (Some(now), 0, 0);
+        }
+        if w.1 < HANDSHAKE_FAILURES_LOGGED {
+            w.1 += 1;
+            log!("TLS handshake with {peer} failed: {why}");
+        } else {
+            w.2 += 1;
+        }
+    }
 }
 
 impl Running {
