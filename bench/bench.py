@@ -75,6 +75,8 @@ SETTINGS: dict[str, Any] = {
     "rules": int(env_num("BENCH_RULES", 20)),
     "jwt_apps": int(env_num("BENCH_JWT_APPS", 200)),  # distinct tokens in the mix
     "request_apps": int(env_num("BENCH_REQUEST_APPS", 0)),  # apps the requests come from (0: all)
+    # the upstream's response body (0: "ok\n"); large ones arrive at the measured Envoy in many chunks
+    "body_bytes": int(env_num("BENCH_BODY_BYTES", 0)),
     # accuracy
     "accuracy_apps": int(env_num("BENCH_ACCURACY_APPS", 20)),
     "accuracy_quota": int(env_num("BENCH_ACCURACY_QUOTA", 50)),
@@ -319,8 +321,11 @@ ROUTER = {"name": "envoy.filters.http.router",
 
 def bootstrap(*, port: int, admin_port: int, http_filters: list[dict[str, Any]], clusters: list[dict[str, Any]],
               route: dict[str, Any] | None = None, direct_response: bool = False) -> dict[str, Any]:
+    route_config: dict[str, Any] = {"name": "bench"}
     if direct_response:
-        routes = [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]
+        body = "ok\n" if not SETTINGS["body_bytes"] else "x" * SETTINGS["body_bytes"]
+        routes = [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}]
+        route_config["max_direct_response_body_size_bytes"] = max(4096, len(body))
     else:
         routes = [{"match": {"prefix": "/"}, "route": route or {"cluster": "upstream"}}]
     hcm = {
@@ -329,7 +334,7 @@ def bootstrap(*, port: int, admin_port: int, http_filters: list[dict[str, Any]],
         "normalize_path": True,
         "merge_slashes": True,
         "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
-        "route_config": {"name": "bench", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+        "route_config": {**route_config, "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
         "http_filters": [*http_filters, ROUTER],
     }
     return {

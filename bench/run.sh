@@ -15,6 +15,7 @@
 # BENCH_RESULTS (bench/results.json), BENCH_KEEP=1 (keep the work directory with configs and logs).
 # BENCH_PERF=1 (perf profile per configuration), BENCH_ALT_WASM=FILE (A/B: (g) is (f) with that build),
 # BENCH_PIN (1: the Envoy under test alone on the last CPU), BENCH_REQUEST_APPS (apps the requests come from),
+# BENCH_BODY_BYTES (the upstream's response body; default 3 bytes),
 # BENCH_HOSTCALLS="headers*20 ..." (price each host call); see bench/README.md "Profiling".
 set -euo pipefail
 
