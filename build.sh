@@ -114,9 +114,6 @@ cmd_build() {
     die "the filter did not build"
   fi
   wait "$venv_pid" || die "could not set up .venv (above)"
-  # Envoy enters the VM only for the callbacks the module exports: drop those Guardrail leaves to
-  # the SDK's empty defaults (3 VM entries per request fewer; see the script).
-  python3 tools/strip_callbacks.py "$GUARDRAIL_WASM" || die "could not remove the unused callbacks from $GUARDRAIL_WASM"
   # The CLI without the wasm's fat LTO and single codegen unit (they are for the module's size and
   # speed): a fresh build took 4.0 minutes instead of 5.2 here, and `guardrail check` of a
   # 10,000-app policy 127-131 ms against 125-127 ms with them.

@@ -153,18 +153,13 @@ impl GuardrailRoot {
     }
 }
 
-/// The host deletes the root context when the plugin or its VM goes away: what the counters hold
-/// since the last tick still counts. (Here rather than in `on_done`: the module does not export
-/// `proxy_on_done`, which Envoy would otherwise call for every request; tools/strip_callbacks.py.)
-impl Drop for GuardrailRoot {
-    fn drop(&mut self) {
-        if let Ok(mut worker) = self.worker.try_borrow_mut() {
-            worker.metrics.flush();
-        }
-    }
-}
-
 impl Context for GuardrailRoot {
+    /// The VM is going away: what the counters hold since the last tick still counts.
+    fn on_done(&mut self) -> bool {
+        self.worker.borrow_mut().metrics.flush();
+        true
+    }
+
     fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
         let Some(control) = self.control.as_mut() else {
             return;
