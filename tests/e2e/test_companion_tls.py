@@ -4,14 +4,15 @@ whose `guardrail_control` cluster has a TLS transport socket (README "Companion 
 An Envoy with a client certificate from the companion's client CA gets every push; Envoys that
 speak plain text, present no certificate, or one from another CA are refused and keep enforcing
 what they had (their inline policy). `guardrail status` needs the CA and a client certificate too.
-The companion logs each failed handshake with rustls's reason, and takes renewed certificate files
-without a restart (refusing a broken renewal and keeping what it had). The certificates are made
-here (Python `cryptography`), valid for an hour.
+The companion logs which client certificate opened each stream and each failed handshake with
+rustls's reason, and takes renewed certificate files without a restart (refusing a broken renewal
+and keeping what it had). The certificates are made here (Python `cryptography`), valid for an hour.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -181,6 +182,10 @@ def test_an_envoy_with_a_client_certificate_gets_every_push(env: Env) -> None:
     gw = env.gateway("tls-good", tls_socket(env.pki.ca_pem, env.client))
     try:
         wait_for(lambda: env.comp.node_acked("tls-1"), timeout=20, what="the node to ACK tls-1 over mutual TLS")
+        # The log says which certificate opened the stream (the node id is only the client's word).
+        fingerprint = hashlib.sha256(der_of(env.client.cert)).hexdigest()
+        env.comp.wait_for_log(r"node tls-good/\S+ connected from 127\.0\.0\.1:\d+ "
+                              rf"\(client certificate sha256:{fingerprint}\)")
         wait_for(lambda: x_app_status(gw) == 200, timeout=10, what="the pushed policy (x-app published) in force")
         write_policy(env.policy_file, make_policy("tls-2", "quarantined"))
         wait_for(lambda: env.comp.node_acked("tls-2"), timeout=20, what="the node to ACK tls-2")

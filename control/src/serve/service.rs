@@ -12,7 +12,7 @@ use super::hub::Hub;
 use crate::log::log;
 use crate::pb::policy_service_server::PolicyService;
 use guardrail_proto::v1::{self, client_message::Msg};
-use std::net::SocketAddr;
+use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +72,17 @@ impl PolicyService for PolicyServer {
         &self,
         request: Request<Streaming<v1::ClientMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = request.remote_addr();
+        // Under mutual TLS, which client certificate opened the stream (node ids are the
+        // client's word; the certificate is not): `sha256:<hex>` of the leaf, as
+        // `openssl x509 -noout -fingerprint -sha256` prints it (without colons).
+        let certificate = request.peer_certs().and_then(|certs| {
+            certs.first().map(|leaf| format!("sha256:{}", hex::encode(Sha256::digest(leaf.as_ref()))))
+        });
+        let peer = match (request.remote_addr(), certificate) {
+            (Some(addr), Some(cert)) => Some(format!("{addr} (client certificate {cert})")),
+            (Some(addr), None) => Some(addr.to_string()),
+            (None, _) => None,
+        };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(2));
         let conn = Connection { hub: self.hub.clone(), limits: self.limits, tx, peer };
@@ -92,7 +102,8 @@ struct Connection {
     hub: Arc<Hub>,
     limits: StreamLimits,
     tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
-    peer: Option<SocketAddr>,
+    /// The client's address, and under mutual TLS its certificate's fingerprint.
+    peer: Option<String>,
 }
 
 /// Why a stream ended; `Some` status is sent to the client.
@@ -100,7 +111,7 @@ type End = Option<Status>;
 
 impl Connection {
     async fn run(self, mut inbound: Streaming<v1::ClientMessage>) {
-        let peer = self.peer.map_or_else(|| "unknown peer".to_string(), |p| p.to_string());
+        let peer = self.peer.clone().unwrap_or_else(|| "unknown peer".to_string());
         let hello = match self.hello(&mut inbound).await {
             Ok(hello) => hello,
             Err(end) => {
