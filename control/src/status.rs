@@ -119,6 +119,7 @@ pub fn to_json(s: &v1::StatusResponse) -> serde_json::Value {
             "node_id": n.node_id,
             "connected": n.connected,
             "streams": n.streams,
+            "client_certificate": n.client_certificate,
             "envoy_version": n.envoy_version,
             "filter_version": n.filter_version,
             "acked_revision": n.acked_revision,
@@ -178,6 +179,9 @@ pub fn render(s: &v1::StatusResponse, now: i64) -> String {
             ]));
         }
         out.push_str(&table(&rows));
+        for n in s.nodes.iter().filter(|n| !n.client_certificate.is_empty()) {
+            out.push_str(&format!("  {} client certificate {}\n", n.node_id, n.client_certificate));
+        }
         for n in s.nodes.iter().filter(|n| !n.last_error.is_empty()) {
             out.push_str(&format!(
                 "  {} rejected {}: {}\n",
@@ -273,6 +277,7 @@ mod tests {
                     last_seen_unix: 990,
                     connected: true,
                     streams: 1,
+                    client_certificate: "sha256:0a1b".into(),
                 },
                 v1::Node {
                     node_id: "envoy-b".into(),
@@ -304,6 +309,7 @@ mod tests {
             "envoy-a  yes        7      8       10s ago",
             "envoy-b  no         8      -",
             "envoy-a rejected 8: rules[0].when: bad\n    rules[1].when: bad",
+            "  envoy-a client certificate sha256:0a1b\n",
             "fleet usage on 2024-10-04 (UTC)",
             "pos  100      100     2       0          0           budget exhausted",
         ] {
@@ -316,6 +322,10 @@ mod tests {
         let v = to_json(&sample());
         assert_eq!(v["nodes"][0]["nacked_revision"], "8");
         assert_eq!(v["nodes"][1]["in_sync"], true);
+        assert_eq!(
+            (v["nodes"][0]["client_certificate"].as_str(), v["nodes"][1]["client_certificate"].as_str()),
+            (Some("sha256:0a1b"), Some(""))
+        );
         assert_eq!(v["fleet_usage"][0]["daily_budget"], 100);
         assert_eq!(v["fleet_usage"][0]["exhausted"], true);
         assert_eq!(v["fleet_usage"][0]["denied"]["quota-exceeded"], 2);

@@ -145,4 +145,8 @@ pub struct Node {
     /// open streams from this node (1 when healthy; 0 when disconnected)
     #[prost(uint32, tag = "9")]
     pub streams: u32,
+    /// Under mutual TLS, the client certificate of the node's latest stream: "sha256:<hex>" of the
+    /// leaf (node ids are the client's word; the certificate is not). Empty over plain text or TLS.
+    #[prost(string, tag = "10")]
+    pub client_certificate: ::prost::alloc::string::String,
 }

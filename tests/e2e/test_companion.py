@@ -234,6 +234,7 @@ def test_status_shows_exactly_one_node_with_the_acked_revision(env: Env, comp: C
     assert node.get("streams", 1) == 1, f"one stream per Envoy process (two workers + main): {node}"
     assert node["acked_revision"] == env.revision and node["in_sync"] is True, node
     assert node["nacked_revision"] == "" and node["last_error"] == "", node
+    assert node["client_certificate"] == "", f"plain text: no client certificate: {node}"
     # Past a leader lease (3 s) nobody took over with a second stream.
     time.sleep(3.5)
     status, again = the_node(comp)

@@ -186,6 +186,8 @@ def test_an_envoy_with_a_client_certificate_gets_every_push(env: Env) -> None:
         fingerprint = hashlib.sha256(der_of(env.client.cert)).hexdigest()
         env.comp.wait_for_log(r"node tls-good/\S+ connected from 127\.0\.0\.1:\d+ "
                               rf"\(client certificate sha256:{fingerprint}\)")
+        [node] = env.comp.connected_nodes()
+        assert node["client_certificate"] == f"sha256:{fingerprint}", node
         wait_for(lambda: x_app_status(gw) == 200, timeout=10, what="the pushed policy (x-app published) in force")
         write_policy(env.policy_file, make_policy("tls-2", "quarantined"))
         wait_for(lambda: env.comp.node_acked("tls-2"), timeout=20, what="the node to ACK tls-2")

@@ -111,6 +111,8 @@ pub struct Node {
     pub last_seen: i64,
     /// Open streams (1 when healthy; more means two processes share a node id, or a stale stream).
     pub streams: u32,
+    /// The client certificate (`sha256:<hex>`) of its latest stream, under mutual TLS.
+    pub client_certificate: String,
     /// Per UTC day, per app.
     usage: BTreeMap<u64, BTreeMap<String, Counts>>,
 }
@@ -124,8 +126,8 @@ pub struct Fleet {
 // === impl Fleet ===
 
 impl Fleet {
-    /// A stream said Hello: the node is (re)connected.
-    pub fn connect(&mut self, hello: &v1::Hello, now: i64) -> Result<&Node, FleetError> {
+    /// A stream said Hello: the node is (re)connected (under mutual TLS, with `certificate`).
+    pub fn connect(&mut self, hello: &v1::Hello, certificate: &str, now: i64) -> Result<&Node, FleetError> {
         let id = hello.node_id.as_str();
         if !valid_id(id) {
             return Err(FleetError::BadNodeId);
@@ -139,6 +141,7 @@ impl Fleet {
         node.hello_revision = truncated(&hello.revision, MAX_ID_LEN);
         node.last_seen = now;
         node.streams = node.streams.saturating_add(1);
+        node.client_certificate = certificate.to_string();
         Ok(node)
     }
 
@@ -269,6 +272,7 @@ impl Fleet {
                 last_seen_unix: n.last_seen,
                 connected: n.streams > 0,
                 streams: n.streams,
+                client_certificate: n.client_certificate.clone(),
             })
             .collect()
     }
@@ -321,15 +325,26 @@ mod tests {
             (&"x".repeat(MAX_ID_LEN + 1), false, "too long"),
         ];
         for (id, ok, why) in cases {
-            assert_eq!(fleet.connect(&hello(id), 0).is_ok(), *ok, "{why}");
+            assert_eq!(fleet.connect(&hello(id), "", 0).is_ok(), *ok, "{why}");
         }
+    }
+
+    #[test]
+    fn the_status_names_the_client_certificate_of_the_latest_stream() {
+        let mut fleet = Fleet::default();
+        assert!(fleet.connect(&hello("a"), "sha256:01", 1).is_ok());
+        assert_eq!(fleet.to_proto()[0].client_certificate, "sha256:01");
+        assert!(fleet.connect(&hello("a"), "sha256:02", 2).is_ok());
+        assert_eq!(fleet.to_proto()[0].client_certificate, "sha256:02", "another certificate took the node id");
+        assert!(fleet.connect(&hello("a"), "", 3).is_ok());
+        assert_eq!(fleet.to_proto()[0].client_certificate, "", "then a stream without one");
     }
 
     #[test]
     fn streams_are_counted_per_node() {
         let mut fleet = Fleet::default();
-        assert!(fleet.connect(&hello("a"), 1).is_ok());
-        assert!(fleet.connect(&hello("a"), 2).is_ok());
+        assert!(fleet.connect(&hello("a"), "", 1).is_ok());
+        assert!(fleet.connect(&hello("a"), "", 2).is_ok());
         assert_eq!(fleet.get("a").map(|n| n.streams), Some(2));
         fleet.disconnect("a", 3);
         fleet.disconnect("a", 4);
@@ -342,7 +357,7 @@ mod tests {
     #[test]
     fn ack_of_the_served_revision_clears_an_older_nack() {
         let mut fleet = Fleet::default();
-        assert!(fleet.connect(&hello("a"), 0).is_ok());
+        assert!(fleet.connect(&hello("a"), "", 0).is_ok());
         fleet.nack("a", "8", "rules[0].when: syntax error");
         fleet.ack("a", "7", "8");
         let n = fleet.get("a").cloned().unwrap_or_default();
@@ -360,7 +375,7 @@ mod tests {
     fn usage_sums_nodes_and_keeps_the_highest_count() {
         let mut fleet = Fleet::default();
         for id in ["a", "b"] {
-            assert!(fleet.connect(&hello(id), 0).is_ok());
+            assert!(fleet.connect(&hello(id), "", 0).is_ok());
         }
         let today = 20_000;
         assert!(fleet.report("a", &report(today, &[("app", 10), ("other", 1)]), today).is_ok());
@@ -381,7 +396,7 @@ mod tests {
     #[test]
     fn bad_reports_are_refused() {
         let mut fleet = Fleet::default();
-        assert!(fleet.connect(&hello("a"), 0).is_ok());
+        assert!(fleet.connect(&hello("a"), "", 0).is_ok());
         let today = 20_000;
         let mut many_codes = report(today, &[("app", 1)]);
         many_codes.apps[0].denied = (0..=MAX_CODES_PER_APP).map(|i| (format!("code-{i}"), 1)).collect();
@@ -402,8 +417,8 @@ mod tests {
     fn prune_forgets_old_days_and_gone_nodes() {
         let mut fleet = Fleet::default();
         let today = 20_000;
-        assert!(fleet.connect(&hello("gone"), 0).is_ok());
-        assert!(fleet.connect(&hello("here"), 0).is_ok());
+        assert!(fleet.connect(&hello("gone"), "", 0).is_ok());
+        assert!(fleet.connect(&hello("here"), "", 0).is_ok());
         assert!(fleet.report("gone", &report(today - 1, &[("app", 3)]), today).is_ok());
         fleet.disconnect("gone", 0);
         fleet.prune(today, FORGET_AFTER_SECS);

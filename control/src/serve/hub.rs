@@ -187,9 +187,9 @@ impl Hub {
 
     // --- nodes ---
 
-    pub fn connect(&self, hello: &v1::Hello) -> Result<Node, FleetError> {
+    pub fn connect(&self, hello: &v1::Hello, certificate: &str) -> Result<Node, FleetError> {
         let now = self.now();
-        self.lock().fleet.connect(hello, now).cloned()
+        self.lock().fleet.connect(hello, certificate, now).cloned()
     }
 
     pub fn disconnect(&self, node_id: &str) {

@@ -78,14 +78,15 @@ impl PolicyService for PolicyServer {
         let certificate = request.peer_certs().and_then(|certs| {
             certs.first().map(|leaf| format!("sha256:{}", hex::encode(Sha256::digest(leaf.as_ref()))))
         });
-        let peer = match (request.remote_addr(), certificate) {
+        let peer = match (request.remote_addr(), &certificate) {
             (Some(addr), Some(cert)) => Some(format!("{addr} (client certificate {cert})")),
             (Some(addr), None) => Some(addr.to_string()),
             (None, _) => None,
         };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(2));
-        let conn = Connection { hub: self.hub.clone(), limits: self.limits, tx, peer };
+        let certificate = certificate.unwrap_or_default();
+        let conn = Connection { hub: self.hub.clone(), limits: self.limits, tx, peer, certificate };
         tokio::spawn(conn.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -104,6 +105,8 @@ struct Connection {
     tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
     /// The client's address, and under mutual TLS its certificate's fingerprint.
     peer: Option<String>,
+    /// Under mutual TLS, `sha256:<hex>` of the client's certificate; else empty.
+    certificate: String,
 }
 
 /// Why a stream ended; `Some` status is sent to the client.
@@ -123,7 +126,7 @@ impl Connection {
             }
         };
         let node = hello.node_id.clone();
-        match self.hub.connect(&hello) {
+        match self.hub.connect(&hello, &self.certificate) {
             Ok(n) => log!(
                 "node {node} connected from {peer} (envoy {}, filter {}, holding revision {}){}",
                 or_dash(&hello.envoy_version),
