@@ -67,7 +67,7 @@ pub struct ServerTls {
 }
 
 /// Outcome of [`ServerTls::reload_if_changed`].
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Reload {
     Unchanged,
     /// The files changed and the new configuration is in force.
@@ -211,7 +211,10 @@ impl ClientArgs {
         let mut config =
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem("--tls-ca", ca, Block::Certificate)?));
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            config = config.identity(identity(cert, key)?);
+            config = config.identity(Identity::from_pem(
+                pem("--tls-cert", cert, Block::Certificate)?,
+                pem("--tls-key", key, Block::Key)?,
+            ));
         }
         if let Some(name) = &self.tls_server_name {
             config = config.domain_name(name.clone());
@@ -224,11 +227,6 @@ impl ClientArgs {
 enum Block {
     Certificate,
     Key,
-}
-
-/// The certificate of `--tls-cert` with the key of `--tls-key`.
-fn identity(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
-    Ok(Identity::from_pem(pem("--tls-cert", cert, Block::Certificate)?, pem("--tls-key", key, Block::Key)?))
 }
 
 /// The PEM file of `flag`, if it holds the expected kind of block.
