@@ -63,7 +63,7 @@ use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{Code, Decision};
 use guardrail_core::duration::parse_duration;
 use guardrail_core::jwt::TokenCache;
-use guardrail_core::source::{load_file, locate, read_file, to_json_value};
+use guardrail_core::source::{locate, read_file, to_json_value};
 use guardrail_core::time::NANOS_PER_SEC;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -80,7 +80,7 @@ const DEFAULT_MINT_TTL_SECS: i64 = 300;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Policy file (YAML or JSON).
+    /// Policy file (YAML or JSON), or a directory holding one, as `guardrail serve` takes it.
     policy: PathBuf,
     /// Case file (YAML or JSON); the format is in examples/retailco/README.md.
     cases: PathBuf,
@@ -90,10 +90,10 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
-    let policy = match load_file(&args.policy) {
-        Ok(p) => p,
-        Err(errors) => {
-            print_errors(&errors.lines());
+    let policy = match crate::policy::load(&args.policy) {
+        Ok((_, doc)) => doc.policy,
+        Err(lines) => {
+            print_errors(&lines);
             return Ok(ExitCode::FAILURE);
         }
     };

@@ -23,7 +23,6 @@ use guardrail_core::decide::{decide_as, decide_traced, Decision, Event, Request}
 use guardrail_core::jwt::TokenCache;
 use guardrail_core::problem::{denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers};
 use guardrail_core::quota::{ensure_keys, MemoryStore};
-use guardrail_core::source::load_file;
 use guardrail_core::time::{parse_rfc3339, NANOS_PER_SEC};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,7 +39,7 @@ const REQUEST_ID: &str = "explain";
         .args(["app", "api_key", "token", "anonymous"])
 ))]
 pub struct Args {
-    /// Policy file (YAML or JSON).
+    /// Policy file (YAML or JSON), or a directory holding one, as `guardrail serve` takes it.
     path: PathBuf,
     /// Judge the request as this app without a credential (the credential step is skipped and
     /// reported as assumed; a --token still counts for JIT and rules).
@@ -85,16 +84,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     for h in &args.headers {
         headers.push(parse_header(h).map_err(|e| UsageError(format!("--header {h:?}: {e}")))?);
     }
-    let policy = match load_file(&args.path) {
-        Ok(p) => p,
-        Err(errors) => {
-            let mut err = std::io::stderr().lock();
-            for line in errors.lines() {
-                let _ = writeln!(err, "{line}");
-            }
-            return Ok(ExitCode::FAILURE);
-        }
+    let Some((_, doc)) = crate::policy::load_or_report(&args.path) else {
+        return Ok(ExitCode::FAILURE);
     };
+    let policy = doc.policy;
     split_url(&args.url).map_err(|e| UsageError(format!("--url {:?}: {e}", args.url)))?;
     check_method(&args.method).map_err(|e| UsageError(format!("--method: {e}")))?;
     let credential = match (&args.app, &args.api_key) {
@@ -349,6 +342,10 @@ pub fn event_lines(decision: &Decision<'_>) -> Vec<String> {
         .collect()
 }
 
+/// The connector step of a trace made without `--connector`.
+const NO_CONNECTOR: &str =
+    "not checked: give --connector CLUSTER (the Envoy cluster the route sends to) to check it against the app's connectors";
+
 fn reason_phrase(status: u32) -> &'static str {
     match status {
         200 => "OK",
@@ -377,7 +374,7 @@ fn report(policy: &CompiledPolicy, probe: &Probe, decision: &Decision<'_>, now_s
         (Credential::None, false) => "without a credential".to_string(),
         (Credential::None, true) => "with a bearer token (no API key)".to_string(),
     };
-    let connector = probe.connector.as_deref().map_or("none (local reply)".to_string(), |c| format!("`{c}`"));
+    let connector = probe.connector.as_deref().map_or("not given".to_string(), |c| format!("`{c}`"));
     let (region, region_from) = probe.gateway_region(policy);
     let region = region.map_or("unset".to_string(), |r| format!("{r} ({region_from})"));
     s.push_str(&format!("  {who}; connector {connector}; gateway region {region}; at {}\n", rfc3339_secs(now_secs)));
@@ -386,6 +383,11 @@ fn report(policy: &CompiledPolicy, probe: &Probe, decision: &Decision<'_>, now_s
     }
     s.push('\n');
     for line in trace_lines(decision) {
+        // Without --connector decide() sees what Envoy passes for a local reply: no cluster.
+        if probe.connector.is_none() && line.split_whitespace().next() == Some("connector") {
+            s.push_str(&format!("{:<10} {NO_CONNECTOR}\n", "connector"));
+            continue;
+        }
         s.push_str(line);
         s.push('\n');
     }
@@ -411,7 +413,10 @@ fn report(policy: &CompiledPolicy, probe: &Probe, decision: &Decision<'_>, now_s
             s.push_str(&format!("\n  {}\n", problem_body(denial, REQUEST_ID, app)));
         }
         None => {
-            let upstream = probe.connector.as_deref().map_or("the upstream".to_string(), |c| format!("`{c}`"));
+            let upstream = probe
+                .connector
+                .as_deref()
+                .map_or("the cluster its route names (not checked: no --connector)".to_string(), |c| format!("`{c}`"));
             s.push_str(&format!("\nEnvoy forwards the request to {upstream} with:\n"));
             if let Some(app) = app {
                 s.push_str(&format!("  x-guardrail-app: {app}\n"));

@@ -6,7 +6,8 @@ use sha2::{Digest, Sha256};
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::process::ExitCode;
 
-/// Shorter keys can be guessed; the catalog only ever holds their digests.
+/// Shorter keys can be guessed, digest or not: `hash-key` warns about them (it still hashes them,
+/// so that keys already handed out can be catalogued).
 pub const MIN_KEY_CHARS: usize = 16;
 
 #[derive(Debug, clap::Args)]
@@ -25,6 +26,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         None => read_stdin()?,
     };
     check_key(&key)?;
+    let chars = key.chars().count();
+    if chars < MIN_KEY_CHARS {
+        eprintln!(
+            "warning: the key is {chars} characters long; a key under {MIN_KEY_CHARS} can be guessed \
+             (make new ones with e.g. `openssl rand -hex 32`)"
+        );
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", digest(&key)).context("writing to standard output")?;
     Ok(ExitCode::SUCCESS)
@@ -55,7 +63,7 @@ fn read_stdin() -> anyhow::Result<String> {
     Ok(key)
 }
 
-/// Refuses keys that are empty, short, or that could never arrive intact in an HTTP header.
+/// Refuses keys that are empty or that could never arrive intact in an HTTP header.
 fn check_key(key: &str) -> Result<(), UsageError> {
     if key.is_empty() {
         return Err(UsageError("the key is empty".into()));
@@ -70,12 +78,6 @@ fn check_key(key: &str) -> Result<(), UsageError> {
             "the key contains control characters (a newline?), which cannot be sent in an HTTP header".into(),
         ));
     }
-    let chars = key.chars().count();
-    if chars < MIN_KEY_CHARS {
-        return Err(UsageError(format!(
-            "the key is {chars} characters long; API keys need at least {MIN_KEY_CHARS} (e.g. `openssl rand -hex 32`)"
-        )));
-    }
     Ok(())
 }
 
@@ -87,8 +89,7 @@ mod tests {
     fn key_checks() {
         let cases: &[(&str, bool, &str)] = &[
             ("", false, "empty"),
-            ("short", false, "too short"),
-            ("0123456789abcde", false, "15 chars"),
+            ("short", true, "short: hashed, with a warning"),
             ("0123456789abcdef", true, "16 chars"),
             ("ééééééééééééééééé", true, "counted in characters, not bytes"),
             (" 0123456789abcdef", false, "leading space"),

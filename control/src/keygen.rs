@@ -1,8 +1,10 @@
 //! `guardrail keygen`: a new Ed25519 signing key for JIT credentials.
 //!
-//! Writes the private JWK to `--out` (mode 0600, never over an existing file unless `--force`) and
-//! prints the public JWK on stdout, one line of JSON, which is also a YAML flow mapping: paste it as
-//! an item of `settings.identity.jwt[].jwks.keys` in the policy.
+//! With `--out FILE`, writes the private JWK there (mode 0600, never over an existing file unless
+//! `--force`) and prints the public JWK on stdout, one line of JSON, which is also a YAML flow
+//! mapping: paste it as an item of `settings.identity.jwt[].jwks.keys` in the policy. Without
+//! `--out` (`guardrail keygen > key.jwk`), the private JWK goes to stdout and the public one, for
+//! the policy, to stderr.
 
 use crate::jwk::SigningKey;
 use crate::UsageError;
@@ -14,9 +16,10 @@ use std::process::ExitCode;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Where to write the private key (a JWK; readable by its owner only).
+    /// Where to write the private key (a JWK; readable by its owner only). Without it the private
+    /// key goes to stdout and the public key to stderr.
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
     /// Key id (`kid`); defaults to the key's RFC 7638 thumbprint.
     #[arg(long)]
     kid: Option<String>,
@@ -31,23 +34,32 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             return Err(UsageError("--kid must be 1 to 128 printable characters".into()).into());
         }
     }
-    if args.out.exists() && !args.force {
-        return Err(UsageError(format!(
-            "{} exists; choose another --out or add --force to replace it",
-            args.out.display()
-        ))
-        .into());
+    if let Some(out) = args.out.as_ref().filter(|out| out.exists() && !args.force) {
+        return Err(
+            UsageError(format!("{} exists; choose another --out or add --force to replace it", out.display())).into()
+        );
     }
     let key = SigningKey::generate(args.kid.clone()).map_err(anyhow::Error::msg)?;
     let private = serde_json::to_string_pretty(&key.private_jwk()).context("encoding the key")?;
-    write_private(&args.out, &format!("{private}\n"), args.force)?;
+    let Some(path) = &args.out else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{private}").context("writing to standard output")?;
+        eprintln!(
+            "{}\nabove: the public key {} for the policy (settings.identity.jwt[].jwks.keys); \
+             the private key went to standard output: keep it secret (`guardrail mint --key FILE`)",
+            key.public_jwk(),
+            key.kid
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    write_private(path, &format!("{private}\n"), args.force)?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", key.public_jwk()).context("writing to standard output")?;
     eprintln!(
         "wrote the private key {} to {} (mode 0600); add the public key above to the policy \
          under settings.identity.jwt[].jwks.keys",
         key.kid,
-        args.out.display()
+        path.display()
     );
     Ok(ExitCode::SUCCESS)
 }

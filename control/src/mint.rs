@@ -13,7 +13,6 @@
 
 use crate::jwk::{b64, SigningKey};
 use crate::log::now_secs;
-use crate::serve::watch::Source;
 use crate::UsageError;
 use anyhow::Context;
 use guardrail_core::compile::CompiledPolicy;
@@ -110,14 +109,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             mint(&key, &request, &plan, now)?
         }
         Some(path) => {
-            let (_, _, doc) = match Source::new(path).load() {
-                Ok(loaded) => loaded,
-                Err(lines) => {
-                    for line in lines {
-                        eprintln!("{line}");
-                    }
-                    return Ok(ExitCode::FAILURE);
-                }
+            let Some((_, doc)) = crate::policy::load_or_report(path) else {
+                return Ok(ExitCode::FAILURE);
             };
             let plan = match plan_with_policy(&doc.json, &doc.policy, &key, &request) {
                 Ok(plan) => plan,

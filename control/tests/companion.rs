@@ -252,6 +252,39 @@ fn keygen_writes_a_private_key_readable_by_its_owner_only() {
     assert_eq!(replaced["kid"].as_str().map(str::len), Some(43), "kid defaults to the thumbprint");
 }
 
+/// `guardrail keygen` as SPEC.md gives it, with no flags: `guardrail keygen > key.jwk`.
+#[test]
+fn keygen_without_out_prints_the_private_key_and_the_public_one_apart() {
+    let dir = TempDir::new();
+    let out = guardrail(&["keygen"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let private: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(private["d"].as_str().map(str::len), Some(43), "stdout is the private JWK");
+    let err = text(&out.stderr);
+    let public: serde_json::Value = serde_json::from_str(err.lines().next().unwrap_or_default()).unwrap();
+    assert!(public.get("d").is_none(), "stderr's first line is the public JWK: {err}");
+    for field in ["kty", "crv", "kid", "alg", "x"] {
+        assert_eq!(private[field], public[field], "{field}");
+    }
+
+    // What stdout held is a key `mint` signs with, and the policy trusts the public half.
+    let key = dir.join("key.jwk");
+    std::fs::write(&key, &out.stdout).unwrap();
+    let minted =
+        guardrail(&["mint", "--key", s(&key), "--app", "analyst", "--scope", "dataset:patients", "--ttl", "5m"]);
+    assert_eq!(minted.status.code(), Some(0), "{}", text(&minted.stderr));
+    let policy = guardrail_core::source::load_str(
+        &policy(1, &public.to_string())
+            .replace("issuer: https://id.example", "issuer: guardrail")
+            .replace("[api]", "[guardrail]"),
+    )
+    .unwrap();
+    let now =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    let verified = guardrail_core::jwt::verify(&policy.issuers, text(&minted.stdout).trim_end(), now).unwrap();
+    assert_eq!(verified.app, "analyst");
+}
+
 #[test]
 fn mint_issues_tokens_the_policy_accepts() {
     let dir = TempDir::new();
