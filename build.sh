@@ -94,6 +94,47 @@ ensure_venv() {
 
 # === build ===
 
+# binaryen's wasm-opt (Debian package `binaryen`), installed if missing. Without it (no root, no
+# sudo, no package) the module is used as cargo links it, with a warning: it works, only larger.
+ensure_wasm_opt() {
+  command -v wasm-opt >/dev/null 2>&1 && return 0
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || return 1
+    sudo=(sudo -n)
+  fi
+  command -v apt-get >/dev/null 2>&1 || return 1
+  say "installing wasm-opt (apt-get install binaryen)"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -q binaryen >/dev/null 2>&1 \
+    || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && "${sudo[@]}" apt-get install -y -q binaryen >/dev/null 2>&1; }
+  command -v wasm-opt >/dev/null 2>&1
+}
+
+# Optimises the module cargo linked, in place. wasm-opt -O2 takes 22 s here and makes it about 100 KB
+# smaller (1,500,282 → 1,397,005 bytes; -Oz reached 1,354,024 in 31 s). cargo puts its unoptimised
+# module back at GUARDRAIL_WASM on every build, even with nothing to compile, so the result is kept
+# beside it with the digest of its input and reused while that input does not change.
+optimise_wasm() {
+  local cached="$GUARDRAIL_WASM.opt" stamp="$GUARDRAIL_WASM.opt.input" digest
+  digest="$(sha256sum "$GUARDRAIL_WASM" | cut -d' ' -f1)"
+  if [[ -f "$cached" && -f "$stamp" && "$(cat "$stamp")" == "$digest" ]]; then
+    cp "$cached" "$GUARDRAIL_WASM.tmp" && mv "$GUARDRAIL_WASM.tmp" "$GUARDRAIL_WASM"
+    return 0
+  fi
+  if ! ensure_wasm_opt; then
+    warn "wasm-opt (binaryen) is not available: using the module as cargo linked it"
+    return 0
+  fi
+  # The features are those rustc's wasm32-wasip1 target emits (and V8 runs).
+  wasm-opt -O2 --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext \
+    "$GUARDRAIL_WASM" -o "$cached.tmp" || { rm -f "$cached.tmp"; return 1; }
+  mv "$cached.tmp" "$cached"
+  printf '%s\n' "$digest" >"$stamp"
+  # A new file, not a write through cargo's hard link to its own copy in deps/.
+  cp "$cached" "$GUARDRAIL_WASM.tmp" && mv "$GUARDRAIL_WASM.tmp" "$GUARDRAIL_WASM"
+}
+
 human_size() {
   local bytes="$1"
   if ((bytes >= 1048576)); then
@@ -114,6 +155,9 @@ cmd_build() {
     die "the filter did not build"
   fi
   wait "$venv_pid" || die "could not set up .venv (above)"
+  # wasm-opt runs on one core while cargo builds the CLI on the others.
+  optimise_wasm &
+  local opt_pid=$!
   # The CLI without the wasm's fat LTO and single codegen unit (they are for the module's size and
   # speed): a fresh build took 4.0 minutes instead of 5.2 here, and `guardrail check` of a
   # 10,000-app policy 127-131 ms against 125-127 ms with them.
@@ -123,7 +167,8 @@ cmd_build() {
   # and the CLI again. Together: about 30 s more than the CLI alone; apart: 2.5 minutes more.
   say "building the guardrail CLI and the criterion bench (release)"
   CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-    cargo build --release -p guardrail-control -p guardrail-bench
+    cargo build --release -p guardrail-control -p guardrail-bench || { wait "$opt_pid" || true; die "the CLI did not build"; }
+  wait "$opt_pid" || die "wasm-opt failed on $GUARDRAIL_WASM (above)"
   [[ -f "$GUARDRAIL_WASM" ]] || die "cargo did not produce $GUARDRAIL_WASM"
   [[ -x "$GUARDRAIL_BIN" ]] || die "cargo did not produce $GUARDRAIL_BIN"
   local bytes
