@@ -11,7 +11,7 @@ mod host;
 
 use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
-use guardrail_core::decide::{decide, policy_unavailable, Decision, Denial, Event, Request};
+use guardrail_core::decide::{check_connector, decide, policy_unavailable, Decision, Denial, Event, Request};
 use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::jwt::TokenCache;
 use guardrail_core::problem::{denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers};
@@ -251,7 +251,7 @@ impl RootContext for GuardrailRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(GuardrailHttp { worker: Rc::clone(&self.worker), ratelimit: None }))
+        Some(Box::new(GuardrailHttp { worker: Rc::clone(&self.worker), ratelimit: None, routed: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -265,6 +265,21 @@ struct GuardrailHttp {
     worker: Rc<RefCell<Worker>>,
     /// `RateLimit-Policy` and `RateLimit` for the response of an admitted request.
     ratelimit: Option<[(&'static str, String); 2]>,
+    /// What an admitted request was judged against, to see where Envoy really sent it.
+    routed: Option<Routed>,
+}
+
+/// The policy, app and cluster an admitted request was judged with. Envoy picks the route before
+/// the filter runs, and picks it again once the filter changed the request headers (it removes
+/// client `x-guardrail-*` and the API key, adds `x-guardrail-app`/`-tier`, normalises `:path`), so a
+/// route that matches on those can send the request elsewhere; no proxy-wasm call shows the new
+/// route before the router uses it. The response shows it: see [`GuardrailHttp::reroute_denial`].
+struct Routed {
+    policy: Rc<CompiledPolicy>,
+    app: usize,
+    connector: Option<String>,
+    /// `x-request-id`: the request headers are gone by the response phase.
+    request_id: String,
 }
 
 impl Context for GuardrailHttp {}
@@ -281,7 +296,7 @@ impl HttpContext for GuardrailHttp {
             headers.retain(|(n, _)| !is_guardrail_header(n));
         }
         let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
-        let connector = host::upstream_cluster();
+        let mut connector = host::upstream_cluster();
         let now = host::now_ns();
         let worker = Rc::clone(&self.worker);
         let mut worker = worker.borrow_mut();
@@ -304,14 +319,36 @@ impl HttpContext for GuardrailHttp {
                 return Action::Continue;
             }
             let denial = policy_unavailable();
-            return self.deny(&mut worker, &denial, None, &request, "", now);
+            return self.deny(&mut worker, &denial, None, request.request_id, "", now);
         };
         let Worker { tokens, .. } = &mut *worker;
         let decision = decide(&policy, &request, now, &mut host::SharedData, tokens);
-        self.enforce(&mut worker, &policy, decision, &request, now)
+        let app = decision.app.and_then(|a| policy.app_index(&a.id));
+        let action = self.enforce(&mut worker, &policy, decision, &request, now);
+        if let (Action::Continue, Some(app)) = (&action, app) {
+            let request_id = request.request_id.to_string();
+            self.routed = Some(Routed { policy, app, connector: connector.take(), request_id });
+        }
+        action
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(routed) = self.routed.take() {
+            if let Some(denial) = reroute_denial(&routed) {
+                self.ratelimit = None;
+                let app = routed.policy.apps.get(routed.app).map(|a| a.id.as_str());
+                let worker = Rc::clone(&self.worker);
+                let mut worker = worker.borrow_mut();
+                return self.deny(
+                    &mut worker,
+                    &denial,
+                    app,
+                    &routed.request_id,
+                    &routed.policy.revision,
+                    host::now_ns(),
+                );
+            }
+        }
         if let Some(fields) = self.ratelimit.take() {
             for (name, value) in &fields {
                 host::set_response_header(name, value);
@@ -343,7 +380,7 @@ impl GuardrailHttp {
             }
         }
         if let Some(denial) = &decision.denial {
-            return self.deny(worker, denial, app_id, request, &policy.revision, now);
+            return self.deny(worker, denial, app_id, request.request_id, &policy.revision, now);
         }
         if let Some(app) = decision.app {
             host::set_request_header("x-guardrail-app", &app.id);
@@ -356,6 +393,10 @@ impl GuardrailHttp {
         if let Some(tier) = decision.tier {
             host::set_request_header("x-guardrail-tier", tier);
         }
+        // The upstream gets the path Guardrail judged, not another spelling of it.
+        if let Some(target) = guardrail_core::path::rewritten_target(request.path) {
+            host::set_request_header(":path", &target);
+        }
         self.ratelimit = decision.quota.map(|(limits, usage)| ratelimit_headers(&limits, &usage));
         worker.metrics.allowed();
         worker.count(app_id, now, |u| u.allowed = u.allowed.saturating_add(1));
@@ -367,15 +408,38 @@ impl GuardrailHttp {
         worker: &mut Worker,
         denial: &Denial,
         app: Option<&str>,
-        request: &Request<'_>,
+        request_id: &str,
         revision: &str,
         now: u64,
     ) -> Action {
-        host::info(&denial_log_line(denial, app, request.request_id, revision));
+        host::info(&denial_log_line(denial, app, request_id, revision));
         worker.metrics.denied(denial.code);
         worker.count(app, now, |u| u.count_denied(denial.code));
-        let body = problem_body(denial, request.request_id, app);
+        let body = problem_body(denial, request_id, app);
         host::send_response(denial.code.status(), &denial_headers(denial), &body);
         Action::Pause
     }
+}
+
+/// The denial for an admitted request that Envoy routed, after Guardrail changed its headers, to a
+/// cluster the app may not reach (see [`Routed`]); `None` when it went where it was judged to go,
+/// or somewhere the app may go as well. Then the upstream has seen the request, but its response
+/// is withheld: the client gets 403 `connector-not-approved` instead.
+fn reroute_denial(routed: &Routed) -> Option<Denial> {
+    let cluster = host::upstream_cluster();
+    if cluster == routed.connector {
+        return None;
+    }
+    let cluster = cluster?;
+    let app = routed.policy.apps.get(routed.app)?;
+    let mut denial = check_connector(&routed.policy, app, &cluster).err()?;
+    denial.detail = format!(
+        "{}: Envoy routed the request to `{cluster}` after Guardrail changed its headers (it was judged for `{}`); \
+         the upstream's response is withheld. Routes must not match on x-guardrail-*, the API key header or \
+         a path spelling Guardrail normalises",
+        denial.detail,
+        routed.connector.as_deref().unwrap_or("no cluster"),
+    )
+    .into();
+    Some(denial)
 }

@@ -192,6 +192,27 @@ pub fn policy_unavailable() -> Denial {
     )
 }
 
+/// The connector step on its own: whether `app` may reach `connector` (an Envoy cluster name):
+/// listed in `connectors.approved` and among the app's `connectors`. The filter also calls it
+/// when Envoy routed the request to another cluster than the one `decide()` judged.
+pub fn check_connector(policy: &CompiledPolicy, app: &App, connector: &str) -> Result<(), Denial> {
+    let Some(&index) = policy.approved_connectors.get(connector) else {
+        return Err(Denial::new(
+            Code::ConnectorNotApproved,
+            format!("connector `{connector}` is not in connectors.approved"),
+        )
+        .rule("connector"));
+    };
+    if !app.lists_connector(index, connector) {
+        return Err(Denial::new(
+            Code::ConnectorNotApproved,
+            format!("connector `{connector}` is not among app `{}`'s connectors", app.id),
+        )
+        .rule("connector"));
+    }
+    Ok(())
+}
+
 /// Judges one request. `now_ns` is Unix time in nanoseconds; `store` holds the shared quota state;
 /// `tokens` is the per-worker cache of verified tokens.
 pub fn decide<'p>(
@@ -343,20 +364,7 @@ fn checks<'p>(
 
     // --- connector: the Envoy cluster the request is routed to ---
     if let Some(connector) = req.connector {
-        let Some(&index) = policy.approved_connectors.get(connector) else {
-            return Err(Denial::new(
-                Code::ConnectorNotApproved,
-                format!("connector `{connector}` is not in connectors.approved"),
-            )
-            .rule("connector"));
-        };
-        if !app.lists_connector(index, connector) {
-            return Err(Denial::new(
-                Code::ConnectorNotApproved,
-                format!("connector `{connector}` is not among app `{}`'s connectors", app.id),
-            )
-            .rule("connector"));
-        }
+        check_connector(policy, app, connector)?;
         t.note("connector", || format!("`{connector}` approved for the app"));
     } else {
         t.note("connector", || "no upstream cluster (local reply): nothing to check".to_string());

@@ -255,6 +255,31 @@ impl DatasetIndex {
     }
 }
 
+/// The request target to forward in place of `raw` once it passed the checks, when the two
+/// differ: the normalised path (dot segments resolved, duplicate slashes collapsed, unreserved
+/// characters decoded; `;params` and case kept), a trailing slash kept where the client's path
+/// ended in one (or in `.`/`..`, as RFC 3986 resolves them), and the client's query; a fragment is
+/// dropped. So the upstream gets the path Guardrail judged, however the client spelled it. `None`
+/// when `raw` is already so (nearly always) or cannot be normalised (decide() refused it then).
+pub fn rewritten_target(raw: &str) -> Option<String> {
+    let end = raw.find(['?', '#']).unwrap_or(raw.len());
+    let (path, rest) = raw.split_at(end);
+    if is_normal(path) && !rest.contains('#') {
+        return None;
+    }
+    let mut target = normalize_slowly(path).ok()?;
+    let last = path.rsplit('/').next().unwrap_or("");
+    let last = segment_name(last).replace("%2e", ".").replace("%2E", ".");
+    if target != "/" && matches!(last.as_str(), "" | "." | "..") {
+        target.push('/');
+    }
+    if let Some(query) = rest.strip_prefix('?') {
+        target.push('?');
+        target.push_str(query.split('#').next().unwrap_or(""));
+    }
+    (target != raw).then_some(target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +441,32 @@ mod tests {
             if let Ok(norm) = normalize_path(&path) {
                 proptest::prop_assert_eq!(ix.lookup("any", "GET", &norm), Some(0), "{} normalised to {}", path, norm);
             }
+        }
+    }
+
+    #[test]
+    fn rewritten_targets() {
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("/customers/1", None, "normal form: nothing to rewrite"),
+            ("/v1/file.json?x=1", None, "a dot inside a name is not a dot segment"),
+            ("/catalog/", None, "a trailing slash is the client's and stays"),
+            ("/catalog/../customers/1", Some("/customers/1"), "dot segments resolved"),
+            ("/catalog/%2e%2e/customers/1?a=b", Some("/customers/1?a=b"), "encoded dots, query kept"),
+            ("//customers//1", Some("/customers/1"), "duplicate slashes"),
+            ("/%63ustomers/1", Some("/customers/1"), "unreserved escape decoded"),
+            ("/customers;x=1/1", None, "params are the upstream's business"),
+            ("/Customers/1", None, "case kept"),
+            ("/customers/1#frag", Some("/customers/1"), "fragment dropped"),
+            ("/customers/1?q=#f", Some("/customers/1?q="), "fragment after a query dropped"),
+            ("/customers/1/.", Some("/customers/1/"), "a final `.` leaves a trailing slash"),
+            ("/customers/1/2/..", Some("/customers/1/"), "a final `..` leaves a trailing slash"),
+            ("/a/%2e%2e", Some("/"), "up to the root"),
+            ("/../x", None, "above the root: refused by decide(), never rewritten"),
+            ("/a%2Fb", None, "encoded slash: refused, never rewritten"),
+            ("/a/b?x=/../c", None, "dots in the query are not the path's"),
+        ];
+        for (raw, want, why) in cases {
+            assert_eq!(rewritten_target(raw).as_deref(), *want, "{why}: {raw}");
         }
     }
 }

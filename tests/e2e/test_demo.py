@@ -137,3 +137,24 @@ def test_demo_quota_line(demo_gw: Envoy, demo_policy: dict[str, Any]) -> None:
     statuses = [request(demo_gw.url, "/orders/42", headers={"x-api-key": keys[app_id]}).status for _ in range(n + 1)]
     # One request may already have been spent by test_demo_decisions.
     assert statuses[-1] == 429 and statuses.count(200) >= n - 1, statuses
+
+
+@pytest.mark.parametrize(
+    "path", ["/../catalog/1", "/catalog/../../customers/1", "/%2e%2e/customers/1", "/catalog%2F1", "/cat%00alog/1",
+             "/catalog/%zz", "/catalog/%252F"],
+)
+def test_demo_refuses_every_unsafe_path_as_the_spec_says(demo_gw: Envoy, path: str) -> None:
+    """The SPEC's `request` row in the shipped gateway: above the root, an encoded slash, NUL, a bad
+    or double escape are 400 invalid-path as problem+json from the filter, with a decision log
+    line (Envoy's own normalisation is off there: it would clamp `..` and answer NUL itself)."""
+    r = responds_with(request(demo_gw.url, path, headers={"x-api-key": demo_keys()["pos-dashboard"]}), 400,
+                      "invalid-path")
+    line = demo_gw.decision_for(r.header("x-request-id") or "", "invalid-path")
+    assert line.get("status") == 400 and line.get("rule") == "path", line
+
+
+def test_demo_forwards_the_path_it_judged(demo_gw: Envoy) -> None:
+    key = {"x-api-key": demo_keys()["pos-dashboard"]}
+    r = responds_with(request(demo_gw.url, "/catalog//shoes/./red/../blue?size=9", headers=key), 200)
+    assert r.upstream["path"] == "/catalog/shoes/blue?size=9", r
+    responds_with(request(demo_gw.url, "/catalog/%2e%2e/payments/1", headers=key), 403, "jit-required")
