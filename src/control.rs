@@ -550,9 +550,19 @@ fn node_id() -> String {
     }
 }
 
-/// Envoy reports its build as `node.user_agent_build_version`; the filter only says "envoy" when
-/// that is not readable as text.
+/// Envoy's version as its node reports it (`node.user_agent_build_version.version`, e.g.
+/// `1.40.0`); the filter says `envoy` (the `user_agent_name`) when that cannot be read.
 fn envoy_version() -> String {
+    let number = |field: &str| {
+        let bytes = proxy_wasm::hostcalls::get_property(vec!["node", "user_agent_build_version", "version", field])
+            .ok()
+            .flatten()?;
+        // A uint32 field of the Node message comes as a CEL uint: 8 bytes, little-endian.
+        Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+    };
+    if let (Some(major), Some(minor), Some(patch)) = (number("major_number"), number("minor_number"), number("patch")) {
+        return format!("{major}.{minor}.{patch}");
+    }
     proxy_wasm::hostcalls::get_property(vec!["node", "user_agent_name"])
         .ok()
         .flatten()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from typing import Any, Iterator
 import pytest
 
 from companion import Companion, guardrail, keygen, mint, write_policy
-from harness import Envoy, Response, bootstrap, free_port, request, responds_with, wait_for
+from harness import Envoy, Response, artifact, bootstrap, free_port, request, responds_with, wait_for
 from policies import app, jwt_issuer, policy, tier
 
 ISSUER = "https://id.companion.e2e.example"
@@ -235,6 +236,8 @@ def test_status_shows_exactly_one_node_with_the_acked_revision(env: Env, comp: C
     assert node["acked_revision"] == env.revision and node["in_sync"] is True, node
     assert node["nacked_revision"] == "" and node["last_error"] == "", node
     assert node["client_certificate"] == "", f"plain text: no client certificate: {node}"
+    version = subprocess.run([str(artifact("ENVOY_BIN")), "--version"], capture_output=True, text=True).stdout
+    assert node["envoy_version"] and node["envoy_version"] in version, f"Envoy's version, as --version says {version!r}: {node}"
     # Past a leader lease (3 s) nobody took over with a second stream.
     time.sleep(3.5)
     status, again = the_node(comp)
