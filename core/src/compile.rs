@@ -6,7 +6,7 @@ use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
 use crate::fasthash::FastMap;
 use crate::jwt::{compile_issuer, Issuer};
-use crate::path::DatasetIndex;
+use crate::path::{path_prefix_problem, route_host_problem, DatasetIndex};
 use crate::raw::{
     Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule,
     RuleMode,
@@ -644,8 +644,8 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
         for (r, route) in d.routes.iter().enumerate() {
             let rpath = format!("{path}.routes[{r}]");
             let prefix = route.path_prefix.trim_end_matches('/');
-            if !route.path_prefix.starts_with('/') {
-                errs.push(format!("{rpath}.path_prefix"), format!("`{}` must start with `/`", route.path_prefix));
+            if let Some(problem) = path_prefix_problem(&route.path_prefix) {
+                errs.push(format!("{rpath}.path_prefix"), problem);
             }
             let mut methods = Vec::new();
             for (m, method) in route.methods.iter().enumerate() {
@@ -654,10 +654,10 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
                 }
                 methods.push(method.to_ascii_uppercase());
             }
-            let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
-            if host.as_deref() == Some("") {
-                errs.push(format!("{rpath}.host"), "empty host");
+            if let Some(problem) = route.host.as_deref().and_then(route_host_problem) {
+                errs.push(format!("{rpath}.host"), problem);
             }
+            let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
             routes.push(Route {
                 host,
                 path_prefix: if prefix.is_empty() { "/".into() } else { prefix.to_string() },
@@ -727,4 +727,54 @@ fn compile_rules(
     }
     cache.finish();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// A policy of `datasets` (and `settings`), compiled: its errors as `(path, message)`.
+    fn errors(settings: Value, datasets: Value) -> Vec<(String, String)> {
+        let doc = json!({"apiVersion": "guardrail/v1", "kind": "Policy", "settings": settings, "datasets": datasets});
+        match compile_json_str(&doc.to_string()) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.into_iter().map(|e| (e.path, e.message)).collect(),
+        }
+    }
+
+    fn dataset(id: &str, routes: Value) -> Value {
+        json!({"id": id, "classification": "internal", "allowed_regions": ["eu"], "routes": routes})
+    }
+
+    #[test]
+    fn route_values_that_never_match_are_errors_naming_the_field() {
+        // (route, expected (field, part of the message), why); the wording of every case is
+        // pinned in `path`'s tests.
+        type Case = (Value, Option<(&'static str, &'static str)>, &'static str);
+        let cases: &[Case] = &[
+            (json!({"host": "API.example.:8443", "path_prefix": "//Payments;v=1/"}), None, "normalised alike"),
+            (json!({"path_prefix": "/payments/./"}), Some(("path_prefix", "write `/payments`")), "dot segment"),
+            (json!({"path_prefix": "/pay%6dents"}), Some(("path_prefix", "write `/payments`")), "escaped letter"),
+            (json!({"path_prefix": "/payments?x"}), Some(("path_prefix", "a query")), "query"),
+            (json!({"path_prefix": "payments"}), Some(("path_prefix", "must start with `/`")), "relative"),
+            (json!({"host": "https://api.example", "path_prefix": "/"}), Some(("host", "scheme")), "scheme"),
+            (json!({"host": "api.example/x", "path_prefix": "/"}), Some(("host", "has a path")), "path in host"),
+            (json!({"host": "*.example", "path_prefix": "/"}), Some(("host", "wildcards")), "wildcard"),
+            (json!({"host": "", "path_prefix": "/"}), Some(("host", "empty host")), "empty host"),
+        ];
+        for (route, want, why) in cases {
+            let got = errors(json!({}), json!([dataset("payments", json!([route]))]));
+            match want {
+                None => assert!(got.is_empty(), "{why}: {got:?}"),
+                Some((field, message)) => {
+                    let path = format!("datasets[0].routes[0].{field}");
+                    assert!(
+                        got.len() == 1 && got[0].0 == path && got[0].1.contains(message),
+                        "{why}: expected one error at {path} saying {message:?}, got {got:?}"
+                    );
+                }
+            }
+        }
+    }
 }

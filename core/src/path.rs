@@ -190,6 +190,121 @@ pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     }
 }
 
+// === Route values ===
+
+/// A route's `path_prefix` in the form requests are matched by: its segments lower-case, without
+/// `;params` and empty segments (`/Customers;v=1//7/` → `/customers/7`, `/` for everything). Two
+/// prefixes with the same form match the same requests.
+pub fn route_prefix_key(path_prefix: &str) -> String {
+    let mut key = String::with_capacity(path_prefix.len() + 1);
+    for seg in path_prefix.split('/').filter(|s| !s.is_empty()) {
+        key.push('/');
+        key.push_str(&segment_key(seg));
+    }
+    if key.is_empty() {
+        key.push('/');
+    }
+    key
+}
+
+/// Why a route's `path_prefix` can never match a request (whose path is normalised before it is
+/// matched), and what to write instead; `None` when it can match. Duplicate slashes, a trailing
+/// slash, case and `;params` are fine: matching ignores them.
+pub fn path_prefix_problem(prefix: &str) -> Option<String> {
+    if prefix.is_empty() {
+        return Some("empty path prefix; write `/` to match every path".into());
+    }
+    if !prefix.starts_with('/') {
+        if let Some((_, rest)) = prefix.split_once("://") {
+            let path = rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/");
+            return Some(format!(
+                "`{prefix}` is a URL; put its host in `host` and only its path in path_prefix (`{path}`)"
+            ));
+        }
+        return Some(format!("`{prefix}` must start with `/` (write `/{prefix}`)"));
+    }
+    if let Some(i) = prefix.find(['?', '#']) {
+        let what =
+            if prefix.get(i..).is_some_and(|r| r.starts_with('?')) { "a query (`?`)" } else { "a fragment (`#`)" };
+        let path = prefix.get(..i).filter(|p| p.len() > 1).unwrap_or("/");
+        return Some(format!(
+            "`{prefix}` has {what}, but requests are matched by their path alone, so it never matches; write `{path}`"
+        ));
+    }
+    if prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!(
+            "`{prefix}` contains whitespace or a control character, which no request path has (a space comes as `%20`)"
+        ));
+    }
+    let normal = match normalize_path(prefix) {
+        Ok(normal) => normal,
+        Err(e) => {
+            let what = match e {
+                PathError::NotAbsolute => "no leading `/`",
+                PathError::EncodedSeparator => "an encoded `/` or `\\` (`%2F`, `%5C`)",
+                PathError::ControlCharacter => "an encoded NUL or control character",
+                PathError::BadEscape => "a `%` that is not followed by two hex digits",
+                PathError::DoubleEncoding => "a double percent-encoding (`%25` before hex digits)",
+                PathError::Backslash => "a backslash",
+                PathError::AboveRoot => "`..` segments that climb above the root",
+            };
+            return Some(format!(
+                "`{prefix}` never matches: it has {what}, and requests whose path has one are refused (invalid-path) before routes are matched"
+            ));
+        }
+    };
+    if route_prefix_key(prefix) == route_prefix_key(&normal) {
+        return None;
+    }
+    let what = if prefix.split('/').any(|s| matches!(segment_name(s), "." | "..")) {
+        "has dot segments (`.`, `..`), which are resolved in a request's path before it is matched"
+    } else if prefix.contains('%') {
+        "percent-encodes letters, digits or `-._~`, which are decoded in a request's path before it is matched"
+    } else {
+        "has segments that a request's path, once normalised, never has"
+    };
+    Some(format!("`{prefix}` never matches: it {what}; write `{normal}`"))
+}
+
+/// Why a route's `host` can never equal a request's host (compared without case, port or
+/// trailing dot), and what to write instead; `None` when it can.
+pub fn route_host_problem(host: &str) -> Option<String> {
+    if host.trim().is_empty() {
+        return Some("empty host; leave `host` out to match any host".into());
+    }
+    if let Some((_, rest)) = host.split_once("://") {
+        let name = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+        return Some(format!("`{host}` has a scheme; write the host name alone (`{name}`)"));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!("`{host}` contains whitespace or a control character; a host name has none"));
+    }
+    if host.contains('*') {
+        return Some(format!(
+            "`{host}`: wildcards are not supported (a route's host is compared exactly, without case, port or \
+             trailing dot); give each host a route of its own, or leave `host` out to match any host"
+        ));
+    }
+    if let Some(i) = host.find('/') {
+        let (name, path) = host.split_at(i);
+        return Some(format!(
+            "`{host}` has a path; write the host alone here (`{name}`) and the path in path_prefix (`{path}`)"
+        ));
+    }
+    let name = normalize_host(host);
+    let valid = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(ip6) => !ip6.is_empty() && ip6.bytes().all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')),
+        None => !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')),
+    };
+    if valid {
+        return None;
+    }
+    Some(format!(
+        "`{host}` is not a host name: write letters, digits, `-`, `_` and `.` (an internationalised name in its \
+         `xn--` form), an IPv4 address or a bracketed IPv6 address, optionally with a port"
+    ))
+}
+
 // === Dataset index ===
 
 #[derive(Debug, Default)]
@@ -367,6 +482,107 @@ mod tests {
         ];
         for (host, method, path, want, why) in cases {
             assert_eq!(ix.lookup(host, method, path), *want, "{why}: {method} {host}{path}");
+        }
+    }
+
+    #[test]
+    fn path_prefixes_that_never_match_are_named() {
+        // (path_prefix, part of the problem when it can never match, why)
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("/customers", None, "plain"),
+            ("/", None, "everything"),
+            ("/customers/", None, "trailing slash: matching ignores it"),
+            ("//customers///7", None, "duplicate slashes: normalised alike"),
+            ("/Customers", None, "case: matched without it"),
+            ("/customers;v=2", None, "params: ignored"),
+            ("/a%20b", None, "an escape a request's path keeps"),
+            ("/a%3Bb", None, "an escaped semicolon, as requests keep it"),
+            ("/payments/./", Some("dot segments (`.`, `..`), which are resolved"), "a dot segment"),
+            ("/a/../b", Some("dot segments (`.`, `..`), which are resolved in a request's path before it is matched; write `/b`"), "a dot-dot segment"),
+            ("/a/.;x/b", Some("write `/a/b`"), "a dot segment with params"),
+            ("/pay%6dents", Some("percent-encodes letters, digits or `-._~`, which are decoded in a request's path before it is matched; write `/payments`"), "an escaped letter"),
+            ("/a/%2e%2e/b", Some("write `/b`"), "an escaped dot-dot"),
+            ("/;x/customers", Some("write `/customers`"), "an empty segment with params"),
+            ("/payments?x=1", Some("has a query (`?`), but requests are matched by their path alone, so it never matches; write `/payments`"), "a query"),
+            ("/payments#top", Some("a fragment (`#`)"), "a fragment"),
+            ("/?x", Some("write `/`"), "a query alone"),
+            ("payments", Some("must start with `/` (write `/payments`)"), "relative"),
+            ("https://api.example/payments", Some("is a URL; put its host in `host` and only its path in path_prefix (`/payments`)"), "a URL"),
+            ("", Some("write `/` to match every path"), "empty"),
+            ("/a b", Some("whitespace"), "a space"),
+            ("/a%2Fb", Some("an encoded `/`"), "an encoded slash"),
+            ("/a\\b", Some("a backslash"), "a backslash"),
+            ("/..", Some("climb above the root"), "above the root"),
+            ("/a%zz", Some("not followed by two hex digits"), "a bad escape"),
+            ("/a%252F", Some("double percent-encoding"), "double encoding"),
+        ];
+        for (prefix, want, why) in cases {
+            let got = path_prefix_problem(prefix);
+            match (want, &got) {
+                (None, None) => {
+                    // What is accepted matches at least the request for the prefix itself.
+                    let mut ix = DatasetIndex::default();
+                    ix.insert(None, prefix, &[], 0);
+                    let path = normalize_path(prefix);
+                    let hit = path.as_deref().ok().and_then(|p| ix.lookup("h", "GET", p));
+                    assert_eq!(hit, Some(0), "{why}: {prefix:?} accepted but its own path ({path:?}) misses it");
+                }
+                (Some(want), Some(got)) => {
+                    assert!(got.contains(want), "{why}: {prefix:?}: {got:?} should say {want:?}")
+                }
+                _ => panic!("{why}: {prefix:?}: expected {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn route_hosts_that_never_match_are_named() {
+        // (host, part of the problem when it can never match, why)
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("api.example", None, "a name"),
+            ("API.Example.:8443", None, "case, trailing dot and port: compared without them"),
+            ("10.0.0.1", None, "IPv4"),
+            ("[::1]", None, "IPv6"),
+            ("[2001:db8::1]:443", None, "IPv6 with a port"),
+            ("my_host", None, "an underscore, as some internal names have"),
+            ("https://api.example", Some("has a scheme; write the host name alone (`api.example`)"), "a scheme"),
+            ("http://api.example:80/x", Some("(`api.example:80`)"), "a URL"),
+            (
+                "api.example/x",
+                Some("has a path; write the host alone here (`api.example`) and the path in path_prefix (`/x`)"),
+                "a path",
+            ),
+            ("api .example", Some("whitespace"), "a space"),
+            ("*.example", Some("wildcards are not supported"), "a wildcard"),
+            ("api.*", Some("wildcards are not supported"), "a wildcard at the end"),
+            ("", Some("leave `host` out to match any host"), "empty"),
+            (" ", Some("leave `host` out to match any host"), "blank"),
+            ("b\u{fc}cher.example", Some("`xn--` form"), "not ASCII"),
+            ("user@api.example", Some("is not a host name"), "user info"),
+            ("api.example:http", Some("is not a host name"), "a port that is not a number"),
+            ("[]", Some("is not a host name"), "empty brackets"),
+        ];
+        for (host, want, why) in cases {
+            let got = route_host_problem(host);
+            match (want, &got) {
+                (None, None) => {}
+                (Some(want), Some(got)) => assert!(got.contains(want), "{why}: {host:?}: {got:?} should say {want:?}"),
+                _ => panic!("{why}: {host:?}: expected {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn route_prefix_keys_are_the_matching_form() {
+        let cases = [
+            ("/Customers;v=1//7/", "/customers/7"),
+            ("/", "/"),
+            ("//", "/"),
+            ("/payments", "/payments"),
+            ("/PAYMENTS/", "/payments"),
+        ];
+        for (prefix, want) in cases {
+            assert_eq!(route_prefix_key(prefix), want, "{prefix:?}");
         }
     }
 
