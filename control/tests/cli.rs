@@ -368,6 +368,13 @@ fn check_reports_file_line_and_path() {
             "wildcards are not supported",
         ),
         (
+            "a route another dataset already has: on the later one's line",
+            "rules:\n".into(),
+            "  - id: hr-public\n    classification: public\n    allowed_regions: [eu-west-1]\n    routes:\n      - path_prefix: /other\n      - host: HR.internal. # <-\n        path_prefix: /Employees/\nrules:\n".into(),
+            "datasets[1].routes[1]",
+            "same route as datasets[0].routes[0] of dataset `hr-records` (host `hr.internal`, path_prefix `/employees`, GET)",
+        ),
+        (
             "a plain key where a digest belongs",
             "      - DIGEST\n".into(),
             "      - guardrail-test-key-00001 # <-\n".into(),

@@ -6,10 +6,10 @@ use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
 use crate::fasthash::FastMap;
 use crate::jwt::{compile_issuer, Issuer};
-use crate::path::{path_prefix_problem, route_host_problem, DatasetIndex};
+use crate::path::{normalize_host, path_prefix_problem, route_host_problem, route_prefix_key, DatasetIndex};
 use crate::raw::{
-    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule,
-    RuleMode,
+    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRoute,
+    RawRule, RuleMode,
 };
 use crate::rules::{Cel, Expression, ExpressionCache};
 use crate::time::{parse_rfc3339, NANOS_PER_SEC};
@@ -619,9 +619,67 @@ fn parse_key_digest(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// One route of the policy: `datasets[dataset].routes[route]`, of the dataset `id`.
+#[derive(Clone, Copy)]
+struct RouteRef<'a> {
+    dataset: usize,
+    route: usize,
+    id: &'a str,
+}
+
+/// A route recorded, with its upper-case methods (empty: every method).
+struct Seen<'a> {
+    at: RouteRef<'a>,
+    methods: Vec<String>,
+}
+
+/// The routes compiled so far, by host and path prefix in their matching forms, to refuse a
+/// route that another dataset already has: the index would give its requests to the first listed
+/// only, so the second dataset's checks would never run on them.
+#[derive(Default)]
+struct RoutesSeen<'a> {
+    /// Per host (`None`: any) and path prefix, the routes there with their methods.
+    by_key: HashMap<(Option<String>, String), Vec<Seen<'a>>>,
+}
+
+impl<'a> RoutesSeen<'a> {
+    /// Records a route, refusing it if a route of another dataset has the same host and path
+    /// prefix and a method in common (no methods: every method).
+    fn check(&mut self, at: RouteRef<'a>, route: &RawRoute, methods: &[String], errs: &mut Errors) {
+        let host = route.host.as_deref().map(|h| normalize_host(h).into_owned());
+        let key = (host, route_prefix_key(&route.path_prefix));
+        let earlier = self.by_key.entry(key.clone()).or_default();
+        let common = |other: &[String]| -> Option<String> {
+            let shared: Vec<&str> = match (methods.is_empty(), other.is_empty()) {
+                (true, true) => return Some("every method".into()),
+                (true, false) => other.iter().map(String::as_str).collect(),
+                (false, true) => methods.iter().map(String::as_str).collect(),
+                (false, false) => methods.iter().filter(|m| other.contains(m)).map(String::as_str).collect(),
+            };
+            (!shared.is_empty()).then(|| shared.join(", "))
+        };
+        let clash =
+            earlier.iter().filter(|s| s.at.dataset != at.dataset).find_map(|s| Some((s.at, common(&s.methods)?)));
+        if let Some((first, methods)) = clash {
+            let host = key.0.as_deref().map_or("any host".to_string(), |h| format!("host `{h}`"));
+            errs.push(
+                format!("datasets[{}].routes[{}]", at.dataset, at.route),
+                format!(
+                    "same route as datasets[{}].routes[{}] of dataset `{}` ({host}, path_prefix `{}`, {methods}): \
+                     its requests would all go to the first listed and `{}` would never see them; \
+                     give each dataset routes of its own",
+                    first.dataset, first.route, first.id, key.1, at.id
+                ),
+            );
+        }
+        earlier.push(Seen { at, methods: methods.to_vec() });
+    }
+}
+
 fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -> Vec<Dataset> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
+    let mut routes_seen = RoutesSeen::default();
     for (i, d) in raw.iter().enumerate() {
         let path = format!("datasets[{i}]");
         let before = errs.0.len();
@@ -644,8 +702,10 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
         for (r, route) in d.routes.iter().enumerate() {
             let rpath = format!("{path}.routes[{r}]");
             let prefix = route.path_prefix.trim_end_matches('/');
+            let mut valid = true;
             if let Some(problem) = path_prefix_problem(&route.path_prefix) {
                 errs.push(format!("{rpath}.path_prefix"), problem);
+                valid = false;
             }
             let mut methods = Vec::new();
             for (m, method) in route.methods.iter().enumerate() {
@@ -656,8 +716,12 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
             }
             if let Some(problem) = route.host.as_deref().and_then(route_host_problem) {
                 errs.push(format!("{rpath}.host"), problem);
+                valid = false;
             }
             let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+            if valid {
+                routes_seen.check(RouteRef { dataset: i, route: r, id: &d.id }, route, &methods, errs);
+            }
             routes.push(Route {
                 host,
                 path_prefix: if prefix.is_empty() { "/".into() } else { prefix.to_string() },
@@ -774,6 +838,68 @@ mod tests {
                         "{why}: expected one error at {path} saying {message:?}, got {got:?}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_route_two_datasets_share_is_an_error_on_the_later_one() {
+        let route = |host: Option<&str>, prefix: &str, methods: &[&str]| match host {
+            Some(h) => json!({"host": h, "path_prefix": prefix, "methods": methods}),
+            None => json!({"path_prefix": prefix, "methods": methods}),
+        };
+        let h = Some("api.example");
+        // (routes of the first dataset, of the second, the error expected on the second's, why)
+        type Case = (Value, Value, Option<(&'static str, &'static str)>, &'static str);
+        let cases: Vec<Case> = vec![
+            (
+                json!([route(h, "/payments", &[])]),
+                json!([route(h, "/payments", &[])]),
+                Some(("datasets[1].routes[0]", "same route as datasets[0].routes[0] of dataset `a` (host `api.example`, path_prefix `/payments`, every method): its requests would all go to the first listed and `b` would never see them")),
+                "the same route",
+            ),
+            (
+                json!([route(Some("API.example:443"), "/Payments/", &[])]),
+                json!([route(Some("api.example."), "//payments;v=1", &[])]),
+                Some(("datasets[1].routes[0]", "(host `api.example`, path_prefix `/payments`, every method)")),
+                "the same in the forms routes are compared in",
+            ),
+            (
+                json!([route(h, "/payments", &["GET", "POST"])]),
+                json!([route(h, "/payments", &["post", "DELETE"])]),
+                Some(("datasets[1].routes[0]", "path_prefix `/payments`, POST)")),
+                "methods in common",
+            ),
+            (
+                json!([route(h, "/payments", &["GET"])]),
+                json!([route(h, "/payments", &[])]),
+                Some(("datasets[1].routes[0]", "path_prefix `/payments`, GET)")),
+                "no methods: every method",
+            ),
+            (
+                json!([route(None, "/", &[])]),
+                json!([route(h, "/other", &[]), route(None, "/", &["GET"])]),
+                Some(("datasets[1].routes[1]", "same route as datasets[0].routes[0] of dataset `a` (any host, path_prefix `/`, GET)")),
+                "any host, a later route of the dataset",
+            ),
+            (json!([route(h, "/payments", &["GET"])]), json!([route(h, "/payments", &["POST"])]), None, "no method in common"),
+            (json!([route(None, "/payments", &[])]), json!([route(h, "/payments", &[])]), None, "a host wins over any host"),
+            (json!([route(h, "/payments", &[])]), json!([route(h, "/payments/v2", &[])]), None, "the longer prefix wins"),
+            (json!([route(h, "/payments", &[])]), json!([route(Some("b.example"), "/payments", &[])]), None, "other hosts"),
+            (json!([route(h, "/payments", &[]), route(h, "/payments", &[])]), json!([]), None, "twice in one dataset: harmless"),
+        ];
+        for (first, second, want, why) in cases {
+            let mut datasets = vec![dataset("a", first)];
+            if second.as_array().is_some_and(|r| !r.is_empty()) {
+                datasets.push(dataset("b", second));
+            }
+            let got = errors(json!({}), Value::Array(datasets));
+            match want {
+                None => assert!(got.is_empty(), "{why}: {got:?}"),
+                Some((path, message)) => assert!(
+                    got.len() == 1 && got[0].0 == path && got[0].1.contains(message),
+                    "{why}: expected one error at {path} saying {message:?}, got {got:?}"
+                ),
             }
         }
     }
