@@ -411,6 +411,36 @@ fn check_reports_file_line_and_path() {
     }
 }
 
+/// A rejected key of the one issuer is the error to fix: a dataset that requires JIT is not also
+/// said to lack an issuer.
+#[test]
+fn check_reports_a_rejected_key_without_a_follow_on_error() {
+    let x = "zHSH5Ge9NgQ7ZAc2kp7w-y6Tuexn-Cs00K1kNaE0XrU";
+    let cases = [
+        (format!("{{kty: OKP, crv: Ed25519, x: {x}, d: {x}}}"), "a private key"),
+        ("{kty: oct, k: c2VjcmV0LXNlY3JldC1zZWNyZXQ}".to_string(), "a symmetric key"),
+        (format!("{{kty: OKP, crv: Ed25519, x: {x}, use: enc}}"), "an encryption key"),
+        (
+            format!("{{kty: OKP, crv: Ed25519, x: {x}, kid: a}}, {{kty: OKP, crv: Ed25519, x: {x}, kid: a}}"),
+            "a duplicate kid",
+        ),
+    ];
+    for (keys, why) in cases {
+        let identity = format!(
+            "  failure_mode: closed\n  identity:\n    jwt:\n      - issuer: https://idp.example\n        jwks: {{keys: [{keys}]}}\n"
+        );
+        let text = valid_policy()
+            .replace("  failure_mode: closed\n", &identity)
+            .replace("    classification: confidential\n", "    classification: regulated\n");
+        let file = TempFile::new("yaml", &text);
+        let out = guardrail(&["check", file.arg()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{why}: {err}");
+        assert!(err.contains(": settings.identity.jwt[0].jwks.keys["), "{why}: the key is named: {err}");
+        assert!(!err.contains("requires_jit"), "{why}: no follow-on error: {err}");
+    }
+}
+
 #[test]
 fn check_reports_every_error() {
     let text = valid_policy()

@@ -401,7 +401,7 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
         apps.push(app);
     }
 
-    let mut datasets = compile_datasets(&raw.datasets, &issuers, &mut errs);
+    let mut datasets = compile_datasets(&raw.datasets, !raw.settings.identity.jwt.is_empty(), &mut errs);
     set_masks(&mut apps, &mut datasets, &approved_connectors);
     let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
     let rules = compile_rules(&raw.rules, &dataset_ids, cache, &mut errs);
@@ -676,7 +676,7 @@ impl<'a> RoutesSeen<'a> {
     }
 }
 
-fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -> Vec<Dataset> {
+fn compile_datasets(raw: &[RawDataset], issuers_configured: bool, errs: &mut Errors) -> Vec<Dataset> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut routes_seen = RoutesSeen::default();
@@ -729,7 +729,8 @@ fn compile_datasets(raw: &[RawDataset], issuers: &[Issuer], errs: &mut Errors) -
             });
         }
         let requires_jit = d.requires_jit.unwrap_or(d.classification == Classification::Regulated);
-        if requires_jit && issuers.is_empty() {
+        // Issuers that are configured but failed validation have errors of their own to fix.
+        if requires_jit && !issuers_configured {
             errs.push(
                 format!("{path}.requires_jit"),
                 "the dataset requires JIT credentials but no JWT issuer is configured in settings.identity.jwt",
@@ -902,5 +903,46 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn a_rejected_key_is_the_one_error_not_also_a_missing_issuer() {
+        const X: &str = "zHSH5Ge9NgQ7ZAc2kp7w-y6Tuexn-Cs00K1kNaE0XrU";
+        let ed = |extra: Value| {
+            let mut key = json!({"kty": "OKP", "crv": "Ed25519", "x": X});
+            if let (Some(key), Value::Object(extra)) = (key.as_object_mut(), extra) {
+                key.extend(extra);
+            }
+            key
+        };
+        let small_rsa = json!({"kty": "RSA", "e": "AQAB", "n": "wcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcE"});
+        // (keys, the path of the key error expected, why)
+        let cases: &[(Value, &str, &str)] = &[
+            (json!([ed(json!({"d": X}))]), "settings.identity.jwt[0].jwks.keys[0]", "a private key"),
+            (
+                json!([{"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]),
+                "settings.identity.jwt[0].jwks.keys[0]",
+                "a symmetric key",
+            ),
+            (json!([small_rsa]), "settings.identity.jwt[0].jwks.keys[0]", "RSA below 2048 bits"),
+            (json!([ed(json!({"use": "enc"}))]), "settings.identity.jwt[0].jwks.keys[0]", "an encryption key"),
+            (
+                json!([ed(json!({"kid": "a"})), ed(json!({"kid": "a"}))]),
+                "settings.identity.jwt[0].jwks.keys[1].kid",
+                "a duplicate kid",
+            ),
+        ];
+        let regulated = json!([{"id": "r", "classification": "regulated", "allowed_regions": ["eu"], "routes": [{"path_prefix": "/r"}]}]);
+        for (keys, want, why) in cases {
+            let settings = json!({"identity": {"jwt": [{"issuer": "https://idp.example", "jwks": {"keys": keys}}]}});
+            let got = errors(settings, regulated.clone());
+            assert!(got.iter().any(|(path, _)| path.starts_with(want)), "{why}: a key error at {want}: {got:?}");
+            assert!(!got.iter().any(|(path, _)| path.ends_with("requires_jit")), "{why}: no follow-on: {got:?}");
+        }
+        // Without any issuer, the dataset's error is the one to fix.
+        let got = errors(json!({}), regulated);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].0, "datasets[0].requires_jit");
+        assert!(got[0].1.contains("no JWT issuer is configured in settings.identity.jwt"), "{got:?}");
     }
 }
