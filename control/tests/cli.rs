@@ -471,6 +471,28 @@ fn check_refuses_what_is_not_a_policy_file() {
     }
 }
 
+/// Files that an editor began with a byte order mark read as without it: policies (YAML and
+/// JSON) and case files.
+#[test]
+fn a_byte_order_mark_is_not_part_of_a_file() {
+    let bom = "\u{feff}";
+    let export = guardrail(&["export", TempFile::new("yaml", &valid_policy()).arg()]);
+    assert_eq!(export.status.code(), Some(0), "{}", stderr(&export));
+    for (ext, text, why) in [("yaml", valid_policy(), "YAML"), ("json", stdout(&export), "JSON")] {
+        let file = TempFile::new(ext, &format!("{bom}{text}"));
+        let out = guardrail(&["check", file.arg()]);
+        assert_eq!(out.status.code(), Some(0), "{why}: {}", stderr(&out));
+        assert!(stdout(&out).contains("(revision 42, 2 apps, 1 dataset, 1 rule)"), "{why}: {}", stdout(&out));
+    }
+    let policy = TempFile::new("yaml", &format!("{bom}{}", valid_policy()));
+    let cases = TempFile::new(
+        "yaml",
+        &format!("{bom}cases:\n  - name: no key\n    request: {{method: GET, url: \"http://hr.internal/employees/7\"}}\n    expect: {{status: 401, code: unauthenticated}}\n"),
+    );
+    let out = guardrail(&["test", policy.arg(), cases.arg()]);
+    assert_eq!(out.status.code(), Some(0), "case file: {}{}", stdout(&out), stderr(&out));
+}
+
 /// A directory for `guardrail serve`, removed when dropped.
 struct TempDir(PathBuf);
 

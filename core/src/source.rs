@@ -576,12 +576,17 @@ impl fmt::Display for FileErrors {
 
 impl std::error::Error for FileErrors {}
 
-/// Reads a policy file as UTF-8 text; failures name the file.
+/// Reads a policy (or case) file as UTF-8 text, without the byte order mark some editors on
+/// Windows write first (YAML and JSON readers would take it as part of the first key); failures
+/// name the file.
 pub fn read_file(path: &Path) -> Result<String, FileErrors> {
     if path.is_dir() {
         return Err(FileErrors::one(path, "is a directory; expected a policy file (.yaml, .yml or .json)"));
     }
-    let bytes = std::fs::read(path).map_err(|e| FileErrors::one(path, format!("cannot read the file: {e}")))?;
+    let mut bytes = std::fs::read(path).map_err(|e| FileErrors::one(path, format!("cannot read the file: {e}")))?;
+    if bytes.starts_with(UTF8_BOM) {
+        bytes.drain(..UTF8_BOM.len());
+    }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
@@ -595,6 +600,9 @@ pub fn read_file(path: &Path) -> Result<String, FileErrors> {
         }
     })
 }
+
+/// U+FEFF in UTF-8.
+const UTF8_BOM: &[u8] = b"\xef\xbb\xbf";
 
 /// Reads, parses and compiles one policy file.
 pub fn load_file(path: &Path) -> Result<CompiledPolicy, FileErrors> {
@@ -994,6 +1002,30 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             errors.to_string(),
             "p.yaml:4: apps[0].tier: unknown tier `x`\np.yaml: kind: bad\np.yaml: cannot read"
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_document() {
+        let yaml = "apiVersion: guardrail/v1\nkind: Policy\nrevision: 3\n";
+        let json = "{\"apiVersion\": \"guardrail/v1\",\n \"kind\": \"Policy\", \"revision\": 3}\n";
+        let bad = "apiVersion: guardrail/v1\nkind: Policy\ncolour: blue\n";
+        // (text after the mark, the line of the error or None when valid, why)
+        let cases: &[(&str, Option<usize>, &str)] =
+            &[(yaml, None, "YAML"), (json, None, "JSON"), (bad, Some(3), "an error keeps its line")];
+        for (i, (text, want_line, why)) in cases.iter().enumerate() {
+            let file = std::env::temp_dir().join(format!("guardrail-bom-{}-{i}.yaml", std::process::id()));
+            let written = std::fs::write(&file, [UTF8_BOM, text.as_bytes()].concat());
+            assert!(written.is_ok(), "{why}: writing {}", file.display());
+            let read = read_file(&file).map_err(|e| e.to_string());
+            let loaded = load_file(&file).map(|p| p.revision).map_err(|e| e.errors);
+            let _ = std::fs::remove_file(&file);
+            assert_eq!(read.as_deref(), Ok(*text), "{why}: the text without its mark");
+            match (want_line, loaded) {
+                (None, Ok(revision)) => assert_eq!(revision, "3", "{why}"),
+                (Some(line), Err(errors)) => assert_eq!(errors[0].line, Some(*line), "{why}: {errors:?}"),
+                (_, other) => panic!("{why}: {other:?}"),
+            }
+        }
     }
 
     #[test]
