@@ -59,7 +59,7 @@ use crate::explain::{
 use crate::jwk::SigningKey;
 use crate::log::now_secs;
 use anyhow::Context;
-use guardrail_core::compile::CompiledPolicy;
+use guardrail_core::compile::{in_document_terms, CompiledPolicy};
 use guardrail_core::decide::{Code, Decision};
 use guardrail_core::duration::parse_duration;
 use guardrail_core::jwt::TokenCache;
@@ -423,11 +423,11 @@ pub fn load_cases(file: &Path, policy: &CompiledPolicy, now_secs: i64) -> Result
         while let Some(p) = about.filter(|p| !p.is_empty()) {
             if let Some(rest) = message.strip_prefix(&format!("{p}: ")) {
                 let (p, rest) = (p.to_string(), rest.to_string());
-                return vec![loader.error_at(&p, inner.location().map(|l| l.line()), &rest)];
+                return vec![loader.error_at(&p, inner.location().map(|l| l.line()), &in_document_terms(&rest))];
             }
             about = parent_path(p);
         }
-        vec![loader.error_at(&path, inner.location().map(|l| l.line()), &message)]
+        vec![loader.error_at(&path, inner.location().map(|l| l.line()), &in_document_terms(&message))]
     })?;
     loader.validate(raw, now_secs)
 }

@@ -375,6 +375,27 @@ fn check_reports_file_line_and_path() {
             "same route as datasets[0].routes[0] of dataset `hr-records` (host `hr.internal`, path_prefix `/employees`, GET)",
         ),
         (
+            "a fraction for a revision",
+            "revision: 42\n".into(),
+            "revision: 7.5 # <-\n".into(),
+            "revision",
+            "revision: must be a whole number or a string, not 7.5",
+        ),
+        (
+            "empty settings",
+            "settings:\n  gateway_region: eu-west-1\n  failure_mode: closed\n".into(),
+            "settings: # <-\n".into(),
+            "settings",
+            "settings: invalid type: null, expected a mapping",
+        ),
+        (
+            "a fraction for a count",
+            "      requests: 600\n".into(),
+            "      requests: 600.5 # <-\n".into(),
+            "tiers.standard.rate.requests",
+            "invalid type: floating point `600.5`, expected a whole number",
+        ),
+        (
             "a plain key where a digest belongs",
             "      - DIGEST\n".into(),
             "      - guardrail-test-key-00001 # <-\n".into(),

@@ -2,8 +2,10 @@
 //! Every struct denies unknown fields: a typo is an error, never silently ignored.
 //! Meaning and cross-references are checked when it is compiled (see [`crate::compile`]).
 
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::fmt;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,12 +29,49 @@ pub struct RawPolicy {
     pub rules: Vec<RawRule>,
 }
 
-/// A revision may be written as a number or a string; it is kept as text.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged, expecting = "a revision: a number or a string")]
+/// A revision may be written as a whole number or a string; it is kept as text.
+#[derive(Debug, Clone)]
 pub enum Revision {
     Number(i64),
     Text(String),
+}
+
+/// By hand rather than `untagged`: a fraction gets an error that says what to write (an untagged
+/// enum can only say that no variant matched), in less code.
+impl<'de> Deserialize<'de> for Revision {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RevisionVisitor;
+
+        impl Visitor<'_> for RevisionVisitor {
+            type Value = Revision;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number or a string")
+            }
+
+            fn visit_i64<E>(self, v: i64) -> Result<Revision, E> {
+                Ok(Revision::Number(v))
+            }
+
+            fn visit_u64<E>(self, v: u64) -> Result<Revision, E> {
+                Ok(i64::try_from(v).map_or_else(|_| Revision::Text(v.to_string()), Revision::Number))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Revision, E> {
+                Err(E::custom(format_args!("must be a whole number or a string, not {v}")))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Revision, E> {
+                Ok(Revision::Text(v.to_owned()))
+            }
+
+            fn visit_string<E>(self, v: String) -> Result<Revision, E> {
+                Ok(Revision::Text(v))
+            }
+        }
+
+        deserializer.deserialize_any(RevisionVisitor)
+    }
 }
 
 impl Revision {

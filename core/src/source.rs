@@ -20,7 +20,7 @@
 //! assert_eq!(errors.0[0].line, Some(3));
 //! ```
 
-use crate::compile::{bare_message, compile_with, parse_json_str, CompiledPolicy, JsonError};
+use crate::compile::{bare_message, compile_with, in_document_terms, parse_json_str, CompiledPolicy, JsonError};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::raw::RawPolicy;
 use crate::rules::ExpressionCache;
@@ -301,7 +301,8 @@ fn yaml_error(e: &serde_yaml_ng::Error, reached: &str) -> (String, String) {
             text.replace_range(i..i + at.len(), "");
         }
     }
-    split_message(text, reached)
+    let (path, message) = split_message(text, reached);
+    (path, in_document_terms(&message))
 }
 
 /// The path an error message (without position) is about, and the message without that path: a
@@ -779,8 +780,17 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             ("tiers:\n  s: {rate: {requests: 1, per: 1s}}\n  s: {rate: {requests: 2, per: 1s}}\n", "duplicate key", "tiers", 5, "duplicate key `s` (first written on line 4)"),
             ("apps: [\n", "syntax error", "apps", 4, "did not find expected node content"),
             ("revision: 1\n---\nkind: Policy\n", "two documents", "", 4, "a second YAML document"),
-            ("revision: [1]\n", "revision of the wrong type", "revision", 3, "a number or a string"),
+            ("revision: [1]\n", "revision of the wrong type", "revision", 3, "expected a whole number or a string"),
             ("kind: Policy\n", "duplicate key of a struct", "", 3, "duplicate key `kind` (first written on line 2)"),
+            ("revision: 7.5\n", "a fraction for a revision", "revision", 3, "must be a whole number or a string, not 7.5"),
+            (
+                "tiers:\n  s:\n    rate: {requests: 1.5, per: 1s}\n",
+                "a fraction for a count",
+                "tiers.s.rate.requests",
+                5,
+                "invalid type: floating point `1.5`, expected a whole number",
+            ),
+            ("settings: {soft_limit_ratio: most}\n", "a word for a ratio", "settings.soft_limit_ratio", 3, "expected a number"),
             (
                 "settings:\n  identity:\n    jwt:\n      - issuer: x\n        jwks: {keys: []}\n        app_claims: sub\n",
                 "unknown field deep in a list",
@@ -801,6 +811,9 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             assert_eq!(e.line, Some(*want_line), "{why}: line of {e:?}");
             assert!(e.message.contains(want_message), "{why}: message of {e:?}");
             assert!(!e.message.contains(" at line "), "{why}: the line is not repeated in {e:?}");
+            for internal in ["struct", "Raw", "i64", "f64", "u128", "unit value"] {
+                assert!(!e.message.contains(internal), "{why}: `{internal}` is Rust's, not the document's: {e:?}");
+            }
             assert!(
                 !e.message.starts_with(&format!("{want_path}: ")) || want_path.is_empty(),
                 "{why}: no doubled path in {e:?}"
