@@ -396,6 +396,27 @@ fn check_reports_file_line_and_path() {
             "invalid type: floating point `600.5`, expected a whole number",
         ),
         (
+            "a rule calling a function the interpreter does not have",
+            "    when: request.method == \"DELETE\"\n".into(),
+            "    when: foo(request.method) # <-\n".into(),
+            "rules[0].when",
+            "rule `no-deletes`: unknown function `foo`",
+        ),
+        (
+            "a rule reading a field the app does not have",
+            "    when: request.method == \"DELETE\"\n".into(),
+            "    when: app.colour == 'red' # <-\n".into(),
+            "rules[0].when",
+            "`app` has no field `colour` (fields: id, owner, team, department, environment, tier, lifecycle, region, data_classes, connectors)",
+        ),
+        (
+            "a rule that is a constant string",
+            "    when: request.method == \"DELETE\"\n".into(),
+            "    when: \"'abc'\" # <-\n".into(),
+            "rules[0].when",
+            "the expression is a constant (`'abc'`), never true or false",
+        ),
+        (
             "a plain key where a digest belongs",
             "      - DIGEST\n".into(),
             "      - guardrail-test-key-00001 # <-\n".into(),

@@ -2,8 +2,11 @@
 //! over `app`, `dataset`, `request` {method, host, path, headers} and `token` {claims}.
 //!
 //! Bounds keep any policy from making a request slow: an expression is at most
-//! [`MAX_EXPRESSION_LEN`] bytes and [`MAX_NESTING`] brackets deep (the parser recurses), and it may
-//! only name the four variables above (checked at compile time, so a typo is a policy error).
+//! [`MAX_EXPRESSION_LEN`] bytes and [`MAX_NESTING`] brackets deep (the parser recurses). It may
+//! only name the four variables above, the fields they hold (`token.claims` and `request.headers`
+//! are open maps) and the functions the interpreter declares, and it may not be a constant other
+//! than `true` or `false`: all checked at compile time, so a typo is a policy error, not a rule
+//! that fails (and denies) on every request in Envoy.
 //!
 //! Two paths evaluate an expression, with the same results. The `cel` crate parses and checks
 //! every one; those made of the usual parts (see `rules/fast.rs`) are also lowered into a tree
@@ -23,9 +26,9 @@ mod fast;
 
 use crate::compile::{App, Dataset};
 use crate::jwt::VerifiedToken;
-use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use cel::common::ast::{operators, EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::objects::{Key, Map};
-use cel::{Context, Env, Program, Value};
+use cel::{Context, Env, ExecutionError, Program, Value};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +96,147 @@ impl Comprehensions {
                 self.walk(&m.value, depth);
             }
         }
+    }
+}
+
+/// What an expression names that its evaluation would not find: functions the interpreter does
+/// not declare, fields the variables do not have. Either fails the rule, so denies, on every
+/// request it applies to; found at compile time, each is a policy error instead.
+struct Names<'e> {
+    cel: &'e Cel,
+    /// Comprehension variables in scope: they shadow the four variables.
+    locals: Vec<&'e str>,
+    /// Calls looked up so far: name, called on a target, declared.
+    calls: Vec<(&'e str, bool, bool)>,
+    problems: Vec<String>,
+}
+
+/// The standard macros and how they are called: a call of that name that is not in that form
+/// stays an (undeclared) function call.
+const MACROS: [(&str, &str); 6] = [
+    ("has", "has(x.field)"),
+    ("all", "list.all(x, condition)"),
+    ("exists", "list.exists(x, condition)"),
+    ("exists_one", "list.exists_one(x, condition)"),
+    ("map", "list.map(x, expression) or list.map(x, condition, expression)"),
+    ("filter", "list.filter(x, condition)"),
+];
+
+impl<'e> Names<'e> {
+    fn new(cel: &'e Cel) -> Self {
+        Names { cel, locals: Vec::new(), calls: Vec::new(), problems: Vec::new() }
+    }
+
+    fn problem(&mut self, text: String) {
+        if !self.problems.contains(&text) {
+            self.problems.push(text);
+        }
+    }
+
+    fn walk(&mut self, e: &'e IdedExpr) {
+        match &e.expr {
+            Expr::Call(call) => {
+                let name = call.func_name.as_str();
+                if name == operators::INDEX {
+                    if let [var, key] = call.args.as_slice() {
+                        if let Expr::Literal(LiteralValue::String(key)) = &key.expr {
+                            self.field(var, key.inner());
+                        }
+                    }
+                } else if name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.')) {
+                    // A name an expression can spell; operators (`_==_`, `!_`, `@in`) cannot be.
+                    self.call(name, call.target.is_some());
+                }
+                if let Some(target) = &call.target {
+                    self.walk(target);
+                }
+                call.args.iter().for_each(|arg| self.walk(arg));
+            }
+            Expr::Select(sel) => {
+                self.field(&sel.operand, &sel.field);
+                self.walk(&sel.operand);
+            }
+            Expr::Comprehension(c) => {
+                self.walk(&c.iter_range);
+                self.walk(&c.accu_init);
+                let scope = self.locals.len();
+                self.locals.push(&c.iter_var);
+                self.locals.extend(c.iter_var2.as_deref());
+                self.locals.push(&c.accu_var);
+                for inner in [&c.loop_cond, &c.loop_step, &c.result] {
+                    self.walk(inner);
+                }
+                self.locals.truncate(scope);
+            }
+            Expr::List(list) => list.elements.iter().for_each(|x| self.walk(x)),
+            Expr::Map(map) => map.entries.iter().for_each(|x| self.entry(&x.expr)),
+            Expr::Struct(st) => st.entries.iter().for_each(|x| self.entry(&x.expr)),
+            Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
+        }
+    }
+
+    fn entry(&mut self, e: &'e EntryExpr) {
+        match e {
+            EntryExpr::StructField(f) => self.walk(&f.value),
+            EntryExpr::MapEntry(m) => {
+                self.walk(&m.key);
+                self.walk(&m.value);
+            }
+        }
+    }
+
+    /// One of the four variables, unless a comprehension variable of that name shadows it.
+    fn variable(&self, e: &IdedExpr) -> Option<&'static str> {
+        let Expr::Ident(name) = &e.expr else { return None };
+        if self.locals.contains(&name.as_str()) {
+            return None;
+        }
+        VARIABLES.iter().copied().find(|v| v == name)
+    }
+
+    /// `operand.field` (or `operand['field']`): a field the variable has, or, one level down, a
+    /// field of one of its maps.
+    fn field(&mut self, operand: &IdedExpr, field: &str) {
+        if let Some(var) = self.variable(operand) {
+            let fields = fast::field_names(var);
+            if !fields.contains(&field) {
+                self.problem(format!("`{var}` has no field `{field}` (fields: {})", fields.join(", ")));
+            }
+            return;
+        }
+        let Expr::Select(inner) = &operand.expr else { return };
+        let Some(var) = self.variable(&inner.operand) else { return };
+        let open = matches!((var, inner.field.as_str()), ("request", "headers") | ("token", "claims"));
+        if !inner.test && !open && fast::field_names(var).contains(&inner.field.as_str()) {
+            self.problem(format!(
+                "`{var}.{}` has no fields, so `.{field}` fails (only request.headers and token.claims are maps)",
+                inner.field
+            ));
+        }
+    }
+
+    fn call(&mut self, name: &'e str, method: bool) {
+        let declared = match self.calls.iter().find(|(n, m, _)| *n == name && *m == method) {
+            Some(&(_, _, declared)) => declared,
+            None => {
+                let declared = self.cel.declares(name, method);
+                self.calls.push((name, method, declared));
+                declared
+            }
+        };
+        if declared {
+            return;
+        }
+        let text = if let Some((_, form)) = MACROS.iter().find(|(m, _)| *m == name) {
+            format!("`{name}` is a macro, written `{form}`")
+        } else if method && self.cel.declares(name, false) {
+            format!("`{name}` is not a method: call it as `{name}(x)`")
+        } else if !method && self.cel.declares(name, true) {
+            format!("`{name}` is a method: call it as `x.{name}(..)`")
+        } else {
+            format!("unknown function `{name}`")
+        };
+        self.problem(text);
     }
 }
 
@@ -202,7 +346,8 @@ impl std::fmt::Debug for Expression {
 }
 
 impl Cel {
-    /// Compiles an expression, refusing syntax errors, unknown variables and oversized input.
+    /// Compiles an expression, refusing syntax errors, oversized input, and what could never
+    /// evaluate: unknown variables, fields and functions, a constant that is not a boolean.
     pub fn compile(&self, source: &str) -> Result<Expression, String> {
         if source.len() > MAX_EXPRESSION_LEN {
             return Err(format!("expression is {} bytes; at most {MAX_EXPRESSION_LEN} are allowed", source.len()));
@@ -253,6 +398,24 @@ impl Cel {
                 unknown.join("`, `")
             ));
         }
+        let root = match &program.expression().expr {
+            Expr::Literal(LiteralValue::Boolean(_)) => None,
+            Expr::Literal(_) => Some("a constant"),
+            Expr::List(_) => Some("a list"),
+            Expr::Map(_) | Expr::Struct(_) => Some("a map"),
+            _ => None,
+        };
+        if let Some(what) = root {
+            return Err(format!(
+                "the expression is {what} (`{}`), never true or false; write a condition, e.g. `request.method == 'DELETE'`",
+                source.trim()
+            ));
+        }
+        let mut names = Names::new(self);
+        names.walk(program.expression());
+        if !names.problems.is_empty() {
+            return Err(format!("{}; evaluating it fails, and a failing rule denies", names.problems.join("; ")));
+        }
         let variables = references.variables();
         let uses = VARIABLES
             .iter()
@@ -261,6 +424,20 @@ impl Cel {
             .fold(0u8, |bits, (i, _)| bits | (1 << i));
         let fast = fast::lower(program.expression());
         Ok(Expression { program, uses, fast })
+    }
+
+    /// Whether the interpreter declares the function `name`, as a method (`x.name(..)`) or not
+    /// (`name(..)`). Asked of the interpreter itself, so that it is the set it really provides: a
+    /// call without arguments, which a declared function answers with its result or an overload
+    /// error, and an undeclared one with an undeclared reference.
+    fn declares(&self, name: &str, method: bool) -> bool {
+        let probe = if method { format!("''.{name}()") } else { format!("{name}()") };
+        let Ok(program) = self.env.compile(&probe) else {
+            // Not a name a call can have; not this check's to refuse.
+            return true;
+        };
+        let ctx = Context::with_env(Arc::clone(&self.env));
+        !matches!(program.execute(&ctx), Err(ExecutionError::UndeclaredReference(_)))
     }
 
     /// One evaluation scope per request: the variables are converted into CEL's representation
@@ -538,6 +715,147 @@ mod tests {
         }
         let long = format!("app.id == '{}'", "x".repeat(MAX_EXPRESSION_LEN));
         assert!(cel.compile(&long).is_err(), "oversized expression refused");
+    }
+
+    /// Expressions that parse but could never evaluate (so would deny every request in scope) are
+    /// refused when compiled, naming what is wrong.
+    #[test]
+    fn names_the_evaluation_would_not_find_are_compile_errors() {
+        let cel = Cel::default();
+        // (expression, part of the error or None when valid, why)
+        let cases: &[(&str, Option<&str>, &str)] = &[
+            ("foo(request.method)", Some("unknown function `foo`"), "an undeclared function"),
+            ("request.path.lowerAscii() == '/x'", Some("unknown function `lowerAscii`"), "an extension not in the build"),
+            ("matches(request.path, '^/x')", Some("unknown function `matches`"), "regex is not in this build"),
+            ("timestamp(token.claims.iat) > timestamp('2020-01-01T00:00:00Z')", Some("unknown function `timestamp`"), "chrono is not in this build"),
+            ("contains(request.path, 'x')", Some("`contains` is a method: call it as `x.contains(..)`"), "a method called as a function"),
+            ("request.path.string() == 'x'", Some("`string` is not a method: call it as `string(x)`"), "a function called as a method"),
+            ("app.connectors.exists(app.id == 'x')", Some("`exists` is a macro, written `list.exists(x, condition)`"), "a macro with too few arguments"),
+            ("app.colour == 'red'", Some("`app` has no field `colour` (fields: id, owner, team, department, environment, tier, lifecycle, region, data_classes, connectors)"), "an app field"),
+            ("dataset.nosuch == 1", Some("`dataset` has no field `nosuch` (fields: id, classification, owner_department, allowed_regions, requires_jit)"), "a dataset field"),
+            ("request.nosuch == 'x'", Some("`request` has no field `nosuch` (fields: method, host, path, headers)"), "a request field"),
+            ("token.sub == 'x'", Some("`token` has no field `sub` (fields: claims)"), "a claim outside claims"),
+            ("app['colour'] == 'red'", Some("`app` has no field `colour`"), "an index with a literal key"),
+            ("has(app.colour)", Some("`app` has no field `colour`"), "has() of a field that is never there"),
+            ("app.id.first == 'x'", Some("`app.id` has no fields"), "a field of a string"),
+            ("foo(app.colour)", Some("unknown function `foo`; `app` has no field `colour`"), "every problem is named"),
+            ("'abc'", Some("the expression is a constant (`'abc'`)"), "a string literal"),
+            ("1", Some("the expression is a constant (`1`)"), "an int literal"),
+            ("null", Some("a constant"), "null"),
+            ("['x']", Some("the expression is a list"), "a list literal"),
+            ("{'a': true}", Some("the expression is a map"), "a map literal"),
+            // Valid: what the interpreter has, and the dynamic maps.
+            ("true", None, "a constant boolean"),
+            ("token.claims.anything == 'x' && has(token.claims.other)", None, "claims are a dynamic map"),
+            ("request.headers['x-a'] == '1' && request.headers.x == '2'", None, "headers are a dynamic map"),
+            ("size(request.path) > 1 && request.path.size() > 1", None, "size both ways"),
+            ("request.path.startsWith('/a') || request.path.endsWith('b') || request.path.contains('c')", None, "string methods"),
+            ("int(request.headers['n']) > 1 && string(1) == '1' && double('1.5') > 1.0 && uint(1) == 1u", None, "conversions"),
+            ("type(app.id) == type('') && dyn(1) == 1 && bytes('a') == b'a'", None, "type, dyn and bytes"),
+            ("app.data_classes[0] == 'internal'", None, "an index into a list field"),
+            ("[1].exists(app, app == 1)", None, "a comprehension variable shadows `app`"),
+            ("app.connectors.exists(c, c == app.id)", None, "a macro"),
+            ("app.connectors.map(c, c.size()).all(n, n > 0)", None, "nested macros"),
+            ("has(dataset.requires_jit) && dataset.requires_jit", None, "has() of a field that is there"),
+            (".size('a') == 1", None, "an absolute function name"),
+        ];
+        for (src, want, why) in cases {
+            match (cel.compile(src), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "{why}: error `{e}` should mention `{w}`"),
+                (Ok(_), Some(w)) => panic!("{why}: {src}: expected an error mentioning `{w}`"),
+                (Err(e), None) => panic!("{why}: {src}: unexpected error {e}"),
+            }
+        }
+    }
+
+    /// The functions rules can call are those the interpreter declares (this build has neither
+    /// the regex nor the chrono feature); `declares` asks it, and agrees with evaluation.
+    #[test]
+    fn declared_functions_are_those_the_interpreter_evaluates() {
+        let cel = Cel::default();
+        let functions = ["size", "string", "int", "uint", "double", "bytes", "bool", "dyn", "type", "max", "min"];
+        let methods = ["size", "contains", "startsWith", "endsWith", "matches", "lowerAscii", "string"];
+        let mut declared = Vec::new();
+        for name in functions {
+            if cel.declares(name, false) {
+                declared.push(format!("{name}()"));
+            }
+        }
+        for name in methods {
+            if cel.declares(name, true) {
+                declared.push(format!(".{name}()"));
+            }
+        }
+        assert_eq!(
+            declared,
+            [
+                "size()",
+                "string()",
+                "int()",
+                "uint()",
+                "double()",
+                "bytes()",
+                "bool()",
+                "dyn()",
+                "type()",
+                ".size()",
+                ".contains()",
+                ".startsWith()",
+                ".endsWith()"
+            ],
+            "as README 'The policy' lists them"
+        );
+        // The probe and a real evaluation agree: an undeclared function fails to evaluate.
+        let env = Arc::new(Env::stdlib());
+        for (src, undeclared) in [("matches('a', 'a')", true), ("size('a') == 1", false), ("'a'.string() == 'a'", true)]
+        {
+            let program = env.compile(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+            let result = program.execute(&Context::with_env(Arc::clone(&env)));
+            assert_eq!(matches!(result, Err(ExecutionError::UndeclaredReference(_))), undeclared, "{src}: {result:?}");
+        }
+    }
+
+    /// The fields the check knows are those the variables are built with.
+    #[test]
+    fn the_known_fields_are_those_of_the_values() {
+        fn keys(v: &Value) -> Vec<String> {
+            let Value::Map(m) = v else { panic!("not a map: {v:?}") };
+            let mut keys: Vec<String> = m.map.keys().map(|k| format!("{k:?}")).collect();
+            keys.sort();
+            keys
+        }
+        fn names(var: &str) -> Vec<String> {
+            let mut names: Vec<String> =
+                fast::field_names(var).iter().map(|n| format!("{:?}", Key::String(Arc::new(n.to_string())))).collect();
+            names.sort();
+            names
+        }
+        let app = app();
+        let dataset = Dataset {
+            id: "d".into(),
+            classification: crate::raw::Classification::Public,
+            owner_department: None,
+            allowed_regions: vec!["eu".into()],
+            routes: Vec::new(),
+            requires_jit: false,
+            region_mask: None,
+        };
+        let token = VerifiedToken {
+            issuer: 0,
+            app: "pos".into(),
+            app_index: None,
+            claims: serde_json::Map::new(),
+            exp: 0,
+            iat: None,
+            nbf: None,
+            scopes: Vec::new(),
+            clock_skew_seconds: 0,
+        };
+        assert_eq!(keys(&app_value(&app, "standard")), names("app"), "app");
+        assert_eq!(keys(&dataset_value(&dataset)), names("dataset"), "dataset");
+        assert_eq!(keys(&request_value("GET", "h", "/", &[])), names("request"), "request");
+        assert_eq!(keys(&token_value(Some(&token))), names("token"), "token");
     }
 
     #[test]

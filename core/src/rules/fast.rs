@@ -96,6 +96,21 @@ const REQUEST_FIELDS: [(&str, RequestField); 4] = [
 
 const TOKEN_FIELDS: [&str; 1] = ["claims"];
 
+/// The fields of one of the four variables, as its value holds them (`app_value` and the others
+/// in `rules.rs` build the same; a test holds them side by side).
+pub(super) fn field_names(var: &str) -> Vec<&'static str> {
+    fn names<T>(table: &[(&'static str, T)]) -> Vec<&'static str> {
+        table.iter().map(|(n, _)| *n).collect()
+    }
+    match var {
+        "app" => names(&APP_FIELDS),
+        "dataset" => names(&DATASET_FIELDS),
+        "request" => names(&REQUEST_FIELDS),
+        "token" => TOKEN_FIELDS.to_vec(),
+        _ => Vec::new(),
+    }
+}
+
 fn field<T: Copy>(table: &[(&str, T)], name: &str) -> Option<T> {
     table.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
