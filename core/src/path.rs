@@ -170,6 +170,45 @@ fn segment_key(seg: &str) -> Cow<'_, str> {
     }
 }
 
+/// Bytes of a path that may set it apart from its canonical form: upper case, `;` and the `%` of
+/// an encoded `;` (`%3B`).
+static MAY_CHANGE: [bool; 256] = {
+    let mut marks = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        marks[c] = (c as u8).is_ascii_uppercase() || c == b';' as usize || c == b'%' as usize;
+        c += 1;
+    }
+    marks
+};
+
+/// The form a normalised path (from [`normalize_path`]) is matched by, for rules to read as
+/// `request.path`: each segment without its `;params`, lower-case (`/P;x=1/Admin` reads
+/// `/p/admin`), so a rule sees the path its dataset was chosen by and no spelling that reaches a
+/// dataset escapes a rule about it. Borrowed when the path is so already (as it nearly always is).
+pub fn canonical_path(normalized: &str) -> Cow<'_, str> {
+    let b = normalized.as_bytes();
+    // One table lookup per byte for the usual path, which has none of these.
+    if !b.iter().any(|&c| MAY_CHANGE[usize::from(c)]) {
+        return Cow::Borrowed(normalized);
+    }
+    let params = |i: usize, c: u8| {
+        c == b';' || (c == b'%' && b.get(i + 1) == Some(&b'3') && b.get(i + 2).is_some_and(|x| x | 0x20 == b'b'))
+    };
+    if !b.iter().enumerate().any(|(i, &c)| c.is_ascii_uppercase() || params(i, c)) {
+        return Cow::Borrowed(normalized);
+    }
+    let mut out = String::with_capacity(normalized.len());
+    for seg in normalized.split('/').map(segment_name).filter(|s| !s.is_empty()) {
+        out.push('/');
+        out.extend(seg.chars().map(|c| c.to_ascii_lowercase()));
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
+}
+
 /// Lower-case host without port, brackets kept for IPv6, without trailing dot; borrowed from
 /// `raw` when it is so already (as it nearly always is).
 pub fn normalize_host(raw: &str) -> Cow<'_, str> {
@@ -441,6 +480,31 @@ mod tests {
     }
 
     #[test]
+    fn canonical_path_table() {
+        // (raw request path, what rules read as request.path, why)
+        let cases: &[(&str, &str, &str)] = &[
+            ("/p/admin", "/p/admin", "canonical already"),
+            ("/p;x=1/admin", "/p/admin", "params of a segment removed"),
+            ("/p/%41dmin", "/p/admin", "an escaped capital decoded, then lower-cased"),
+            ("/p/Admin", "/p/admin", "upper case lowered"),
+            ("/P;v=2/ADMIN;jsessionid=7/x", "/p/admin/x", "params and case together"),
+            ("/p%3Bx/admin", "/p/admin", "an encoded semicolon starts params too"),
+            ("/p%3bx/admin", "/p/admin", "an encoded semicolon in lower-case hex"),
+            ("/a%2Cb", "/a%2cb", "hex of a kept escape lowered, as datasets match it"),
+            ("/", "/", "root"),
+            ("/;x", "/", "params alone are an empty segment"),
+            ("/Caf\u{e9}", "/caf\u{e9}", "ASCII lowered, the rest kept"),
+        ];
+        for (raw, want, why) in cases {
+            let norm = normalize_path(raw).unwrap_or_else(|e| panic!("{why}: {raw} refused: {e}"));
+            let got = canonical_path(&norm);
+            assert_eq!(got, *want, "{why}: {raw} (normalised {norm})");
+            assert_eq!(canonical_path(&got), got, "{why}: canonical twice is canonical once");
+            assert_eq!(matches!(got, Cow::Borrowed(_)), norm == *want, "{why}: borrowed exactly when unchanged");
+        }
+    }
+
+    #[test]
     fn host_table() {
         let cases = [
             ("API.RetailCo.example", "api.retailco.example"),
@@ -650,12 +714,28 @@ mod tests {
             proptest::prop_assert_eq!(normalize_path(&path), normalize_slowly(without_shortcut));
         }
 
+        /// Rules read a path as datasets match it: the canonical form reaches the same dataset.
+        #[test]
+        fn the_canonical_path_reaches_the_same_dataset(path in "(/|[a-zA-Z]{1,3}|;|;x=1|%3[bB]|%41|/customers|/API|/api/orders){0,8}") {
+            let ix = index();
+            if let Ok(norm) = normalize_path(&path) {
+                let canonical = canonical_path(&norm);
+                for method in ["GET", "POST"] {
+                    proptest::prop_assert_eq!(ix.lookup("x", method, &canonical), ix.lookup("x", method, &norm), "{} as {}", path, canonical);
+                }
+                proptest::prop_assert!(!canonical.bytes().any(|b| b.is_ascii_uppercase() || b == b';'), "{}", canonical);
+            }
+        }
+
         #[test]
         fn no_spelling_escapes_its_dataset(path in spelling()) {
             let ix = index();
             // A refused spelling (invalid-path) never reaches the upstream; an accepted one must match.
             if let Ok(norm) = normalize_path(&path) {
                 proptest::prop_assert_eq!(ix.lookup("any", "GET", &norm), Some(0), "{} normalised to {}", path, norm);
+                // And rules read it as the dataset's prefix (`request.path.startsWith('/customers')`).
+                let canonical = canonical_path(&norm);
+                proptest::prop_assert!(canonical == "/customers" || canonical.starts_with("/customers/"), "{} reads {}", path, canonical);
             }
         }
     }

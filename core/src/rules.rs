@@ -30,6 +30,7 @@ use cel::common::ast::{operators, EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::objects::{Key, Map};
 use cel::{Context, Env, ExecutionError, Program, Value};
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -471,7 +472,7 @@ impl Cel {
     /// The evaluations of one request's rules: see [`Evaluation::eval`].
     pub fn evaluation<'a>(&'a self, input: Input<'a>) -> Evaluation<'a> {
         let host = crate::path::normalize_host(input.host);
-        Evaluation { cel: self, input, host, scope: None }
+        Evaluation { cel: self, input, host, path: OnceCell::new(), scope: None }
     }
 
     /// Evaluates `expr` on the fast path alone: `None` if it takes the interpreter's, or if this
@@ -479,7 +480,8 @@ impl Cel {
     pub fn eval_fast(&self, expr: &Expression, input: &Input<'_>) -> Option<Result<bool, String>> {
         let node = expr.fast.as_ref()?;
         let host = crate::path::normalize_host(input.host);
-        let cx = fast::Cx { input, host: &host };
+        let path = OnceCell::new();
+        let cx = fast::Cx { input, host: &host, path: &path };
         match fast::run(node, &cx) {
             Ok(b) => Some(Ok(b)),
             Err(fast::Fail::Error(e)) => Some(Err(e.into_owned())),
@@ -500,7 +502,8 @@ pub struct Input<'a> {
     pub method: &'a str,
     /// As sent: rules see it normalised (`crate::path::normalize_host`).
     pub host: &'a str,
-    /// Normalised.
+    /// Normalised (`crate::path::normalize_path`): rules see it in the form datasets are matched
+    /// by (`crate::path::canonical_path`: without `;params`, lower-case).
     pub path: &'a str,
     /// Names as Envoy gives them: rules see them lower-cased, without pseudo-headers.
     pub headers: &'a [(String, String)],
@@ -515,8 +518,10 @@ impl Input<'_> {
         Vars {
             app: wants(USES_APP).then(|| app_value(self.app, self.tier)),
             dataset: wants(USES_DATASET).then(|| self.dataset.map_or(Value::Null, dataset_value)),
-            request: wants(USES_REQUEST)
-                .then(|| request_value(self.method, &crate::path::normalize_host(self.host), self.path, self.headers)),
+            request: wants(USES_REQUEST).then(|| {
+                let (host, path) = (crate::path::normalize_host(self.host), crate::path::canonical_path(self.path));
+                request_value(self.method, &host, &path, self.headers)
+            }),
             token: wants(USES_TOKEN).then(|| token_value(self.token)),
         }
     }
@@ -529,6 +534,8 @@ pub struct Evaluation<'a> {
     cel: &'a Cel,
     input: Input<'a>,
     host: Cow<'a, str>,
+    /// The canonical path, once an expression reads it (`None` inside: the input's is canonical).
+    path: OnceCell<Option<String>>,
     scope: Option<Scope>,
 }
 
@@ -537,7 +544,7 @@ impl Evaluation<'_> {
     /// denies).
     pub fn eval(&mut self, expr: &Expression) -> Result<bool, String> {
         if let Some(node) = &expr.fast {
-            let cx = fast::Cx { input: &self.input, host: &self.host };
+            let cx = fast::Cx { input: &self.input, host: &self.host, path: &self.path };
             match fast::run(node, &cx) {
                 Ok(b) => return Ok(b),
                 Err(fast::Fail::Error(e)) => return Err(e.into_owned()),
@@ -627,7 +634,7 @@ pub fn dataset_value(d: &Dataset) -> Value {
     ])
 }
 
-/// `request`: method, host, path (normalised), headers (lower-case names; repeated values joined by `,`).
+/// `request`: method, host, path (canonical: `crate::path::canonical_path`), headers (lower-case names; repeated values joined by `,`).
 pub fn request_value(method: &str, host: &str, path: &str, headers: &[(String, String)]) -> Value {
     let mut h: HashMap<Key, Value> = HashMap::with_capacity(headers.len());
     for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with(':')) {
@@ -936,6 +943,42 @@ mod tests {
             [Lifecycle::Draft, Lifecycle::Approved, Lifecycle::Published, Lifecycle::Deprecated, Lifecycle::Quarantined]
         {
             assert_eq!(fast::lifecycle_name(l), format!("{l:?}").to_lowercase());
+        }
+    }
+
+    /// Rules read `request.path` as datasets match it, on both paths: without `;params`, lower-case.
+    #[test]
+    fn request_path_is_canonical_on_both_paths() {
+        let cel = Cel::default();
+        let app = app();
+        let fast = cel.compile("request.path == '/p/admin'").unwrap_or_else(|e| panic!("{e}"));
+        let interpreted = cel.compile("{'p': request.path}.p == '/p/admin'").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((fast.path(), interpreted.path()), (Path::Fast, Path::Interpreter), "fixture");
+        // (normalised path as decide() passes it, whether rules read it as `/p/admin`)
+        let cases: &[(&str, bool, &str)] = &[
+            ("/p/admin", true, "canonical already"),
+            ("/p;x=1/admin", true, "params"),
+            ("/p/Admin", true, "upper case"),
+            ("/P;v=1/ADMIN;y", true, "both"),
+            ("/p%3Bx/admin", true, "an encoded semicolon"),
+            ("/p/admins", false, "another path"),
+        ];
+        for (path, want, why) in cases {
+            let input = Input {
+                app: &app,
+                tier: "standard",
+                dataset: None,
+                method: "GET",
+                host: "api.example",
+                path,
+                headers: &[],
+                token: None,
+            };
+            let mut evaluation = cel.evaluation(input);
+            assert_eq!(evaluation.eval(&fast), Ok(*want), "{why}: fast path, {path}");
+            assert_eq!(evaluation.eval(&fast), Ok(*want), "{why}: fast path again (made once), {path}");
+            assert_eq!(evaluation.eval(&interpreted), Ok(*want), "{why}: interpreter, {path}");
+            assert_eq!(cel.eval_fast(&fast, &input), Some(Ok(*want)), "{why}: eval_fast, {path}");
         }
     }
 

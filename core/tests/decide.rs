@@ -3,7 +3,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 use guardrail_core::compile::{compile_json_str, compile_with, parse_json_str, CompiledPolicy};
-use guardrail_core::decide::{decide, decide_traced, Code, Event, Request};
+use guardrail_core::decide::{decide, decide_traced, Code, Decision, Event, Request};
 use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::quota::{ensure_keys, MemoryStore};
 use guardrail_core::rules::ExpressionCache;
@@ -95,6 +95,16 @@ fn request<'a>(
 
 fn key(id: &str) -> Vec<(String, String)> {
     vec![("x-api-key".to_string(), format!("key-{id}"))]
+}
+
+/// One decision on a fresh quota store and token cache.
+fn decide_fresh<'p>(
+    policy: &'p CompiledPolicy,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+) -> Decision<'p> {
+    decide(policy, &request(method, path, None, headers), T0, &mut store_for(policy), &mut TokenCache::new(4))
 }
 
 #[test]
@@ -417,4 +427,54 @@ fn the_rules_in_scope_are_listed_per_dataset_at_compile_time() {
         ids(policy.rules_for(policy.datasets.iter().position(|d| d.id == "catalog")).collect()),
         ["no-deletes", "catalog-readers", "watch-post"]
     );
+}
+
+// === request.path in rules ===
+
+/// A policy whose rules are `rules` (JSON objects), with dataset `p` (internal, at `/p`) and the
+/// apps of [`policy_text`].
+fn policy_with_rules(rules: &[&str]) -> CompiledPolicy {
+    let text = policy_text();
+    let start = text.find(r#""rules": ["#).unwrap_or_else(|| panic!("fixture has rules"));
+    let datasets = r#"{"id": "p", "classification": "internal", "allowed_regions": ["eu-west-1"],
+        "routes": [{"path_prefix": "/p"}]}, "#;
+    let text = format!("{}\"rules\": [{}]}}", &text[..start], rules.join(", ")).replacen(
+        r#""datasets": ["#,
+        &format!(r#""datasets": [{datasets}"#),
+        1,
+    );
+    compile_json_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// `request.path` is the form dataset matching uses, so no spelling that reaches dataset `p`
+/// escapes a rule about its paths, on the fast path and on the interpreter.
+#[test]
+fn request_path_in_rules_is_the_form_datasets_match() {
+    let policy = policy_with_rules(&[
+        r#"{"id": "no-admin", "effect": "deny", "when": "request.path.startsWith('/p/admin')", "datasets": ["p"]}"#,
+        // A map literal keeps this one on the interpreter.
+        r#"{"id": "no-secret", "effect": "deny", "when": "{'path': request.path}.path.startsWith('/p/secret')", "datasets": ["p"]}"#,
+    ]);
+    assert_eq!(policy.rules[1].expr.path(), guardrail_core::rules::Path::Interpreter, "fixture: one rule per path");
+    let headers = key("pos");
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        ("/p/admin", Some("no-admin"), "as written"),
+        ("/p;x=1/admin", Some("no-admin"), "params on the dataset's segment"),
+        ("/p/admin;x=1/users", Some("no-admin"), "params on the rule's segment"),
+        ("/p/%41dmin", Some("no-admin"), "an escaped capital"),
+        ("/p/Admin", Some("no-admin"), "upper case"),
+        ("/P/ADMIN", Some("no-admin"), "all upper case"),
+        ("/p%3Bx/admin", Some("no-admin"), "an encoded semicolon"),
+        ("//p/./x/../admin/", Some("no-admin"), "dot segments and slashes"),
+        ("/p/public", None, "another path of the dataset"),
+        ("/p/administrator", Some("no-admin"), "startsWith is a string prefix"),
+        ("/p/secret", Some("no-secret"), "interpreter: as written"),
+        ("/p;v=2/Secret", Some("no-secret"), "interpreter: params and case"),
+        ("/p/%53ecret", Some("no-secret"), "interpreter: an escaped capital"),
+    ];
+    for (path, want, why) in cases {
+        let d = decide_fresh(&policy, "GET", path, &headers);
+        assert_eq!(d.dataset.map(|ds| ds.id.as_str()), Some("p"), "{why}: {path} reaches dataset p");
+        assert_eq!(d.denial.as_ref().and_then(|x| x.rule.as_deref()), *want, "{why}: {path}");
+    }
 }

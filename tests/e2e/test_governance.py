@@ -97,6 +97,9 @@ def make_policy(cli_jwk: Mapping[str, Any]) -> dict[str, Any]:
             {"id": "catalog-no-bots", "effect": "deny", "when": "'x-bot' in request.headers", "datasets": ["catalog"]},
             {"id": "catalog-audit", "effect": "deny", "mode": "shadow",
              "when": "request.path.startsWith('/catalog/secret')", "datasets": ["catalog"]},
+            # request.path is the form datasets match: no spelling of /catalog/admin escapes it.
+            {"id": "catalog-no-admin", "effect": "deny", "when": "request.path.startsWith('/catalog/admin')",
+             "datasets": ["catalog"], "message": "the catalog's admin pages are not for apps"},
             # Fails to evaluate when the request has no x-tenant header (no such key).
             {"id": "tenant-check", "effect": "deny", "when": "request.headers['x-tenant'] == 'blocked'",
              "datasets": ["tenants"]},
@@ -409,6 +412,22 @@ def test_shadow_rule_only_logs_and_counts(gw: Envoy) -> None:
     assert counter_delta(before, after, gw, "guardrail.shadow") == 1, after
     assert counter_delta(before, after, gw, "guardrail.allowed") >= 2, after
     assert not [o for o in gw.json_log_lines() if o.get("request_id") == r2.header("x-request-id")], "unexpected log line"
+
+
+ADMIN_SPELLINGS = ["/catalog/admin", "/catalog;x=1/admin", "/catalog/%41dmin", "/catalog/Admin", "/Catalog/ADMIN/users",
+                   "/catalog/admin;v=2/users", "/catalog/%61dmin", "//catalog/./x/../admin"]
+
+
+@pytest.mark.parametrize("path", ADMIN_SPELLINGS)
+def test_no_spelling_of_a_path_escapes_a_rule_about_it(any_gw: Envoy, path: str) -> None:
+    """Every spelling that reaches the catalog dataset is judged by catalog-no-admin, which reads
+    request.path as datasets match it (normalised, no `;params`, lower case)."""
+    r = request(any_gw.url, path, headers=key("legal-eu"))
+    if r.status == 400:
+        invalid_path(r)
+        return
+    problem = denied(r, 403, "access-denied", app="legal-eu", rule="catalog-no-admin")
+    assert problem["detail"] == "the catalog's admin pages are not for apps", problem
 
 
 # === invalid paths ===

@@ -18,6 +18,7 @@ use crate::raw::{Classification, Environment, Lifecycle};
 use cel::common::ast::{operators, CallExpr, ComprehensionExpr, Expr, IdedExpr, ListExpr, LiteralValue};
 use serde_json::{Map as JsonMap, Value as Json};
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::cmp::Ordering;
 use std::rc::Rc;
 
@@ -466,11 +467,28 @@ fn fail<T>(message: impl Into<Cow<'static, str>>) -> R<T> {
     Err(Fail::Error(message.into()))
 }
 
-/// What one evaluation reads: the request's parts, and its host normalised.
+/// What one evaluation reads: the request's parts, its host normalised, and its path in the
+/// form datasets are matched by, made when an expression first reads it.
 #[derive(Debug)]
 pub(super) struct Cx<'a> {
     pub input: &'a Input<'a>,
     pub host: &'a str,
+    /// `Some` once made and unlike the input's path; `None` inside when that is canonical already.
+    pub path: &'a OnceCell<Option<String>>,
+}
+
+impl<'a> Cx<'a> {
+    /// `request.path`: [`crate::path::canonical_path`] of the input's, borrowed when it is so already.
+    /// Not inlined: it would grow `Eval::eval`, which every node of every rule goes through.
+    #[inline(never)]
+    fn path(&self) -> &'a str {
+        let input: &'a str = self.input.path;
+        let made = self.path.get_or_init(|| match crate::path::canonical_path(input) {
+            Cow::Borrowed(_) => None,
+            Cow::Owned(canonical) => Some(canonical),
+        });
+        made.as_deref().unwrap_or(input)
+    }
 }
 
 /// A CEL value, borrowing the request's data and the expression's literals.
@@ -745,7 +763,7 @@ fn request_field<'a>(cx: &'a Cx<'a>, f: RequestField) -> V<'a> {
     match f {
         RequestField::Method => text(cx.input.method),
         RequestField::Host => text(cx.host),
-        RequestField::Path => text(cx.input.path),
+        RequestField::Path => text(cx.path()),
         RequestField::Headers => V::Map(M::Headers(cx.input.headers)),
     }
 }
