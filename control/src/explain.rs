@@ -327,10 +327,11 @@ pub fn event_lines(decision: &Decision<'_>) -> Vec<String> {
         .events
         .iter()
         .map(|e| match e {
-            Event::Shadow { rule, error: None } => {
-                format!("{:<10} rule `{rule}` would deny (mode: shadow: logged and counted, not enforced)", "shadow")
-            }
-            Event::Shadow { rule, error: Some(e) } => format!(
+            Event::Shadow { rule, detail, error: None } => format!(
+                "{:<10} rule `{rule}` would deny: {detail} (mode: shadow: logged and counted, not enforced)",
+                "shadow"
+            ),
+            Event::Shadow { rule, error: Some(e), .. } => format!(
                 "{:<10} rule `{rule}` failed to evaluate ({e}) (mode: shadow: logged and counted, not enforced)",
                 "shadow"
             ),

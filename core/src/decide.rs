@@ -1,7 +1,7 @@
 //! `decide()`: one request in, one [`Decision`] out, the same in Envoy and in the CLI.
 //! The checks run in the SPEC's order and the first failure wins.
 
-use crate::compile::{App, CompiledPolicy, Dataset, Limits};
+use crate::compile::{App, CompiledPolicy, Dataset, Limits, Rule};
 use crate::fleet::Fleet;
 use crate::jwt::{verify, TokenCache, VerifiedToken};
 use crate::path::normalize_path;
@@ -136,8 +136,9 @@ impl Denial {
 pub enum Event {
     /// Usage passed `soft_limit_ratio` of the bucket (`rate`) or of the daily budget (`daily`).
     SoftLimit { quota: &'static str },
-    /// A `mode: shadow` rule would have denied (`error` when its expression failed).
-    Shadow { rule: String, error: Option<String> },
+    /// A `mode: shadow` rule would have denied (`error` when its expression failed); `detail` is
+    /// what the denial would have said (the rule's message).
+    Shadow { rule: String, detail: String, error: Option<String> },
 }
 
 /// The verdict on one request.
@@ -375,8 +376,13 @@ fn checks<'p>(
     let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
     d.dataset = dataset;
     let token = bearer.as_deref();
-    match dataset {
-        None => t.note("dataset", || "none matched: dataset checks do not apply".to_string()),
+    // The data-class check is the first of the ABAC step: its denial wins, but the shadow rules
+    // in scope are still evaluated (see `check_rules`).
+    let class_denied = match dataset {
+        None => {
+            t.note("dataset", || "none matched: dataset checks do not apply".to_string());
+            false
+        }
         Some(ds) => {
             t.note("dataset", || format!("`{}` ({})", ds.id, ds.classification.as_str()));
             check_residency(policy, req, app, ds)?;
@@ -385,19 +391,25 @@ fn checks<'p>(
                 check_jit(policy, app, ds, token)?;
                 t.note("jit", || format!("token scoped `dataset:{}`", ds.id));
             }
-            if !app.may_access(ds.classification) {
-                return Err(Denial::new(
-                    Code::AccessDenied,
-                    format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
-                )
-                .rule("data-class"));
-            }
-            t.note("data-class", || format!("{} is among the app's data classes", ds.classification.as_str()));
+            let allowed = app.may_access(ds.classification);
+            t.note("data-class", || {
+                let among = if allowed { "among" } else { "not among" };
+                format!("{} is {among} the app's data classes", ds.classification.as_str())
+            });
+            !allowed
         }
-    }
+    };
 
     // --- ABAC rules in CEL ---
-    check_rules(policy, req, &method, &path, app, dataset_index, token, d, t)?;
+    let abac = Abac { method: &method, path: &path, app, dataset: dataset_index, token };
+    check_rules(policy, req, &abac, class_denied, d, t)?;
+    if let Some(ds) = dataset.filter(|_| class_denied) {
+        return Err(Denial::new(
+            Code::AccessDenied,
+            format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
+        )
+        .rule("data-class"));
+    }
 
     // --- quota: rate, then daily budget ---
     let Some(limits) = policy.limits(app, now_secs) else {
@@ -504,22 +516,33 @@ fn check_jit(policy: &CompiledPolicy, app: &App, ds: &Dataset, token: Option<&Ve
     }
 }
 
+/// What the ABAC rules of one request read besides the request itself.
+struct Abac<'r> {
+    /// Upper case.
+    method: &'r str,
+    /// Normalised.
+    path: &'r str,
+    app: &'r App,
+    dataset: Option<usize>,
+    token: Option<&'r VerifiedToken>,
+}
+
 /// Evaluates the in-scope rules: an enforced deny that holds wins; where enforced allow rules are
-/// in scope, one must hold; an evaluation error denies, naming the rule; shadow rules only report.
-#[allow(clippy::too_many_arguments)]
+/// in scope, one must hold; an evaluation error denies, naming the rule. The first enforced rule
+/// that denies (in list order) settles the verdict and the later enforced rules are skipped, but
+/// every shadow rule in scope is evaluated and reported whatever its place in the list and
+/// whatever the verdict. `settled`: the request is denied already (by its data class, which the
+/// caller reports): only the shadow rules are evaluated.
 fn check_rules<'p>(
     policy: &'p CompiledPolicy,
     req: &Request<'_>,
-    method: &str,
-    path: &str,
-    app: &App,
-    dataset_index: Option<usize>,
-    token: Option<&VerifiedToken>,
+    abac: &Abac<'_>,
+    settled: bool,
     d: &mut Decision<'p>,
     t: &mut Tracer,
 ) -> Result<(), Denial> {
-    let dataset = dataset_index.and_then(|i| policy.datasets.get(i));
-    let mut rules = policy.rules_for(dataset_index).peekable();
+    let dataset = abac.dataset.and_then(|i| policy.datasets.get(i));
+    let mut rules = policy.rules_for(abac.dataset).peekable();
     if rules.peek().is_none() {
         t.note("rules", || "none in scope".to_string());
         return Ok(());
@@ -527,18 +550,27 @@ fn check_rules<'p>(
     // The rules read the request in place; only one that needs the interpreter has its
     // variables converted (once per request, see `rules::Evaluation`).
     let mut evaluation = policy.cel.evaluation(Input {
-        app,
-        tier: policy.tier_of(app).map_or("", |tier| tier.name.as_str()),
+        app: abac.app,
+        tier: policy.tier_of(abac.app).map_or("", |tier| tier.name.as_str()),
         dataset,
-        method,
+        method: abac.method,
         host: req.host,
-        path,
+        path: abac.path,
         headers: req.headers,
-        token,
+        token: abac.token,
     });
     // Whether enforced allow rules are in scope, and whether one holds.
     let (mut allow_in_scope, mut allowed) = (false, false);
+    let mut denied: Option<Denial> = None;
     for rule in rules {
+        let shadow = rule.mode == RuleMode::Shadow;
+        if (settled || denied.is_some()) && !shadow {
+            t.note("rule", || {
+                format!("`{}` ({:?}, {:?}): not evaluated (denied already)", rule.id, rule.effect, rule.mode)
+                    .to_lowercase()
+            });
+            continue;
+        }
         let result = evaluation.eval(&rule.expr);
         t.note("rule", || {
             let outcome = match &result {
@@ -548,31 +580,33 @@ fn check_rules<'p>(
             };
             format!("`{}` ({:?}, {:?}): {outcome}", rule.id, rule.effect, rule.mode).to_lowercase()
         });
-        let shadow = rule.mode == RuleMode::Shadow;
-        let message = || rule.message.clone().unwrap_or_else(|| format!("denied by rule `{}`", rule.id));
-        match (result, rule.effect) {
-            (Err(e), _) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: Some(e) }),
-            (Err(e), _) => {
-                return Err(Denial::new(
-                    Code::AccessDenied,
-                    format!("rule `{}` failed to evaluate ({e}); denied", rule.id),
-                )
-                .rule(rule.id.clone()))
-            }
-            (Ok(true), Effect::Deny) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: None }),
-            (Ok(true), Effect::Deny) => return Err(Denial::new(Code::AccessDenied, message()).rule(rule.id.clone())),
-            (Ok(false), Effect::Allow) if shadow => d.events.push(Event::Shadow { rule: rule.id.clone(), error: None }),
-            (Ok(holds), Effect::Allow) if !shadow => {
+        // `Some(error)`: the rule denies (`error` when its expression failed to evaluate).
+        let denies: Option<Option<String>> = match (result, rule.effect) {
+            (Err(e), _) => Some(Some(e)),
+            (Ok(true), Effect::Deny) => Some(None),
+            (Ok(false), Effect::Deny) => None,
+            (Ok(holds), Effect::Allow) if shadow => (!holds).then_some(None),
+            (Ok(holds), Effect::Allow) => {
                 allow_in_scope = true;
                 allowed |= holds;
+                None
             }
-            _ => {}
+        };
+        let Some(error) = denies else { continue };
+        let detail = rule_denial_detail(rule, error.as_deref());
+        if shadow {
+            d.events.push(Event::Shadow { rule: rule.id.clone(), detail, error });
+        } else {
+            denied = Some(Denial::new(Code::AccessDenied, detail).rule(rule.id.clone()));
         }
     }
-    if allow_in_scope && !allowed {
+    if let Some(denial) = denied {
+        return Err(denial);
+    }
+    if allow_in_scope && !allowed && !settled {
         // Every enforced allow rule in scope was evaluated (an error would have denied already).
         let allow_ids: Vec<&str> = policy
-            .rules_for(dataset_index)
+            .rules_for(abac.dataset)
             .filter(|r| r.effect == Effect::Allow && r.mode != RuleMode::Shadow)
             .map(|r| r.id.as_str())
             .collect();
@@ -583,6 +617,17 @@ fn check_rules<'p>(
         .rule(allow_ids.join(",")));
     }
     Ok(())
+}
+
+/// What a rule that denies says, enforced or in shadow: its `message` (or a default naming it),
+/// or the evaluation error.
+fn rule_denial_detail(rule: &Rule, error: Option<&str>) -> String {
+    match (error, &rule.message) {
+        (Some(e), _) => format!("rule `{}` failed to evaluate ({e}); denied", rule.id),
+        (None, Some(message)) => message.clone(),
+        (None, None) if rule.effect == Effect::Allow => format!("allow rule `{}` does not hold", rule.id),
+        (None, None) => format!("denied by rule `{}`", rule.id),
+    }
 }
 
 fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {

@@ -3,10 +3,10 @@
 //! decision-log line per denial or warning. Pure functions, shared by the filter and the CLI.
 
 use crate::compile::Limits;
-use crate::decide::{Denial, Event};
+use crate::decide::{Code, Denial, Event};
 use crate::quota::Usage;
 use crate::time::{NANOS_PER_SEC, SECS_PER_DAY};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
@@ -15,7 +15,7 @@ pub fn problem_body(denial: &Denial, request_id: &str, app: Option<&str>) -> Str
     let mut body = Map::new();
     body.insert("type".into(), Value::String(format!("urn:guardrail:problem:{}", denial.code.as_str())));
     body.insert("title".into(), Value::String(denial.code.title().into()));
-    body.insert("status".into(), json!(denial.code.status()));
+    body.insert("status".into(), Value::from(denial.code.status()));
     body.insert("detail".into(), Value::String(denial.detail.to_string()));
     body.insert("instance".into(), Value::String(request_id.into()));
     if let Some(app) = app {
@@ -79,45 +79,57 @@ fn push_u64(out: &mut String, mut n: u64) {
     out.extend(digits.iter().skip(start).map(|&d| char::from(d)));
 }
 
+/// The members of every decision-log line: what kind of line, its code, the app and rule where
+/// known, the request and the policy revision.
+fn log_line(
+    kind: &str,
+    code: &str,
+    app: Option<&str>,
+    rule: Option<&str>,
+    request_id: &str,
+    revision: &str,
+) -> Map<String, Value> {
+    let text = |s: &str| Value::String(s.into());
+    let mut line = Map::new();
+    line.insert("guardrail".into(), text(kind));
+    line.insert("code".into(), text(code));
+    line.insert("app".into(), app.map_or(Value::Null, text));
+    line.insert("rule".into(), rule.map_or(Value::Null, text));
+    line.insert("request_id".into(), text(request_id));
+    line.insert("revision".into(), text(revision));
+    line
+}
+
+/// A line with what a decision says: its verdict, the status it gives (or would give) and why.
+fn with_verdict(mut line: Map<String, Value>, verdict: &str, status: u32, detail: &str) -> String {
+    line.insert("verdict".into(), Value::String(verdict.into()));
+    line.insert("status".into(), Value::from(status));
+    line.insert("detail".into(), Value::String(detail.into()));
+    Value::Object(line).to_string()
+}
+
 /// One decision-log line for a denial.
 pub fn denial_log_line(denial: &Denial, app: Option<&str>, request_id: &str, revision: &str) -> String {
-    json!({
-        "guardrail": "decision",
-        "verdict": "deny",
-        "code": denial.code.as_str(),
-        "status": denial.code.status(),
-        "app": app,
-        "rule": denial.rule,
-        "request_id": request_id,
-        "revision": revision,
-        "detail": denial.detail,
-    })
-    .to_string()
+    let code = denial.code.as_str();
+    let line = log_line("decision", code, app, denial.rule.as_deref(), request_id, revision);
+    with_verdict(line, "deny", denial.code.status(), &denial.detail)
 }
 
 /// One decision-log line for an event of an admitted (or denied) request.
 pub fn event_log_line(event: &Event, app: Option<&str>, request_id: &str, revision: &str) -> String {
     match event {
-        Event::SoftLimit { quota } => json!({
-            "guardrail": "soft-limit",
-            "code": "soft-limit",
-            "quota": quota,
-            "app": app,
-            "rule": quota,
-            "request_id": request_id,
-            "revision": revision,
-        })
-        .to_string(),
-        Event::Shadow { rule, error } => json!({
-            "guardrail": "shadow",
-            "code": "shadow-deny",
-            "app": app,
-            "rule": rule,
-            "error": error,
-            "request_id": request_id,
-            "revision": revision,
-        })
-        .to_string(),
+        Event::SoftLimit { quota } => {
+            let mut line = log_line("soft-limit", "soft-limit", app, Some(quota), request_id, revision);
+            line.insert("quota".into(), Value::String((*quota).into()));
+            Value::Object(line).to_string()
+        }
+        // The members of a decision line, for what the rule would have done if enforced (verdict
+        // `shadow-deny`, never `deny`: nothing was refused), and the line's own `code` and `error`.
+        Event::Shadow { rule, detail, error } => {
+            let mut line = log_line("shadow", "shadow-deny", app, Some(rule), request_id, revision);
+            line.insert("error".into(), error.as_deref().map_or(Value::Null, |e| Value::String(e.into())));
+            with_verdict(line, "shadow-deny", Code::AccessDenied.status(), detail)
+        }
     }
 }
 
@@ -125,7 +137,7 @@ pub fn event_log_line(event: &Event, app: Option<&str>, request_id: &str, revisi
 mod tests {
     use super::*;
     use crate::compile::Rate;
-    use crate::decide::Code;
+    use serde_json::json;
 
     #[test]
     fn problem_has_every_member() {
@@ -140,6 +152,52 @@ mod tests {
         assert_eq!(body["rule"], "rate", "rule");
         assert!(body["title"].is_string() && body["detail"] == "too many", "title and detail");
         assert!(denial_headers(&d).contains(&("retry-after", "12".to_string())), "Retry-After");
+    }
+
+    /// A shadow line has the fields of a decision line (for what the rule would have done), and
+    /// keeps its own.
+    #[test]
+    fn shadow_lines_have_the_shape_of_decision_lines() {
+        let cases: &[(&str, Event, &str, &str, Value)] = &[
+            (
+                "a deny rule that holds",
+                Event::Shadow { rule: "watch".into(), detail: "exports are watched".into(), error: None },
+                "watch",
+                "exports are watched",
+                Value::Null,
+            ),
+            (
+                "a rule that fails to evaluate",
+                Event::Shadow {
+                    rule: "broken".into(),
+                    detail: "rule `broken` failed".into(),
+                    error: Some("no such key".into()),
+                },
+                "broken",
+                "rule `broken` failed",
+                json!("no such key"),
+            ),
+        ];
+        let decision: Value =
+            serde_json::from_str(&denial_log_line(&Denial::new(Code::AccessDenied, "x"), Some("pos"), "req-1", "r1"))
+                .unwrap_or_default();
+        for (why, event, rule, detail, error) in cases {
+            let line: Value =
+                serde_json::from_str(&event_log_line(event, Some("pos"), "req-1", "r1")).unwrap_or_default();
+            let want = json!({
+                "guardrail": "shadow", "verdict": "shadow-deny", "code": "shadow-deny", "status": 403, "app": "pos",
+                "rule": rule, "error": error, "request_id": "req-1", "revision": "r1", "detail": detail,
+            });
+            assert_eq!(line, want, "{why}");
+            let missing: Vec<&String> = decision
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .filter(|k| line.get(k.as_str()).is_none())
+                .collect();
+            assert!(missing.is_empty(), "{why}: decision-line fields missing: {missing:?}");
+        }
     }
 
     #[test]

@@ -429,7 +429,7 @@ fn the_rules_in_scope_are_listed_per_dataset_at_compile_time() {
     );
 }
 
-// === request.path in rules ===
+// === The audit's findings: shadow rules and rule order, request.path, the app of a denial ===
 
 /// A policy whose rules are `rules` (JSON objects), with dataset `p` (internal, at `/p`) and the
 /// apps of [`policy_text`].
@@ -444,6 +444,98 @@ fn policy_with_rules(rules: &[&str]) -> CompiledPolicy {
         1,
     );
     compile_json_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// Every in-scope shadow rule is evaluated and reported whatever its place in the list and
+/// whatever the enforced verdict, which stays what it was.
+#[test]
+fn shadow_rules_report_whatever_the_order_and_the_verdict() {
+    let rule = |name: &str| match name {
+        "deny" => r#"{"id": "no-deletes", "effect": "deny", "when": "request.method == 'DELETE'"}"#,
+        "shadow" => r#"{"id": "watch", "effect": "deny", "when": "request.method == 'DELETE'", "mode": "shadow"}"#,
+        "shadow-allow" => {
+            r#"{"id": "gets-only", "effect": "allow", "when": "request.method == 'GET'", "mode": "shadow"}"#
+        }
+        "shadow-broken" => {
+            r#"{"id": "shadow-broken", "effect": "deny", "when": "request.headers['x-none'] == 'x'", "mode": "shadow"}"#
+        }
+        "broken" => r#"{"id": "broken", "effect": "deny", "when": "request.headers['x-none'] == 'x'"}"#,
+        "allow" => r#"{"id": "reads", "effect": "allow", "when": "request.method == 'GET'"}"#,
+        other => panic!("no rule {other}"),
+    };
+    // (why, the rules in order, app, method, path, the rule that denies, the shadow hits)
+    let cases: &[(&str, &str, &str, &str, &str, Option<&str>, &str)] = &[
+        ("deny listed first", "deny shadow", "pos", "DELETE", "/", Some("no-deletes"), "watch"),
+        ("shadow listed first", "shadow deny", "pos", "DELETE", "/", Some("no-deletes"), "watch"),
+        ("no enforced denial", "deny shadow", "pos", "GET", "/", None, ""),
+        ("a failing enforced rule first", "broken deny shadow", "pos", "DELETE", "/", Some("broken"), "watch"),
+        ("the first denial wins", "deny broken shadow", "pos", "DELETE", "/", Some("no-deletes"), "watch"),
+        (
+            "shadows around a denial",
+            "shadow-allow deny shadow shadow-broken",
+            "pos",
+            "DELETE",
+            "/",
+            Some("no-deletes"),
+            "gets-only watch shadow-broken",
+        ),
+        ("no allow rule holds", "allow shadow", "pos", "DELETE", "/", Some("reads"), "watch"),
+        ("the data class denies first", "deny shadow", "promo", "DELETE", "/p/1", Some("data-class"), "watch"),
+        ("the data class, no rule denies", "shadow", "promo", "DELETE", "/p/1", Some("data-class"), "watch"),
+        ("data class, allow rule", "allow shadow", "promo", "DELETE", "/p/1", Some("data-class"), "watch"),
+        ("the data class without rules", "", "promo", "GET", "/p/1", Some("data-class"), ""),
+        ("allowed with a shadow hit", "shadow", "pos", "DELETE", "/p/1", None, "watch"),
+        ("denied before the ABAC step: no rule runs", "deny shadow", "bad", "DELETE", "/", Some("lifecycle"), ""),
+    ];
+    for (why, rules, app, method, path, want, shadows) in cases {
+        let policy = policy_with_rules(&rules.split_whitespace().map(rule).collect::<Vec<_>>());
+        let headers = key(app);
+        let want = want.map(|r| (if r == "lifecycle" { Code::AppNotActive } else { Code::AccessDenied }, r));
+        let shadows: Vec<&str> = shadows.split_whitespace().collect();
+        for traced in [false, true] {
+            let run = if traced { decide_traced } else { decide };
+            let req = request(method, path, None, &headers);
+            let d = run(&policy, &req, T0, &mut store_for(&policy), &mut TokenCache::new(4));
+            let got = d.denial.as_ref().map(|x| (x.code, x.rule.as_deref().unwrap_or("")));
+            assert_eq!(got, want, "{why} (traced: {traced}): the verdict");
+            assert_eq!(d.shadow_rules(), shadows, "{why} (traced: {traced}): the shadow hits");
+        }
+    }
+}
+
+/// A shadow hit carries what its denial would have said: the rule's message, a default naming
+/// it, or the evaluation error.
+#[test]
+fn shadow_hits_carry_the_detail_of_the_denial_they_would_be() {
+    let policy = policy_with_rules(&[
+        r#"{"id": "quiet", "effect": "deny", "when": "true", "mode": "shadow"}"#,
+        r#"{"id": "told", "effect": "deny", "when": "true", "mode": "shadow", "message": "watched"}"#,
+        r#"{"id": "gets", "effect": "allow", "when": "request.method == 'GET'", "mode": "shadow"}"#,
+        r#"{"id": "fails", "effect": "deny", "when": "request.headers['x-none'] == 'x'", "mode": "shadow"}"#,
+    ]);
+    let headers = key("pos");
+    let d = decide_fresh(&policy, "POST", "/", &headers);
+    assert!(d.allowed(), "shadow rules never enforce: {:?}", d.denial);
+    let details: Vec<(&str, &str, bool)> = d
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Shadow { rule, detail, error } => Some((rule.as_str(), detail.as_str(), error.is_some())),
+            Event::SoftLimit { .. } => None,
+        })
+        .collect();
+    assert_eq!(details.len(), 4, "{details:?}");
+    let cases = [
+        ("quiet", "denied by rule `quiet`", false, "no message: the default an enforced rule gives"),
+        ("told", "watched", false, "the rule's message"),
+        ("gets", "allow rule `gets` does not hold", false, "an allow rule that does not hold"),
+        ("fails", "rule `fails` failed to evaluate", true, "an evaluation error"),
+    ];
+    for ((rule, detail, error, why), got) in cases.iter().zip(&details) {
+        assert_eq!(got.0, *rule, "{why}");
+        assert!(got.1.starts_with(detail), "{why}: detail {:?}", got.1);
+        assert_eq!(got.2, *error, "{why}: error");
+    }
 }
 
 /// `request.path` is the form dataset matching uses, so no spelling that reaches dataset `p`

@@ -95,8 +95,10 @@ def make_policy(cli_jwk: Mapping[str, Any]) -> dict[str, Any]:
             {"id": "catalog-read-only", "effect": "allow", "when": "request.method in ['GET', 'HEAD']",
              "datasets": ["catalog"]},
             {"id": "catalog-no-bots", "effect": "deny", "when": "'x-bot' in request.headers", "datasets": ["catalog"]},
+            # Listed after the enforced catalog-no-bots: a bot's request still reports its hit.
             {"id": "catalog-audit", "effect": "deny", "mode": "shadow",
-             "when": "request.path.startsWith('/catalog/secret')", "datasets": ["catalog"]},
+             "when": "request.path.startsWith('/catalog/secret')", "datasets": ["catalog"],
+             "message": "secret catalog pages are audited"},
             # request.path is the form datasets match: no spelling of /catalog/admin escapes it.
             {"id": "catalog-no-admin", "effect": "deny", "when": "request.path.startsWith('/catalog/admin')",
              "datasets": ["catalog"], "message": "the catalog's admin pages are not for apps"},
@@ -404,6 +406,10 @@ def test_shadow_rule_only_logs_and_counts(gw: Envoy) -> None:
     line = gw.wait_for_log(lambda o: o.get("request_id") == request_id and o.get("rule") == "catalog-audit",
                            what="the shadow rule's log line")
     assert line.get("guardrail") == "shadow" and line.get("app") == "legal-eu", line
+    # The shape of a decision line, for what the rule would have done; its own fields kept.
+    assert line.get("verdict") == "shadow-deny" and line.get("status") == 403, line
+    assert line.get("detail") == "secret catalog pages are audited", line
+    assert line.get("code") == "shadow-deny" and "error" in line and line.get("revision"), line
     # A request outside the shadow rule's condition logs nothing for it.
     r2 = responds_with(request(gw.url, "/catalog/public", headers=key("legal-eu")), 200)
     after = wait_for(lambda: (s := gw.stats()) and counter_delta(before, s, gw, "guardrail.shadow") >= 1
@@ -412,6 +418,23 @@ def test_shadow_rule_only_logs_and_counts(gw: Envoy) -> None:
     assert counter_delta(before, after, gw, "guardrail.shadow") == 1, after
     assert counter_delta(before, after, gw, "guardrail.allowed") >= 2, after
     assert not [o for o in gw.json_log_lines() if o.get("request_id") == r2.header("x-request-id")], "unexpected log line"
+
+
+def test_shadow_rule_reports_behind_an_enforced_deny_listed_before_it(gw: Envoy) -> None:
+    """catalog-no-bots (enforced) is listed before catalog-audit (shadow): the bot is refused by
+    catalog-no-bots as before, and the shadow hit is still logged and counted."""
+    before = quiet_stats(gw)
+    r = request(gw.url, "/catalog/secret/plans", headers={**key("legal-eu"), "x-bot": "1"})
+    denied(r, 403, "access-denied", app="legal-eu", rule="catalog-no-bots")
+    request_id = r.header("x-request-id") or ""
+    line = gw.wait_for_log(lambda o: o.get("request_id") == request_id and o.get("rule") == "catalog-audit",
+                           what="the shadow rule's log line behind an enforced denial")
+    assert line.get("guardrail") == "shadow" and line.get("verdict") == "shadow-deny", line
+    assert line.get("app") == "legal-eu" and line.get("detail") == "secret catalog pages are audited", line
+    assert gw.decision_for(request_id, "access-denied").get("rule") == "catalog-no-bots"
+    expected = {"guardrail.shadow": 1, "guardrail.denied.access-denied": 1}
+    deltas, after = settled_deltas(gw, before, expected)
+    assert deltas == expected, after
 
 
 ADMIN_SPELLINGS = ["/catalog/admin", "/catalog;x=1/admin", "/catalog/%41dmin", "/catalog/Admin", "/Catalog/ADMIN/users",
