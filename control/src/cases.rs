@@ -368,7 +368,8 @@ impl Expect {
             _ => {}
         }
         if let Some(app) = &self.app {
-            let got = d.app.map(|a| a.id.as_str());
+            // The authenticated app, or the one a denial names (a token's app not in the catalog).
+            let got = d.app_id();
             if got != Some(app.as_str()) {
                 out.push(format!("app: expected {app}, got {}", got.unwrap_or("none")));
             }

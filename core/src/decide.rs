@@ -116,18 +116,33 @@ pub struct Denial {
     pub code: Code,
     pub detail: Cow<'static, str>,
     pub rule: Option<String>,
+    /// The app a verified credential names when the decision has no authenticated app: a token's
+    /// app that is not in the catalog (`app-not-registered`), or the API key's app when the bearer
+    /// token sent with it is refused. See [`Denial::named_app`].
+    pub app: Option<String>,
     pub retry_after_secs: Option<u64>,
     pub www_authenticate: Option<String>,
 }
 
 impl Denial {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
-        Denial { code, detail: detail.into(), rule: None, retry_after_secs: None, www_authenticate: None }
+        Denial { code, detail: detail.into(), rule: None, app: None, retry_after_secs: None, www_authenticate: None }
     }
 
     fn rule(mut self, rule: impl Into<String>) -> Self {
         self.rule = Some(rule.into());
         self
+    }
+
+    fn app(mut self, app: impl Into<String>) -> Self {
+        self.app = Some(app.into());
+        self
+    }
+
+    /// The app to name in the problem body and the decision log: the authenticated app, else the
+    /// one a verified credential names ([`Denial::app`]).
+    pub fn named_app<'a>(&'a self, authenticated: Option<&'a str>) -> Option<&'a str> {
+        authenticated.or(self.app.as_deref())
     }
 }
 
@@ -159,6 +174,15 @@ pub struct Decision<'p> {
 impl<'p> Decision<'p> {
     pub fn allowed(&self) -> bool {
         self.denial.is_none()
+    }
+
+    /// The app to name in the response and the decision log ([`Denial::named_app`]).
+    pub fn app_id(&self) -> Option<&str> {
+        let authenticated = self.app.map(|a| a.id.as_str());
+        match &self.denial {
+            Some(denial) => denial.named_app(authenticated),
+            None => authenticated,
+        }
     }
 
     /// Ids of the shadow rules that would have denied this request.
@@ -328,9 +352,7 @@ fn checks<'p>(
     let (app, bearer) = match assume_app {
         None => authenticate(policy, req, now_secs, tokens, t)?,
         Some(id) => {
-            let app = policy.app(id).ok_or_else(|| {
-                Denial::new(Code::AppNotRegistered, format!("app `{id}` is not in the catalog")).rule("catalog")
-            })?;
+            let app = policy.app(id).ok_or_else(|| not_registered(id))?;
             t.note("credential", || format!("assumed app `{id}` (explain/test only)"));
             let bearer = req.header_values("authorization").next().and_then(bearer_token);
             let bearer = bearer.and_then(|b| match verified_token(policy, b, now_secs, tokens) {
@@ -630,6 +652,12 @@ fn rule_denial_detail(rule: &Rule, error: Option<&str>) -> String {
     }
 }
 
+/// `app-not-registered`: a verified credential names an app the catalog does not have. The app is
+/// named in the response (it is verified, only not catalogued).
+fn not_registered(id: &str) -> Denial {
+    Denial::new(Code::AppNotRegistered, format!("app `{id}` is not in the catalog")).rule("catalog").app(id)
+}
+
 fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
     Denial {
         www_authenticate: Some("Bearer".to_string()),
@@ -670,16 +698,18 @@ fn authenticate<'p>(
     let mut bearer = None;
     let token_app = match auth {
         Some(value) => {
-            let token =
-                bearer_token(value).ok_or_else(|| unauthenticated("Authorization must use the Bearer scheme"))?;
-            let verified = verified_token(policy, token, now_secs, tokens)?;
+            // A refused token sent with a valid API key: the key's app is known, and named.
+            let named = |denial: Denial| match key_app {
+                Some(app) => denial.app(app.id.as_str()),
+                None => denial,
+            };
+            let token = bearer_token(value)
+                .ok_or_else(|| named(unauthenticated("Authorization must use the Bearer scheme")))?;
+            let verified = verified_token(policy, token, now_secs, tokens).map_err(named)?;
             t.note("credential", || {
                 format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, &verified), verified.app)
             });
-            let app = policy.app_of_token(&verified).ok_or_else(|| {
-                Denial::new(Code::AppNotRegistered, format!("app `{}` is not in the catalog", verified.app))
-                    .rule("catalog")
-            })?;
+            let app = policy.app_of_token(&verified).ok_or_else(|| not_registered(&verified.app))?;
             bearer = Some(verified);
             Some(app)
         }

@@ -10,8 +10,10 @@ use serde_json::{Map, Value};
 
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
 
-/// The problem+json body of a denial. `instance` is the request id.
+/// The problem+json body of a denial. `instance` is the request id; `app` the authenticated app
+/// (else the app the denial names, [`Denial::named_app`]).
 pub fn problem_body(denial: &Denial, request_id: &str, app: Option<&str>) -> String {
+    let app = denial.named_app(app);
     let mut body = Map::new();
     body.insert("type".into(), Value::String(format!("urn:guardrail:problem:{}", denial.code.as_str())));
     body.insert("title".into(), Value::String(denial.code.title().into()));
@@ -108,10 +110,10 @@ fn with_verdict(mut line: Map<String, Value>, verdict: &str, status: u32, detail
     Value::Object(line).to_string()
 }
 
-/// One decision-log line for a denial.
+/// One decision-log line for a denial (`app` as for [`problem_body`]).
 pub fn denial_log_line(denial: &Denial, app: Option<&str>, request_id: &str, revision: &str) -> String {
     let code = denial.code.as_str();
-    let line = log_line("decision", code, app, denial.rule.as_deref(), request_id, revision);
+    let line = log_line("decision", code, denial.named_app(app), denial.rule.as_deref(), request_id, revision);
     with_verdict(line, "deny", denial.code.status(), &denial.detail)
 }
 
@@ -152,6 +154,28 @@ mod tests {
         assert_eq!(body["rule"], "rate", "rule");
         assert!(body["title"].is_string() && body["detail"] == "too many", "title and detail");
         assert!(denial_headers(&d).contains(&("retry-after", "12".to_string())), "Retry-After");
+    }
+
+    /// The problem body and the decision line name the authenticated app, else the app the denial
+    /// names (a verified token's app that is not in the catalog), else none.
+    #[test]
+    fn denials_name_the_app_where_known() {
+        let ghost = Denial { app: Some("ghost".into()), ..Denial::new(Code::AppNotRegistered, "not in the catalog") };
+        let anonymous = Denial::new(Code::Unauthenticated, "no credential");
+        let cases: &[(&str, &Denial, Option<&str>, Option<&str>)] = &[
+            ("a claimed app that is not catalogued", &ghost, None, Some("ghost")),
+            ("the authenticated app first", &ghost, Some("pos"), Some("pos")),
+            ("no app known", &anonymous, None, None),
+            ("the authenticated app alone", &anonymous, Some("pos"), Some("pos")),
+        ];
+        for (why, denial, authenticated, want) in cases {
+            let body: Value = serde_json::from_str(&problem_body(denial, "req-1", *authenticated)).unwrap_or_default();
+            assert_eq!(body.get("app").and_then(Value::as_str), *want, "{why}: problem body");
+            assert_eq!(body.get("app").is_some(), want.is_some(), "{why}: no `app` member when none is known");
+            let line: Value =
+                serde_json::from_str(&denial_log_line(denial, *authenticated, "req-1", "r1")).unwrap_or_default();
+            assert_eq!(line["app"].as_str(), *want, "{why}: decision line");
+        }
     }
 
     /// A shadow line has the fields of a decision line (for what the rule would have done), and

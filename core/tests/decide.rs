@@ -97,6 +97,21 @@ fn key(id: &str) -> Vec<(String, String)> {
     vec![("x-api-key".to_string(), format!("key-{id}"))]
 }
 
+/// A verified token for `app` (as the token cache holds it), valid until 2033.
+fn verified_token(app: &str, app_index: Option<usize>) -> VerifiedToken {
+    VerifiedToken {
+        issuer: 0,
+        app: app.to_string(),
+        claims: serde_json::Map::new(),
+        exp: 2_000_000_000,
+        iat: None,
+        nbf: None,
+        scopes: Vec::new(),
+        clock_skew_seconds: 0,
+        app_index,
+    }
+}
+
 /// One decision on a fresh quota store and token cache.
 fn decide_fresh<'p>(
     policy: &'p CompiledPolicy,
@@ -315,26 +330,15 @@ fn hosts_that_cannot_be_matched_safely_are_refused() {
 #[test]
 fn a_cached_tokens_app_index_is_only_a_hint() {
     let policy = policy();
-    let token = |app: &str, app_index: Option<usize>| VerifiedToken {
-        issuer: 0,
-        app: app.to_string(),
-        claims: serde_json::Map::new(),
-        exp: 2_000_000_000,
-        iat: None,
-        nbf: None,
-        scopes: Vec::new(),
-        clock_skew_seconds: 0,
-        app_index,
-    };
     let found = |t: &VerifiedToken| policy.app_of_token(t).map(|a| a.id.as_str());
     let approved = policy.app_index("approved");
     assert!(approved.is_some_and(|i| i > 0));
-    assert_eq!(found(&token("approved", approved)), Some("approved"), "the hint, when right");
+    assert_eq!(found(&verified_token("approved", approved)), Some("approved"), "the hint, when right");
     // A token cached under another policy, where the indexes differ: never the app at the index.
-    assert_eq!(found(&token("approved", Some(0))), Some("approved"), "a stale hint falls back to the id");
-    assert_eq!(found(&token("approved", Some(10_000))), Some("approved"), "an index past the end too");
-    assert_eq!(found(&token("approved", None)), Some("approved"));
-    assert_eq!(found(&token("gone", Some(0))), None, "an app not in the catalog is not found at any index");
+    assert_eq!(found(&verified_token("approved", Some(0))), Some("approved"), "a stale hint falls back to the id");
+    assert_eq!(found(&verified_token("approved", Some(10_000))), Some("approved"), "an index past the end too");
+    assert_eq!(found(&verified_token("approved", None)), Some("approved"));
+    assert_eq!(found(&verified_token("gone", Some(0))), None, "an app not in the catalog is not found at any index");
 }
 
 /// The bits `compile` derives for connectors, data classes and regions decide exactly as the
@@ -569,4 +573,69 @@ fn request_path_in_rules_is_the_form_datasets_match() {
         assert_eq!(d.dataset.map(|ds| ds.id.as_str()), Some("p"), "{why}: {path} reaches dataset p");
         assert_eq!(d.denial.as_ref().and_then(|x| x.rule.as_deref()), *want, "{why}: {path}");
     }
+}
+
+/// Where a verified credential names the app, the denial names it: a token's app that is not in
+/// the catalog, and the API key's app when the token sent with it is refused.
+#[test]
+fn denials_name_the_app_a_verified_credential_names() {
+    let policy = policy();
+    let bearer = |t: &str| ("authorization".to_string(), format!("Bearer {t}"));
+    // (why, headers, expected code, expected app to name)
+    let cases: Vec<(&str, Vec<(String, String)>, Code, Option<&str>)> = vec![
+        (
+            "a verified token of an app not in the catalog",
+            vec![bearer("tok-ghost")],
+            Code::AppNotRegistered,
+            Some("ghost"),
+        ),
+        (
+            "with an API key too",
+            [key("pos"), vec![bearer("tok-ghost")]].concat(),
+            Code::AppNotRegistered,
+            Some("ghost"),
+        ),
+        (
+            "a refused token with a valid API key",
+            [key("pos"), vec![bearer("garbage")]].concat(),
+            Code::Unauthenticated,
+            Some("pos"),
+        ),
+        (
+            "not the Bearer scheme, with a valid API key",
+            [key("pos"), vec![("authorization".into(), "Basic eDp5".into())]].concat(),
+            Code::Unauthenticated,
+            Some("pos"),
+        ),
+        ("a refused token alone", vec![bearer("garbage")], Code::Unauthenticated, None),
+        ("an unknown API key", vec![("x-api-key".into(), "nope".into())], Code::Unauthenticated, None),
+        ("no credential", vec![], Code::Unauthenticated, None),
+        ("an app that is not active: the catalog's", key("bad"), Code::AppNotActive, Some("bad")),
+    ];
+    for (why, headers, code, app) in &cases {
+        let mut tokens = TokenCache::new(4);
+        tokens.insert("tok-ghost", verified_token("ghost", None));
+        let d = decide(&policy, &request("GET", "/", None, headers), T0, &mut store_for(&policy), &mut tokens);
+        let denial = d.denial.as_ref().unwrap_or_else(|| panic!("{why}: admitted"));
+        assert_eq!(denial.code, *code, "{why}: {denial:?}");
+        assert_eq!(d.app_id(), *app, "{why}: the app named");
+        if denial.app.is_some() {
+            assert!(d.app.is_none(), "{why}: a named app is not an authenticated one");
+        }
+        let body: serde_json::Value =
+            serde_json::from_str(&guardrail_core::problem::problem_body(denial, "req-1", d.app.map(|a| a.id.as_str())))
+                .unwrap_or_default();
+        assert_eq!(body.get("app").and_then(|v| v.as_str()), *app, "{why}: problem body");
+    }
+    // `explain --app` and policy tests name an app by id; one not in the catalog is named too.
+    let d = guardrail_core::decide::decide_as(
+        &policy,
+        "ghost",
+        &request("GET", "/", None, &[]),
+        T0,
+        &mut store_for(&policy),
+        &mut TokenCache::new(4),
+    );
+    assert_eq!(d.denial.as_ref().map(|x| x.code), Some(Code::AppNotRegistered));
+    assert_eq!(d.app_id(), Some("ghost"), "decide_as names the app it was asked about");
 }

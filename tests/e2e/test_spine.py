@@ -213,8 +213,20 @@ def test_bad_jwt_is_401(gw: Envoy, token: str) -> None:
 
 
 def test_verified_jwt_for_unregistered_app_is_403(gw: Envoy) -> None:
+    """The token is verified, so the app it names is known (only not catalogued): the problem and
+    the decision line name it."""
     token = EC.sign(claims(iss=ISSUER, aud=AUDIENCE, azp="ghost-app"))
-    responds_with(request(gw.url, "/reports", headers=bearer(token)), 403, "app-not-registered")
+    r = responds_with(request(gw.url, "/reports", headers=bearer(token)), 403, "app-not-registered", app="ghost-app")
+    assert r.json().get("rule") == "catalog", r
+    line = gw.decision_for(r.header("x-request-id") or "", "app-not-registered")
+    assert line.get("app") == "ghost-app" and line.get("rule") == "catalog", line
+
+
+def test_a_refused_token_with_a_valid_api_key_names_the_keys_app(gw: Envoy) -> None:
+    headers = with_key("pos-dashboard", authorization="Bearer not.a.jwt")
+    r = responds_with(request(gw.url, "/reports", headers=headers), 401, "unauthenticated", app="pos-dashboard")
+    line = gw.decision_for(r.header("x-request-id") or "", "unauthenticated")
+    assert line.get("app") == "pos-dashboard", line
 
 
 # === lifecycle ===
