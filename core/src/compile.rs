@@ -73,6 +73,25 @@ impl Rate {
     pub fn interval_ns(&self) -> u64 {
         self.per_ns.div_ceil(self.requests.max(1)).max(1)
     }
+
+    /// Seconds to refill the whole bucket from empty: `burst × per / requests`, rounded up, at
+    /// least 1. `burst` requests per this window is the rate the bucket sustains, so it is the
+    /// `w` of `RateLimit-Policy` (whose `q` is `burst`), not `per`.
+    pub fn window_secs(&self) -> u64 {
+        // burst × per / requests ns, rounded up, without a 128-bit division in the filter: with
+        // per = q × requests + r and burst = bq × requests + br it is
+        // burst × q + bq × r + ⌈br × r / requests⌉, exact for fewer than 2³² requests per `per` and
+        // windows of under 584 years (then it saturates).
+        let requests = self.requests.max(1);
+        let (q, r) = (self.per_ns / requests, self.per_ns % requests);
+        let (bq, br) = (self.burst / requests, self.burst % requests);
+        let refill_ns = self
+            .burst
+            .saturating_mul(q)
+            .saturating_add(bq.saturating_mul(r))
+            .saturating_add(br.saturating_mul(r).div_ceil(requests));
+        refill_ns.div_ceil(NANOS_PER_SEC).max(1)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 use crate::compile::Limits;
 use crate::decide::{Code, Denial, Event};
 use crate::quota::Usage;
-use crate::time::{NANOS_PER_SEC, SECS_PER_DAY};
+use crate::time::SECS_PER_DAY;
 use serde_json::{Map, Value};
 
 pub const PROBLEM_CONTENT_TYPE: &str = "application/problem+json";
@@ -44,8 +44,21 @@ pub fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields):
 /// the bucket as policy `"rate"` and, where set, the daily budget as policy `"daily"`.
 /// Built on every admitted request, so without `format!`.
+///
+/// The bucket is described as it behaves: `q` is its size (`burst`) and `w` the seconds it takes
+/// to refill from empty ([`crate::compile::Rate::window_secs`]), so `q/w` is the rate it
+/// sustains. (`q=<requests>;w=<per>` would be wrong whenever `burst` differs from `requests`:
+/// `3600` per `1h` with `burst: 5` refills one a second, not five an hour.)
+///
+/// `t`: the draft defines the `t` parameter of `RateLimit` as the number of seconds until the
+/// available quota units of the policy reset. For a token bucket the quota has reset when all `q`
+/// units are back, so `t` is the seconds until the bucket is full again (`Usage::rate_reset_secs`):
+/// `r` units now, `q` after `t`, and `t` at most `w`. (Not the seconds until the next unit comes
+/// back: that is `Retry-After` on a 429.) The bucket's interval is rounded up to whole
+/// nanoseconds, which can put a refill a few nanoseconds past `w`; `t` is capped at `w` so the two
+/// fields never disagree. For `"daily"`, `w` is the day and `t` the seconds to the next UTC midnight.
 pub fn ratelimit_headers(limits: &Limits, usage: &Usage) -> [(&'static str, String); 2] {
-    let window = limits.rate.per_ns.div_ceil(NANOS_PER_SEC).max(1);
+    let window = limits.rate.window_secs();
     let (mut policy, mut state) = (String::with_capacity(64), String::with_capacity(64));
     let item = |out: &mut String, name: &str, (k1, v1): (&str, u64), (k2, v2): (&str, u64)| {
         for part in [name, ";", k1, "="] {
@@ -58,7 +71,7 @@ pub fn ratelimit_headers(limits: &Limits, usage: &Usage) -> [(&'static str, Stri
         push_u64(out, v2);
     };
     item(&mut policy, "\"rate\"", ("q", limits.rate.burst), ("w", window));
-    item(&mut state, "\"rate\"", ("r", usage.rate_remaining), ("t", usage.rate_reset_secs));
+    item(&mut state, "\"rate\"", ("r", usage.rate_remaining), ("t", usage.rate_reset_secs.min(window)));
     if let (Some(budget), Some(left)) = (limits.daily_budget, usage.budget_remaining) {
         item(&mut policy, ", \"daily\"", ("q", budget), ("w", SECS_PER_DAY));
         item(&mut state, ", \"daily\"", ("r", left), ("t", usage.budget_reset_secs));
@@ -139,6 +152,8 @@ pub fn event_log_line(event: &Event, app: Option<&str>, request_id: &str, revisi
 mod tests {
     use super::*;
     use crate::compile::Rate;
+    use crate::quota::{step, QuotaState};
+    use crate::time::NANOS_PER_SEC;
     use serde_json::json;
 
     #[test]
@@ -237,10 +252,81 @@ mod tests {
             budget_soft_crossed: false,
         };
         let [(_, policy), (_, state)] = ratelimit_headers(&limits, &usage);
-        assert_eq!(policy, "\"rate\";q=100;w=60, \"daily\";q=5000;w=86400", "policy field");
+        assert_eq!(policy, "\"rate\";q=100;w=10, \"daily\";q=5000;w=86400", "policy field");
         assert_eq!(state, "\"rate\";r=99;t=1, \"daily\";r=4999;t=3600", "state field");
         let spent = Usage { rate_remaining: 0, budget_remaining: Some(u64::MAX), ..usage };
         let [_, (_, state)] = ratelimit_headers(&Limits { daily_budget: Some(1), ..limits }, &spent);
         assert_eq!(state, "\"rate\";r=0;t=1, \"daily\";r=18446744073709551615;t=3600", "0 and the largest count");
+        let late = Usage { rate_reset_secs: 11, ..usage };
+        let [_, (_, state)] = ratelimit_headers(&limits, &late);
+        assert!(state.starts_with("\"rate\";r=99;t=10,"), "t never past w: {state}");
+    }
+
+    #[test]
+    fn window_is_the_time_to_refill_the_bucket() {
+        let day = 86_400 * NANOS_PER_SEC;
+        // (what, requests, per in ns, burst, w)
+        let cases: &[(&str, u64, u64, u64, u64)] = &[
+            ("burst × per / requests", 3600, 3600 * NANOS_PER_SEC, 5, 5),
+            ("rounded up", 7, 10 * NANOS_PER_SEC, 3, 5),
+            ("at least 1", 1000, NANOS_PER_SEC, 1, 1),
+            ("sub-second per", 1, 500_000_000, 3, 2),
+            ("a remainder that needs its own rounding", 3, 1_000_000_001, 3, 2),
+            ("large but exact", 1, day, 100_000, 8_640_000_000),
+            ("a burst of many periods' requests", 3_000_000_000, NANOS_PER_SEC, 30_000_000_000, 10),
+            ("a burst and a per that are no multiples of requests", 7, 10 * NANOS_PER_SEC + 3, 23, 33),
+            ("burst × per past 64 bits: saturates, never panics", 1, day, u64::MAX, u64::MAX.div_ceil(NANOS_PER_SEC)),
+            ("everything at its largest", u64::MAX, u64::MAX, u64::MAX, u64::MAX.div_ceil(NANOS_PER_SEC)),
+        ];
+        for (what, requests, per_ns, burst, want) in cases {
+            assert_eq!(Rate { requests: *requests, per_ns: *per_ns, burst: *burst }.window_secs(), *want, "{what}");
+        }
+    }
+
+    /// `q` and `w` are the bucket's: a client that sends `q` requests at once every `w` seconds is
+    /// never refused, after the `q` the fields read `r=0` and `t=w`, and `t` never exceeds `w`.
+    #[test]
+    fn ratelimit_fields_describe_the_bucket() {
+        const T0: u64 = 1_795_924_800 * NANOS_PER_SEC;
+        // (what, requests, per in seconds, burst, the "rate" item of RateLimit-Policy)
+        let cases: &[(&str, u64, u64, u64, &str)] = &[
+            ("3600 per 1h, burst 5: one a second, full in 5 s", 3600, 3600, 5, "\"rate\";q=5;w=5"),
+            ("burst defaults to requests: the window is per", 5, 3600, 5, "\"rate\";q=5;w=3600"),
+            ("600 per 1m, burst 100: full in 10 s", 600, 60, 100, "\"rate\";q=100;w=10"),
+            ("a bucket larger than the rate", 1, 60, 10, "\"rate\";q=10;w=600"),
+            ("7 per 10s, burst 3: 4.29 s rounds up", 7, 10, 3, "\"rate\";q=3;w=5"),
+            ("1000 per 1s, burst 10: 10 ms is at least 1 s", 1000, 1, 10, "\"rate\";q=10;w=1"),
+            ("3 per 1s: an interval of a third of a second", 3, 1, 3, "\"rate\";q=3;w=1"),
+        ];
+        for (what, requests, per, burst, want) in cases {
+            let limits = Limits {
+                rate: Rate { requests: *requests, per_ns: per * NANOS_PER_SEC, burst: *burst },
+                daily_budget: None,
+            };
+            let w = limits.rate.window_secs();
+            let field = |usage: &Usage, name: &str| -> u64 {
+                let [(_, policy), (_, state)] = ratelimit_headers(&limits, usage);
+                assert_eq!(policy, *want, "{what}");
+                let value = state.split(';').find_map(|p| p.strip_prefix(name).and_then(|v| v.strip_prefix('=')));
+                value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{what}: no {name} in {state}"))
+            };
+            let mut state = QuotaState::default();
+            for round in 0..3 {
+                // The bucket rounds its interval up to whole nanoseconds: at most `burst` ns a window.
+                let now = T0 + round * (w * NANOS_PER_SEC + burst);
+                for i in 1..=*burst {
+                    let Ok((next, usage)) = step(state, &limits, now, 0.7) else {
+                        panic!("{what}: request {i} of round {round} refused");
+                    };
+                    state = next;
+                    assert_eq!(field(&usage, "r"), burst - i, "{what}: r after {i}");
+                    assert!(field(&usage, "t") <= w, "{what}: t after {i} is past w");
+                    if i == *burst {
+                        assert_eq!(field(&usage, "t"), w, "{what}: an empty bucket is full again in w");
+                    }
+                }
+                assert!(step(state, &limits, now, 0.7).is_err(), "{what}: q+1 at once is refused");
+            }
+        }
     }
 }

@@ -43,6 +43,7 @@ KEYS = {  # app id → its API key (the catalog stores only the digest)
     "budget-app": "k-budget-app-e2e-0001",
     "stats-app": "k-stats-app-e2e-0001",
     "log-app": "k-log-app-e2e-0001",
+    "refill-app": "k-refill-app-e2e-0001",
 }
 
 POLICY = policy(
@@ -53,6 +54,7 @@ POLICY = policy(
         "tiny": tier(5, "1h", daily_budget=1000),  # burst defaults to requests: 5
         "fifty": tier(50, "1h", burst=50, daily_budget=1_000_000),
         "budget3": tier(6000, "1m", burst=1000, daily_budget=3),
+        "refill": tier(3600, "1h", burst=5),  # one a second, five at most: a full bucket in 5 s
     },
     apps=[
         app("pos-dashboard", keys=[KEYS["pos-dashboard"]]),
@@ -69,6 +71,7 @@ POLICY = policy(
         app("budget-app", tier="budget3", keys=[KEYS["budget-app"]]),
         app("stats-app", tier="tiny", keys=[KEYS["stats-app"]]),
         app("log-app", lifecycle="quarantined", keys=[KEYS["log-app"]]),
+        app("refill-app", tier="refill", keys=[KEYS["refill-app"]]),
     ],
 )
 
@@ -281,7 +284,8 @@ def test_allowed_response_carries_ratelimit_headers(gw: Envoy) -> None:
     assert policy_field, f"no RateLimit-Policy:\n{r}"
     assert state, f"no RateLimit:\n{r}"
     name = "rate" if "rate" in policy_field else next(iter(policy_field))
-    assert policy_field[name].get("q") == "1000" and policy_field[name].get("w") == "60", policy_field
+    # 6000 per 1m with a bucket of 1000: full again 10 s after it is emptied.
+    assert policy_field[name].get("q") == "1000" and policy_field[name].get("w") == "10", policy_field
     assert name in state and {"r", "t"} <= set(state[name]), f"RateLimit does not describe {name}: {state}"
 
 
@@ -298,6 +302,27 @@ def test_rate_limit_then_429(gw: Envoy) -> None:
     assert retry <= 3600 / 5 + 1, f"Retry-After {retry}s is longer than one token takes (720s)"
     line = gw.decision_for(r.header("x-request-id") or "", "quota-exceeded")
     assert line.get("app") == "rate-app", line
+
+
+def test_ratelimit_fields_describe_the_bucket(gw: Envoy) -> None:
+    """3600 per 1h with burst 5 refills one a second: `q=5;w=5` (five per five seconds), not
+    `w=3600`, which would have a client obeying it wait 720 times longer than it must."""
+    seen = []
+    for _ in range(5):
+        r = responds_with(request(gw.url, "/orders", headers=with_key("refill-app")), 200)
+        p = sf_items(r.header("ratelimit-policy"))
+        assert p.get("rate") == {"q": "5", "w": "5"}, f"RateLimit-Policy: {r.header('ratelimit-policy')}"
+        state = sf_items(r.header("ratelimit"))["rate"]
+        seen.append((int(state["r"]), int(state["t"])))
+    remaining = [r for r, _ in seen]
+    assert remaining == [4, 3, 2, 1, 0], f"r after each request: {seen}"
+    assert all(1 <= t <= 5 for _, t in seen), f"t (seconds until the bucket is full) within w: {seen}"
+    assert seen[-1][1] == 5, f"an empty bucket is full again in w=5 s: {seen}"
+    r = responds_with(request(gw.url, "/orders", headers=with_key("refill-app")), 429, "quota-exceeded", app="refill-app")
+    retry = positive_int(r.header("retry-after"))
+    assert retry == 1, f"one token comes back each second, so Retry-After is 1, not {retry}"
+    time.sleep(retry + 0.2)
+    responds_with(request(gw.url, "/orders", headers=with_key("refill-app")), 200)
 
 
 def test_exact_quota_across_workers(gw: Envoy) -> None:
