@@ -1,7 +1,7 @@
 //! The plugin configuration (Envoy's `configuration` of the wasm filter, a JSON string):
 //! `{"policy": {..}, "control": {"cluster": ".."}, "gateway_region": "..", "failure_mode": "closed"}`.
 
-use guardrail_core::compile::{compile, in_document_terms, parse_json_str, CompiledPolicy};
+use guardrail_core::compile::{compile, parse_json_str, CompiledPolicy};
 use guardrail_core::raw::FailureMode;
 use guardrail_core::PolicyError;
 use serde::Deserialize;
@@ -47,8 +47,7 @@ pub fn parse(bytes: &[u8]) -> Result<FilterConfig, Vec<PolicyError>> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let raw: RawFilterConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let message = in_document_terms(&e.into_inner().to_string());
-        vec![PolicyError::new(if path == "." { String::new() } else { path }, message)]
+        vec![PolicyError::new(if path == "." { String::new() } else { path }, e.into_inner().to_string())]
     })?;
     let prefix = |mut e: PolicyError| {
         e.path = if e.path.is_empty() { "policy".into() } else { format!("policy.{}", e.path) };

@@ -59,11 +59,11 @@ use crate::explain::{
 use crate::jwk::SigningKey;
 use crate::log::now_secs;
 use anyhow::Context;
-use guardrail_core::compile::{in_document_terms, CompiledPolicy};
+use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{Code, Decision};
 use guardrail_core::duration::parse_duration;
 use guardrail_core::jwt::TokenCache;
-use guardrail_core::source::{locate, read_file, to_json_value};
+use guardrail_core::source::{in_document_terms, locate, read_file, to_json_value};
 use guardrail_core::time::NANOS_PER_SEC;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;

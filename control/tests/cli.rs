@@ -330,7 +330,7 @@ fn check_reports_file_line_and_path() {
             "        path_prefix: /employees\n".into(),
             "        path_prefix: /employees/./ # <-\n".into(),
             "datasets[0].routes[0].path_prefix",
-            "never matches: it has dot segments (`.`, `..`), which are resolved in a request's path before it is matched; write `/employees`",
+            "`/employees/./` never matches: a request's path has dot segments resolved and escapes of letters, digits and `-._~` decoded before it is matched; write `/employees`",
         ),
         (
             "a path prefix with a percent-escape",
@@ -351,7 +351,7 @@ fn check_reports_file_line_and_path() {
             "      - host: hr.internal\n".into(),
             "      - host: https://hr.internal # <-\n".into(),
             "datasets[0].routes[0].host",
-            "has a scheme; write the host name alone (`hr.internal`)",
+            "`https://hr.internal` has a scheme; write `hr.internal`",
         ),
         (
             "a host with a path",
@@ -365,14 +365,14 @@ fn check_reports_file_line_and_path() {
             "      - host: hr.internal\n".into(),
             "      - host: \"*.internal\" # <-\n".into(),
             "datasets[0].routes[0].host",
-            "wildcards are not supported",
+            "has a wildcard, which routes do not support",
         ),
         (
             "a route another dataset already has: on the later one's line",
             "rules:\n".into(),
             "  - id: hr-public\n    classification: public\n    allowed_regions: [eu-west-1]\n    routes:\n      - path_prefix: /other\n      - host: HR.internal. # <-\n        path_prefix: /Employees/\nrules:\n".into(),
             "datasets[1].routes[1]",
-            "same route as datasets[0].routes[0] of dataset `hr-records` (host `hr.internal`, path_prefix `/employees`, GET)",
+            "same route as datasets[0].routes[0] of dataset `hr-records` (host `hr.internal`, path_prefix `/Employees`) with methods in common: its requests would all go to the first listed, never to `hr-public`",
         ),
         (
             "a fraction for a revision",
@@ -400,7 +400,7 @@ fn check_reports_file_line_and_path() {
             "    when: request.method == \"DELETE\"\n".into(),
             "    when: foo(request.method) # <-\n".into(),
             "rules[0].when",
-            "rule `no-deletes`: unknown function `foo`",
+            "rule `no-deletes`: `foo` is unknown (not a function of Guardrail's CEL); evaluating it fails, and a failing rule denies",
         ),
         (
             "a rule reading a field the app does not have",

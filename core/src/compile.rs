@@ -6,10 +6,10 @@ use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
 use crate::fasthash::FastMap;
 use crate::jwt::{compile_issuer, Issuer};
-use crate::path::{normalize_host, path_prefix_problem, route_host_problem, route_prefix_key, DatasetIndex};
+use crate::path::{normalize_host, path_prefix_problem, route_host_problem, DatasetIndex};
 use crate::raw::{
-    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRoute,
-    RawRule, RuleMode,
+    Classification, Effect, Environment, FailureMode, Lifecycle, RawApp, RawDataset, RawPolicy, RawRate, RawRule,
+    RuleMode,
 };
 use crate::rules::{Cel, Expression, ExpressionCache};
 use crate::time::{parse_rfc3339, NANOS_PER_SEC};
@@ -289,97 +289,14 @@ impl JsonError {
 }
 
 /// serde_json's message without its ` at line L column C` suffix (a position in one line of compact
-/// JSON says nothing to a policy author; files report their own line), in the document's terms
-/// ([`in_document_terms`]).
+/// JSON says nothing to a policy author; files report their own line).
 pub fn bare_message(e: &serde_json::Error) -> String {
     let mut text = e.to_string();
     let at = format!(" at line {} column {}", e.line(), e.column());
     if let Some(i) = text.rfind(&at) {
         text.replace_range(i..i + at.len(), "");
     }
-    in_document_terms(&text)
-}
-
-/// A serde message in the terms of the document, not of the Rust types that read it: any
-/// `struct Name` is `a mapping` (and `enum Name` `a string`), an integer type `a whole number`
-/// (with its range when the integer is outside it), `f32`/`f64` `a number`, a sequence `a list`,
-/// a map `a mapping`, a unit value `null`; serde_json's bare `expected value` (an enum's name
-/// that is not a string) `expected a string`. Messages of both readers (JSON and YAML) and of
-/// every type go through here, so no type needs its own wording.
-pub fn in_document_terms(message: &str) -> String {
-    if message == "expected value" {
-        return "expected a string".into();
-    }
-    if let Some(text) = out_of_range(message) {
-        return text;
-    }
-    let mut text = message.to_string();
-    for (from, to) in [
-        ("expected a sequence", "expected a list"),
-        ("invalid type: sequence", "invalid type: list"),
-        ("expected a map", "expected a mapping"),
-        ("invalid type: map", "invalid type: mapping"),
-        ("unit value", "null"),
-    ] {
-        if let Some(i) = text.find(from) {
-            let end = i + from.len();
-            if !text.get(end..).is_some_and(|r| r.starts_with(|c: char| c.is_ascii_alphanumeric())) {
-                text.replace_range(i..end, to);
-            }
-        }
-    }
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(i) = rest.find("expected ") {
-        let (head, tail) = rest.split_at(i + "expected ".len());
-        out.push_str(head);
-        let (word, after) = split_word(tail);
-        let (replacement, after) = match word {
-            "struct" | "enum" => match after.strip_prefix(' ').map(split_word) {
-                Some((name, after)) if !name.is_empty() => {
-                    (Some(if word == "struct" { "a mapping" } else { "a string" }), after)
-                }
-                _ => (None, tail),
-            },
-            "f32" | "f64" => (Some("a number"), after),
-            w if int_range(w).is_some() => (Some("a whole number"), after),
-            _ => (None, tail),
-        };
-        out.push_str(replacement.unwrap_or(""));
-        rest = after;
-    }
-    out.push_str(rest);
-    out
-}
-
-/// `word` of `text` (letters, digits, `_`) and what follows it.
-fn split_word(text: &str) -> (&str, &str) {
-    text.split_at(text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(text.len()))
-}
-
-/// The values of an integer type, by its name.
-fn int_range(name: &str) -> Option<(i128, i128)> {
-    Some(match name {
-        "i8" => (i8::MIN.into(), i8::MAX.into()),
-        "i16" => (i16::MIN.into(), i16::MAX.into()),
-        "i32" => (i32::MIN.into(), i32::MAX.into()),
-        "i64" | "isize" => (i64::MIN.into(), i64::MAX.into()),
-        "u8" => (0, u8::MAX.into()),
-        "u16" => (0, u16::MAX.into()),
-        "u32" => (0, u32::MAX.into()),
-        "u64" | "usize" => (0, u64::MAX.into()),
-        _ => return None,
-    })
-}
-
-/// `invalid value: integer `N`, expected i64` (or `integer `N` as u128`): a whole number, but
-/// outside what the field holds.
-fn out_of_range(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("invalid value: ").or_else(|| message.strip_prefix("invalid type: "))?;
-    let (number, rest) = rest.strip_prefix("integer `")?.split_once('`')?;
-    let rest = rest.strip_prefix(" as u128").or_else(|| rest.strip_prefix(" as i128")).unwrap_or(rest);
-    let (min, max) = int_range(rest.strip_prefix(", expected ")?)?;
-    Some(format!("integer `{number}` is out of range: expected a whole number from {min} to {max}"))
+    text
 }
 
 /// Reads a policy document from JSON text (the whole text: trailing characters are an error).
@@ -503,7 +420,8 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
         apps.push(app);
     }
 
-    let mut datasets = compile_datasets(&raw.datasets, !raw.settings.identity.jwt.is_empty(), &mut errs);
+    let (mut datasets, dataset_index) =
+        compile_datasets(&raw.datasets, !raw.settings.identity.jwt.is_empty(), &mut errs);
     set_masks(&mut apps, &mut datasets, &approved_connectors);
     let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
     let rules = compile_rules(&raw.rules, &dataset_ids, cache, &mut errs);
@@ -511,12 +429,6 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
 
     if !errs.0.is_empty() {
         return Err(PolicyErrors(errs.0));
-    }
-    let mut dataset_index = DatasetIndex::default();
-    for (i, d) in datasets.iter().enumerate() {
-        for r in &d.routes {
-            dataset_index.insert(r.host.as_deref(), &r.path_prefix, &r.methods, i);
-        }
     }
     let rules_in_scope = datasets
         .iter()
@@ -721,67 +633,15 @@ fn parse_key_digest(text: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// One route of the policy: `datasets[dataset].routes[route]`, of the dataset `id`.
-#[derive(Clone, Copy)]
-struct RouteRef<'a> {
-    dataset: usize,
-    route: usize,
-    id: &'a str,
-}
-
-/// A route recorded, with its upper-case methods (empty: every method).
-struct Seen<'a> {
-    at: RouteRef<'a>,
-    methods: Vec<String>,
-}
-
-/// The routes compiled so far, by host and path prefix in their matching forms, to refuse a
-/// route that another dataset already has: the index would give its requests to the first listed
-/// only, so the second dataset's checks would never run on them.
-#[derive(Default)]
-struct RoutesSeen<'a> {
-    /// Per host (`None`: any) and path prefix, the routes there with their methods.
-    by_key: HashMap<(Option<String>, String), Vec<Seen<'a>>>,
-}
-
-impl<'a> RoutesSeen<'a> {
-    /// Records a route, refusing it if a route of another dataset has the same host and path
-    /// prefix and a method in common (no methods: every method).
-    fn check(&mut self, at: RouteRef<'a>, route: &RawRoute, methods: &[String], errs: &mut Errors) {
-        let host = route.host.as_deref().map(|h| normalize_host(h).into_owned());
-        let key = (host, route_prefix_key(&route.path_prefix));
-        let earlier = self.by_key.entry(key.clone()).or_default();
-        let common = |other: &[String]| -> Option<String> {
-            let shared: Vec<&str> = match (methods.is_empty(), other.is_empty()) {
-                (true, true) => return Some("every method".into()),
-                (true, false) => other.iter().map(String::as_str).collect(),
-                (false, true) => methods.iter().map(String::as_str).collect(),
-                (false, false) => methods.iter().filter(|m| other.contains(m)).map(String::as_str).collect(),
-            };
-            (!shared.is_empty()).then(|| shared.join(", "))
-        };
-        let clash =
-            earlier.iter().filter(|s| s.at.dataset != at.dataset).find_map(|s| Some((s.at, common(&s.methods)?)));
-        if let Some((first, methods)) = clash {
-            let host = key.0.as_deref().map_or("any host".to_string(), |h| format!("host `{h}`"));
-            errs.push(
-                format!("datasets[{}].routes[{}]", at.dataset, at.route),
-                format!(
-                    "same route as datasets[{}].routes[{}] of dataset `{}` ({host}, path_prefix `{}`, {methods}): \
-                     its requests would all go to the first listed and `{}` would never see them; \
-                     give each dataset routes of its own",
-                    first.dataset, first.route, first.id, key.1, at.id
-                ),
-            );
-        }
-        earlier.push(Seen { at, methods: methods.to_vec() });
-    }
-}
-
-fn compile_datasets(raw: &[RawDataset], issuers_configured: bool, errs: &mut Errors) -> Vec<Dataset> {
+/// The datasets, and the index of their routes. A route that another dataset already has (same
+/// host and path prefix as the index compares them, a method in common) is an error on the later
+/// one: the index would give its requests to the first listed only, so the later dataset's checks
+/// would never run on them. (The index holds dataset `i` of `raw` as `i`: it is only used when no
+/// dataset has an error, and then `raw` and the datasets returned are the same list.)
+fn compile_datasets(raw: &[RawDataset], issuers_configured: bool, errs: &mut Errors) -> (Vec<Dataset>, DatasetIndex) {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
-    let mut routes_seen = RoutesSeen::default();
+    let mut index = DatasetIndex::default();
     for (i, d) in raw.iter().enumerate() {
         let path = format!("datasets[{i}]");
         let before = errs.0.len();
@@ -821,14 +681,21 @@ fn compile_datasets(raw: &[RawDataset], issuers_configured: bool, errs: &mut Err
                 valid = false;
             }
             let host = route.host.as_ref().map(|h| h.trim_end_matches('.').to_ascii_lowercase());
-            if valid {
-                routes_seen.check(RouteRef { dataset: i, route: r, id: &d.id }, route, &methods, errs);
+            let path_prefix = if prefix.is_empty() { "/".to_string() } else { prefix.to_string() };
+            let clash = if valid { index.insert(host.as_deref(), &path_prefix, &methods, i, r) } else { None };
+            if let Some((j, k)) = clash {
+                let host = host.as_deref().map_or("any host".into(), |h| format!("host `{}`", normalize_host(h)));
+                errs.push(
+                    rpath,
+                    format!(
+                        "same route as datasets[{j}].routes[{k}] of dataset `{}` ({host}, path_prefix `{path_prefix}`) \
+                         with methods in common: its requests would all go to the first listed, never to `{}`",
+                        raw.get(j).map_or("", |f| f.id.as_str()),
+                        d.id
+                    ),
+                );
             }
-            routes.push(Route {
-                host,
-                path_prefix: if prefix.is_empty() { "/".into() } else { prefix.to_string() },
-                methods,
-            });
+            routes.push(Route { host, path_prefix, methods });
         }
         let requires_jit = d.requires_jit.unwrap_or(d.classification == Classification::Regulated);
         // Issuers that are configured but failed validation have errors of their own to fix.
@@ -850,7 +717,7 @@ fn compile_datasets(raw: &[RawDataset], issuers_configured: bool, errs: &mut Err
             });
         }
     }
-    out
+    (out, index)
 }
 
 fn compile_rules(
@@ -927,7 +794,7 @@ mod tests {
             (json!({"path_prefix": "payments"}), Some(("path_prefix", "must start with `/`")), "relative"),
             (json!({"host": "https://api.example", "path_prefix": "/"}), Some(("host", "scheme")), "scheme"),
             (json!({"host": "api.example/x", "path_prefix": "/"}), Some(("host", "has a path")), "path in host"),
-            (json!({"host": "*.example", "path_prefix": "/"}), Some(("host", "wildcards")), "wildcard"),
+            (json!({"host": "*.example", "path_prefix": "/"}), Some(("host", "has a wildcard")), "wildcard"),
             (json!({"host": "", "path_prefix": "/"}), Some(("host", "empty host")), "empty host"),
         ];
         for (route, want, why) in cases {
@@ -958,31 +825,31 @@ mod tests {
             (
                 json!([route(h, "/payments", &[])]),
                 json!([route(h, "/payments", &[])]),
-                Some(("datasets[1].routes[0]", "same route as datasets[0].routes[0] of dataset `a` (host `api.example`, path_prefix `/payments`, every method): its requests would all go to the first listed and `b` would never see them")),
+                Some(("datasets[1].routes[0]", "same route as datasets[0].routes[0] of dataset `a` (host `api.example`, path_prefix `/payments`) with methods in common: its requests would all go to the first listed, never to `b`")),
                 "the same route",
             ),
             (
                 json!([route(Some("API.example:443"), "/Payments/", &[])]),
                 json!([route(Some("api.example."), "//payments;v=1", &[])]),
-                Some(("datasets[1].routes[0]", "(host `api.example`, path_prefix `/payments`, every method)")),
+                Some(("datasets[1].routes[0]", "(host `api.example`, path_prefix `//payments;v=1`) with methods in common")),
                 "the same in the forms routes are compared in",
             ),
             (
                 json!([route(h, "/payments", &["GET", "POST"])]),
                 json!([route(h, "/payments", &["post", "DELETE"])]),
-                Some(("datasets[1].routes[0]", "path_prefix `/payments`, POST)")),
+                Some(("datasets[1].routes[0]", "path_prefix `/payments`) with methods in common")),
                 "methods in common",
             ),
             (
                 json!([route(h, "/payments", &["GET"])]),
                 json!([route(h, "/payments", &[])]),
-                Some(("datasets[1].routes[0]", "path_prefix `/payments`, GET)")),
+                Some(("datasets[1].routes[0]", "path_prefix `/payments`) with")),
                 "no methods: every method",
             ),
             (
                 json!([route(None, "/", &[])]),
                 json!([route(h, "/other", &[]), route(None, "/", &["GET"])]),
-                Some(("datasets[1].routes[1]", "same route as datasets[0].routes[0] of dataset `a` (any host, path_prefix `/`, GET)")),
+                Some(("datasets[1].routes[1]", "same route as datasets[0].routes[0] of dataset `a` (any host, path_prefix `/`)")),
                 "any host, a later route of the dataset",
             ),
             (json!([route(h, "/payments", &["GET"])]), json!([route(h, "/payments", &["POST"])]), None, "no method in common"),
@@ -1046,56 +913,5 @@ mod tests {
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].0, "datasets[0].requires_jit");
         assert!(got[0].1.contains("no JWT issuer is configured in settings.identity.jwt"), "{got:?}");
-    }
-
-    #[test]
-    fn serde_messages_are_in_the_documents_terms() {
-        // (serde's message, as a policy author reads it, why)
-        let cases = [
-            ("invalid type: null, expected struct RawSettings", "invalid type: null, expected a mapping", "a Raw struct"),
-            ("invalid type: unit value, expected struct RawPolicy", "invalid type: null, expected a mapping", "unit"),
-            ("invalid type: integer `5`, expected struct RawCase", "invalid type: integer `5`, expected a mapping", "any struct"),
-            ("invalid type: integer `5`, expected enum Lifecycle", "invalid type: integer `5`, expected a string", "an enum"),
-            ("expected value", "expected a string", "serde_json's enum of a number"),
-            ("invalid type: floating point `7.5`, expected i64", "invalid type: floating point `7.5`, expected a whole number", "i64"),
-            ("invalid type: string \"x\", expected u32", "invalid type: string \"x\", expected a whole number", "u32"),
-            ("invalid type: string \"abc\", expected f64", "invalid type: string \"abc\", expected a number", "f64"),
-            (
-                "invalid type: integer `99999999999999999999` as u128, expected i64",
-                "integer `99999999999999999999` is out of range: expected a whole number from -9223372036854775808 to 9223372036854775807",
-                "u128",
-            ),
-            (
-                "invalid value: integer `-1`, expected u32",
-                "integer `-1` is out of range: expected a whole number from 0 to 4294967295",
-                "a negative unsigned",
-            ),
-            ("invalid type: map, expected a sequence", "invalid type: mapping, expected a list", "map and sequence"),
-            ("invalid type: sequence, expected a map", "invalid type: list, expected a mapping", "sequence and map"),
-            ("unknown field `x`, expected one of `a`, `b`", "unknown field `x`, expected one of `a`, `b`", "unchanged"),
-            ("missing field `kind`", "missing field `kind`", "unchanged"),
-            ("invalid type: string \"i64\", expected a string", "invalid type: string \"i64\", expected a string", "a value"),
-            ("expected structure", "expected structure", "a word that starts like one"),
-        ];
-        for (serde, want, why) in cases {
-            assert_eq!(in_document_terms(serde), want, "{why}");
-        }
-        // Through the JSON reader (the filter's and the companion's).
-        let head = r#""apiVersion": "guardrail/v1", "kind": "Policy""#;
-        let documents = [
-            (format!(r#"{{{head}, "revision": 7.5}}"#), "revision", "must be a whole number or a string, not 7.5"),
-            (format!(r#"{{{head}, "settings": null}}"#), "settings", "invalid type: null, expected a mapping"),
-            ("null".to_string(), "", "invalid type: null, expected a mapping"),
-            (
-                format!(r#"{{{head}, "tiers": {{"s": {{"rate": {{"requests": 1.5, "per": "1s"}}}}}}}}"#),
-                "tiers.s.rate.requests",
-                "invalid type: floating point `1.5`, expected a whole number",
-            ),
-        ];
-        for (text, path, message) in documents {
-            let got = compile_json_str(&text).err().map(|e| e.0).unwrap_or_default();
-            let got: Vec<(&str, &str)> = got.iter().map(|e| (e.path.as_str(), e.message.as_str())).collect();
-            assert_eq!(got, [(path, message)], "{text}");
-        }
     }
 }

@@ -2,10 +2,9 @@
 //! Every struct denies unknown fields: a typo is an error, never silently ignored.
 //! Meaning and cross-references are checked when it is compiled (see [`crate::compile`]).
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::fmt;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,41 +35,18 @@ pub enum Revision {
     Text(String),
 }
 
-/// By hand rather than `untagged`: a fraction gets an error that says what to write (an untagged
-/// enum can only say that no variant matched), in less code.
+/// Read as a JSON value (a reader the filter has anyway, for the JWKS keys) rather than as an
+/// `untagged` enum, which could only say that no variant matched: a fraction, or any other value,
+/// gets an error that says what to write.
 impl<'de> Deserialize<'de> for Revision {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct RevisionVisitor;
-
-        impl Visitor<'_> for RevisionVisitor {
-            type Value = Revision;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a whole number or a string")
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::String(s) => Ok(Revision::Text(s)),
+            serde_json::Value::Number(n) if !n.is_f64() => {
+                Ok(n.as_i64().map_or(Revision::Text(n.to_string()), Revision::Number))
             }
-
-            fn visit_i64<E>(self, v: i64) -> Result<Revision, E> {
-                Ok(Revision::Number(v))
-            }
-
-            fn visit_u64<E>(self, v: u64) -> Result<Revision, E> {
-                Ok(i64::try_from(v).map_or_else(|_| Revision::Text(v.to_string()), Revision::Number))
-            }
-
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Revision, E> {
-                Err(E::custom(format_args!("must be a whole number or a string, not {v}")))
-            }
-
-            fn visit_str<E>(self, v: &str) -> Result<Revision, E> {
-                Ok(Revision::Text(v.to_owned()))
-            }
-
-            fn visit_string<E>(self, v: String) -> Result<Revision, E> {
-                Ok(Revision::Text(v))
-            }
+            other => Err(de::Error::custom(format_args!("must be a whole number or a string, not {other}"))),
         }
-
-        deserializer.deserialize_any(RevisionVisitor)
     }
 }
 

@@ -44,19 +44,26 @@ pub const MAX_COMPREHENSIONS: usize = 8;
 /// Longest list literal: with two nested comprehensions a rule costs at most 64² steps per list.
 pub const MAX_LIST_LITERAL: usize = 64;
 
-/// Comprehensions in a compiled expression: how deep they nest, how many there are, and the
-/// variables they bind. Read from the AST the macros expanded into, so no spelling (spaces,
-/// comments, line breaks) hides one.
+/// What a compiled expression is made of, read from the AST the macros expanded into, so no
+/// spelling (spaces, comments, line breaks) hides a part: its comprehensions (how deep they nest,
+/// how many there are, the variables they bind), the functions it calls, and the fields it reads
+/// that its variables do not have.
 #[derive(Default)]
-struct Comprehensions {
+struct Parts<'e> {
     longest_list: usize,
     deepest: usize,
     total: usize,
     bound: Vec<String>,
+    /// Comprehension variables in scope, innermost last: they shadow the four variables.
+    locals: Vec<&'e str>,
+    /// Functions called: name, and whether on a target (`x.name(..)`).
+    calls: Vec<(&'e str, bool)>,
+    /// Fields read that are never there, each said once.
+    missing: Vec<String>,
 }
 
-impl Comprehensions {
-    fn walk(&mut self, e: &IdedExpr, depth: usize) {
+impl<'e> Parts<'e> {
+    fn walk(&mut self, e: &'e IdedExpr, depth: usize) {
         match &e.expr {
             Expr::Comprehension(c) => {
                 self.total += 1;
@@ -66,11 +73,29 @@ impl Comprehensions {
                 self.bound.push(c.accu_var.clone());
                 self.walk(&c.iter_range, depth);
                 self.walk(&c.accu_init, depth);
+                let scope = self.locals.len();
+                self.locals.push(&c.iter_var);
+                self.locals.extend(c.iter_var2.as_deref());
+                self.locals.push(&c.accu_var);
                 for inner in [&c.loop_cond, &c.loop_step, &c.result] {
                     self.walk(inner, depth + 1);
                 }
+                self.locals.truncate(scope);
             }
             Expr::Call(call) => {
+                let name = call.func_name.as_str();
+                match (name, call.args.as_slice()) {
+                    (operators::INDEX, [operand, key]) => {
+                        if let Expr::Literal(LiteralValue::String(key)) = &key.expr {
+                            self.field(operand, key.inner());
+                        }
+                    }
+                    // A name an expression can spell; operators (`_==_`, `!_`, `@in`) cannot be.
+                    _ if name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.')) => {
+                        self.calls.push((name, call.target.is_some()))
+                    }
+                    _ => {}
+                }
                 if let Some(target) = &call.target {
                     self.walk(target, depth);
                 }
@@ -84,12 +109,15 @@ impl Comprehensions {
             }
             Expr::Map(map) => map.entries.iter().for_each(|x| self.entry(&x.expr, depth)),
             Expr::Struct(st) => st.entries.iter().for_each(|x| self.entry(&x.expr, depth)),
-            Expr::Select(sel) => self.walk(&sel.operand, depth),
+            Expr::Select(sel) => {
+                self.field(&sel.operand, &sel.field);
+                self.walk(&sel.operand, depth)
+            }
             Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
         }
     }
 
-    fn entry(&mut self, e: &EntryExpr, depth: usize) {
+    fn entry(&mut self, e: &'e EntryExpr, depth: usize) {
         match e {
             EntryExpr::StructField(f) => self.walk(&f.value, depth),
             EntryExpr::MapEntry(m) => {
@@ -98,22 +126,26 @@ impl Comprehensions {
             }
         }
     }
+
+    /// `operand.field` (or `operand['field']`): where `operand` is one of the four variables, it
+    /// must have the field.
+    fn field(&mut self, operand: &IdedExpr, field: &str) {
+        let Expr::Ident(var) = &operand.expr else { return };
+        let Some(fields) = fast::field_list(var).filter(|_| !self.locals.contains(&var.as_str())) else {
+            return;
+        };
+        if fields.split(',').any(|f| f.trim_start() == field) {
+            return;
+        }
+        let text = format!("`{var}` has no field `{field}` (fields: {fields})");
+        if !self.missing.contains(&text) {
+            self.missing.push(text);
+        }
+    }
 }
 
-/// What an expression names that its evaluation would not find: functions the interpreter does
-/// not declare, fields the variables do not have. Either fails the rule, so denies, on every
-/// request it applies to; found at compile time, each is a policy error instead.
-struct Names<'e> {
-    cel: &'e Cel,
-    /// Comprehension variables in scope: they shadow the four variables.
-    locals: Vec<&'e str>,
-    /// Calls looked up so far: name, called on a target, declared.
-    calls: Vec<(&'e str, bool, bool)>,
-    problems: Vec<String>,
-}
-
-/// The standard macros and how they are called: a call of that name that is not in that form
-/// stays an (undeclared) function call.
+/// The standard macros and how they are called: a call of that name in another form stays a
+/// call, of a function no one declares.
 const MACROS: [(&str, &str); 6] = [
     ("has", "has(x.field)"),
     ("all", "list.all(x, condition)"),
@@ -122,124 +154,6 @@ const MACROS: [(&str, &str); 6] = [
     ("map", "list.map(x, expression) or list.map(x, condition, expression)"),
     ("filter", "list.filter(x, condition)"),
 ];
-
-impl<'e> Names<'e> {
-    fn new(cel: &'e Cel) -> Self {
-        Names { cel, locals: Vec::new(), calls: Vec::new(), problems: Vec::new() }
-    }
-
-    fn problem(&mut self, text: String) {
-        if !self.problems.contains(&text) {
-            self.problems.push(text);
-        }
-    }
-
-    fn walk(&mut self, e: &'e IdedExpr) {
-        match &e.expr {
-            Expr::Call(call) => {
-                let name = call.func_name.as_str();
-                if name == operators::INDEX {
-                    if let [var, key] = call.args.as_slice() {
-                        if let Expr::Literal(LiteralValue::String(key)) = &key.expr {
-                            self.field(var, key.inner());
-                        }
-                    }
-                } else if name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.')) {
-                    // A name an expression can spell; operators (`_==_`, `!_`, `@in`) cannot be.
-                    self.call(name, call.target.is_some());
-                }
-                if let Some(target) = &call.target {
-                    self.walk(target);
-                }
-                call.args.iter().for_each(|arg| self.walk(arg));
-            }
-            Expr::Select(sel) => {
-                self.field(&sel.operand, &sel.field);
-                self.walk(&sel.operand);
-            }
-            Expr::Comprehension(c) => {
-                self.walk(&c.iter_range);
-                self.walk(&c.accu_init);
-                let scope = self.locals.len();
-                self.locals.push(&c.iter_var);
-                self.locals.extend(c.iter_var2.as_deref());
-                self.locals.push(&c.accu_var);
-                for inner in [&c.loop_cond, &c.loop_step, &c.result] {
-                    self.walk(inner);
-                }
-                self.locals.truncate(scope);
-            }
-            Expr::List(list) => list.elements.iter().for_each(|x| self.walk(x)),
-            Expr::Map(map) => map.entries.iter().for_each(|x| self.entry(&x.expr)),
-            Expr::Struct(st) => st.entries.iter().for_each(|x| self.entry(&x.expr)),
-            Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => {}
-        }
-    }
-
-    fn entry(&mut self, e: &'e EntryExpr) {
-        match e {
-            EntryExpr::StructField(f) => self.walk(&f.value),
-            EntryExpr::MapEntry(m) => {
-                self.walk(&m.key);
-                self.walk(&m.value);
-            }
-        }
-    }
-
-    /// One of the four variables, unless a comprehension variable of that name shadows it.
-    fn variable(&self, e: &IdedExpr) -> Option<&'static str> {
-        let Expr::Ident(name) = &e.expr else { return None };
-        if self.locals.contains(&name.as_str()) {
-            return None;
-        }
-        VARIABLES.iter().copied().find(|v| v == name)
-    }
-
-    /// `operand.field` (or `operand['field']`): a field the variable has, or, one level down, a
-    /// field of one of its maps.
-    fn field(&mut self, operand: &IdedExpr, field: &str) {
-        if let Some(var) = self.variable(operand) {
-            let fields = fast::field_names(var);
-            if !fields.contains(&field) {
-                self.problem(format!("`{var}` has no field `{field}` (fields: {})", fields.join(", ")));
-            }
-            return;
-        }
-        let Expr::Select(inner) = &operand.expr else { return };
-        let Some(var) = self.variable(&inner.operand) else { return };
-        let open = matches!((var, inner.field.as_str()), ("request", "headers") | ("token", "claims"));
-        if !inner.test && !open && fast::field_names(var).contains(&inner.field.as_str()) {
-            self.problem(format!(
-                "`{var}.{}` has no fields, so `.{field}` fails (only request.headers and token.claims are maps)",
-                inner.field
-            ));
-        }
-    }
-
-    fn call(&mut self, name: &'e str, method: bool) {
-        let declared = match self.calls.iter().find(|(n, m, _)| *n == name && *m == method) {
-            Some(&(_, _, declared)) => declared,
-            None => {
-                let declared = self.cel.declares(name, method);
-                self.calls.push((name, method, declared));
-                declared
-            }
-        };
-        if declared {
-            return;
-        }
-        let text = if let Some((_, form)) = MACROS.iter().find(|(m, _)| *m == name) {
-            format!("`{name}` is a macro, written `{form}`")
-        } else if method && self.cel.declares(name, false) {
-            format!("`{name}` is not a method: call it as `{name}(x)`")
-        } else if !method && self.cel.declares(name, true) {
-            format!("`{name}` is a method: call it as `x.{name}(..)`")
-        } else {
-            format!("unknown function `{name}`")
-        };
-        self.problem(text);
-    }
-}
 
 /// The CEL environment shared by every rule of a policy.
 #[derive(Clone)]
@@ -369,7 +283,7 @@ impl Cel {
             return Err(format!("expression nests {deepest} brackets deep; at most {MAX_NESTING} are allowed"));
         }
         let program = self.env.compile(source).map_err(|e| format!("CEL syntax error: {}", e.to_string().trim()))?;
-        let mut found = Comprehensions::default();
+        let mut found = Parts::default();
         found.walk(program.expression(), 0);
         if found.longest_list > MAX_LIST_LITERAL {
             return Err(format!(
@@ -377,7 +291,7 @@ impl Cel {
                 found.longest_list
             ));
         }
-        let (nested, total, bound) = (found.deepest, found.total, found.bound);
+        let (nested, total, bound) = (found.deepest, found.total, &found.bound);
         if nested > MAX_COMPREHENSION_NESTING || total > MAX_COMPREHENSIONS {
             return Err(format!(
                 "expression has {total} comprehensions (exists, all, exists_one, map, filter) nested {nested} deep; \
@@ -412,10 +326,25 @@ impl Cel {
                 source.trim()
             ));
         }
-        let mut names = Names::new(self);
-        names.walk(program.expression());
-        if !names.problems.is_empty() {
-            return Err(format!("{}; evaluating it fails, and a failing rule denies", names.problems.join("; ")));
+        let mut problems = String::new();
+        for text in &found.missing {
+            problems.push_str(text);
+            problems.push_str("; ");
+        }
+        for (i, &(name, method)) in found.calls.iter().enumerate() {
+            if found.calls[..i].contains(&(name, method)) || self.declares(name, method) {
+                continue;
+            }
+            let (what, form) = match MACROS.iter().find(|(m, _)| *m == name) {
+                Some((_, form)) => ("a macro, written ", *form),
+                None if !self.declares(name, !method) => ("unknown (not a function of Guardrail's CEL)", ""),
+                None if method => ("not a method, called as ", "`f(x)`"),
+                None => ("a method, called as ", "`x.f(..)`"),
+            };
+            problems.push_str(&format!("`{name}` is {what}{form}; "));
+        }
+        if !problems.is_empty() {
+            return Err(format!("{problems}evaluating it fails, and a failing rule denies"));
         }
         let variables = references.variables();
         let uses = VARIABLES
@@ -731,21 +660,20 @@ mod tests {
         let cel = Cel::default();
         // (expression, part of the error or None when valid, why)
         let cases: &[(&str, Option<&str>, &str)] = &[
-            ("foo(request.method)", Some("unknown function `foo`"), "an undeclared function"),
-            ("request.path.lowerAscii() == '/x'", Some("unknown function `lowerAscii`"), "an extension not in the build"),
-            ("matches(request.path, '^/x')", Some("unknown function `matches`"), "regex is not in this build"),
-            ("timestamp(token.claims.iat) > timestamp('2020-01-01T00:00:00Z')", Some("unknown function `timestamp`"), "chrono is not in this build"),
-            ("contains(request.path, 'x')", Some("`contains` is a method: call it as `x.contains(..)`"), "a method called as a function"),
-            ("request.path.string() == 'x'", Some("`string` is not a method: call it as `string(x)`"), "a function called as a method"),
-            ("app.connectors.exists(app.id == 'x')", Some("`exists` is a macro, written `list.exists(x, condition)`"), "a macro with too few arguments"),
+            ("foo(request.method)", Some("`foo` is unknown (not a function of Guardrail's CEL); evaluating it fails, and a failing rule denies"), "an undeclared function"),
+            ("request.path.lowerAscii() == '/x'", Some("`lowerAscii` is unknown"), "an extension not in the build"),
+            ("matches(request.path, '^/x')", Some("`matches` is unknown"), "regex is not in this build"),
+            ("timestamp(token.claims.iat) > timestamp('2020-01-01T00:00:00Z')", Some("`timestamp` is unknown"), "chrono is not in this build"),
+            ("contains(request.path, 'x')", Some("`contains` is a method, called as `x.f(..)`"), "a method called as a function"),
+            ("request.path.string() == 'x'", Some("`string` is not a method, called as `f(x)`"), "a function called as a method"),
+            ("app.connectors.exists(app.id == 'x')", Some("`exists` is a macro, written list.exists(x, condition)"), "a macro with too few arguments"),
             ("app.colour == 'red'", Some("`app` has no field `colour` (fields: id, owner, team, department, environment, tier, lifecycle, region, data_classes, connectors)"), "an app field"),
             ("dataset.nosuch == 1", Some("`dataset` has no field `nosuch` (fields: id, classification, owner_department, allowed_regions, requires_jit)"), "a dataset field"),
             ("request.nosuch == 'x'", Some("`request` has no field `nosuch` (fields: method, host, path, headers)"), "a request field"),
             ("token.sub == 'x'", Some("`token` has no field `sub` (fields: claims)"), "a claim outside claims"),
             ("app['colour'] == 'red'", Some("`app` has no field `colour`"), "an index with a literal key"),
             ("has(app.colour)", Some("`app` has no field `colour`"), "has() of a field that is never there"),
-            ("app.id.first == 'x'", Some("`app.id` has no fields"), "a field of a string"),
-            ("foo(app.colour)", Some("unknown function `foo`; `app` has no field `colour`"), "every problem is named"),
+            ("foo(app.colour)", Some("`app` has no field `colour` (fields: id, owner, team, department, environment, tier, lifecycle, region, data_classes, connectors); `foo` is unknown"), "every problem is named"),
             ("'abc'", Some("the expression is a constant (`'abc'`)"), "a string literal"),
             ("1", Some("the expression is a constant (`1`)"), "an int literal"),
             ("null", Some("a constant"), "null"),
@@ -765,6 +693,7 @@ mod tests {
             ("app.connectors.map(c, c.size()).all(n, n > 0)", None, "nested macros"),
             ("has(dataset.requires_jit) && dataset.requires_jit", None, "has() of a field that is there"),
             (".size('a') == 1", None, "an absolute function name"),
+            ("request.headers.?x.orValue('') == 'y'", None, "an optional value's method"),
         ];
         for (src, want, why) in cases {
             match (cel.compile(src), want) {
@@ -777,12 +706,24 @@ mod tests {
     }
 
     /// The functions rules can call are those the interpreter declares (this build has neither
-    /// the regex nor the chrono feature); `declares` asks it, and agrees with evaluation.
+    /// the regex nor the chrono feature, nor the strings extension); `declares` asks it, and
+    /// agrees with evaluation. `hasValue` and `orValue` are the optional values' (`x.?field`).
     #[test]
     fn declared_functions_are_those_the_interpreter_evaluates() {
         let cel = Cel::default();
         let functions = ["size", "string", "int", "uint", "double", "bytes", "bool", "dyn", "type", "max", "min"];
-        let methods = ["size", "contains", "startsWith", "endsWith", "matches", "lowerAscii", "string"];
+        let methods = [
+            "size",
+            "contains",
+            "startsWith",
+            "endsWith",
+            "matches",
+            "lowerAscii",
+            "split",
+            "string",
+            "hasValue",
+            "orValue",
+        ];
         let mut declared = Vec::new();
         for name in functions {
             if cel.declares(name, false) {
@@ -809,7 +750,9 @@ mod tests {
                 ".size()",
                 ".contains()",
                 ".startsWith()",
-                ".endsWith()"
+                ".endsWith()",
+                ".hasValue()",
+                ".orValue()"
             ],
             "as README 'The policy' lists them"
         );
@@ -833,8 +776,10 @@ mod tests {
             keys
         }
         fn names(var: &str) -> Vec<String> {
+            let listed: Vec<&str> = fast::field_list(var).unwrap_or_default().split(", ").collect();
+            assert_eq!(listed, fast::table_names(var), "{var}: the list and the fast path's table");
             let mut names: Vec<String> =
-                fast::field_names(var).iter().map(|n| format!("{:?}", Key::String(Arc::new(n.to_string())))).collect();
+                listed.iter().map(|n| format!("{:?}", Key::String(Arc::new(n.to_string())))).collect();
             names.sort();
             names
         }

@@ -20,7 +20,7 @@
 //! assert_eq!(errors.0[0].line, Some(3));
 //! ```
 
-use crate::compile::{bare_message, compile_with, in_document_terms, parse_json_str, CompiledPolicy, JsonError};
+use crate::compile::{bare_message, compile_with, parse_json_str, CompiledPolicy, JsonError};
 use crate::error::{PolicyError, PolicyErrors};
 use crate::raw::RawPolicy;
 use crate::rules::ExpressionCache;
@@ -158,6 +158,7 @@ fn compile_json_form(text: &str, json: Value, expressions: &mut ExpressionCache)
 /// `text` (`text` and the JSON form have the same field paths, not the same lines).
 fn located(text: &str, e: &JsonError) -> PolicyErrors {
     let (path, message) = split_message(bare_message(&e.error), &e.path);
+    let message = in_document_terms(&message);
     let index = LineIndex::build(text);
     let line = index.lines.get(&e.path).copied().or_else(|| index.line_of(&path));
     PolicyErrors::from(PolicyError { path, message, line })
@@ -324,6 +325,90 @@ fn split_message(text: String, reached: &str) -> (String, String) {
         }
     }
     (reached.to_string(), text)
+}
+
+/// A serde message in the terms of the document, not of the Rust types that read it: any
+/// `struct Name` is `a mapping` (and `enum Name` `a string`), an integer type `a whole number`
+/// (with its range when the integer is outside it), `f32`/`f64` `a number`, a sequence `a list`,
+/// a map `a mapping`, a unit value `null`; serde_json's bare `expected value` (an enum's name
+/// that is not a string) `expected a string`. Every message of the companion's readers (YAML,
+/// JSON files, case files) goes through here, so no type needs its own wording. (The filter keeps
+/// serde's words: what it reads was checked by the companion or `guardrail export`, and the
+/// module has no room to spare; see README "Performance".)
+pub fn in_document_terms(message: &str) -> String {
+    if message == "expected value" {
+        return "expected a string".into();
+    }
+    if let Some(text) = out_of_range(message) {
+        return text;
+    }
+    let mut text = message.to_string();
+    for (from, to) in [
+        ("expected a sequence", "expected a list"),
+        ("invalid type: sequence", "invalid type: list"),
+        ("expected a map", "expected a mapping"),
+        ("invalid type: map", "invalid type: mapping"),
+        ("unit value", "null"),
+    ] {
+        if let Some(i) = text.find(from) {
+            let end = i + from.len();
+            if !text.get(end..).is_some_and(|r| r.starts_with(|c: char| c.is_ascii_alphanumeric())) {
+                text.replace_range(i..end, to);
+            }
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("expected ") {
+        let (head, tail) = rest.split_at(i + "expected ".len());
+        out.push_str(head);
+        let (word, after) = split_word(tail);
+        let (replacement, after) = match word {
+            "struct" | "enum" => match after.strip_prefix(' ').map(split_word) {
+                Some((name, after)) if !name.is_empty() => {
+                    (Some(if word == "struct" { "a mapping" } else { "a string" }), after)
+                }
+                _ => (None, tail),
+            },
+            "f32" | "f64" => (Some("a number"), after),
+            w if int_range(w).is_some() => (Some("a whole number"), after),
+            _ => (None, tail),
+        };
+        out.push_str(replacement.unwrap_or(""));
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `word` of `text` (letters, digits, `_`) and what follows it.
+fn split_word(text: &str) -> (&str, &str) {
+    text.split_at(text.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(text.len()))
+}
+
+/// The values of an integer type, by its name.
+fn int_range(name: &str) -> Option<(i128, i128)> {
+    Some(match name {
+        "i8" => (i8::MIN.into(), i8::MAX.into()),
+        "i16" => (i16::MIN.into(), i16::MAX.into()),
+        "i32" => (i32::MIN.into(), i32::MAX.into()),
+        "i64" | "isize" => (i64::MIN.into(), i64::MAX.into()),
+        "u8" => (0, u8::MAX.into()),
+        "u16" => (0, u16::MAX.into()),
+        "u32" => (0, u32::MAX.into()),
+        "u64" | "usize" => (0, u64::MAX.into()),
+        _ => return None,
+    })
+}
+
+/// `invalid value: integer `N`, expected i64` (or `integer `N` as u128`): a whole number, but
+/// outside what the field holds.
+fn out_of_range(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("invalid value: ").or_else(|| message.strip_prefix("invalid type: "))?;
+    let (number, rest) = rest.strip_prefix("integer `")?.split_once('`')?;
+    let rest = rest.strip_prefix(" as u128").or_else(|| rest.strip_prefix(" as i128")).unwrap_or(rest);
+    let (min, max) = int_range(rest.strip_prefix(", expected ")?)?;
+    Some(format!("integer `{number}` is out of range: expected a whole number from {min} to {max}"))
 }
 
 // === Locating field paths ===
@@ -780,7 +865,7 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
             ("tiers:\n  s: {rate: {requests: 1, per: 1s}}\n  s: {rate: {requests: 2, per: 1s}}\n", "duplicate key", "tiers", 5, "duplicate key `s` (first written on line 4)"),
             ("apps: [\n", "syntax error", "apps", 4, "did not find expected node content"),
             ("revision: 1\n---\nkind: Policy\n", "two documents", "", 4, "a second YAML document"),
-            ("revision: [1]\n", "revision of the wrong type", "revision", 3, "expected a whole number or a string"),
+            ("revision: [1]\n", "revision of the wrong type", "revision", 3, "must be a whole number or a string, not [1]"),
             ("kind: Policy\n", "duplicate key of a struct", "", 3, "duplicate key `kind` (first written on line 2)"),
             ("revision: 7.5\n", "a fraction for a revision", "revision", 3, "must be a whole number or a string, not 7.5"),
             (
@@ -821,6 +906,56 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
         }
     }
 
+    #[test]
+    fn serde_messages_are_in_the_documents_terms() {
+        // (serde's message, as a policy author reads it, why)
+        let cases = [
+            ("invalid type: null, expected struct RawSettings", "invalid type: null, expected a mapping", "a Raw struct"),
+            ("invalid type: unit value, expected struct RawPolicy", "invalid type: null, expected a mapping", "unit"),
+            ("invalid type: integer `5`, expected struct RawCase", "invalid type: integer `5`, expected a mapping", "any struct"),
+            ("invalid type: integer `5`, expected enum Lifecycle", "invalid type: integer `5`, expected a string", "an enum"),
+            ("expected value", "expected a string", "serde_json's enum of a number"),
+            ("invalid type: floating point `7.5`, expected i64", "invalid type: floating point `7.5`, expected a whole number", "i64"),
+            ("invalid type: string \"x\", expected u32", "invalid type: string \"x\", expected a whole number", "u32"),
+            ("invalid type: string \"abc\", expected f64", "invalid type: string \"abc\", expected a number", "f64"),
+            (
+                "invalid type: integer `99999999999999999999` as u128, expected i64",
+                "integer `99999999999999999999` is out of range: expected a whole number from -9223372036854775808 to 9223372036854775807",
+                "u128",
+            ),
+            (
+                "invalid value: integer `-1`, expected u32",
+                "integer `-1` is out of range: expected a whole number from 0 to 4294967295",
+                "a negative unsigned",
+            ),
+            ("invalid type: map, expected a sequence", "invalid type: mapping, expected a list", "map and sequence"),
+            ("invalid type: sequence, expected a map", "invalid type: list, expected a mapping", "sequence and map"),
+            ("unknown field `x`, expected one of `a`, `b`", "unknown field `x`, expected one of `a`, `b`", "unchanged"),
+            ("missing field `kind`", "missing field `kind`", "unchanged"),
+            ("invalid type: string \"i64\", expected a string", "invalid type: string \"i64\", expected a string", "a value"),
+            ("expected structure", "expected structure", "a word that starts like one"),
+        ];
+        for (serde, want, why) in cases {
+            assert_eq!(in_document_terms(serde), want, "{why}");
+        }
+        // Through the JSON reader of files.
+        let head = r#""apiVersion": "guardrail/v1", "kind": "Policy""#;
+        let documents = [
+            (format!(r#"{{{head}, "revision": 7.5}}"#), "revision", "must be a whole number or a string, not 7.5"),
+            (format!(r#"{{{head}, "settings": null}}"#), "settings", "invalid type: null, expected a mapping"),
+            ("null".to_string(), "", "invalid type: null, expected a mapping"),
+            (
+                format!(r#"{{{head}, "tiers": {{"s": {{"rate": {{"requests": 1.5, "per": "1s"}}}}}}}}"#),
+                "tiers.s.rate.requests",
+                "invalid type: floating point `1.5`, expected a whole number",
+            ),
+        ];
+        for (text, path, message) in documents {
+            let got = load_document(&text).err().map(|e| e.0).unwrap_or_default();
+            let got: Vec<(&str, &str)> = got.iter().map(|e| (e.path.as_str(), e.message.as_str())).collect();
+            assert_eq!(got, [(path, message)], "{text}");
+        }
+    }
     #[test]
     fn json_is_read_as_yaml() {
         let text = "{\n  \"apiVersion\": \"guardrail/v1\",\n  \"kind\": \"Policy\",\n  \"apps\": [\n    {\"id\": \"a\", \"tier\": \"s\", \"environment\": \"dev\", \"lifecycle\": \"retired\"}\n  ]\n}\n";

@@ -98,8 +98,20 @@ const REQUEST_FIELDS: [(&str, RequestField); 4] = [
 const TOKEN_FIELDS: [&str; 1] = ["claims"];
 
 /// The fields of one of the four variables, as its value holds them (`app_value` and the others
-/// in `rules.rs` build the same; a test holds them side by side).
-pub(super) fn field_names(var: &str) -> Vec<&'static str> {
+/// in `rules.rs` build the same, and the tables above resolve them: tests hold all three equal).
+pub(super) fn field_list(var: &str) -> Option<&'static str> {
+    Some(match var {
+        "app" => "id, owner, team, department, environment, tier, lifecycle, region, data_classes, connectors",
+        "dataset" => "id, classification, owner_department, allowed_regions, requires_jit",
+        "request" => "method, host, path, headers",
+        "token" => "claims",
+        _ => return None,
+    })
+}
+
+/// The names of the tables above, for the test that holds them equal to [`field_list`].
+#[cfg(test)]
+pub(super) fn table_names(var: &str) -> Vec<&'static str> {
     fn names<T>(table: &[(&'static str, T)]) -> Vec<&'static str> {
         table.iter().map(|(n, _)| *n).collect()
     }
