@@ -273,7 +273,7 @@ struct GuardrailHttp {
 /// the filter runs, and picks it again once the filter changed the request headers (it removes
 /// client `x-guardrail-*` and the API key, adds `x-guardrail-app`/`-tier`, normalises `:path`), so a
 /// route that matches on those can send the request elsewhere; no proxy-wasm call shows the new
-/// route before the router uses it. The response shows it: see [`GuardrailHttp::reroute_denial`].
+/// route before the router uses it. The response shows it: see [`reroute_denial`].
 struct Routed {
     policy: Rc<CompiledPolicy>,
     app: usize,
