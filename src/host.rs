@@ -56,6 +56,18 @@ pub fn upstream_cluster() -> Option<String> {
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
+/// The downstream mTLS peer's first URI SAN (its SPIFFE id in a mesh), as Envoy reports it for
+/// the TLS connection; `None` over plain text or without a client certificate.
+pub fn peer_uri_san() -> Option<String> {
+    let bytes = hostcalls::get_property(vec!["connection", "uri_san_peer_certificate"]).ok().flatten()?;
+    String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
+}
+
+/// Sets `wasm.<name>` in Envoy's filter state (`%FILTER_STATE(wasm.<name>:PLAIN)%` in an access log).
+pub fn set_filter_state(name: &str, value: &str) {
+    let _ = hostcalls::set_property(vec![name], Some(value.as_bytes()));
+}
+
 pub fn plugin_configuration() -> Option<Vec<u8>> {
     hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX).ok().flatten()
 }
@@ -107,17 +119,24 @@ const ALLOWED: usize = 0;
 const THROTTLED: usize = 1;
 const SOFT_LIMIT: usize = 2;
 const SHADOW: usize = 3;
+const EXEMPT: usize = 4;
+const PREFLIGHT: usize = 5;
 /// `denied.<code>` for `Code::ALL[i]` is slot `DENIED + i`.
-const DENIED: usize = 4;
+const DENIED: usize = 6;
 const SLOTS: usize = DENIED + Code::ALL.len();
 
 impl Metrics {
     pub fn define() -> Metrics {
         let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
         let mut ids = [None; SLOTS];
-        for (slot, name) in
-            [(ALLOWED, "allowed"), (THROTTLED, "throttled"), (SOFT_LIMIT, "soft_limit"), (SHADOW, "shadow")]
-        {
+        for (slot, name) in [
+            (ALLOWED, "allowed"),
+            (THROTTLED, "throttled"),
+            (SOFT_LIMIT, "soft_limit"),
+            (SHADOW, "shadow"),
+            (EXEMPT, "exempt"),
+            (PREFLIGHT, "preflight"),
+        ] {
             if let Some(id) = ids.get_mut(slot) {
                 *id = counter(&format!("guardrail.{name}"));
             }
@@ -154,6 +173,14 @@ impl Metrics {
 
     pub fn shadow(&mut self) {
         self.bump(SHADOW);
+    }
+
+    /// A request passed by an exemption (`exempt`) or as a credential-less CORS preflight.
+    pub fn passed(&mut self, pass: &guardrail_core::decide::Pass) {
+        self.bump(match pass {
+            guardrail_core::decide::Pass::Exempt(_) => EXEMPT,
+            guardrail_core::decide::Pass::Preflight => PREFLIGHT,
+        });
     }
 
     pub fn denied(&mut self, code: Code) {

@@ -14,9 +14,11 @@ use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{check_connector, decide, policy_unavailable, Decision, Denial, Event, Request};
 use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::jwt::TokenCache;
-use guardrail_core::problem::{denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers};
+use guardrail_core::problem::{
+    access_log_line, denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers, LineContext,
+};
 use guardrail_core::quota::{ensure_keys, StoreError};
-use guardrail_core::raw::FailureMode;
+use guardrail_core::raw::{Classification, FailureMode};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -278,8 +280,13 @@ struct Routed {
     policy: Rc<CompiledPolicy>,
     app: usize,
     connector: Option<String>,
-    /// `x-request-id`: the request headers are gone by the response phase.
+    /// `x-request-id` and what the decision line says of the request: the request headers are
+    /// gone by the response phase.
     request_id: String,
+    method: String,
+    host: String,
+    path: String,
+    dataset: Option<String>,
 }
 
 impl Context for GuardrailHttp {}
@@ -287,20 +294,28 @@ impl Context for GuardrailHttp {}
 impl HttpContext for GuardrailHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let mut headers = host::request_headers();
-        // Identity never comes from a header a client can set: drop every x-guardrail-* first,
-        // from the request and from what decide() and its rules see.
-        if headers.iter().any(|(n, _)| is_guardrail_header(n)) {
-            for (name, _) in headers.iter().filter(|(n, _)| is_guardrail_header(n)) {
-                host::remove_request_header(name);
-            }
-            headers.retain(|(n, _)| !is_guardrail_header(n));
-        }
-        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
-        let mut connector = host::upstream_cluster();
         let now = host::now_ns();
         let worker = Rc::clone(&self.worker);
         let mut worker = worker.borrow_mut();
         worker.sync();
+        // Identity never comes from a header a client can set: drop every x-guardrail-* first,
+        // from the request and from what decide() and its rules see; but for the header the
+        // policy names for Guardrail's own token (`x-guardrail-token`, say).
+        let token_header = worker.policy.as_ref().map(|p| p.settings.token_header.clone());
+        let strip = |n: &str| is_guardrail_header(n) && token_header.as_deref() != Some(n);
+        if headers.iter().any(|(n, _)| strip(n)) {
+            for (name, _) in headers.iter().filter(|(n, _)| strip(n)) {
+                host::remove_request_header(name);
+            }
+            headers.retain(|(n, _)| !strip(n));
+        }
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
+        let mut connector = host::upstream_cluster();
+        // The mTLS peer, read only when an exemption names peers.
+        let peer = match &worker.policy {
+            Some(p) if p.exemptions.iter().any(|e| !e.peers.is_empty()) => host::peer_uri_san(),
+            _ => None,
+        };
         let gateway_region = worker.gateway_region.clone();
         let fleet = worker.fleet.clone();
         let request = Request {
@@ -312,6 +327,7 @@ impl HttpContext for GuardrailHttp {
             headers: &headers,
             gateway_region: gateway_region.as_deref(),
             fleet: fleet.as_deref(),
+            peer: peer.as_deref(),
         };
 
         let Some(policy) = worker.policy.clone() else {
@@ -319,15 +335,19 @@ impl HttpContext for GuardrailHttp {
                 return Action::Continue;
             }
             let denial = policy_unavailable();
-            return self.deny(&mut worker, &denial, None, request.request_id, "", now);
+            let cx = line_context(&request, "", None);
+            return self.deny(&mut worker, &denial, None, &cx, now);
         };
         let Worker { tokens, .. } = &mut *worker;
         let decision = decide(&policy, &request, now, &mut host::SharedData, tokens);
         let app = decision.app.and_then(|a| policy.app_index(&a.id));
+        let dataset = decision.dataset.map(|d| d.id.clone());
         let action = self.enforce(&mut worker, &policy, decision, &request, now);
         if let (Action::Continue, Some(app)) = (&action, app) {
-            let request_id = request.request_id.to_string();
-            self.routed = Some(Routed { policy, app, connector: connector.take(), request_id });
+            let (request_id, method) = (request.request_id.to_string(), request.method.to_string());
+            let (host, path) = (request.host.to_string(), request.path.to_string());
+            self.routed =
+                Some(Routed { policy, app, connector: connector.take(), request_id, method, host, path, dataset });
         }
         action
     }
@@ -339,14 +359,16 @@ impl HttpContext for GuardrailHttp {
                 let app = routed.policy.apps.get(routed.app).map(|a| a.id.as_str());
                 let worker = Rc::clone(&self.worker);
                 let mut worker = worker.borrow_mut();
-                return self.deny(
-                    &mut worker,
-                    &denial,
-                    app,
-                    &routed.request_id,
-                    &routed.policy.revision,
-                    host::now_ns(),
-                );
+                let cx = LineContext {
+                    request_id: &routed.request_id,
+                    revision: &routed.policy.revision,
+                    method: &routed.method,
+                    host: &routed.host,
+                    path: &routed.path,
+                    dataset: routed.dataset.as_deref(),
+                    connector: routed.connector.as_deref(),
+                };
+                return self.deny(&mut worker, &denial, app, &cx, host::now_ns());
             }
         }
         if let Some(fields) = self.ratelimit.take() {
@@ -369,8 +391,10 @@ impl GuardrailHttp {
         now: u64,
     ) -> Action {
         let app_id = decision.app.map(|a| a.id.as_str());
+        let dataset = decision.dataset;
+        let cx = line_context(request, &policy.revision, dataset.map(|d| d.id.as_str()));
         for event in &decision.events {
-            host::warn(&event_log_line(event, app_id, request.request_id, &policy.revision));
+            host::warn(&event_log_line(event, app_id, &cx));
             match event {
                 Event::SoftLimit { .. } => {
                     worker.metrics.soft_limit();
@@ -379,17 +403,37 @@ impl GuardrailHttp {
                 Event::Shadow { .. } => worker.metrics.shadow(),
             }
         }
+        if let Some(dataset) = dataset {
+            host::set_filter_state("guardrail_dataset", &dataset.id);
+        }
         if let Some(denial) = &decision.denial {
-            return self.deny(worker, denial, app_id, request.request_id, &policy.revision, now);
+            return self.deny(worker, denial, app_id, &cx, now);
+        }
+        if let Some(pass) = &decision.pass {
+            // Exempt or a preflight: no app, no quota, nothing added for the upstream.
+            worker.metrics.passed(pass);
+            host::set_filter_state("guardrail_code", pass.code());
+            return Action::Continue;
         }
         if let Some(app) = decision.app {
             host::set_request_header("x-guardrail-app", &app.id);
+            host::set_filter_state("guardrail_app", &app.id);
             // The API key was for Guardrail: the upstream gets the verified app, never the secret.
             // (A host call only when there is one to remove.)
             if request.header_values(&policy.settings.api_key_header).next().is_some() {
                 host::remove_request_header(&policy.settings.api_key_header);
             }
+            if let Some(dataset) = dataset.filter(|d| is_sensitive(d.classification)) {
+                let jti = decision.token.as_ref().and_then(|t| t.claims.get("jti")).and_then(|j| j.as_str());
+                host::info(&access_log_line(&app.id, dataset.classification.as_str(), jti, &cx));
+            }
         }
+        // Guardrail's own token stays with Guardrail unless the policy forwards it (a value that
+        // is not Guardrail's is never touched).
+        if decision.token.is_some() && !policy.settings.forward_token {
+            host::remove_request_header(&policy.settings.token_header);
+        }
+        host::set_filter_state("guardrail_code", "allow");
         if let Some(tier) = decision.tier {
             host::set_request_header("x-guardrail-tier", tier);
         }
@@ -408,16 +452,36 @@ impl GuardrailHttp {
         worker: &mut Worker,
         denial: &Denial,
         app: Option<&str>,
-        request_id: &str,
-        revision: &str,
+        cx: &LineContext<'_>,
         now: u64,
     ) -> Action {
-        host::info(&denial_log_line(denial, app, request_id, revision));
+        host::info(&denial_log_line(denial, app, cx));
         worker.metrics.denied(denial.code);
         worker.count(app, now, |u| u.count_denied(denial.code));
-        let body = problem_body(denial, request_id, app);
+        if let Some(app) = denial.named_app(app) {
+            host::set_filter_state("guardrail_app", app);
+        }
+        host::set_filter_state("guardrail_code", denial.code.as_str());
+        let body = problem_body(denial, cx.request_id, app);
         host::send_response(denial.code.status(), &denial_headers(denial), &body);
         Action::Pause
+    }
+}
+
+fn is_sensitive(class: Classification) -> bool {
+    matches!(class, Classification::Confidential | Classification::Regulated)
+}
+
+/// What the decision-log lines of a request say of it.
+fn line_context<'a>(request: &Request<'a>, revision: &'a str, dataset: Option<&'a str>) -> LineContext<'a> {
+    LineContext {
+        request_id: request.request_id,
+        revision,
+        method: request.method,
+        host: request.host,
+        path: request.path,
+        dataset,
+        connector: request.connector,
     }
 }
 

@@ -21,8 +21,11 @@ use anyhow::Context;
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{decide_as, decide_traced, Decision, Event, Request};
 use guardrail_core::jwt::TokenCache;
-use guardrail_core::problem::{denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers};
+use guardrail_core::problem::{
+    access_log_line, denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers, LineContext,
+};
 use guardrail_core::quota::{ensure_keys, MemoryStore};
+use guardrail_core::raw::Classification;
 use guardrail_core::time::{parse_rfc3339, NANOS_PER_SEC};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -169,7 +172,7 @@ impl Probe {
             let name = name.to_ascii_lowercase();
             if name == "host" {
                 host = value;
-            } else if name.starts_with("x-guardrail-") {
+            } else if name.starts_with("x-guardrail-") && name != policy.settings.token_header {
                 dropped.push(name);
             } else {
                 kept.push((name, value));
@@ -179,7 +182,8 @@ impl Probe {
             kept.push((policy.settings.api_key_header.clone(), key.clone()));
         }
         if let Some(token) = token {
-            kept.push(("authorization".to_string(), format!("Bearer {token}")));
+            let value = if policy.settings.token_header == "authorization" { format!("Bearer {token}") } else { token };
+            kept.push((policy.settings.token_header.clone(), value));
         }
         check_method(method)?;
         Ok(Probe {
@@ -229,6 +233,7 @@ pub fn judge<'p>(
         headers: &probe.headers,
         gateway_region: probe.gateway_region.as_deref(),
         fleet: None,
+        peer: None,
     };
     match &probe.credential {
         Credential::App(id) => decide_as(policy, id, &request, now_ns, store, tokens),
@@ -364,7 +369,7 @@ fn report(policy: &CompiledPolicy, probe: &Probe, decision: &Decision<'_>, now_s
     let mut s = String::new();
     let host = if probe.host.is_empty() { "none".to_string() } else { format!("`{}`", probe.host) };
     s.push_str(&format!("{} {} (host {host})\n", probe.method, probe.path));
-    let bearer = probe.headers.iter().any(|(k, _)| k == "authorization");
+    let bearer = probe.headers.iter().any(|(k, _)| *k == policy.settings.token_header);
     let who = match (&probe.credential, bearer) {
         (Credential::App(id), false) => format!("as app `{id}` (assumed, no credential sent)"),
         (Credential::App(id), true) => format!("as app `{id}` (assumed) with a bearer token"),
@@ -433,12 +438,27 @@ fn report(policy: &CompiledPolicy, probe: &Probe, decision: &Decision<'_>, now_s
             }
         }
     }
+    let cx = LineContext {
+        request_id: REQUEST_ID,
+        revision: &policy.revision,
+        method: &probe.method,
+        host: &probe.host,
+        path: &probe.path,
+        dataset: decision.dataset.map(|d| d.id.as_str()),
+        connector: probe.connector.as_deref(),
+    };
     let mut log = Vec::new();
     if let Some(denial) = &decision.denial {
-        log.push(denial_log_line(denial, app, REQUEST_ID, &policy.revision));
+        log.push(denial_log_line(denial, app, &cx));
     }
     for event in &decision.events {
-        log.push(event_log_line(event, app, REQUEST_ID, &policy.revision));
+        log.push(event_log_line(event, app, &cx));
+    }
+    if let (None, Some(app), Some(ds)) = (&decision.denial, app, decision.dataset) {
+        if matches!(ds.classification, Classification::Confidential | Classification::Regulated) {
+            let jti = decision.token.as_ref().and_then(|t| t.claims.get("jti")).and_then(|j| j.as_str());
+            log.push(access_log_line(app, ds.classification.as_str(), jti, &cx));
+        }
     }
     if !log.is_empty() {
         s.push_str("\nDecision log:\n");

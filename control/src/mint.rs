@@ -393,3 +393,6 @@ fn warn_if_readable_by_others(_path: &std::path::Path) {}
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod mesh_tests;

@@ -61,6 +61,7 @@ fn main() -> Result<(), String> {
             headers,
             gateway_region: None,
             fleet: None,
+            peer: None,
         };
         let decision = decide(&policy, &request, now_ns + i as u64 * 1000, &mut store, &mut tokens);
         admitted += usize::from(decision.denial.is_none());

@@ -4,6 +4,7 @@
 
 use crate::duration::parse_duration;
 use crate::error::{Errors, PolicyError, PolicyErrors};
+use crate::exempt::{compile_exemptions, Exemption};
 use crate::fasthash::FastMap;
 use crate::jwt::{compile_issuer, Issuer};
 use crate::path::{normalize_host, path_prefix_problem, route_host_problem, DatasetIndex};
@@ -34,6 +35,7 @@ pub struct CompiledPolicy {
     pub apps: Vec<App>,
     pub datasets: Vec<Dataset>,
     pub rules: Vec<Rule>,
+    pub exemptions: Vec<Exemption>,
     pub cel: Cel,
     dataset_index: DatasetIndex,
     app_by_id: FastMap<String, usize>,
@@ -51,6 +53,11 @@ pub struct Settings {
     pub jit_max_ttl_secs: i64,
     /// Lower-case header name the API key comes in.
     pub api_key_header: String,
+    /// Lower-case header name Guardrail's bearer token comes in: `authorization` (as `Bearer
+    /// <jwt>`, the default) or another header holding the bare JWT.
+    pub token_header: String,
+    /// Whether the verified Guardrail token goes on to the upstream (default false).
+    pub forward_token: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -425,6 +432,7 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
     set_masks(&mut apps, &mut datasets, &approved_connectors);
     let dataset_ids: HashSet<&str> = datasets.iter().map(|d| d.id.as_str()).collect();
     let rules = compile_rules(&raw.rules, &dataset_ids, cache, &mut errs);
+    let exemptions = compile_exemptions(&raw.exemptions, &datasets, &mut errs);
     let cel = cache.cel().clone();
 
     if !errs.0.is_empty() {
@@ -448,6 +456,7 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
         apps,
         datasets,
         rules,
+        exemptions,
         cel,
         dataset_index,
         app_by_id,
@@ -486,12 +495,25 @@ fn compile_settings(raw: &RawPolicy, errs: &mut Errors) -> Settings {
             errs.push("settings.gateway_region", "empty region");
         }
     }
+    let token_header = s.identity.token_header.clone().unwrap_or_else(|| "authorization".into()).to_ascii_lowercase();
+    if token_header.is_empty() || !token_header.bytes().all(is_header_name_byte) {
+        errs.push("settings.identity.token_header", format!("`{token_header}` is not a valid header name"));
+    } else if token_header == api_key_header {
+        errs.push("settings.identity.token_header", "must differ from settings.identity.api_key_header");
+    } else if matches!(token_header.as_str(), "x-guardrail-app" | "x-guardrail-tier") {
+        errs.push(
+            "settings.identity.token_header",
+            format!("`{token_header}` is set by Guardrail for the upstream and cannot carry tokens"),
+        );
+    }
     Settings {
         gateway_region: s.gateway_region.clone(),
         failure_mode: s.failure_mode.unwrap_or_default(),
         soft_limit_ratio,
         jit_max_ttl_secs,
         api_key_header,
+        token_header,
+        forward_token: s.identity.forward_token.unwrap_or(false),
     }
 }
 
@@ -523,7 +545,7 @@ fn compile_rate(raw: &RawRate, path: &str, errs: &mut Errors) -> Option<Rate> {
     Some(Rate { requests: requests?, per_ns: per_ns?, burst: burst? })
 }
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_APP_ID_LEN
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))

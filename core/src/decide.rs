@@ -2,10 +2,12 @@
 //! The checks run in the SPEC's order and the first failure wins.
 
 use crate::compile::{App, CompiledPolicy, Dataset, Limits, Rule};
+use crate::exempt::Exemption;
 use crate::fleet::Fleet;
 use crate::jwt::{verify, TokenCache, VerifiedToken};
 use crate::path::normalize_path;
-use crate::quota::{take, CounterStore, QuotaOutcome, Usage};
+use crate::quota::{peek, take, CounterStore, QuotaOutcome, Usage};
+use crate::raw::Classification;
 use crate::raw::{Effect, RuleMode};
 use crate::raw::{Environment, Lifecycle};
 use crate::rules::Input;
@@ -27,6 +29,9 @@ pub struct Request<'a> {
     pub gateway_region: Option<&'a str>,
     /// Apps the companion reports as out of budget across the whole fleet today.
     pub fleet: Option<&'a Fleet>,
+    /// The downstream mTLS peer's identity as Envoy reports it (the first URI SAN of the client
+    /// certificate), never from a header. Only read by exemptions that list `peers`.
+    pub peer: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -122,11 +127,25 @@ pub struct Denial {
     pub app: Option<String>,
     pub retry_after_secs: Option<u64>,
     pub www_authenticate: Option<String>,
+    /// For an unknown API key: the first 8 hex digits of its SHA-256, to tell callers apart in
+    /// the log without the key.
+    pub key_fingerprint: Option<String>,
+    /// Limits and usage of a throttled app, for the `RateLimit` fields of its 429.
+    pub quota: Option<Box<(Limits, Usage)>>,
 }
 
 impl Denial {
     pub fn new(code: Code, detail: impl Into<Cow<'static, str>>) -> Self {
-        Denial { code, detail: detail.into(), rule: None, app: None, retry_after_secs: None, www_authenticate: None }
+        Denial {
+            code,
+            detail: detail.into(),
+            rule: None,
+            app: None,
+            retry_after_secs: None,
+            www_authenticate: None,
+            key_fingerprint: None,
+            quota: None,
+        }
     }
 
     fn rule(mut self, rule: impl Into<String>) -> Self {
@@ -156,10 +175,35 @@ pub enum Event {
     Shadow { rule: String, detail: String, error: Option<String> },
 }
 
+/// Why a request passes without an app: nothing is checked beyond the path, no quota is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pass {
+    /// It matched the exemption with this id.
+    Exempt(String),
+    /// A CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) without any
+    /// credential: browsers never send credentials on one.
+    Preflight,
+}
+
+impl Pass {
+    /// What the access log's `guardrail_code` says.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Pass::Exempt(_) => "exempt",
+            Pass::Preflight => "preflight",
+        }
+    }
+}
+
 /// The verdict on one request.
 #[derive(Debug, Clone)]
 pub struct Decision<'p> {
     pub denial: Option<Denial>,
+    /// Admitted without an app (exemption, preflight); `app` is then `None`.
+    pub pass: Option<Pass>,
+    /// Guardrail's verified bearer token, when the request carried one (the filter removes its
+    /// header unless `forward_token`; its `jti` goes in the audit line of sensitive access).
+    pub token: Option<Arc<VerifiedToken>>,
     /// The authenticated app, when known (also on most denials).
     pub app: Option<&'p App>,
     pub tier: Option<&'p str>,
@@ -199,6 +243,8 @@ impl<'p> Decision<'p> {
     fn new() -> Self {
         Decision {
             denial: None,
+            pass: None,
+            token: None,
             app: None,
             tier: None,
             dataset: None,
@@ -348,23 +394,47 @@ fn checks<'p>(
         Cow::Borrowed(req.method)
     };
 
+    // --- exemptions: known callers by route and/or mTLS peer, never for sensitive data ---
+    if !policy.exemptions.is_empty() {
+        if let Some((exemption, dataset)) = exemption_for(policy, req, &method, &path) {
+            d.dataset = dataset.and_then(|i| policy.datasets.get(i));
+            d.pass = Some(Pass::Exempt(exemption.id.clone()));
+            t.note("exemption", || format!("`{}`: passes without an app credential, takes no quota", exemption.id));
+            return Ok(());
+        }
+    }
+
     // --- credential and catalog ---
     let (app, bearer) = match assume_app {
-        None => authenticate(policy, req, now_secs, tokens, t)?,
+        None => match authenticate(policy, req, now_secs, tokens, t)? {
+            Some(found) => found,
+            None if is_preflight(req, &method) => {
+                d.pass = Some(Pass::Preflight);
+                t.note("preflight", || "a CORS preflight without credentials: passes".to_string());
+                return Ok(());
+            }
+            None => return Err(no_credential(policy)),
+        },
         Some(id) => {
             let app = policy.app(id).ok_or_else(|| not_registered(id))?;
             t.note("credential", || format!("assumed app `{id}` (explain/test only)"));
-            let bearer = req.header_values("authorization").next().and_then(bearer_token);
-            let bearer = bearer.and_then(|b| match verified_token(policy, b, now_secs, tokens) {
-                Ok(verified) => Some(verified),
-                Err(e) => {
+            let mut values = req.header_values(&policy.settings.token_header);
+            let bearer = match values.next().map(|v| guardrail_token(policy, v, now_secs, tokens)) {
+                Some(Ok(Some(verified))) => Some(verified),
+                Some(Ok(None)) => {
+                    t.note("token", || "not Guardrail's: left to the upstream".to_string());
+                    None
+                }
+                Some(Err(e)) => {
                     t.note("token", || format!("ignored: {}", e.detail));
                     None
                 }
-            });
+                None => None,
+            };
             (app, bearer)
         }
     };
+    d.token.clone_from(&bearer);
     d.app = Some(app);
     d.tier = policy.tier_of(app).map(|tier| tier.name.as_str());
 
@@ -439,8 +509,14 @@ fn checks<'p>(
     };
     let today = now_ns / NANOS_PER_SEC / crate::time::SECS_PER_DAY;
     if req.fleet.is_some_and(|f| f.is_exhausted(&app.id, today)) {
+        let to_midnight = crate::time::SECS_PER_DAY - (now_ns / NANOS_PER_SEC) % crate::time::SECS_PER_DAY;
+        let quota = peek(store, &app.quota_key, &limits, now_ns).map(|mut usage| {
+            usage.budget_remaining = limits.daily_budget.map(|_| 0);
+            Box::new((limits, usage))
+        });
         return Err(Denial {
-            retry_after_secs: Some(crate::time::SECS_PER_DAY - (now_ns / NANOS_PER_SEC) % crate::time::SECS_PER_DAY),
+            retry_after_secs: Some(to_midnight),
+            quota,
             ..Denial::new(Code::BudgetExhausted, format!("app `{}` spent its daily budget across the fleet", app.id))
                 .rule("fleet-budget")
         });
@@ -464,8 +540,9 @@ fn checks<'p>(
             d.quota = Some((limits, usage));
             Ok(())
         }
-        QuotaOutcome::RateLimited { retry_after_secs } => Err(Denial {
+        QuotaOutcome::RateLimited { retry_after_secs, usage } => Err(Denial {
             retry_after_secs: Some(retry_after_secs),
+            quota: Some(Box::new((limits, usage))),
             ..Denial::new(
                 Code::QuotaExceeded,
                 format!(
@@ -477,8 +554,9 @@ fn checks<'p>(
             )
             .rule("rate")
         }),
-        QuotaOutcome::BudgetExhausted { retry_after_secs } => Err(Denial {
+        QuotaOutcome::BudgetExhausted { retry_after_secs, usage } => Err(Denial {
             retry_after_secs: Some(retry_after_secs),
+            quota: Some(Box::new((limits, usage))),
             ..Denial::new(
                 Code::BudgetExhausted,
                 format!("app `{}` spent its daily budget of {} requests", app.id, limits.daily_budget.unwrap_or(0)),
@@ -571,7 +649,7 @@ fn check_rules<'p>(
     }
     // The rules read the request in place; only one that needs the interpreter has its
     // variables converted (once per request, see `rules::Evaluation`).
-    let mut evaluation = policy.cel.evaluation(Input {
+    let input = Input {
         app: abac.app,
         tier: policy.tier_of(abac.app).map_or("", |tier| tier.name.as_str()),
         dataset,
@@ -580,7 +658,12 @@ fn check_rules<'p>(
         path: abac.path,
         headers: req.headers,
         token: abac.token,
-    });
+    };
+    let mut evaluation = policy.cel.evaluation(input);
+    // A header sent more than once: rules that read the request are judged on every view of it
+    // in which each header has one of its values (see `HeaderViews`).
+    let views = HeaderViews::of(req.headers);
+    let mut view_evaluations: Option<Vec<crate::rules::Evaluation<'_>>> = None;
     // Whether enforced allow rules are in scope, and whether one holds.
     let (mut allow_in_scope, mut allowed) = (false, false);
     let mut denied: Option<Denial> = None;
@@ -593,7 +676,31 @@ fn check_rules<'p>(
             });
             continue;
         }
-        let result = evaluation.eval(&rule.expr);
+        let result = match &views {
+            HeaderViews::Single => evaluation.eval(&rule.expr),
+            _ if rule.expr.uses() & crate::rules::USES_REQUEST == 0 => evaluation.eval(&rule.expr),
+            HeaderViews::TooMany(n) => Err(format!(
+                "the request repeats headers in {n} combinations of values, more than the {MAX_HEADER_VIEWS} \
+                 a rule is judged on"
+            )),
+            HeaderViews::Views(list) => {
+                let evaluations = view_evaluations.get_or_insert_with(|| {
+                    list.iter().map(|headers| policy.cel.evaluation(Input { headers, ..input })).collect()
+                });
+                // A deny rule holds if it holds for any one view; an allow rule if it holds for all.
+                let any = rule.effect == Effect::Deny;
+                let mut verdict = !any;
+                let mut failed = None;
+                for e in evaluations.iter_mut() {
+                    match e.eval(&rule.expr) {
+                        Ok(holds) if holds == any => verdict = any,
+                        Ok(_) => {}
+                        Err(error) => failed = failed.or(Some(error)),
+                    }
+                }
+                failed.map_or(Ok(verdict), Err)
+            }
+        };
         t.note("rule", || {
             let outcome = match &result {
                 Ok(true) => "holds".to_string(),
@@ -641,6 +748,62 @@ fn check_rules<'p>(
     Ok(())
 }
 
+/// The most views of a request's repeated headers a rule is judged on; beyond it, the rules that
+/// read the request fail (and so deny) rather than be judged on part of it.
+pub const MAX_HEADER_VIEWS: usize = 64;
+
+/// A request's headers as the rules see them. `Single`: no header name is repeated (nearly always).
+/// `Views`: one list of headers per combination of the repeated headers' values, each name once;
+/// Envoy forwards every value, so a deny rule must not be sidestepped by adding a value next to
+/// the one it looks for, nor an allow rule satisfied by one good value among bad ones.
+enum HeaderViews {
+    Single,
+    Views(Vec<Vec<(String, String)>>),
+    TooMany(usize),
+}
+
+impl HeaderViews {
+    fn of(headers: &[(String, String)]) -> HeaderViews {
+        let named = |i: usize| headers.get(i).map(|(k, _)| k.as_str()).filter(|k| !k.starts_with(':'));
+        let repeated = (0..headers.len()).any(|i| {
+            named(i)
+                .is_some_and(|k| (i + 1..headers.len()).any(|j| named(j).is_some_and(|o| o.eq_ignore_ascii_case(k))))
+        });
+        if !repeated {
+            return HeaderViews::Single;
+        }
+        // Names in order of first appearance, each with its values.
+        let mut groups: Vec<(String, Vec<&str>)> = Vec::new();
+        for (k, v) in headers.iter().filter(|(k, _)| !k.starts_with(':')) {
+            let name = k.to_ascii_lowercase();
+            match groups.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, values)) => values.push(v),
+                None => groups.push((name, vec![v])),
+            }
+        }
+        let combinations = groups.iter().try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()));
+        let n = match combinations {
+            Some(n) if n <= MAX_HEADER_VIEWS => n,
+            other => return HeaderViews::TooMany(other.unwrap_or(usize::MAX)),
+        };
+        let pseudo: Vec<(String, String)> = headers.iter().filter(|(k, _)| k.starts_with(':')).cloned().collect();
+        let views = (0..n)
+            .map(|mut index| {
+                let mut view = pseudo.clone();
+                for (name, values) in &groups {
+                    let len = values.len().max(1);
+                    if let Some(value) = values.get(index % len) {
+                        view.push((name.clone(), (*value).to_string()));
+                    }
+                    index /= len;
+                }
+                view
+            })
+            .collect();
+        HeaderViews::Views(views)
+    }
+}
+
 /// What a rule that denies says, enforced or in shadow: its `message` (or a default naming it),
 /// or the evaluation error.
 fn rule_denial_detail(rule: &Rule, error: Option<&str>) -> String {
@@ -665,53 +828,72 @@ fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
     }
 }
 
-/// Finds the app from the request's credentials: an API key (by digest) and/or a bearer token.
-/// When both are sent they must name the same app.
+/// The app a request's credentials name, with Guardrail's verified token if it carried one.
+type Authenticated<'p> = (&'p App, Option<Arc<VerifiedToken>>);
+
+/// Finds the app from the request's credentials: an API key (by digest) and/or Guardrail's bearer
+/// token in `settings.identity.token_header`. When both are sent they must name the same app.
+/// `Ok(None)`: no credential Guardrail can verify (none at all, or only a token-header value that
+/// is not Guardrail's: another scheme, an opaque bearer, a JWT of no configured issuer).
 fn authenticate<'p>(
     policy: &'p CompiledPolicy,
     req: &Request<'_>,
     now_secs: i64,
     tokens: &mut TokenCache,
     t: &mut Tracer,
-) -> Result<(&'p App, Option<Arc<VerifiedToken>>), Denial> {
-    let mut keys = req.header_values(&policy.settings.api_key_header);
+) -> Result<Option<Authenticated<'p>>, Denial> {
+    let settings = &policy.settings;
+    let mut keys = req.header_values(&settings.api_key_header);
     let key = keys.next();
     if keys.next().is_some() {
-        return Err(unauthenticated(format!("more than one `{}` header", policy.settings.api_key_header)));
+        return Err(unauthenticated(format!("more than one `{}` header", settings.api_key_header)));
     }
-    let mut auths = req.header_values("authorization");
-    let auth = auths.next();
-    if auths.next().is_some() {
-        return Err(unauthenticated("more than one Authorization header"));
-    }
-
     let key_app = match key {
         Some(k) => match policy.app_by_api_key(k.trim()) {
             Some(app) => {
                 t.note("credential", || format!("API key of app `{}`", app.id));
                 Some(app)
             }
-            None => return Err(unauthenticated("unknown API key")),
+            None => {
+                let digest = crate::api_key_digest(k.trim());
+                let fingerprint = hex::encode(digest.get(..4).unwrap_or_default());
+                return Err(Denial {
+                    key_fingerprint: Some(fingerprint.clone()),
+                    ..unauthenticated(format!("unknown API key (fingerprint {fingerprint})"))
+                });
+            }
         },
         None => None,
     };
-    let mut bearer = None;
-    let token_app = match auth {
-        Some(value) => {
-            // A refused token sent with a valid API key: the key's app is known, and named.
-            let named = |denial: Denial| match key_app {
-                Some(app) => denial.app(app.id.as_str()),
-                None => denial,
-            };
-            let token = bearer_token(value)
-                .ok_or_else(|| named(unauthenticated("Authorization must use the Bearer scheme")))?;
-            let verified = verified_token(policy, token, now_secs, tokens).map_err(named)?;
-            t.note("credential", || {
-                format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, &verified), verified.app)
+    // A refused token sent with a valid API key: the key's app is known, and named.
+    let named = |denial: Denial| match key_app {
+        Some(app) => denial.app(app.id.as_str()),
+        None => denial,
+    };
+    let mut bearer: Option<Arc<VerifiedToken>> = None;
+    let mut values = 0;
+    for value in req.header_values(&settings.token_header) {
+        values += 1;
+        let Some(verified) = guardrail_token(policy, value, now_secs, tokens).map_err(named)? else {
+            t.note("token", || {
+                format!("`{}` holds no token of a configured issuer: left to the upstream", settings.token_header)
             });
-            let app = policy.app_of_token(&verified).ok_or_else(|| not_registered(&verified.app))?;
-            bearer = Some(verified);
-            Some(app)
+            continue;
+        };
+        if bearer.is_some() || values > 1 {
+            return Err(named(unauthenticated(format!("more than one `{}` header", settings.token_header))));
+        }
+        bearer = Some(verified);
+    }
+    if bearer.is_some() && values > 1 {
+        return Err(named(unauthenticated(format!("more than one `{}` header", settings.token_header))));
+    }
+    let token_app = match &bearer {
+        Some(verified) => {
+            t.note("credential", || {
+                format!("bearer token of issuer `{}` for app `{}`", issuer_name(policy, verified), verified.app)
+            });
+            Some(policy.app_of_token(verified).ok_or_else(|| not_registered(&verified.app))?)
         }
         None => None,
     };
@@ -719,12 +901,74 @@ fn authenticate<'p>(
         (Some(a), Some(b)) if a.id != b.id => {
             Err(unauthenticated("the API key and the bearer token name different apps"))
         }
-        (Some(app), _) | (None, Some(app)) => Ok((app, bearer)),
-        (None, None) => Err(unauthenticated(format!(
-            "no credential: send an API key in `{}` or `Authorization: Bearer <token>`",
-            policy.settings.api_key_header
-        ))),
+        (Some(app), _) | (None, Some(app)) => Ok(Some((app, bearer))),
+        (None, None) => Ok(None),
     }
+}
+
+/// 401 for a request without a credential Guardrail can verify.
+fn no_credential(policy: &CompiledPolicy) -> Denial {
+    let settings = &policy.settings;
+    let token = if settings.token_header == "authorization" {
+        "`Authorization: Bearer <token>`".to_string()
+    } else {
+        format!("a token in `{}`", settings.token_header)
+    };
+    unauthenticated(format!(
+        "no credential Guardrail can verify: send an API key in `{}` or {token} of a configured issuer",
+        settings.api_key_header
+    ))
+}
+
+/// Whether the request is a CORS preflight (RFC 9110 `OPTIONS` with the Fetch standard's `Origin`
+/// and `Access-Control-Request-Method`).
+fn is_preflight(req: &Request<'_>, method: &str) -> bool {
+    method == "OPTIONS"
+        && req.header_values("origin").next().is_some()
+        && req.header_values("access-control-request-method").next().is_some()
+}
+
+/// The exemption a request matches, with the dataset it reaches: none when that dataset is
+/// `confidential` or `regulated` (`check` refuses such an exemption; this keeps it so whatever
+/// the routes).
+fn exemption_for<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    method: &str,
+    path: &str,
+) -> Option<(&'p Exemption, Option<usize>)> {
+    let exemption = policy.exemptions.iter().find(|e| e.covers(req.host, method, path, req.peer))?;
+    let dataset = policy.dataset_for(req.host, method, path);
+    let sensitive = dataset
+        .and_then(|i| policy.datasets.get(i))
+        .is_some_and(|ds| matches!(ds.classification, Classification::Confidential | Classification::Regulated));
+    (!sensitive).then_some((exemption, dataset))
+}
+
+/// Guardrail's verified token in a token-header value: `Ok(None)` when the value is not
+/// Guardrail's (another scheme, an opaque bearer, a JWT whose `iss` is no configured issuer),
+/// which is then left to the upstream; an error when it is a token of a configured issuer that
+/// does not verify.
+fn guardrail_token(
+    policy: &CompiledPolicy,
+    value: &str,
+    now_secs: i64,
+    tokens: &mut TokenCache,
+) -> Result<Option<Arc<VerifiedToken>>, Denial> {
+    let token = if policy.settings.token_header == "authorization" {
+        bearer_token(value)
+    } else {
+        // The bare JWT; a `Bearer ` prefix is tolerated.
+        bearer_token(value).or_else(|| Some(value.trim()).filter(|v| !v.is_empty()))
+    };
+    let Some(token) = token else { return Ok(None) };
+    if let Some(cached) = tokens.get(token, now_secs) {
+        return Ok(Some(cached));
+    }
+    if crate::jwt::claimed_issuer(&policy.issuers, token).is_none() {
+        return Ok(None);
+    }
+    verified_token(policy, token, now_secs, tokens).map(Some)
 }
 
 fn issuer_name<'a>(policy: &'a CompiledPolicy, v: &VerifiedToken) -> &'a str {

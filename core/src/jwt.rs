@@ -525,6 +525,20 @@ pub enum TokenError {
     MissingAppClaim(String),
 }
 
+/// The index of the configured issuer whose token `token` claims to be: a compact JWS whose
+/// (unverified) payload has an `iss` naming one of `issuers`. `None` for anything else (another
+/// kind of bearer, a JWT of another issuer), which is then not Guardrail's to judge. Only decodes.
+pub fn claimed_issuer(issuers: &[Issuer], token: &str) -> Option<usize> {
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.is_empty() {
+        return None;
+    }
+    let claims = decode_object(payload, "payload").ok()?;
+    let iss = claims.get("iss")?.as_str()?;
+    issuers.iter().position(|i| i.issuer == iss)
+}
+
 /// Verifies a compact JWS `token` against the policy's issuers at `now_secs` (Unix seconds).
 ///
 /// The issuer is found by the (unverified) `iss` claim; the signature is then checked with that

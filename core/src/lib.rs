@@ -10,6 +10,7 @@ pub mod compile;
 pub mod decide;
 pub mod duration;
 pub mod error;
+pub mod exempt;
 pub mod fasthash;
 pub mod fleet;
 pub mod jwt;

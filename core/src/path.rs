@@ -376,6 +376,36 @@ impl DatasetIndex {
     }
 }
 
+/// Whether a route (`host` normalised lower-case or any, `path_prefix` as compiled, `methods`
+/// upper-case or any) covers a request, matched as dataset routes are: whole segments of the
+/// normalised path, case-insensitively, ignoring `;params`. For the few routes of exemptions,
+/// scanned rather than indexed.
+pub fn route_covers(
+    host: Option<&str>,
+    path_prefix: &str,
+    methods: &[String],
+    req_host: &str,
+    method: &str,
+    normalized_path: &str,
+) -> bool {
+    if !methods.is_empty() && !methods.iter().any(|m| m.eq_ignore_ascii_case(method)) {
+        return false;
+    }
+    if host.is_some_and(|h| h != normalize_host(req_host).as_ref()) {
+        return false;
+    }
+    segments_within(path_prefix, normalized_path)
+}
+
+/// Whether every segment of `prefix` starts `path` (compared as [`segment_key`]s).
+pub fn segments_within(prefix: &str, path: &str) -> bool {
+    let mut path_segs = path.split('/').filter(|s| !s.is_empty());
+    prefix
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .all(|p| path_segs.next().is_some_and(|q| segment_key(p) == segment_key(q)))
+}
+
 /// The request target to forward in place of `raw` once it passed the checks, when the two
 /// differ: the normalised path (dot segments resolved, duplicate slashes collapsed, unreserved
 /// characters decoded; `;params` and case kept), a trailing slash kept where the client's path

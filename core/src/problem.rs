@@ -38,6 +38,10 @@ pub fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
     if let Some(challenge) = &denial.www_authenticate {
         headers.push(("www-authenticate", challenge.clone()));
     }
+    if let Some(quota) = &denial.quota {
+        let (limits, usage) = quota.as_ref();
+        headers.extend(ratelimit_headers(limits, usage));
+    }
     headers
 }
 
@@ -94,24 +98,37 @@ fn push_u64(out: &mut String, mut n: u64) {
     out.extend(digits.iter().skip(start).map(|&d| char::from(d)));
 }
 
+/// What every decision-log line says of the request besides the verdict. `path` is the request's
+/// path as sent: lines carry it normalised (as datasets are matched), or as sent when it cannot be.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LineContext<'a> {
+    pub request_id: &'a str,
+    pub revision: &'a str,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub dataset: Option<&'a str>,
+    /// The Envoy cluster the request is routed to.
+    pub connector: Option<&'a str>,
+}
+
 /// The members of every decision-log line: what kind of line, its code, the app and rule where
 /// known, the request and the policy revision.
-fn log_line(
-    kind: &str,
-    code: &str,
-    app: Option<&str>,
-    rule: Option<&str>,
-    request_id: &str,
-    revision: &str,
-) -> Map<String, Value> {
+fn log_line(kind: &str, code: &str, app: Option<&str>, rule: Option<&str>, cx: &LineContext<'_>) -> Map<String, Value> {
     let text = |s: &str| Value::String(s.into());
+    let path = crate::path::normalize_path(cx.path);
     let mut line = Map::new();
     line.insert("guardrail".into(), text(kind));
     line.insert("code".into(), text(code));
     line.insert("app".into(), app.map_or(Value::Null, text));
     line.insert("rule".into(), rule.map_or(Value::Null, text));
-    line.insert("request_id".into(), text(request_id));
-    line.insert("revision".into(), text(revision));
+    line.insert("request_id".into(), text(cx.request_id));
+    line.insert("revision".into(), text(cx.revision));
+    line.insert("method".into(), text(cx.method));
+    line.insert("host".into(), text(&crate::path::normalize_host(cx.host)));
+    line.insert("path".into(), text(path.as_deref().unwrap_or(cx.path)));
+    line.insert("dataset".into(), cx.dataset.map_or(Value::Null, text));
+    line.insert("connector".into(), cx.connector.map_or(Value::Null, text));
     line
 }
 
@@ -123,25 +140,39 @@ fn with_verdict(mut line: Map<String, Value>, verdict: &str, status: u32, detail
     Value::Object(line).to_string()
 }
 
-/// One decision-log line for a denial (`app` as for [`problem_body`]).
-pub fn denial_log_line(denial: &Denial, app: Option<&str>, request_id: &str, revision: &str) -> String {
+/// One decision-log line for a denial (`app` as for [`problem_body`]); an unknown API key is
+/// named by its fingerprint (`key_fingerprint`), never the key.
+pub fn denial_log_line(denial: &Denial, app: Option<&str>, cx: &LineContext<'_>) -> String {
     let code = denial.code.as_str();
-    let line = log_line("decision", code, denial.named_app(app), denial.rule.as_deref(), request_id, revision);
+    let mut line = log_line("decision", code, denial.named_app(app), denial.rule.as_deref(), cx);
+    if let Some(fingerprint) = &denial.key_fingerprint {
+        line.insert("key_fingerprint".into(), Value::String(fingerprint.clone()));
+    }
     with_verdict(line, "deny", denial.code.status(), &denial.detail)
 }
 
+/// One decision-log line for an admitted request to a `confidential` or `regulated` dataset: the
+/// audit trail of sensitive access, with the bearer token's `jti` where it has one.
+pub fn access_log_line(app: &str, classification: &str, jti: Option<&str>, cx: &LineContext<'_>) -> String {
+    let mut line = log_line("decision", "allow", Some(app), None, cx);
+    line.insert("classification".into(), Value::String(classification.into()));
+    line.insert("jti".into(), jti.map_or(Value::Null, |j| Value::String(j.into())));
+    line.insert("verdict".into(), Value::String("allow".into()));
+    Value::Object(line).to_string()
+}
+
 /// One decision-log line for an event of an admitted (or denied) request.
-pub fn event_log_line(event: &Event, app: Option<&str>, request_id: &str, revision: &str) -> String {
+pub fn event_log_line(event: &Event, app: Option<&str>, cx: &LineContext<'_>) -> String {
     match event {
         Event::SoftLimit { quota } => {
-            let mut line = log_line("soft-limit", "soft-limit", app, Some(quota), request_id, revision);
+            let mut line = log_line("soft-limit", "soft-limit", app, Some(quota), cx);
             line.insert("quota".into(), Value::String((*quota).into()));
             Value::Object(line).to_string()
         }
         // The members of a decision line, for what the rule would have done if enforced (verdict
         // `shadow-deny`, never `deny`: nothing was refused), and the line's own `code` and `error`.
         Event::Shadow { rule, detail, error } => {
-            let mut line = log_line("shadow", "shadow-deny", app, Some(rule), request_id, revision);
+            let mut line = log_line("shadow", "shadow-deny", app, Some(rule), cx);
             line.insert("error".into(), error.as_deref().map_or(Value::Null, |e| Value::String(e.into())));
             with_verdict(line, "shadow-deny", Code::AccessDenied.status(), detail)
         }
@@ -155,6 +186,70 @@ mod tests {
     use crate::quota::{step, QuotaState};
     use crate::time::NANOS_PER_SEC;
     use serde_json::json;
+
+    fn cx() -> LineContext<'static> {
+        LineContext {
+            request_id: "req-1",
+            revision: "r1",
+            method: "GET",
+            host: "API.example:443",
+            path: "/customers/./7",
+            dataset: Some("customers"),
+            connector: Some("crm"),
+        }
+    }
+
+    /// Every line says what was asked (method, host and path as datasets are matched), where it
+    /// went (dataset, connector); an unknown key by its fingerprint; sensitive access by `jti`.
+    #[test]
+    fn lines_carry_the_request() {
+        let unknown = Denial {
+            key_fingerprint: Some("8a3f01c2".into()),
+            ..Denial::new(Code::Unauthenticated, "unknown API key")
+        };
+        let line: Value = serde_json::from_str(&denial_log_line(&unknown, None, &cx())).unwrap_or_default();
+        for (field, want) in [
+            ("method", "GET"),
+            ("host", "api.example"),
+            ("path", "/customers/7"),
+            ("dataset", "customers"),
+            ("connector", "crm"),
+            ("key_fingerprint", "8a3f01c2"),
+            ("verdict", "deny"),
+        ] {
+            assert_eq!(line[field], want, "denial line: {field}");
+        }
+        let odd = LineContext { path: "/a/%2e%2e/%2e%2e/x", dataset: None, connector: None, ..cx() };
+        let line: Value = serde_json::from_str(&denial_log_line(&unknown, None, &odd)).unwrap_or_default();
+        assert_eq!(line["path"], "/a/%2e%2e/%2e%2e/x", "a path that cannot be normalised is logged as sent");
+        assert_eq!((line["dataset"].clone(), line["connector"].clone()), (Value::Null, Value::Null), "none known");
+        let access: Value =
+            serde_json::from_str(&access_log_line("pos", "regulated", Some("j-1"), &cx())).unwrap_or_default();
+        let want = json!({
+            "guardrail": "decision", "verdict": "allow", "code": "allow", "app": "pos", "rule": null,
+            "request_id": "req-1", "revision": "r1", "method": "GET", "host": "api.example", "path": "/customers/7",
+            "dataset": "customers", "connector": "crm", "classification": "regulated", "jti": "j-1",
+        });
+        assert_eq!(access, want, "the audit line of sensitive access");
+    }
+
+    #[test]
+    fn throttled_responses_carry_ratelimit() {
+        let limits =
+            Limits { rate: Rate { requests: 600, per_ns: 60 * NANOS_PER_SEC, burst: 100 }, daily_budget: None };
+        let usage = Usage {
+            rate_remaining: 0,
+            rate_reset_secs: 10,
+            budget_remaining: None,
+            budget_reset_secs: 3600,
+            rate_soft_crossed: false,
+            budget_soft_crossed: false,
+        };
+        let d = Denial { quota: Some(Box::new((limits, usage))), ..Denial::new(Code::QuotaExceeded, "too many") };
+        let headers = denial_headers(&d);
+        assert!(headers.contains(&("ratelimit-policy", "\"rate\";q=100;w=10".to_string())), "{headers:?}");
+        assert!(headers.contains(&("ratelimit", "\"rate\";r=0;t=10".to_string())), "{headers:?}");
+    }
 
     #[test]
     fn problem_has_every_member() {
@@ -187,8 +282,7 @@ mod tests {
             let body: Value = serde_json::from_str(&problem_body(denial, "req-1", *authenticated)).unwrap_or_default();
             assert_eq!(body.get("app").and_then(Value::as_str), *want, "{why}: problem body");
             assert_eq!(body.get("app").is_some(), want.is_some(), "{why}: no `app` member when none is known");
-            let line: Value =
-                serde_json::from_str(&denial_log_line(denial, *authenticated, "req-1", "r1")).unwrap_or_default();
+            let line: Value = serde_json::from_str(&denial_log_line(denial, *authenticated, &cx())).unwrap_or_default();
             assert_eq!(line["app"].as_str(), *want, "{why}: decision line");
         }
     }
@@ -218,14 +312,15 @@ mod tests {
             ),
         ];
         let decision: Value =
-            serde_json::from_str(&denial_log_line(&Denial::new(Code::AccessDenied, "x"), Some("pos"), "req-1", "r1"))
+            serde_json::from_str(&denial_log_line(&Denial::new(Code::AccessDenied, "x"), Some("pos"), &cx()))
                 .unwrap_or_default();
         for (why, event, rule, detail, error) in cases {
-            let line: Value =
-                serde_json::from_str(&event_log_line(event, Some("pos"), "req-1", "r1")).unwrap_or_default();
+            let line: Value = serde_json::from_str(&event_log_line(event, Some("pos"), &cx())).unwrap_or_default();
             let want = json!({
                 "guardrail": "shadow", "verdict": "shadow-deny", "code": "shadow-deny", "status": 403, "app": "pos",
                 "rule": rule, "error": error, "request_id": "req-1", "revision": "r1", "detail": detail,
+                "method": "GET", "host": "api.example", "path": "/customers/7", "dataset": "customers",
+                "connector": "crm",
             });
             assert_eq!(line, want, "{why}");
             let missing: Vec<&String> = decision

@@ -83,10 +83,14 @@ pub enum QuotaOutcome {
     /// The bucket is empty: 429 `quota-exceeded`.
     RateLimited {
         retry_after_secs: u64,
+        /// The quota as it stands (nothing left in the bucket), for the 429's `RateLimit`.
+        usage: Usage,
     },
     /// The day's budget is spent: 429 `budget-exhausted`, until the next UTC midnight.
     BudgetExhausted {
         retry_after_secs: u64,
+        /// The quota as it stands (nothing left today), for the 429's `RateLimit`.
+        usage: Usage,
     },
     /// The state could not be read or updated (missing key, CAS retries exhausted): fail closed.
     Unavailable,
@@ -134,7 +138,8 @@ pub fn step(
     let new_tat = base.saturating_add(interval);
     let ahead = new_tat - now_ns;
     if ahead > capacity {
-        return Err(QuotaOutcome::RateLimited { retry_after_secs: ceil_secs(ahead - capacity).max(1) });
+        let usage = standing(&state, limits, now_ns, clock_ns);
+        return Err(QuotaOutcome::RateLimited { retry_after_secs: ceil_secs(ahead - capacity).max(1), usage });
     }
     let today = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(u32::MAX);
     // A later day starts the count over; an earlier one (the clock stepped back across midnight)
@@ -148,7 +153,8 @@ pub fn step(
     let (used_after, budget_remaining, budget_soft_crossed) = match limits.daily_budget {
         Some(budget) => {
             if u64::from(used_before) >= budget {
-                return Err(QuotaOutcome::BudgetExhausted { retry_after_secs: budget_reset_secs });
+                let usage = standing(&state, limits, now_ns, clock_ns);
+                return Err(QuotaOutcome::BudgetExhausted { retry_after_secs: budget_reset_secs, usage });
             }
             let after = used_before.saturating_add(1);
             let threshold = soft_ratio * budget as f64;
@@ -168,6 +174,32 @@ pub fn step(
         budget_soft_crossed,
     };
     Ok((QuotaState { tat_ns: new_tat, day, used: used_after, last_ns }, usage))
+}
+
+/// The quota as it stands at `now_ns` (the later of the clock and the last request, see [`step`];
+/// `clock_ns` as the clock reads) without taking anything: what a refused request's `RateLimit`
+/// fields say.
+fn standing(state: &QuotaState, limits: &Limits, now_ns: u64, clock_ns: u64) -> Usage {
+    let interval = limits.rate.interval_ns();
+    let capacity = interval.saturating_mul(limits.rate.burst);
+    let pending = state.tat_ns.saturating_sub(now_ns).min(capacity);
+    let today = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(u32::MAX);
+    let used = if today > state.day { 0 } else { u64::from(state.used) };
+    Usage {
+        rate_remaining: (capacity - pending) / interval.max(1),
+        rate_reset_secs: ceil_secs(pending),
+        budget_remaining: limits.daily_budget.map(|b| b.saturating_sub(used)),
+        budget_reset_secs: secs_to_next_day(clock_ns),
+        rate_soft_crossed: false,
+        budget_soft_crossed: false,
+    }
+}
+
+/// The app's quota as it stands in `store`, taking nothing (`None` if it cannot be read).
+pub fn peek(store: &mut dyn CounterStore, key: &str, limits: &Limits, now_ns: u64) -> Option<Usage> {
+    let (bytes, _) = store.get(key).ok().flatten()?;
+    let state = QuotaState::decode(&bytes).unwrap_or_default();
+    Some(standing(&state, limits, now_ns.max(state.last_ns), now_ns))
 }
 
 /// Takes one request from the app's quota in `store`, retrying compare-and-swap up to
@@ -395,18 +427,34 @@ mod tests {
         assert_eq!(usage.rate_remaining, 0, "bucket empty after 5");
         assert_eq!(usage.rate_reset_secs, 60, "full again in 60s");
         assert_eq!(usage.budget_remaining, Some(995), "budget left");
+        let refused = Usage {
+            rate_remaining: 0,
+            rate_reset_secs: 60,
+            budget_remaining: Some(995),
+            budget_reset_secs: 72_000,
+            rate_soft_crossed: false,
+            budget_soft_crossed: false,
+        };
         assert_eq!(
             step(state, &l, T0, 0.7).err(),
-            Some(QuotaOutcome::RateLimited { retry_after_secs: 12 }),
-            "next token in 12s"
+            Some(QuotaOutcome::RateLimited { retry_after_secs: 12, usage: refused }),
+            "next token in 12s; the bucket as it stands, nothing taken"
         );
         // 2026-11-29T04:00:00Z is 20h before midnight.
         let l = limits(100, 1, 100, Some(1));
         let (s1, _) = step(QuotaState::default(), &l, T0, 0.7).unwrap_or_else(|_| unreachable!());
+        let refused = Usage {
+            rate_remaining: 99,
+            rate_reset_secs: 1,
+            budget_remaining: Some(0),
+            budget_reset_secs: 72_000,
+            rate_soft_crossed: false,
+            budget_soft_crossed: false,
+        };
         assert_eq!(
             step(s1, &l, T0, 0.7).err(),
-            Some(QuotaOutcome::BudgetExhausted { retry_after_secs: 72_000 }),
-            "budget retry at midnight"
+            Some(QuotaOutcome::BudgetExhausted { retry_after_secs: 72_000, usage: refused }),
+            "budget retry at midnight; nothing left today"
         );
     }
 

@@ -26,6 +26,8 @@ pub struct RawPolicy {
     pub datasets: Vec<RawDataset>,
     #[serde(default)]
     pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub exemptions: Vec<RawExemption>,
 }
 
 /// A revision may be written as a whole number or a string; it is kept as text.
@@ -87,6 +89,12 @@ pub enum FailureMode {
 pub struct RawIdentity {
     #[serde(default)]
     pub api_key_header: Option<String>,
+    /// The header holding Guardrail's bearer token (default `authorization`, as `Bearer <jwt>`).
+    #[serde(default)]
+    pub token_header: Option<String>,
+    /// Whether a verified Guardrail token is passed on to the upstream (default false).
+    #[serde(default)]
+    pub forward_token: Option<bool>,
     #[serde(default)]
     pub jwt: Vec<RawJwtIssuer>,
 }
@@ -270,4 +278,17 @@ pub struct RawRule {
     pub message: Option<String>,
     #[serde(default)]
     pub mode: RuleMode,
+}
+
+/// Callers that pass without an app credential: by route and/or by the mTLS peer's SPIFFE id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExemption {
+    pub id: String,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
 }

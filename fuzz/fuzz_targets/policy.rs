@@ -43,6 +43,7 @@ fn judge(policy: &guardrail_core::compile::CompiledPolicy) {
             headers: &headers,
             gateway_region: None,
             fleet: None,
+            peer: None,
         };
         let _ = decide(policy, &request, NOW_NS, &mut store, &mut tokens);
     }

@@ -226,10 +226,19 @@ def test_verified_jwt_for_unregistered_app_is_403(gw: Envoy) -> None:
 
 
 def test_a_refused_token_with_a_valid_api_key_names_the_keys_app(gw: Envoy) -> None:
-    headers = with_key("pos-dashboard", authorization="Bearer not.a.jwt")
+    # A token of the configured issuer that fails (a forged signature) is 401 even beside a key.
+    forged = ROGUE.sign(claims(iss=ISSUER, aud=AUDIENCE, azp="pos-dashboard"))
+    headers = with_key("pos-dashboard", authorization=f"Bearer {forged}")
     r = responds_with(request(gw.url, "/reports", headers=headers), 401, "unauthenticated", app="pos-dashboard")
     line = gw.decision_for(r.header("x-request-id") or "", "unauthenticated")
     assert line.get("app") == "pos-dashboard", line
+
+
+def test_a_bearer_that_is_not_guardrails_reaches_the_upstream_beside_a_key(gw: Envoy) -> None:
+    # Not a JWT of a configured issuer: the upstream's business, passed byte for byte.
+    headers = with_key("pos-dashboard", authorization="Bearer not.a.jwt")
+    seen = responds_with(request(gw.url, "/reports", headers=headers), 200).upstream["headers"]
+    assert seen.get("authorization") == "Bearer not.a.jwt", seen
 
 
 # === lifecycle ===

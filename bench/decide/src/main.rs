@@ -299,6 +299,7 @@ fn bench_decide(
             headers: &r.headers,
             gateway_region: None,
             fleet: None,
+            peer: None,
         };
         let d = decide(policy, &request, now, store, tokens);
         d.denial.map(|denial| (denial.code.as_str(), denial.detail.to_string()))

@@ -97,6 +97,7 @@ fn verdict(doc: &Document, token: &str, path: &str, now: i64) -> Option<Code> {
         headers: &headers,
         gateway_region: None,
         fleet: None,
+        peer: None,
     };
     let now_ns = u64::try_from(now).unwrap() * 1_000_000_000;
     let mut store = MemoryStore::default();
