@@ -57,6 +57,14 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 const SERVICE: &str = "guardrail.v1.PolicyService";
 const METHOD: &str = "Stream";
 
+/// How the worker's usage map names an exemption's count (`allowed` counts its requests).
+pub const EXEMPT_PREFIX: &str = "exempt/";
+
+/// The shared-data key of an exemption's count of requests today.
+pub fn exempt_key(id: &str) -> String {
+    format!("guardrail.exempt.{id}")
+}
+
 /// The shared-data key of an app's usage counts.
 pub fn usage_key(app: &str) -> String {
     format!("guardrail.usage.{app}")
@@ -246,13 +254,9 @@ fn create_new_keys(policy: &CompiledPolicy, previous: Option<&CompiledPolicy>) -
     };
     let new: Vec<&App> = policy.apps.iter().filter(|a| previous.app_index(&a.id).is_none()).collect();
     ensure_keys(&mut host::SharedData, new.iter().map(|a| a.quota_key.as_str()))?;
-    for app in new {
-        let key = usage_key(&app.id);
-        if host::SharedData.get(&key)?.is_none() {
-            host::SharedData.set(&key, &UsageCounters::default().encode(), 0)?;
-        }
-    }
-    Ok(())
+    let usage = new.iter().map(|a| usage_key(&a.id));
+    let exempt = policy.exemptions.iter().filter(|e| !previous.exemptions.iter().any(|p| p.id == e.id));
+    crate::create_usage_keys(usage.chain(exempt.map(|e| exempt_key(&e.id))))
 }
 
 // === The stream client ===
@@ -291,7 +295,7 @@ impl ControlClient {
     }
 
     /// One tick of the election and the stream. `apps` are the app ids of the policy in force.
-    pub fn tick(&mut self, now_ns: u64, apps: &[guardrail_core::compile::App]) {
+    pub fn tick(&mut self, now_ns: u64, policy: Option<&CompiledPolicy>) {
         self.leader = self.hold_lease(now_ns);
         if !self.leader {
             if let Link::Open(token) = self.link {
@@ -307,8 +311,8 @@ impl ControlClient {
         if let Link::Open(token) = self.link {
             if now_ns.saturating_sub(self.last_report_ns) >= REPORT_EVERY_NS {
                 self.last_report_ns = now_ns;
-                let report = usage_report(now_ns, apps);
-                if !report.apps.is_empty() {
+                let report = usage_report(now_ns, policy);
+                if !report.apps.is_empty() || !report.exempt.is_empty() {
                     send(token, client_message::Msg::Usage(report));
                 }
             }
@@ -474,20 +478,26 @@ fn send(token: u32, msg: client_message::Msg) {
     }
 }
 
-/// Today's usage of every app, read from the shared usage keys.
-fn usage_report(now_ns: u64, apps: &[guardrail_core::compile::App]) -> UsageReport {
+/// Today's counts in a shared usage key, if it has any.
+fn todays_usage(key: &str, day: u64) -> Option<UsageCounters> {
+    let (bytes, _) = host::SharedData.get(key).ok().flatten()?;
+    UsageCounters::decode(&bytes).filter(|u| u64::from(u.day) == day && !u.is_zero())
+}
+
+/// Today's usage of every app and exemption, read from the shared usage keys.
+fn usage_report(now_ns: u64, policy: Option<&CompiledPolicy>) -> UsageReport {
     let day = now_ns / NANOS_PER_SEC / SECS_PER_DAY;
-    let mut report = UsageReport { day, apps: Vec::new() };
-    for app in apps {
-        let Ok(Some((bytes, _))) = host::SharedData.get(&usage_key(&app.id)) else {
-            continue;
-        };
-        let Some(u) = UsageCounters::decode(&bytes) else {
-            continue;
-        };
-        if u64::from(u.day) != day || u.is_zero() {
-            continue;
+    let mut report = UsageReport { day, ..UsageReport::default() };
+    let Some(policy) = policy else { return report };
+    for exemption in &policy.exemptions {
+        if let Some(u) = todays_usage(&exempt_key(&exemption.id), day) {
+            report.exempt.insert(exemption.id.clone(), u64::from(u.allowed));
         }
+    }
+    for app in &policy.apps {
+        let Some(u) = todays_usage(&usage_key(&app.id), day) else {
+            continue;
+        };
         let denied = guardrail_core::decide::Code::ALL
             .iter()
             .zip(u.denied.iter())
@@ -505,10 +515,14 @@ fn usage_report(now_ns: u64, apps: &[guardrail_core::compile::App]) -> UsageRepo
     report
 }
 
-/// Adds this worker's usage deltas into the shared per-app counters.
+/// Adds this worker's usage deltas into the shared counters: per app, and per exemption for the
+/// keys made by [`exempt_key`] (which no app id can spell: app ids have no `/`).
 pub fn flush_usage(deltas: &mut std::collections::HashMap<String, UsageCounters>) {
-    for (app, delta) in deltas.drain() {
-        let key = usage_key(&app);
+    for (name, delta) in deltas.drain() {
+        let key = match name.strip_prefix(EXEMPT_PREFIX) {
+            Some(id) => exempt_key(id),
+            None => usage_key(&name),
+        };
         for _ in 0..guardrail_core::quota::MAX_CAS_RETRIES {
             let Ok(Some((bytes, cas))) = host::SharedData.get(&key) else {
                 break;

@@ -11,7 +11,7 @@ mod host;
 
 use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
-use guardrail_core::decide::{check_connector, decide, policy_unavailable, Decision, Denial, Event, Request};
+use guardrail_core::decide::{check_connector, decide, policy_unavailable, Decision, Denial, Event, Pass, Request};
 use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::jwt::TokenCache;
 use guardrail_core::problem::{
@@ -40,11 +40,16 @@ proxy_wasm::main! {{
 /// creation, and the initial values are the same whoever writes them.
 pub(crate) fn create_keys(policy: &CompiledPolicy) -> Result<(), StoreError> {
     ensure_keys(&mut host::SharedData, policy.apps.iter().map(|a| a.quota_key.as_str()))?;
-    let usage_keys: Vec<String> = policy.apps.iter().map(|a| control::usage_key(&a.id)).collect();
+    let usage = policy.apps.iter().map(|a| control::usage_key(&a.id));
+    create_usage_keys(usage.chain(policy.exemptions.iter().map(|e| control::exempt_key(&e.id))))
+}
+
+/// Creates the usage-count keys among `keys` that do not exist yet (zero counts).
+pub(crate) fn create_usage_keys(keys: impl Iterator<Item = String>) -> Result<(), StoreError> {
     let mut store = host::SharedData;
-    for key in &usage_keys {
-        if guardrail_core::quota::CounterStore::get(&mut store, key)?.is_none() {
-            guardrail_core::quota::CounterStore::set(&mut store, key, &UsageCounters::default().encode(), 0)?;
+    for key in keys {
+        if guardrail_core::quota::CounterStore::get(&mut store, &key)?.is_none() {
+            guardrail_core::quota::CounterStore::set(&mut store, &key, &UsageCounters::default().encode(), 0)?;
         }
     }
     Ok(())
@@ -244,12 +249,12 @@ impl RootContext for GuardrailRoot {
         worker.follow(true);
         control::flush_usage(&mut worker.usage);
         let Some(policy) = worker.policy.clone() else {
-            control.tick(now, &[]);
+            control.tick(now, None);
             return;
         };
         drop(worker);
         control.revision.clone_from(&policy.revision);
-        control.tick(now, &policy.apps);
+        control.tick(now, Some(&policy));
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -412,6 +417,10 @@ impl GuardrailHttp {
         if let Some(pass) = &decision.pass {
             // Exempt or a preflight: no app, no quota, nothing added for the upstream.
             worker.metrics.passed(pass);
+            if let Pass::Exempt(id) = pass {
+                let name = format!("{}{id}", control::EXEMPT_PREFIX);
+                worker.count(Some(&name), now, |u| u.allowed = u.allowed.saturating_add(1));
+            }
             host::set_filter_state("guardrail_code", pass.code());
             return Action::Continue;
         }

@@ -52,6 +52,9 @@ pub struct UsageReport {
     pub day: u64,
     #[prost(message, repeated, tag = "2")]
     pub apps: ::prost::alloc::vec::Vec<AppUsage>,
+    /// requests passed by each exemption (by id), no app
+    #[prost(map = "string, uint64", tag = "3")]
+    pub exempt: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AppUsage {

@@ -311,6 +311,7 @@ mod tests {
                 .iter()
                 .map(|(app, allowed)| v1::AppUsage { app: (*app).into(), allowed: *allowed, ..Default::default() })
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -230,7 +230,11 @@ fn hello_message(id: &str) -> v1::ClientMessage {
 }
 
 fn usage(day: u64, app: &str, allowed: u64) -> Msg {
-    Msg::Usage(v1::UsageReport { day, apps: vec![v1::AppUsage { app: app.into(), allowed, ..Default::default() }] })
+    Msg::Usage(v1::UsageReport {
+        day,
+        apps: vec![v1::AppUsage { app: app.into(), allowed, ..Default::default() }],
+        ..Default::default()
+    })
 }
 
 /// Polls `check` until it holds (or fails the test after [`WAIT`]).
@@ -602,6 +606,7 @@ async fn bad_and_oversized_messages_close_only_their_stream() {
     big.send(Msg::Usage(v1::UsageReport {
         day: today,
         apps: vec![v1::AppUsage { app: "x".repeat(MAX_MESSAGE_BYTES + 1), ..Default::default() }],
+        ..Default::default()
     }))
     .await;
     let status = big.next().await.unwrap_err();
