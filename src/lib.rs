@@ -13,7 +13,7 @@ use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{check_connector, decide, policy_unavailable, Decision, Denial, Event, Pass, Request};
 use guardrail_core::fleet::{Fleet, UsageCounters};
-use guardrail_core::jwt::TokenCache;
+use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::problem::{
     access_log_line, denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers, LineContext,
 };
@@ -411,6 +411,10 @@ impl GuardrailHttp {
         if let Some(dataset) = dataset {
             host::set_filter_state("guardrail_dataset", &dataset.id);
         }
+        if let Some(token) = &decision.token {
+            // For `guardrail replay`: what a JIT check reads of the token, never the token.
+            host::set_filter_state("guardrail_token", &token_summary(token));
+        }
         if let Some(denial) = &decision.denial {
             return self.deny(worker, denial, app_id, &cx, now);
         }
@@ -475,6 +479,17 @@ impl GuardrailHttp {
         host::send_response(denial.code.status(), &denial_headers(denial), &body);
         Action::Pause
     }
+}
+
+/// A verified token as the access log shows it: its scopes, space-separated, and its lifetime
+/// (`exp - iat`, when it has `iat`): `dataset:payments;ttl=600`.
+fn token_summary(token: &VerifiedToken) -> String {
+    let mut out = token.scopes.join(" ");
+    if let Some(iat) = token.iat {
+        out.push_str(";ttl=");
+        out.push_str(&(token.exp - iat).to_string());
+    }
+    out
 }
 
 fn is_sensitive(class: Classification) -> bool {
