@@ -8,7 +8,8 @@
 #   ./build.sh run       build, then the demo: the companion serving examples/policy.yaml, echo
 #                        upstream, Envoy with the filter; prints curl lines; Ctrl-C stops everything
 #   ./build.sh bench     the benchmark suite (bench/run.sh): overhead, accuracy, propagation, scale
-#   ./build.sh oci       the filter as an OCI image layout for Istio under dist/guardrail-oci
+#   ./build.sh oci       the filter as an OCI image layout for Istio under dist/guardrail-oci, and the
+#                        static (musl) companion as a runnable image under dist/guardrail-companion-oci
 #   ./build.sh soak [S]  S seconds (600) of load with 1,000 apps: flat memory, no 5xx, every decision logged
 #
 # Environment: GUARDRAIL_PORT (10000), ADMIN_PORT (9901), UPSTREAM_PORT (18080), CONTROL_PORT
@@ -484,12 +485,41 @@ cmd_bench() {
 
 # The filter as an OCI image for Istio's WasmPlugin (Istio Wasm image spec, compat variant: one
 # tar+gzip layer holding plugin.wasm), written as an OCI image layout under dist/ without Docker.
+MUSL_TARGET=x86_64-unknown-linux-musl
+
+# The companion as one static binary (musl): the Rust target, and Debian's musl-tools for the C
+# that ring and SQLite compile (musl-gcc), installed if missing.
+build_static_companion() {
+  if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx "$MUSL_TARGET"; then
+    say "installing the Rust target $MUSL_TARGET"
+    rustup target add "$MUSL_TARGET"
+  fi
+  if ! command -v musl-gcc >/dev/null 2>&1; then
+    local sudo=()
+    [[ "$(id -u)" == 0 ]] || sudo=(sudo -n)
+    say "installing musl-gcc (apt-get install musl-tools)"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo[@]}" apt-get install -y -q musl-tools >/dev/null 2>&1 \
+      || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && "${sudo[@]}" apt-get install -y -q musl-tools >/dev/null 2>&1; } \
+      || die "musl-gcc is needed for the static companion (apt-get install musl-tools)"
+  fi
+  say "building the static companion ($MUSL_TARGET, release)"
+  CC_x86_64_unknown_linux_musl=musl-gcc CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+    cargo build --release --target "$MUSL_TARGET" -p guardrail-control || die "the static companion did not build"
+}
+
 cmd_oci() {
   cmd_build
   local tag="${OCI_TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}"
   "$VENV/bin/python" tools/oci.py "$GUARDRAIL_WASM" dist/guardrail-oci --tag "$tag"
   "$VENV/bin/python" tools/oci.py --verify dist/guardrail-oci --wasm "$GUARDRAIL_WASM"
+  build_static_companion
+  local bin="$target_dir/$MUSL_TARGET/release/guardrail"
+  "$bin" --version >/dev/null || die "$bin does not run"
+  "$VENV/bin/python" tools/oci_companion.py "$bin" dist/guardrail-companion-oci --tag "$tag"
+  "$VENV/bin/python" tools/oci_companion.py --verify dist/guardrail-companion-oci --binary "$bin"
   say "push with: skopeo copy oci:dist/guardrail-oci:$tag docker://REGISTRY/guardrail:$tag"
+  say "      and: skopeo copy oci:dist/guardrail-companion-oci:$tag docker://REGISTRY/guardrail-companion:$tag"
 }
 
 case "${1:-build}" in
