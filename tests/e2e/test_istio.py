@@ -6,6 +6,8 @@
   loads guardrail.wasm and runs its on_configure on the plugin configuration.
 - The WasmPlugin's pluginConfig is turned into the plugin configuration Istio would hand the filter
   (pluginName as root_id, the module from the local build) and validated the same way.
+- The access log provider (IstioOperator meshConfig, turned on by a Telemetry resource) has the
+  JSON fields of envoy/guardrail.yaml and, as the file access log istiod makes of it, validates.
 - The OCI image layout built by tools/oci.py: index, manifest, config and layer digests and sizes
   agree, there is one layer holding plugin.wasm, and it is byte for byte the built module.
 """
@@ -154,3 +156,43 @@ def test_oci_image_layout(wasm: Any, tmp_path: Path) -> None:
     blob.write_bytes(bytes(data))
     broken = subprocess.run([sys.executable, str(tool), "--verify", str(out), "--wasm", str(wasm)], capture_output=True, text=True)
     assert broken.returncode == 1 and "layer" in broken.stderr, broken.stderr
+
+
+# === the JSON access log (access-log.yaml) ===
+
+
+def access_log_provider() -> dict[str, Any]:
+    ops = [d for f in sorted(ISTIO.glob("*.yaml")) for d in documents(f) if d.get("kind") == "IstioOperator"]
+    providers = [p for op in ops for p in op["spec"]["meshConfig"].get("extensionProviders", [])]
+    return next(p for p in providers if "envoyFileAccessLog" in p)
+
+
+def test_the_access_log_provider_is_the_repositorys_format_and_telemetry_uses_it() -> None:
+    from harness import access_log_format
+
+    provider = access_log_provider()
+    assert provider["envoyFileAccessLog"]["logFormat"]["labels"] == access_log_format(), \
+        "the Istio access log has the fields of envoy/guardrail.yaml"
+    telemetry = [d for f in ISTIO.glob("*.yaml") for d in documents(f) if d.get("kind") == "Telemetry"]
+    assert telemetry, "a Telemetry resource turns the provider on"
+    names = {p["name"] for t in telemetry for a in t["spec"]["accessLogging"] for p in a["providers"]}
+    assert provider["name"] in names, (provider["name"], names)
+
+
+def test_the_access_log_provider_validates_in_envoy(wasm: Any, tmp_path: Path) -> None:
+    """What istiod makes of the provider (a file access log whose json_format is `labels`) on the
+    inbound connection manager with the filter, through real `envoy --mode validate`."""
+    file_log = access_log_provider()["envoyFileAccessLog"]
+    filters = [with_local_module(f, wasm) for f in patches("HTTP_FILTER")]
+    bootstrap = wrap(filters, patches("CLUSTER"))
+    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["access_log"] = [{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(tmp_path / "access.log"),
+            "log_format": {"json_format": file_log["logFormat"]["labels"]},
+        },
+    }]
+    result = run_validate(tmp_path, "istio-access-log", bootstrap)
+    assert result.returncode == 0, result.stdout + result.stderr
