@@ -467,7 +467,7 @@ EOF
   demo_lines "$RUN_DIR/policy.json" "$url" "$policy" >&2 || warn "could not derive example requests from the policy"
   cat >&2 <<EOF
   # counters and decision log
-  curl -s 'http://127.0.0.1:$admin_port/stats?filter=^wasmcustom.guardrail'
+  curl -s 'http://127.0.0.1:$admin_port/stats?filter=^wasmcustom\.guardrail'
 
 Decision log lines and the JSON access log (one object per request; ACCESS_LOG=FILE sends it to a
 file) appear below. Ctrl-C stops everything.
