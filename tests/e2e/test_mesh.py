@@ -603,7 +603,8 @@ def test_envoys_cors_filter_before_guardrail_answers_preflights(edge: Envoy) -> 
     assert "x-api-key" in (r.header("access-control-allow-headers") or ""), r
     assert b'"method"' not in r.body, f"Envoy answered, the upstream did not:\n{r}"
     # The actual request is governed as usual, and gets its CORS headers.
-    responds_with(request(edge.url, "/docs/1", headers={"origin": ORIGIN}), 401, "unauthenticated")
+    refused = responds_with(request(edge.url, "/docs/1", headers={"origin": ORIGIN}), 401, "unauthenticated")
+    assert refused.header("access-control-allow-origin") == ORIGIN, f"the page can read the problem:\n{refused}"
     ok = request(edge.url, "/docs/1", headers={"origin": ORIGIN, **key("mesh-app")})
     admitted(ok, "mesh-app")
     assert ok.header("access-control-allow-origin") == ORIGIN, ok
