@@ -72,3 +72,25 @@ def test_validation_rejects_a_bad_plugin_configuration(wasm: Any, tmp_path: Path
     result = validate(rendered)
     assert result.returncode != 0, f"a plugin configuration with an unknown key validated:\n{result.stdout}{result.stderr}"
     assert "bogus" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_every_connection_manager_writes_the_json_access_log(config: Path) -> None:
+    """One access log format everywhere (the repository's, with Guardrail's filter state), so a log
+    pipeline reads every Envoy of the repository alike; never a credential in it."""
+    import yaml
+
+    from harness import access_log_format
+
+    expected = access_log_format()
+    assert {"guardrail_app", "guardrail_code", "guardrail_dataset", "peer"} <= set(expected), expected
+    assert not any(re.search(r"api-key|authorization|token", v, re.I) for v in expected.values()), expected
+    bootstrap = yaml.safe_load(config.read_text())
+    hcms = [f["typed_config"] for listener in bootstrap["static_resources"].get("listeners", [])
+            for chain in listener["filter_chains"] for f in chain["filters"]
+            if f["name"] == "envoy.filters.network.http_connection_manager"]
+    assert hcms, "no HTTP connection manager"
+    for hcm in hcms:
+        formats = [log["typed_config"]["log_format"]["json_format"] for log in hcm.get("access_log", [])
+                   if "json_format" in log["typed_config"].get("log_format", {})]
+        assert formats == [expected], f"{hcm['stat_prefix']}: {formats}"
