@@ -440,7 +440,9 @@ atexit.register(_kill_all)
 # If the test runner dies without cleaning up (SIGKILL, CI timeout), Envoy dies with it.
 _PDEATHSIG = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 
-ENVOY_ARGS = ["--concurrency", "2", "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info"]
+# Envoy writes file access logs every 10 s by default; tests read them at once.
+ENVOY_ARGS = ["--concurrency", "2", "--disable-hot-restart", "--log-level", "warn", "--component-log-level", "wasm:info",
+              "--file-flush-interval-msec", "100"]
 
 
 @dataclass(eq=False)

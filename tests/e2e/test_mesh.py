@@ -358,6 +358,12 @@ def token(app_id: str = "mesh-app", *, ttl: int = 300, **extra: Any) -> str:
     return ED.sign(claims(iss=ISSUER, aud=AUDIENCE, azp=app_id, ttl=ttl, **extra))
 
 
+def forged(app_id: str = "mesh-app") -> str:
+    """A token of the configured issuer whose payload was changed after signing (`admin: true`
+    added: with the same claims, swap_payload would give back the valid token)."""
+    return swap_payload(token(app_id), claims(iss=ISSUER, aud=AUDIENCE, azp=app_id, admin=True))
+
+
 def jit(app_id: str = "mesh-app", dataset: str = "patients", **extra: Any) -> str:
     return token(app_id, ttl=120, scope=f"dataset:{dataset}", **extra)
 
@@ -403,7 +409,7 @@ def test_a_value_that_is_not_guardrails_is_401_without_an_api_key(gw: Envoy, val
 
 
 FAILING = {
-    "bad signature": lambda: swap_payload(token(), claims(iss=ISSUER, aud=AUDIENCE, azp="mesh-app", ttl=300, admin=True)),
+    "bad signature": forged,
     "expired": lambda: token(ttl=-600),
     "wrong audience": lambda: ED.sign(claims(iss=ISSUER, aud="someone-else", azp="mesh-app")),
     "another key, same kid": lambda: SigningKey.ed25519("mesh-ed25519").sign(claims(iss=ISSUER, aud=AUDIENCE, azp="mesh-app")),
@@ -435,21 +441,21 @@ def test_forward_token_true_passes_the_verified_token_on(fwd: Envoy) -> None:
 
 def test_another_token_header_leaves_authorization_alone(own: Envoy) -> None:
     # A token of Guardrail's own issuer in Authorization, with a bad signature: not read, not changed.
-    forged = "Bearer " + swap_payload(token(), claims(iss=ISSUER, aud=AUDIENCE, azp="mesh-app"))
+    bad = "Bearer " + forged()
     t = token("token-app")
-    seen = admitted(request(own.url, "/docs/1", headers={"x-guardrail-token": t, "authorization": forged}), "token-app")
-    assert seen["headers"].get("authorization") == forged, seen["headers"]
+    seen = admitted(request(own.url, "/docs/1", headers={"x-guardrail-token": t, "authorization": bad}), "token-app")
+    assert seen["headers"].get("authorization") == bad, seen["headers"]
     assert "x-guardrail-token" not in seen["headers"], "forward_token false: the verified token is removed"
     # Beside an API key, anything in Authorization passes too.
-    seen = admitted(request(own.url, "/docs/1", headers={**key("mesh-app"), "authorization": forged}), "mesh-app")
-    assert seen["headers"].get("authorization") == forged
+    seen = admitted(request(own.url, "/docs/1", headers={**key("mesh-app"), "authorization": bad}), "mesh-app")
+    assert seen["headers"].get("authorization") == bad
 
 
 def test_another_token_header_means_authorization_is_no_credential(own: Envoy) -> None:
     responds_with(request(own.url, "/docs/1", headers={"authorization": f"Bearer {token('token-app')}"}),
                   401, "unauthenticated")
-    bad = swap_payload(token(), claims(iss=ISSUER, aud=AUDIENCE, azp="mesh-app"))
-    responds_with(request(own.url, "/docs/1", headers={**key("mesh-app"), "x-guardrail-token": bad}), 401, "unauthenticated")
+    responds_with(request(own.url, "/docs/1", headers={**key("mesh-app"), "x-guardrail-token": forged()}),
+                  401, "unauthenticated")
 
 
 # === exemptions ===
@@ -588,8 +594,7 @@ def test_an_options_request_that_is_no_preflight_needs_a_credential(gw: Envoy) -
 
 @pytest.mark.parametrize("credential", [
     {"x-api-key": UNKNOWN_KEY},
-    {"authorization": "Bearer " + swap_payload(ED.sign(claims(iss=ISSUER, aud=AUDIENCE, azp="mesh-app")),
-                                               claims(iss=ISSUER, aud=AUDIENCE, azp="mesh-app", admin=True))},
+    {"authorization": "Bearer " + forged()},
 ], ids=["unknown-api-key", "forged-token"])
 def test_a_preflight_with_a_forged_credential_is_401(gw: Envoy, credential: dict[str, str]) -> None:
     responds_with(request(gw.url, "/docs/1", method="OPTIONS", headers={**PREFLIGHT, **credential}), 401, "unauthenticated")
