@@ -534,6 +534,6 @@ case "${1:-build}" in
   bench) shift; cmd_bench "$@" ;;
   oci) cmd_oci ;;
   soak) shift; cmd_build; exec "$VENV/bin/python" tools/soak.py "$@" ;;
-  -h | --help | help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h | --help | help) sed -n '2,/^# Exports/p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$1' (try: build, test, run, bench, oci, soak, help)" ;;
 esac

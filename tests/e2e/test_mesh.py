@@ -721,6 +721,9 @@ def test_admitted_access_to_regulated_data_writes_one_audit_line_with_the_jti(gw
         ("mesh-app", "patients", "GET", "/patients/7", "jti-mesh-7f3a"), line
     entry = gw.access_log_for(rid)
     assert (entry["guardrail_app"], entry["guardrail_code"], entry["guardrail_dataset"]) == ("mesh-app", "allow", "patients")
+    # The token's scopes and lifetime (for `guardrail replay`), never the token.
+    assert "dataset:patients" in (entry["guardrail_token"] or ""), entry
+    assert t not in gw.access_log_path.read_text() and t.split(".")[2] not in gw.access_log_path.read_text()
 
 
 def test_admitted_access_to_confidential_data_without_a_token_has_a_null_jti(gw: Envoy) -> None:
@@ -764,6 +767,7 @@ def test_the_access_log_shows_app_code_and_dataset(gw: Envoy) -> None:
     entry = gw.access_log_for(ok.header("x-request-id") or "")
     assert (entry["guardrail_app"], entry["guardrail_code"], entry["guardrail_dataset"]) == ("mesh-app", "allow", "contracts"), entry
     assert int(entry["status"]) == 200 and entry["upstream_cluster"] == "upstream", entry
+    assert entry["guardrail_token"] is None, "no token, no token field"
     assert entry["method"] == "GET" and entry["path"] == "/contracts/3" and entry["protocol"] == "HTTP/1.1", entry
 
     entry = gw.access_log_for(no.header("x-request-id") or "")
@@ -777,7 +781,8 @@ def test_the_access_log_shows_app_code_and_dataset(gw: Envoy) -> None:
     assert KEYS["mesh-app"] not in text, "an API key in the access log"
     assert set(json.loads(text.splitlines()[0])) == {
         "time", "request_id", "method", "authority", "path", "protocol", "status", "response_flags",
-        "upstream_cluster", "duration_ms", "peer", "guardrail_app", "guardrail_code", "guardrail_dataset"}
+        "upstream_cluster", "duration_ms", "peer", "guardrail_app", "guardrail_code", "guardrail_dataset",
+        "guardrail_token"}
 
 
 def test_no_gateway_crashed(mesh: dict[str, Any]) -> None:
