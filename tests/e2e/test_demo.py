@@ -72,6 +72,7 @@ def test_demo_keys_belong_to_their_apps(demo_policy: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def demo_gw(demo_policy: dict[str, Any], upstream: Any, wasm: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    workdir = tmp_path_factory.mktemp("demo")
     text = render_mod.render(
         (REPO / "envoy" / "guardrail.yaml").read_text(),
         {
@@ -80,9 +81,10 @@ def demo_gw(demo_policy: dict[str, Any], upstream: Any, wasm: Path, tmp_path_fac
             "upstream_port": upstream.server_port,
             "wasm_path": str(wasm),
             "plugin_config": {"policy": demo_policy},
+            "access_log_path": workdir / "demo.access.log",  # ACCESS_LOG of `run`
         },
     )
-    with Envoy(text, tmp_path_factory.mktemp("demo"), name="demo") as gw:
+    with Envoy(text, workdir, name="demo") as gw:
         yield gw
 
 
@@ -158,3 +160,18 @@ def test_demo_forwards_the_path_it_judged(demo_gw: Envoy) -> None:
     r = responds_with(request(demo_gw.url, "/catalog//shoes/./red/../blue?size=9", headers=key), 200)
     assert r.upstream["path"] == "/catalog/shoes/blue?size=9", r
     responds_with(request(demo_gw.url, "/catalog/%2e%2e/payments/1", headers=key), 403, "jit-required")
+
+
+def test_demo_access_log(demo_gw: Envoy) -> None:
+    """The shipped config's JSON access log (rendered where `ACCESS_LOG` says) records Guardrail's
+    outcome of an admitted and a refused request, and no credential."""
+    keys = demo_keys()
+    ok = responds_with(request(demo_gw.url, "/catalog/1", headers={"x-api-key": keys["us-promo"]}), 200)
+    no = responds_with(request(demo_gw.url, "/customers/1", headers={"x-api-key": keys["us-promo"]}), 403,
+                       "residency-violation")
+    entry = demo_gw.access_log_for(ok.header("x-request-id") or "")
+    assert (entry["guardrail_app"], entry["guardrail_code"], entry["status"]) == ("us-promo", "allow", 200), entry
+    entry = demo_gw.access_log_for(no.header("x-request-id") or "")
+    assert (entry["guardrail_app"], entry["guardrail_code"], entry["status"]) == ("us-promo", "residency-violation", 403), entry
+    assert entry["guardrail_dataset"], entry
+    assert keys["us-promo"] not in demo_gw.access_log_path.read_text()
