@@ -297,17 +297,25 @@ def http1(gw: Envoy, path: str, headers: Iterable[tuple[str, str]] = (), *, meth
         conn.close()
 
 
-def http2(gw: Envoy, path: str, headers: Iterable[tuple[str, str]] = (), *, method: str = "GET") -> Response:
+def http2(gw: Envoy, path: str, headers: Iterable[tuple[str, str]] = (), *, method: str = "GET",
+          tls_context: ssl.SSLContext | None = None) -> Response:
     """One HTTP/2 request over clear text with prior knowledge (Envoy's `AUTO` codec detects the
-    preface), each header field sent as given, repeated names included."""
+    preface), or over TLS (ALPN h2) with `tls_context`; each header field sent as given, repeated
+    names included."""
     import h2.config
     import h2.connection
     import h2.events
 
     conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=20) as sock:
+    raw = socket.create_connection(("127.0.0.1", gw.port), timeout=20)
+    if tls_context is not None:
+        tls_context.set_alpn_protocols(["h2"])
+        raw = tls_context.wrap_socket(raw, server_hostname="127.0.0.1")
+        assert raw.selected_alpn_protocol() == "h2", raw.selected_alpn_protocol()
+    scheme = "https" if tls_context is not None else "http"
+    with raw as sock:
         conn.initiate_connection()
-        conn.send_headers(1, [(":method", method), (":scheme", "http"), (":authority", f"127.0.0.1:{gw.port}"),
+        conn.send_headers(1, [(":method", method), (":scheme", scheme), (":authority", f"127.0.0.1:{gw.port}"),
                               (":path", path), *headers], end_stream=True)
         sock.sendall(conn.data_to_send())
         status, pairs, body = 0, [], b""
@@ -332,12 +340,18 @@ def http2(gw: Envoy, path: str, headers: Iterable[tuple[str, str]] = (), *, meth
                 return _response(status, pairs, body, f"{method} h2c {gw.url}{path}")
 
 
-def tls(gw: Envoy, ca: SpiffeCa, path: str, headers: Mapping[str, str] | None = None, *,
-        client: Issued | None = None, method: str = "GET") -> Response:
-    """One HTTP/1.1 request over TLS, verifying Envoy's certificate, presenting `client` if given."""
+def tls_context(ca: SpiffeCa, client: Issued | None) -> ssl.SSLContext:
+    """Verifies Envoy's certificate against `ca`; presents `client` if given."""
     context = ssl.create_default_context(cafile=str(ca.pem))
     if client is not None:
         context.load_cert_chain(str(client.cert), str(client.key))
+    return context
+
+
+def tls(gw: Envoy, ca: SpiffeCa, path: str, headers: Mapping[str, str] | None = None, *,
+        client: Issued | None = None, method: str = "GET") -> Response:
+    """One HTTP/1.1 request over TLS, verifying Envoy's certificate, presenting `client` if given."""
+    context = tls_context(ca, client)
     conn = http.client.HTTPSConnection("127.0.0.1", gw.port, context=context, timeout=20)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
@@ -503,6 +517,14 @@ def test_a_listed_peer_passes_under_mutual_tls(gw: Envoy, mesh: dict[str, Any]) 
         assert entry["guardrail_code"] == "exempt", entry
     deltas, _ = settled_deltas(gw, before, {"guardrail.exempt": 2})
     assert deltas["guardrail.exempt"] == 2, deltas
+
+
+def test_a_listed_peer_passes_over_http2_too(gw: Envoy, mesh: dict[str, Any]) -> None:
+    ca, certs = mesh["ca"], mesh["certs"]
+    r = http2(gw, "/internal/settle", tls_context=tls_context(ca, certs["prober"]))
+    admitted(r, None)
+    assert gw.access_log_for(r.header("x-request-id") or "")["protocol"] == "HTTP/2"
+    responds_with(http2(gw, "/internal/settle", tls_context=tls_context(ca, certs["stranger"])), 401, "unauthenticated")
 
 
 @pytest.mark.parametrize("who", ["stranger", "near-miss", "injected", None], ids=["unlisted", "prefix-near-miss", "comma-injected-san", "no-certificate"])
