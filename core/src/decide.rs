@@ -322,6 +322,19 @@ pub fn decide_as<'p>(
     run(policy, req, now_ns, store, tokens, true, Some(app_id))
 }
 
+/// As [`decide_as`] without the trace: for `guardrail replay`, which judges every request of an
+/// access log as the app it recorded (credentials are never logged). Never called by the filter.
+pub fn decide_as_untraced<'p>(
+    policy: &'p CompiledPolicy,
+    app_id: &str,
+    req: &Request<'_>,
+    now_ns: u64,
+    store: &mut dyn CounterStore,
+    tokens: &mut TokenCache,
+) -> Decision<'p> {
+    run(policy, req, now_ns, store, tokens, false, Some(app_id))
+}
+
 struct Tracer {
     on: bool,
     lines: Vec<String>,

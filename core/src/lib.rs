@@ -18,6 +18,7 @@ pub mod path;
 pub mod problem;
 pub mod quota;
 pub mod raw;
+pub mod replay;
 pub mod rules;
 #[cfg(feature = "yaml")]
 pub mod source;
