@@ -16,6 +16,7 @@ mod log;
 mod mint;
 mod pb;
 mod policy;
+mod replay;
 mod serve;
 mod status;
 mod tls;
@@ -50,6 +51,9 @@ enum Command {
     Keygen(keygen::Args),
     /// Issue a short-lived JWT for an app, scoped to datasets (a JIT credential).
     Mint(mint::Args),
+    /// Decide recorded traffic (Envoy JSON access logs) with a candidate policy and show, per app,
+    /// what would change; exit 3 when anything would, 0 when nothing would.
+    Replay(replay::Args),
 }
 
 /// A command line that cannot be acted on: reported like clap's own errors, with exit code 2.
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(&args),
         Command::Keygen(args) => keygen::run(&args),
         Command::Mint(args) => mint::run(&args),
+        Command::Replay(args) => replay::run(&args),
     };
     match result {
         Ok(code) => code,
