@@ -90,7 +90,7 @@ SETTINGS: dict[str, Any] = {
     "scale_apps": [int(x) for x in os.environ.get("BENCH_SCALE_APPS", "1000,10000").split(",") if x],
 }
 
-PARTS = ["overhead", "accuracy", "propagation", "scale", "decide"]
+PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay"]
 
 
 def artifact(var: str, default: str) -> Path:
@@ -1108,6 +1108,34 @@ def part_decide(work: Path) -> dict[str, Any]:
             "benches": out}
 
 
+def part_replay(work: Path) -> dict[str, Any]:
+    """`guardrail replay` throughput: a generated log of BENCH_REPLAY_LINES lines (bench/replay_log.py,
+    over examples/retailco/policy.yaml) replayed against the same policy; records/s of wall time
+    and of the process's own CPU time."""
+    import resource
+    sys.path.insert(0, str(REPO / "bench"))
+    import replay_log  # noqa: E402 (bench/ on the path only for this part)
+
+    n = int(env_num("BENCH_REPLAY_LINES", 1_000_000))
+    log = work / "replay-access.log"
+    say(f"replay: writing {n} access-log lines to {log}")
+    replay_log.write(log, n)
+    policy = REPO / "examples" / "retailco" / "policy.yaml"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    r = subprocess.run([str(GUARDRAIL_BIN), "replay", "--json", "--policy", str(policy), str(log)],
+                       capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode not in (0, 3):
+        return {"skipped": f"guardrail replay failed (exit {r.returncode}): {r.stderr.strip()[:500]}"}
+    report = json.loads(r.stdout)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"lines": n, "bytes": log.stat().st_size, "records": report["records"], "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2), "records_per_s": round(report["records"] / wall),
+            "records_per_cpu_s": round(report["records"] / cpu) if cpu else None}
+
+
 # === report ===
 
 
@@ -1163,6 +1191,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{v['median_us']:.2f} µs", v["median_us"] <= 2)
     elif "decide" in results:
         add("decide() ≤ 2 µs, API key, 10k apps", "skipped", None)
+    rp = results.get("replay")
+    if rp and "records_per_s" in rp:
+        add("replay ≥ 200,000 records/s", f"{rp['records_per_s']:,} records/s ({rp['records_per_cpu_s']:,} per CPU-second)",
+            rp["records_per_s"] >= 200_000)
     sc = results.get("scale")
     if sc:
         size = sc["wasm_bytes"]["guardrail"]
@@ -1241,6 +1273,15 @@ def table(results: dict[str, Any]) -> str:
             w(f"decide() and JWT (criterion, median; {dec['profile']})")
             for name, v in dec["benches"].items():
                 w(f"  {name:<32} {v['median_us']:10.2f} µs")
+    rp = results.get("replay")
+    if rp:
+        w("")
+        if "skipped" in rp:
+            w(f"replay: skipped ({rp['skipped'].splitlines()[0]})")
+        else:
+            w(f"guardrail replay ({rp['records']:,} records, {rp['bytes'] / 1e6:.0f} MB, one file, retailco policy)")
+            w(f"  {rp['wall_s']:.2f} s wall, {rp['cpu_s']:.2f} s CPU: {rp['records_per_s']:,} records/s "
+              f"({rp['records_per_cpu_s']:,} per CPU-second)")
     ts = results.get("targets", [])
     if ts:
         w("")
@@ -1284,7 +1325,7 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine(), "settings": SETTINGS}
     t0 = time.monotonic()
     funcs = {"overhead": part_overhead, "accuracy": part_accuracy, "propagation": part_propagation,
-             "scale": part_scale, "decide": part_decide}
+             "scale": part_scale, "decide": part_decide, "replay": part_replay}
     for part in PARTS:
         if part in parts:
             p0 = time.monotonic()
