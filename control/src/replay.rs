@@ -8,7 +8,7 @@
 //! Each line of an Envoy JSON access log (the format of the repository's Envoy configs: see
 //! [`guardrail_core::replay::REQUIRED_FIELDS`]) is decided again by core's `decide()` as the app
 //! it recorded ([`guardrail_core::replay::Replayer`]), its quota replayed at its recorded time in
-//! one in-memory store per policy. Several logs are merged by time, as one fleet's traffic; gzip
+//! one in-memory store per policy. Several logs are merged by time into one stream; gzip
 //! is recognised by its magic bytes. Memory stays constant: only counters and at most
 //! [`SAMPLES`] request ids per outcome change are kept.
 //!

@@ -429,7 +429,7 @@ fn gzip_logs_and_several_logs_merged_by_time() {
     assert_eq!(report["records"], json!(f.lines.len()));
     assert_eq!(changes(&report).len(), 2);
 
-    // Two Envoys' logs, each with every other line: merged by time, the quota sees one stream.
+    // The log in two files, each with every other line: merged by time, the quota sees one stream.
     let (even, odd): (Vec<_>, Vec<_>) = f.lines.iter().enumerate().partition(|(i, _)| i % 2 == 0);
     let join = |v: Vec<(usize, &String)>| v.into_iter().map(|(_, l)| format!("{l}\n")).collect::<String>();
     let a = f.dir.write("a.log", join(even).as_bytes());
