@@ -90,6 +90,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for LogStr<'a> {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
                 Ok(LogStr(Cow::Owned(v.to_string())))
             }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(LogStr(Cow::Owned(v.to_string())))
+            }
         }
         d.deserialize_any(V)
     }
@@ -713,7 +716,7 @@ mod tests {
         );
         assert_eq!(rec.token(), TokenSeen::None);
         assert_eq!(rec.recorded(), Err(Undetermined::NoDecision));
-        let rec = record(r#"{"path":"/a\"b","status":403,"guardrail_code":"residency-violation"}"#);
+        let rec = record(r#"{"path":"/a\"b","status":403,"guardrail_code":"residency-violation","peer":2.5}"#);
         assert_eq!(value(&rec.path), Some("/a\"b"));
         assert_eq!(value(&rec.status), Some("403"));
         assert_eq!(rec.recorded(), Ok(Outcome::Deny(Code::ResidencyViolation)));
