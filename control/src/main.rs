@@ -2,10 +2,11 @@
 //!
 //! The CLI validates policies (`check`), prepares them for the filter's plugin configuration
 //! (`export`), derives the digests the catalog stores for API keys (`hash-key`), serves policy to
-//! every Envoy of the fleet (`serve`, `status`) and issues JIT credentials (`keygen`, `mint`).
+//! every Envoy of the fleet (`serve`, `status`) and issues JIT credentials (`keygen`, `mint`);
+//! `replay` decides recorded traffic with a candidate policy before it is rolled out.
 //!
 //! Exit codes: 0 success, 1 the policy (or file) is invalid or the request was refused, 2 the
-//! command line is wrong.
+//! command line is wrong; `replay`: 3 when the candidate changes any recorded decision.
 
 mod cases;
 mod explain;
