@@ -30,27 +30,6 @@ AUDIENCE = "replay-e2e"
 EU, US = "eu-west-1", "us-east-1"
 KEYS = {"eu-app": "k-replay-eu-0001", "us-app": "k-replay-us-0001", "burst-app": "k-replay-burst-0001"}
 
-# The access-log format `guardrail replay` reads: Envoy's view of the request and Guardrail's
-# outcome through filter state.
-ACCESS_LOG_FORMAT = {
-    "time": "%START_TIME%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "method": "%REQ(:METHOD)%",
-    "authority": "%REQ(:AUTHORITY)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-    "protocol": "%PROTOCOL%",
-    "status": "%RESPONSE_CODE%",
-    "response_flags": "%RESPONSE_FLAGS%",
-    "upstream_cluster": "%UPSTREAM_CLUSTER%",
-    "duration_ms": "%DURATION%",
-    "peer": "%DOWNSTREAM_PEER_URI_SAN%",
-    "guardrail_app": "%FILTER_STATE(wasm.guardrail_app:PLAIN)%",
-    "guardrail_code": "%FILTER_STATE(wasm.guardrail_code:PLAIN)%",
-    "guardrail_dataset": "%FILTER_STATE(wasm.guardrail_dataset:PLAIN)%",
-    "guardrail_token": "%FILTER_STATE(wasm.guardrail_token:PLAIN)%",
-}
-
-
 def make_policy(revision: str, prices_regions: list[str], tight_requests: int) -> dict[str, Any]:
     return policy(
         revision=revision,
@@ -75,19 +54,6 @@ def make_policy(revision: str, prices_regions: list[str], tight_requests: int) -
 
 CURRENT = make_policy("current", [EU, US], 5)
 CANDIDATE = make_policy("candidate", [EU], 3)
-
-
-def with_access_log(config: dict[str, Any], path: Path) -> dict[str, Any]:
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    hcm["access_log"] = [{
-        "name": "envoy.access_loggers.file",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(path),
-            "log_format": {"json_format": ACCESS_LOG_FORMAT},
-        },
-    }]
-    return config
 
 
 def key(app_id: str) -> dict[str, str]:
@@ -122,9 +88,10 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Path
     """Mixed traffic through a real Envoy; its access log, and the files of both policies."""
     work = tmp_path_factory.mktemp("replay")
     log_path = work / "access.log"
-    config = with_access_log(bootstrap(plugin_configuration(CURRENT), upstream_port=upstream.server_port, wasm=wasm),
-                             log_path)
-    gw = Envoy(config, work, name="replay", extra_args=["--file-flush-interval-msec", "50"])
+    # The repository's own access-log format (envoy/guardrail.yaml), as replay reads it.
+    config = bootstrap(plugin_configuration(CURRENT), upstream_port=upstream.server_port, wasm=wasm,
+                       access_log_path=log_path)
+    gw = Envoy(config, work, name="replay")
     sent = 0
     with gw:
         def go(path: str, status: int, code: str | None = None, **kw: Any) -> None:
