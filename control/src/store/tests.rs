@@ -1,0 +1,400 @@
+//! The contract every [`Store`] keeps, run against each engine started for real (limitador's
+//! `test_with_all_storage_impls!`): a SQLite file in a fresh directory, and a `redis-server` on a
+//! free loopback port with its own directory and AOF on (skipped, loudly, where it is not
+//! installed; `./build.sh` installs it).
+
+use super::*;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A directory of its own under the system's temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "guardrail-store-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `redis-server` of the test's own, stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+    pub dir: TempDir,
+}
+
+impl RedisServer {
+    /// Starts one, or says loudly why not and returns `None` (redis-server not installed).
+    pub fn start() -> Option<RedisServer> {
+        if Command::new("redis-server").arg("--version").stdout(Stdio::null()).status().is_err() {
+            eprintln!(
+                "\n!!! SKIPPED: redis-server is not installed (./build.sh installs it: apt-get install redis-server); \
+                 the Redis store was NOT tested\n"
+            );
+            return None;
+        }
+        let dir = TempDir::new("redis");
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+            .arg("--dir")
+            .arg(&dir.0)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(RedisServer { port, child, dir })
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Runs each named contract test (an `async fn(&dyn Store)`, `Fn() -> Arc<dyn Store>` to open
+/// another handle on the same data) against every engine.
+macro_rules! test_with_all_stores {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let dir = super::TempDir::new("sqlite");
+                    let url = format!("sqlite:{}", dir.0.join("guardrail.db").display());
+                    let store = super::open(&url).await.unwrap();
+                    super::$name(&*store).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    let Some(server) = super::RedisServer::start() else { return };
+                    let store = super::open(&server.url()).await.unwrap();
+                    super::$name(&*store).await;
+                }
+            }
+        )*
+    };
+}
+
+test_with_all_stores!(
+    usage_keeps_the_highest_count_and_sums_the_fleet,
+    usage_of_each_day_is_apart,
+    concurrent_writers_lose_nothing,
+    nodes_are_replaced_and_forgotten,
+    companions_are_listed,
+    the_audit_keeps_the_first_entry_newest_first,
+    the_last_policy_is_kept,
+    unregistered_callers_are_counted,
+    a_batch_of_a_thousand_nodes_is_written_in_well_under_a_second,
+);
+
+fn counts(allowed: u64, denied: &[(&str, u64)]) -> Counts {
+    Counts {
+        allowed,
+        throttled: allowed / 10,
+        soft_limit: 0,
+        denied: denied.iter().map(|(c, n)| ((*c).to_string(), *n)).collect(),
+    }
+}
+
+fn row(day: u64, node: &str, app: &str, c: Counts) -> UsageRow {
+    UsageRow { day, node: node.into(), app: app.into(), counts: c }
+}
+
+const DAY: u64 = 20_428;
+
+async fn usage_keeps_the_highest_count_and_sums_the_fleet(store: &dyn Store) {
+    store
+        .put_usage(&[
+            row(DAY, "a", "pos", counts(10, &[("quota-exceeded", 2)])),
+            row(DAY, "b", "pos", counts(5, &[])),
+            row(DAY, "a", "crm", counts(1, &[])),
+        ])
+        .await
+        .unwrap();
+    // A reordered (older) report and a repeated one change nothing; a newer one raises the count.
+    store.put_usage(&[row(DAY, "a", "pos", counts(7, &[("quota-exceeded", 1)]))]).await.unwrap();
+    store.put_usage(&[row(DAY, "b", "pos", counts(5, &[]))]).await.unwrap();
+    store.put_usage(&[row(DAY, "b", "pos", counts(20, &[("budget-exhausted", 3)]))]).await.unwrap();
+
+    let rows = store.usage(DAY).await.unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            row(DAY, "a", "crm", counts(1, &[])),
+            row(DAY, "a", "pos", counts(10, &[("quota-exceeded", 2)])),
+            row(DAY, "b", "pos", counts(20, &[("budget-exhausted", 3)])),
+        ],
+        "per node: the highest of each count"
+    );
+    let totals = store.totals(DAY).await.unwrap();
+    let pos = totals.get("pos").cloned().unwrap_or_default();
+    assert_eq!(
+        (pos.allowed, pos.throttled, pos.denied.get("quota-exceeded"), pos.denied.get("budget-exhausted")),
+        (30, 3, Some(&2), Some(&3)),
+        "totals: the sum over nodes ({pos:?})"
+    );
+    assert_eq!(totals.get("crm").map(|c| c.allowed), Some(1));
+}
+
+async fn usage_of_each_day_is_apart(store: &dyn Store) {
+    store.put_usage(&[row(DAY - 1, "a", "pos", counts(100, &[])), row(DAY, "a", "pos", counts(3, &[]))]).await.unwrap();
+    assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(3));
+    assert_eq!(store.totals(DAY - 1).await.unwrap().get("pos").map(|c| c.allowed), Some(100));
+    assert!(store.usage(DAY + 1).await.unwrap().is_empty(), "a day without reports");
+    store.prune(DAY).await.unwrap();
+    assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(3), "pruning keeps the day kept");
+}
+
+async fn concurrent_writers_lose_nothing(store: &dyn Store) {
+    // Eight nodes, each reporting a rising count 25 times, written concurrently.
+    let writes = (1..=25u64).flat_map(|i| (0..8).map(move |n| (n, i)));
+    let futures: Vec<_> = writes
+        .map(|(n, i)| async move { store.put_usage(&[row(DAY, &format!("node-{n}"), "pos", counts(i, &[]))]).await })
+        .collect();
+    for result in futures_join(futures).await {
+        result.unwrap();
+    }
+    assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(8 * 25));
+}
+
+/// Polls every future to completion concurrently (on this task).
+async fn futures_join<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in pinned.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+fn node(id: &str, companion: &str, last_seen: i64, streams: u32) -> NodeRecord {
+    NodeRecord {
+        node_id: id.into(),
+        companion: companion.into(),
+        envoy_version: "1.40.0".into(),
+        acked_revision: "7".into(),
+        last_seen,
+        streams,
+        ..Default::default()
+    }
+}
+
+async fn nodes_are_replaced_and_forgotten(store: &dyn Store) {
+    store.put_nodes(&[node("a", "c1", 100, 1), node("b", "c1", 100, 0)]).await.unwrap();
+    let mut moved = node("a", "c2", 200, 1);
+    moved.nacked_revision = "8".into();
+    moved.last_error = "rules[0].when: bad".into();
+    store.put_nodes(&[moved.clone()]).await.unwrap();
+    assert_eq!(store.nodes().await.unwrap(), vec![moved.clone(), node("b", "c1", 100, 0)]);
+    store.put_nodes(&[node("a", "c1", 210, 0)]).await.unwrap();
+    assert_eq!(store.nodes().await.unwrap()[0], moved, "c1's late word of a's disconnection");
+    store.put_nodes(&[node("a", "c2", 220, 0)]).await.unwrap();
+    assert_eq!(store.nodes().await.unwrap()[0], node("a", "c2", 220, 0), "c2's is taken");
+    store.forget_nodes(150).await.unwrap();
+    assert_eq!(store.nodes().await.unwrap(), vec![node("a", "c2", 220, 0)], "b: last seen before 150");
+}
+
+async fn companions_are_listed(store: &dyn Store) {
+    let c = |name: &str, revision: &str, last_seen| CompanionRecord {
+        name: name.into(),
+        revision: revision.into(),
+        content_sha256: "ab".into(),
+        started: 1,
+        last_seen,
+    };
+    store.put_companion(&c("c2", "7", 10)).await.unwrap();
+    store.put_companion(&c("c1", "7", 10)).await.unwrap();
+    store.put_companion(&c("c1", "8", 11)).await.unwrap();
+    assert_eq!(store.companions().await.unwrap(), vec![c("c1", "8", 11), c("c2", "7", 10)]);
+    store.forget_nodes(11).await.unwrap();
+    assert_eq!(store.companions().await.unwrap(), vec![c("c1", "8", 11)], "c2: silent since 10");
+}
+
+fn revision(label: &str, sha: &str, at: i64) -> Revision {
+    Revision {
+        revision: label.into(),
+        content_sha256: sha.into(),
+        first_served: at,
+        source: "/etc/guardrail/policy.yaml".into(),
+        companion: "c1".into(),
+        changes: vec![Change {
+            kind: "app".into(),
+            id: "pos".into(),
+            action: "lifecycle".into(),
+            from: "approved".into(),
+            to: "quarantined".into(),
+        }],
+    }
+}
+
+async fn the_audit_keeps_the_first_entry_newest_first(store: &dyn Store) {
+    assert!(store.add_revision(&revision("1", "aa", 100)).await.unwrap());
+    assert!(store.add_revision(&revision("2", "bb", 100)).await.unwrap(), "same second, later");
+    assert!(!store.add_revision(&revision("1", "aa", 300)).await.unwrap(), "served again (another companion)");
+    assert!(store.add_revision(&revision("2", "cc", 200)).await.unwrap(), "same label, other content");
+    let all = store.revisions(10).await.unwrap();
+    let got: Vec<(&str, &str, i64)> =
+        all.iter().map(|r| (r.revision.as_str(), r.content_sha256.as_str(), r.first_served)).collect();
+    assert_eq!(got, vec![("2", "cc", 200), ("2", "bb", 100), ("1", "aa", 100)]);
+    assert_eq!(all[0], revision("2", "cc", 200), "every field kept");
+    assert_eq!(store.revisions(1).await.unwrap().len(), 1);
+    assert!(store.revisions(0).await.unwrap().is_empty());
+}
+
+async fn the_last_policy_is_kept(store: &dyn Store) {
+    assert_eq!(store.last_policy().await.unwrap(), None);
+    store.set_last_policy(r#"{"revision":"1"}"#).await.unwrap();
+    store.set_last_policy(r#"{"revision":"2"}"#).await.unwrap();
+    assert_eq!(store.last_policy().await.unwrap().as_deref(), Some(r#"{"revision":"2"}"#));
+}
+
+async fn unregistered_callers_are_counted(store: &dyn Store) {
+    let c = |kind: &str, id: &str, count, last_seen| Caller { kind: kind.into(), id: id.into(), count, last_seen };
+    store.note_callers(&[c("api-key", "0a1b2c3d", 3, 100), c("app", "shadow-app", 1, 50)]).await.unwrap();
+    store.note_callers(&[c("api-key", "0a1b2c3d", 2, 90), c("app", "shadow-app", 1, 60)]).await.unwrap();
+    assert_eq!(
+        store.callers().await.unwrap(),
+        vec![c("api-key", "0a1b2c3d", 5, 100), c("app", "shadow-app", 2, 60)],
+        "counts add up, last seen only moves forward"
+    );
+}
+
+async fn a_batch_of_a_thousand_nodes_is_written_in_well_under_a_second(store: &dyn Store) {
+    // A second of reports from 1,000 nodes using 5 apps each, as the store task writes it.
+    let rows: Vec<UsageRow> = (0..1_000)
+        .flat_map(|n| (0..5).map(move |a| row(DAY, &format!("node-{n}"), &format!("app-{a}"), counts(n + 1, &[]))))
+        .collect();
+    let nodes: Vec<NodeRecord> = (0..1_000).map(|n| node(&format!("node-{n}"), "c1", 100, 1)).collect();
+    let started = Instant::now();
+    store.put_usage(&rows).await.unwrap();
+    store.put_nodes(&nodes).await.unwrap();
+    let written = started.elapsed();
+    let started = Instant::now();
+    let (usage, totals) = (store.usage(DAY).await.unwrap(), store.totals(DAY).await.unwrap());
+    eprintln!(
+        "{}: wrote 5,000 usage rows and 1,000 nodes in {written:?}; read them back in {:?}",
+        store.url(),
+        started.elapsed()
+    );
+    assert_eq!((usage.len(), totals.get("app-0").map(|c| c.allowed)), (5_000, Some(500_500)));
+    assert!(written < Duration::from_secs(2), "{written:?}");
+}
+
+// === engine-specific ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_companion_on_one_sqlite_file_is_refused() {
+    let dir = TempDir::new("sqlite-lock");
+    let url = format!("sqlite:{}", dir.0.join("guardrail.db").display());
+    let first = open(&url).await.unwrap();
+    let second = open(&url).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        second.contains("in use by another companion") && second.contains(&std::process::id().to_string()),
+        "{second}"
+    );
+    drop(first);
+    assert!(open(&url).await.is_ok(), "free again once the first is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_data_outlives_the_store() {
+    let dir = TempDir::new("sqlite-reopen");
+    let url = format!("sqlite:{}", dir.0.join("guardrail.db").display());
+    let store = open(&url).await.unwrap();
+    store.put_usage(&[row(DAY, "a", "pos", counts(4, &[]))]).await.unwrap();
+    drop(store);
+    let store = open(&url).await.unwrap();
+    assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_companions_share_one_redis() {
+    let Some(server) = RedisServer::start() else { return };
+    let (one, two) = (open(&server.url()).await.unwrap(), open(&server.url()).await.unwrap());
+    let (rows_a, rows_b) = ([row(DAY, "a", "pos", counts(10, &[]))], [row(DAY, "b", "pos", counts(15, &[]))]);
+    let (a, b) = tokio::join!(one.put_usage(&rows_a), two.put_usage(&rows_b));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(one.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(25));
+    assert_eq!(two.usage(DAY).await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_an_error_then_the_store_reconnects() {
+    let Some(server) = RedisServer::start() else { return };
+    let store = open(&server.url()).await.unwrap();
+    store.put_usage(&[row(DAY, "a", "pos", counts(1, &[]))]).await.unwrap();
+    let port = server.port;
+    let dir = server.dir.0.clone();
+    let mut server = server;
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    let started = Instant::now();
+    let failed = store.put_usage(&[row(DAY, "a", "pos", counts(2, &[]))]).await;
+    assert!(failed.is_err(), "written to a stopped Redis?");
+    assert!(started.elapsed() < Duration::from_secs(6), "the error took {:?}", started.elapsed());
+    // The same port and directory again: the AOF brings the data back, the store reconnects.
+    server.child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if store.put_usage(&[row(DAY, "a", "pos", counts(2, &[]))]).await.is_ok() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no reconnection");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(2));
+}
