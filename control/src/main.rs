@@ -8,6 +8,7 @@
 //! Exit codes: 0 success, 1 the policy (or file) is invalid or the request was refused, 2 the
 //! command line is wrong; `replay`: 3 when the candidate changes any recorded decision.
 
+mod audit;
 mod cases;
 mod explain;
 mod hash_key;
@@ -49,6 +50,8 @@ enum Command {
     Serve(serve::Args),
     /// Show the nodes connected to a companion, the revision each acknowledged, and fleet usage.
     Status(status::Args),
+    /// Show the policy revisions served, newest first, each with what it changed.
+    Audit(audit::Args),
     /// Write a new Ed25519 signing key (private JWK) and print its public JWKS entry.
     Keygen(keygen::Args),
     /// Issue a short-lived JWT for an app, scoped to datasets (a JIT credential).
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => explain::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Status(args) => status::run(&args),
+        Command::Audit(args) => audit::run(&args),
         Command::Keygen(args) => keygen::run(&args),
         Command::Mint(args) => mint::run(&args),
         Command::Replay(args) => replay::run(&args),

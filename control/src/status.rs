@@ -13,29 +13,44 @@ use tonic::transport::ClientTlsConfig;
 /// How long to wait for the companion, connecting and answering.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The companion a client command asks: `--server` and the TLS flags.
 #[derive(Debug, clap::Args)]
-pub struct Args {
+pub struct Remote {
     /// The companion's address, `HOST:PORT` or `http://HOST:PORT`.
     #[arg(long, default_value = "127.0.0.1:18000")]
-    server: String,
+    pub server: String,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientArgs,
+}
+
+impl Remote {
+    /// The URL to call and its TLS configuration.
+    pub fn target(&self) -> anyhow::Result<(String, Option<ClientTlsConfig>)> {
+        let tls = self.tls.config()?;
+        let url = server_url(&self.server, tls.is_some());
+        if tls.is_some() && url.starts_with("http://") {
+            return Err(crate::UsageError(format!(
+                "--tls-ca: the server {url} is plain http://; use https:// or HOST:PORT"
+            ))
+            .into());
+        }
+        Ok((url, tls))
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    remote: Remote,
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    tls: crate::tls::ClientArgs,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
-    let tls = args.tls.config()?;
-    let url = server_url(&args.server, tls.is_some());
-    if tls.is_some() && url.starts_with("http://") {
-        return Err(crate::UsageError(format!(
-            "--tls-ca: the server {url} is plain http://; use https:// or HOST:PORT"
-        ))
-        .into());
-    }
+    let (url, tls) = args.remote.target()?;
     let tls_on = tls.is_some();
     let status = match runtime.block_on(fetch(&url, tls)) {
         Ok(status) => status,
@@ -47,21 +62,30 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                     eprintln!(
                         "hint: if the companion serves TLS, pass --tls-ca (and --tls-cert/--tls-key for mutual TLS)"
                     );
-                } else if args.tls.tls_cert.is_none() {
+                } else if args.remote.tls.tls_cert.is_none() {
                     eprintln!("hint: a companion started with --tls-client-ca also needs --tls-cert and --tls-key");
                 }
             }
             return Ok(ExitCode::FAILURE);
         }
     };
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let text = serde_json::to_string_pretty(&to_json(&status)).context("encoding JSON")?;
-        writeln!(out, "{text}").context("writing to standard output")?;
-    } else {
-        out.write_all(render(&status, now_secs()).as_bytes()).context("writing to standard output")?;
-    }
+    print(args.json, || to_json(&status), || render(&status, now_secs()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `json()` (pretty, with `--json`) or `text()` to standard output.
+pub fn print(
+    as_json: bool,
+    json: impl FnOnce() -> serde_json::Value,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        let text = serde_json::to_string_pretty(&json()).context("encoding JSON")?;
+        writeln!(out, "{text}").context("writing to standard output")
+    } else {
+        out.write_all(text().as_bytes()).context("writing to standard output")
+    }
 }
 
 /// `HOST:PORT` becomes `http://HOST:PORT` (`https://` with `tls`); a URL stays as it is.
@@ -77,6 +101,15 @@ pub fn server_url(server: &str, tls: bool) -> String {
 
 /// Calls `Status`; the error is a readable reason.
 pub async fn fetch(url: &str, tls: Option<ClientTlsConfig>) -> Result<v1::StatusResponse, String> {
+    let channel = connect(url, tls).await?;
+    let mut client = PolicyServiceClient::new(channel);
+    let response =
+        client.status(v1::StatusRequest {}).await.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?;
+    Ok(response.into_inner())
+}
+
+/// A channel to the companion at `url`; the error is a readable reason.
+pub async fn connect(url: &str, tls: Option<ClientTlsConfig>) -> Result<tonic::transport::Channel, String> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad address: {e}"))?
         .connect_timeout(TIMEOUT)
@@ -86,11 +119,7 @@ pub async fn fetch(url: &str, tls: Option<ClientTlsConfig>) -> Result<v1::Status
     } else if url.starts_with("https://") {
         return Err("https:// needs --tls-ca (the CA that signed the companion's certificate)".to_string());
     }
-    let channel = endpoint.connect().await.map_err(|e| error_chain(&e))?;
-    let mut client = PolicyServiceClient::new(channel);
-    let response =
-        client.status(v1::StatusRequest {}).await.map_err(|s| format!("{} ({:?})", s.message(), s.code()))?;
-    Ok(response.into_inner())
+    endpoint.connect().await.map_err(|e| error_chain(&e))
 }
 
 /// An error and its causes on one line (`transport error: tcp connect error: Connection refused`).
@@ -115,8 +144,19 @@ pub fn to_json(s: &v1::StatusResponse) -> serde_json::Value {
         "day": s.day,
         "date": date_of_day(s.day),
         "last_policy_error": s.last_policy_error,
+        "companion": s.companion,
+        "store": s.store.as_ref().map(|st| json!({"url": st.url, "available": st.available, "error": st.error})),
+        "companions": s.companions.iter().map(|c| json!({
+            "name": c.name,
+            "revision": c.revision,
+            "content_sha256": c.content_sha256,
+            "last_seen_unix": c.last_seen_unix,
+            "alive": c.alive,
+        })).collect::<Vec<_>>(),
+        "drift": drift(s),
         "nodes": s.nodes.iter().map(|n| json!({
             "node_id": n.node_id,
+            "companion": n.companion,
             "connected": n.connected,
             "streams": n.streams,
             "client_certificate": n.client_certificate,
@@ -141,6 +181,17 @@ pub fn to_json(s: &v1::StatusResponse) -> serde_json::Value {
     })
 }
 
+/// The revisions served by live companions, when they are not all the same one (sorted).
+pub fn drift(s: &v1::StatusResponse) -> Vec<String> {
+    let revisions: std::collections::BTreeSet<&str> =
+        s.companions.iter().filter(|c| c.alive).map(|c| c.revision.as_str()).collect();
+    if revisions.len() > 1 {
+        revisions.into_iter().map(str::to_string).collect()
+    } else {
+        Vec::new()
+    }
+}
+
 /// `YYYY-MM-DD` of a day number.
 fn date_of_day(day: u64) -> String {
     let secs = i64::try_from(day.saturating_mul(86_400)).unwrap_or(i64::MAX);
@@ -153,7 +204,27 @@ pub fn render(s: &v1::StatusResponse, now: i64) -> String {
     let error =
         if s.last_policy_error.is_empty() { "none".to_string() } else { s.last_policy_error.replace('\n', "\n  ") };
     out.push_str(&format!("serving revision {}\n", s.revision));
-    out.push_str(&format!("last policy error: {error}\n\n"));
+    out.push_str(&format!("last policy error: {error}\n"));
+    if let Some(store) = &s.store {
+        // An error names the store already.
+        let state =
+            if store.available { format!("ok ({})", store.url) } else { format!("unavailable ({})", store.error) };
+        out.push_str(&format!("companion {}, store: {state}\n", dash(&s.companion)));
+    }
+    if s.companions.len() > 1 {
+        let mut rows = vec![row(&["COMPANION", "REVISION", "ALIVE", "LAST SEEN"])];
+        for c in &s.companions {
+            let alive = if c.alive { "yes" } else { "no" };
+            rows.push(row(&[&c.name, dash(&c.revision), alive, &ago(now - c.last_seen_unix)]));
+        }
+        out.push_str(&format!("companions sharing the store: {}\n", s.companions.len()));
+        out.push_str(&table(&rows));
+    }
+    let drift = drift(s);
+    if !drift.is_empty() {
+        out.push_str(&format!("DRIFT: live companions serve different revisions: {}\n", drift.join(", ")));
+    }
+    out.push('\n');
 
     let in_sync = s.nodes.iter().filter(|n| n.connected && n.acked_revision == s.revision).count();
     let connected = s.nodes.iter().filter(|n| n.connected).count();
@@ -161,7 +232,8 @@ pub fn render(s: &v1::StatusResponse, now: i64) -> String {
     if s.nodes.is_empty() {
         out.push_str("  (none yet)\n");
     } else {
-        let mut rows = vec![row(&["NODE", "CONNECTED", "ACKED", "NACKED", "LAST SEEN", "ENVOY", "FILTER"])];
+        let mut rows =
+            vec![row(&["NODE", "CONNECTED", "ACKED", "NACKED", "LAST SEEN", "ENVOY", "FILTER", "COMPANION"])];
         for n in &s.nodes {
             let connected = match (n.connected, n.streams) {
                 (false, _) => "no".to_string(),
@@ -176,6 +248,7 @@ pub fn render(s: &v1::StatusResponse, now: i64) -> String {
                 &ago(now - n.last_seen_unix),
                 dash(&n.envoy_version),
                 dash(&n.filter_version),
+                dash(&n.companion),
             ]));
         }
         out.push_str(&table(&rows));
@@ -278,6 +351,7 @@ mod tests {
                     connected: true,
                     streams: 1,
                     client_certificate: "sha256:0a1b".into(),
+                    companion: "cp-0:18000".into(),
                 },
                 v1::Node {
                     node_id: "envoy-b".into(),
@@ -296,6 +370,28 @@ mod tests {
             last_policy_error: String::new(),
             exhausted_apps: vec!["pos".into()],
             daily_budgets: [("pos".to_string(), 100)].into_iter().collect(),
+            companion: "cp-0:18000".into(),
+            store: Some(v1::StoreStatus {
+                url: "redis://cache:6379/0".into(),
+                available: false,
+                error: "refused".into(),
+            }),
+            companions: vec![
+                v1::Companion {
+                    name: "cp-0:18000".into(),
+                    revision: "8".into(),
+                    last_seen_unix: 999,
+                    alive: true,
+                    ..Default::default()
+                },
+                v1::Companion {
+                    name: "cp-1:18000".into(),
+                    revision: "7".into(),
+                    last_seen_unix: 998,
+                    alive: true,
+                    ..Default::default()
+                },
+            ],
         }
     }
 
@@ -311,6 +407,10 @@ mod tests {
             "envoy-a rejected 8: rules[0].when: bad\n    rules[1].when: bad",
             "  envoy-a client certificate sha256:0a1b\n",
             "fleet usage on 2024-10-04 (UTC)",
+            "companion cp-0:18000, store: unavailable (refused)\n",
+            "companions sharing the store: 2\n",
+            "DRIFT: live companions serve different revisions: 7, 8\n",
+            "0.1.0   cp-0:18000\n",
             "pos  100      100     2       0          0           budget exhausted",
         ] {
             assert!(text.contains(want), "{want:?} missing in:\n{text}");
@@ -330,6 +430,9 @@ mod tests {
         assert_eq!(v["fleet_usage"][0]["exhausted"], true);
         assert_eq!(v["fleet_usage"][0]["denied"]["quota-exceeded"], 2);
         assert_eq!(v["date"], "2024-10-04");
+        assert_eq!(v["nodes"][0]["companion"], "cp-0:18000");
+        assert_eq!(v["store"]["available"], false);
+        assert_eq!(v["drift"], serde_json::json!(["7", "8"]));
     }
 
     #[test]

@@ -126,6 +126,41 @@ pub struct StatusResponse {
     /// budget in force per app (apps without one absent)
     #[prost(map = "string, uint64", tag = "7")]
     pub daily_budgets: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+    /// the name of the companion answering
+    #[prost(string, tag = "8")]
+    pub companion: ::prost::alloc::string::String,
+    /// its store (`--store`)
+    #[prost(message, optional, tag = "9")]
+    pub store: ::core::option::Option<StoreStatus>,
+    /// Every companion sharing the store, this one included, with the revision each serves: two
+    /// revisions among the live ones is drift.
+    #[prost(message, repeated, tag = "10")]
+    pub companions: ::prost::alloc::vec::Vec<Companion>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StoreStatus {
+    /// without a password
+    #[prost(string, tag = "1")]
+    pub url: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub available: bool,
+    /// why not, when not
+    #[prost(string, tag = "3")]
+    pub error: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Companion {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub revision: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub content_sha256: ::prost::alloc::string::String,
+    #[prost(int64, tag = "4")]
+    pub last_seen_unix: i64,
+    /// heard from within the last few seconds
+    #[prost(bool, tag = "5")]
+    pub alive: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Node {
@@ -152,4 +187,56 @@ pub struct Node {
     /// leaf (node ids are the client's word; the certificate is not). Empty over plain text or TLS.
     #[prost(string, tag = "10")]
     pub client_certificate: ::prost::alloc::string::String,
+    /// The companion whose stream the node opened last (several companions share a Redis store).
+    #[prost(string, tag = "11")]
+    pub companion: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditRequest {
+    /// newest revisions to return; 0 for every one
+    #[prost(uint32, tag = "1")]
+    pub limit: u32,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuditResponse {
+    /// newest first
+    #[prost(message, repeated, tag = "1")]
+    pub revisions: ::prost::alloc::vec::Vec<AuditEntry>,
+    #[prost(message, optional, tag = "2")]
+    pub store: ::core::option::Option<StoreStatus>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuditEntry {
+    #[prost(string, tag = "1")]
+    pub revision: ::prost::alloc::string::String,
+    /// SHA-256 (hex) of the policy as compact JSON
+    #[prost(string, tag = "2")]
+    pub content_sha256: ::prost::alloc::string::String,
+    #[prost(int64, tag = "3")]
+    pub first_served_unix: i64,
+    /// the file it was read from
+    #[prost(string, tag = "4")]
+    pub source: ::prost::alloc::string::String,
+    /// the companion that served it first
+    #[prost(string, tag = "5")]
+    pub companion: ::prost::alloc::string::String,
+    /// from the revision served before it
+    #[prost(message, repeated, tag = "6")]
+    pub changes: ::prost::alloc::vec::Vec<PolicyChange>,
+}
+/// One difference from the previous revision: kind (app, tier, dataset, rule, exemption, connector,
+/// connectors, settings, policy), id, action (added, removed, changed, lifecycle, tier), and for
+/// lifecycle and tier the values before and after.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyChange {
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub action: ::prost::alloc::string::String,
+    #[prost(string, tag = "4")]
+    pub from: ::prost::alloc::string::String,
+    #[prost(string, tag = "5")]
+    pub to: ::prost::alloc::string::String,
 }

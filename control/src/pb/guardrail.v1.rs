@@ -145,6 +145,31 @@ pub mod policy_service_client {
                 .insert(GrpcMethod::new("guardrail.v1.PolicyService", "Status"));
             self.inner.unary(req, path, codec).await
         }
+        /// The audit trail for `guardrail audit`: the policy revisions served, newest first.
+        pub async fn audit(
+            &mut self,
+            request: impl tonic::IntoRequest<::guardrail_proto::v1::AuditRequest>,
+        ) -> std::result::Result<
+            tonic::Response<::guardrail_proto::v1::AuditResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/guardrail.v1.PolicyService/Audit",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("guardrail.v1.PolicyService", "Audit"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -183,6 +208,14 @@ pub mod policy_service_server {
             request: tonic::Request<::guardrail_proto::v1::StatusRequest>,
         ) -> std::result::Result<
             tonic::Response<::guardrail_proto::v1::StatusResponse>,
+            tonic::Status,
+        >;
+        /// The audit trail for `guardrail audit`: the policy revisions served, newest first.
+        async fn audit(
+            &self,
+            request: tonic::Request<::guardrail_proto::v1::AuditRequest>,
+        ) -> std::result::Result<
+            tonic::Response<::guardrail_proto::v1::AuditResponse>,
             tonic::Status,
         >;
     }
@@ -341,6 +374,51 @@ pub mod policy_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = StatusSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/guardrail.v1.PolicyService/Audit" => {
+                    #[allow(non_camel_case_types)]
+                    struct AuditSvc<T: PolicyService>(pub Arc<T>);
+                    impl<
+                        T: PolicyService,
+                    > tonic::server::UnaryService<::guardrail_proto::v1::AuditRequest>
+                    for AuditSvc<T> {
+                        type Response = ::guardrail_proto::v1::AuditResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<::guardrail_proto::v1::AuditRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PolicyService>::audit(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AuditSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

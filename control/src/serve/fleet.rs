@@ -18,9 +18,10 @@
 //! about 100 requests. Each Envoy also enforces the whole budget locally, so no single Envoy ever
 //! exceeds it.
 
+use crate::store::{NodeRecord, UsageRow};
 use guardrail_core::compile::{CompiledPolicy, MAX_APP_ID_LEN};
 use guardrail_proto::v1;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// Nodes remembered at once; a Hello beyond this is refused (a runaway client creating node ids).
 pub const MAX_NODES: usize = 10_000;
@@ -114,14 +115,21 @@ pub struct Node {
     pub streams: u32,
     /// The client certificate (`sha256:<hex>`) of its latest stream, under mutual TLS.
     pub client_certificate: String,
+    /// The companion it opened its latest stream on: this one, or another sharing the store.
+    pub companion: String,
+    /// Streams open on another (live) companion, as the store says; 0 for nodes of this one.
+    pub elsewhere: u32,
     /// Per UTC day, per app.
     usage: BTreeMap<u64, BTreeMap<String, Counts>>,
 }
 
-/// Every node the companion has heard from (recently).
+/// Every node the companion has heard from (recently), its own and (from the store) those of the
+/// other companions sharing the store.
 #[derive(Debug, Default)]
 pub struct Fleet {
     nodes: BTreeMap<String, Node>,
+    /// This companion's name, recorded on the nodes that connect to it.
+    pub own: String,
 }
 
 // === impl Fleet ===
@@ -143,6 +151,8 @@ impl Fleet {
         node.last_seen = now;
         node.streams = node.streams.saturating_add(1);
         node.client_certificate = certificate.to_string();
+        node.companion.clone_from(&self.own);
+        node.elsewhere = 0;
         Ok(node)
     }
 
@@ -229,29 +239,113 @@ impl Fleet {
         }
         totals
     }
+}
 
-    /// Apps whose fleet total of allowed requests for `day` reached the daily budget in force at
-    /// `now` (sorted). Apps no longer in the catalog have no budget here.
-    pub fn exhausted(&self, day: u64, policy: &CompiledPolicy, now: i64) -> Vec<String> {
-        self.totals(day)
-            .into_iter()
-            .filter(|(app, counts)| {
-                policy
-                    .app(app)
-                    .and_then(|a| policy.limits(a, now))
-                    .and_then(|l| l.daily_budget)
-                    .is_some_and(|budget| counts.allowed >= budget)
-            })
-            .map(|(app, _)| app)
-            .collect()
-    }
+/// The apps of `totals` whose `allowed` reached the daily budget in force at `now` (sorted). Apps
+/// no longer in the catalog have no budget here.
+pub fn exhausted_in(totals: BTreeMap<String, Counts>, policy: &CompiledPolicy, now: i64) -> Vec<String> {
+    totals
+        .into_iter()
+        .filter(|(app, counts)| {
+            policy
+                .app(app)
+                .and_then(|a| policy.limits(a, now))
+                .and_then(|l| l.daily_budget)
+                .is_some_and(|budget| counts.allowed >= budget)
+        })
+        .map(|(app, _)| app)
+        .collect()
+}
 
+impl Fleet {
     /// Drops usage of days before yesterday, and nodes gone for a day with none left.
     pub fn prune(&mut self, today: u64, now: i64) {
         for node in self.nodes.values_mut() {
             node.usage.retain(|day, _| day + 1 >= today);
         }
-        self.nodes.retain(|_, n| n.streams > 0 || !n.usage.is_empty() || now - n.last_seen < FORGET_AFTER_SECS);
+        self.nodes.retain(|_, n| {
+            n.streams > 0 || n.elsewhere > 0 || !n.usage.is_empty() || now - n.last_seen < FORGET_AFTER_SECS
+        });
+    }
+
+    // --- the store ---
+
+    /// The node as the store keeps it (`None` for an unknown node).
+    pub fn record(&self, node_id: &str) -> Option<NodeRecord> {
+        let n = self.nodes.get(node_id)?;
+        Some(NodeRecord {
+            node_id: node_id.to_string(),
+            companion: n.companion.clone(),
+            envoy_version: n.envoy_version.clone(),
+            filter_version: n.filter_version.clone(),
+            acked_revision: n.acked_revision.clone(),
+            nacked_revision: n.nacked_revision.clone(),
+            last_error: n.last_error.clone(),
+            last_seen: n.last_seen,
+            streams: n.streams,
+            client_certificate: n.client_certificate.clone(),
+        })
+    }
+
+    /// Ids of the nodes connected to this companion.
+    pub fn connected_here(&self) -> Vec<String> {
+        self.nodes.iter().filter(|(_, n)| n.streams > 0).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Ids of the nodes of this companion (connected now or before).
+    pub fn own_nodes(&self) -> Vec<String> {
+        self.nodes.iter().filter(|(_, n)| n.companion == self.own).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// The node's usage of `day`, as rows for the store.
+    pub fn usage_rows(&self, node_id: &str, day: u64) -> Vec<UsageRow> {
+        let Some(apps) = self.nodes.get(node_id).and_then(|n| n.usage.get(&day)) else {
+            return Vec::new();
+        };
+        apps.iter()
+            .map(|(app, counts)| UsageRow { day, node: node_id.to_string(), app: app.clone(), counts: counts.clone() })
+            .collect()
+    }
+
+    /// The (node, day) pairs holding usage.
+    pub fn usage_keys(&self) -> Vec<(String, u64)> {
+        self.nodes.iter().flat_map(|(id, n)| n.usage.keys().map(move |day| (id.clone(), *day))).collect()
+    }
+
+    /// Usage read from the store (this companion's before a restart, or other companions' nodes):
+    /// merged by the highest count, as reports are. Beyond [`MAX_NODES`], new nodes are skipped.
+    pub fn absorb_usage(&mut self, rows: &[UsageRow]) {
+        for row in rows {
+            if !self.nodes.contains_key(&row.node) && (self.nodes.len() >= MAX_NODES || !valid_id(&row.node)) {
+                continue;
+            }
+            let node = self.nodes.entry(row.node.clone()).or_default();
+            node.usage.entry(row.day).or_default().entry(row.app.clone()).or_default().merge_max(&row.counts);
+        }
+    }
+
+    /// Node records read from the store. A node connected here is this companion's to describe;
+    /// any other takes the record, and counts as connected when its companion is one of `alive`
+    /// (and not this one: streams this companion had before a restart are gone).
+    pub fn absorb_nodes(&mut self, records: &[NodeRecord], alive: &HashSet<String>) {
+        for r in records {
+            if self.nodes.get(&r.node_id).is_some_and(|n| n.streams > 0) {
+                continue;
+            }
+            if !self.nodes.contains_key(&r.node_id) && (self.nodes.len() >= MAX_NODES || !valid_id(&r.node_id)) {
+                continue;
+            }
+            let node = self.nodes.entry(r.node_id.clone()).or_default();
+            node.companion.clone_from(&r.companion);
+            node.envoy_version.clone_from(&r.envoy_version);
+            node.filter_version.clone_from(&r.filter_version);
+            node.acked_revision.clone_from(&r.acked_revision);
+            node.nacked_revision.clone_from(&r.nacked_revision);
+            node.last_error.clone_from(&r.last_error);
+            node.last_seen = node.last_seen.max(r.last_seen);
+            node.client_certificate.clone_from(&r.client_certificate);
+            node.elsewhere = if r.companion != self.own && alive.contains(&r.companion) { r.streams } else { 0 };
+        }
     }
 
     #[cfg(test)]
@@ -271,9 +365,10 @@ impl Fleet {
                 nacked_revision: n.nacked_revision.clone(),
                 last_error: n.last_error.clone(),
                 last_seen_unix: n.last_seen,
-                connected: n.streams > 0,
-                streams: n.streams,
+                connected: n.streams > 0 || n.elsewhere > 0,
+                streams: if n.streams > 0 { n.streams } else { n.elsewhere },
                 client_certificate: n.client_certificate.clone(),
+                companion: n.companion.clone(),
             })
             .collect()
     }

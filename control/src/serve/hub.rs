@@ -15,22 +15,27 @@
 //! pushed `policy_json` carries the snapshot's revision as its `revision`, so the filter's policy
 //! and its ACK name the same thing.
 
-use super::fleet::{Counts, Fleet, FleetError, Node};
+use super::fleet::{exhausted_in, Counts, Fleet, FleetError, Node};
 use crate::log::log;
+use crate::store::{CompanionRecord, NodeRecord, Store, UsageRow};
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::source::Document;
 use guardrail_core::time::SECS_PER_DAY;
 use guardrail_proto::v1;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use tokio::sync::watch;
 
 /// The largest `policy_json` pushed; it must fit the filter's (and the server's) message limit.
 pub const MAX_POLICY_JSON_BYTES: usize = 4 * 1024 * 1024 - 4096;
 /// Revisions remembered to keep labels unambiguous (cleared beyond this).
 const MAX_LABELS: usize = 10_000;
+/// Revisions served but not yet in the store's audit trail (the oldest are dropped beyond this).
+const MAX_PENDING_REVISIONS: usize = 64;
+/// A companion whose heartbeat is older than this is not alive (its nodes are not connected).
+pub const COMPANION_ALIVE_SECS: i64 = 10;
 
 /// Unix seconds; a parameter so that tests can move the day on.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -81,10 +86,41 @@ pub struct Hub {
     shutdown: watch::Sender<bool>,
     inner: Mutex<Inner>,
     clock: Clock,
+    store: OnceLock<Arc<dyn Store>>,
+}
+
+/// A snapshot served, for the audit trail.
+pub struct Served {
+    pub snapshot: Arc<Snapshot>,
+    pub source: String,
+    pub at: i64,
+}
+
+/// What changed since the store was last written: taken by the store task every second, off the
+/// report path, and given back when the write fails.
+#[derive(Default)]
+pub struct Dirty {
+    pub usage: HashSet<(String, u64)>,
+    pub nodes: HashSet<String>,
+}
+
+/// A batch for the store: the rows and records of a [`Dirty`] set, as they are now.
+pub struct Batch {
+    pub keys: Dirty,
+    pub usage: Vec<UsageRow>,
+    pub nodes: Vec<NodeRecord>,
 }
 
 struct Inner {
     fleet: Fleet,
+    dirty: Dirty,
+    served: Vec<Served>,
+    /// Fleet totals per app of a day as the store last had them (every companion's nodes).
+    store_totals: (u64, BTreeMap<String, Counts>),
+    /// The companions sharing the store, as it last said.
+    companions: Vec<CompanionRecord>,
+    /// The store's URL and, while it is unavailable, why.
+    store_health: Option<(String, Option<String>)>,
     last_policy_error: String,
     /// What a change left to free (the snapshot it replaced, the document's JSON tree): freed by the
     /// next [`Hub::tick`], not before the change is pushed and logged.
@@ -101,18 +137,27 @@ impl Hub {
         let mut labels = HashMap::new();
         let content = content_of(&doc);
         let (snapshot, _) = make_snapshot(file, doc, content, &mut labels)?;
-        let today = day_of(clock());
+        let now = clock();
+        let today = day_of(now);
+        let snapshot = Arc::new(snapshot);
+        let served = vec![Served { snapshot: snapshot.clone(), source: file.display().to_string(), at: now }];
         let hub = Hub {
-            snapshot: watch::Sender::new(Arc::new(snapshot)),
+            snapshot: watch::Sender::new(snapshot),
             fleet_state: watch::Sender::new(v1::FleetState { day: today, exhausted_apps: Vec::new() }),
             shutdown: watch::Sender::new(false),
             inner: Mutex::new(Inner {
                 fleet: Fleet::default(),
+                dirty: Dirty::default(),
+                served,
+                store_totals: (today, BTreeMap::new()),
+                companions: Vec::new(),
+                store_health: None,
                 last_policy_error: String::new(),
                 retired: Vec::new(),
                 labels,
             }),
             clock,
+            store: OnceLock::new(),
         };
         Ok(Arc::new(hub))
     }
@@ -166,7 +211,12 @@ impl Hub {
             Err(e) => return self.refused(&mut inner, e),
         };
         let revision = snapshot.revision.clone();
-        let previous = self.snapshot.send_replace(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        if inner.served.len() >= MAX_PENDING_REVISIONS {
+            inner.served.remove(0);
+        }
+        inner.served.push(Served { snapshot: snapshot.clone(), source: file.display().to_string(), at: self.now() });
+        let previous = self.snapshot.send_replace(snapshot);
         inner.last_policy_error.clear();
         self.recompute(&inner);
         // Freeing a large compiled policy takes milliseconds: not before the push is logged.
@@ -189,12 +239,17 @@ impl Hub {
 
     pub fn connect(&self, hello: &v1::Hello, certificate: &str) -> Result<Node, FleetError> {
         let now = self.now();
-        self.lock().fleet.connect(hello, certificate, now).cloned()
+        let mut inner = self.lock();
+        let node = inner.fleet.connect(hello, certificate, now).cloned()?;
+        inner.dirty.nodes.insert(hello.node_id.clone());
+        Ok(node)
     }
 
     pub fn disconnect(&self, node_id: &str) {
         let now = self.now();
-        self.lock().fleet.disconnect(node_id, now);
+        let mut inner = self.lock();
+        inner.fleet.disconnect(node_id, now);
+        inner.dirty.nodes.insert(node_id.to_string());
     }
 
     pub fn seen(&self, node_id: &str) {
@@ -204,11 +259,15 @@ impl Hub {
 
     pub fn ack(&self, node_id: &str, revision: &str) {
         let served = self.current().revision.clone();
-        self.lock().fleet.ack(node_id, revision, &served);
+        let mut inner = self.lock();
+        inner.fleet.ack(node_id, revision, &served);
+        inner.dirty.nodes.insert(node_id.to_string());
     }
 
     pub fn nack(&self, node_id: &str, revision: &str, error: &str) {
-        self.lock().fleet.nack(node_id, revision, error);
+        let mut inner = self.lock();
+        inner.fleet.nack(node_id, revision, error);
+        inner.dirty.nodes.insert(node_id.to_string());
     }
 
     #[cfg(test)]
@@ -221,8 +280,123 @@ impl Hub {
         let today = self.today();
         let mut inner = self.lock();
         inner.fleet.report(node_id, report, today)?;
+        inner.dirty.usage.insert((node_id.to_string(), report.day));
         self.recompute(&inner);
         Ok(())
+    }
+
+    // --- the store ---
+
+    /// Gives the hub its store (once): `Audit` reads it.
+    pub fn attach_store(&self, store: Arc<dyn Store>, name: &str) {
+        let url = store.url().to_string();
+        let _ = self.store.set(store);
+        let mut inner = self.lock();
+        inner.fleet.own = name.to_string();
+        inner.store_health = Some((url, None));
+    }
+
+    pub fn store(&self) -> Option<Arc<dyn Store>> {
+        self.store.get().cloned()
+    }
+
+    /// This companion's name (empty without a store).
+    pub fn name(&self) -> String {
+        self.lock().fleet.own.clone()
+    }
+
+    /// What changed since the last call, as it is now.
+    pub fn take_batch(&self) -> Batch {
+        let mut inner = self.lock();
+        let keys = std::mem::take(&mut inner.dirty);
+        let usage = keys.usage.iter().flat_map(|(node, day)| inner.fleet.usage_rows(node, *day)).collect();
+        let nodes = keys.nodes.iter().filter_map(|id| inner.fleet.record(id)).collect();
+        Batch { keys, usage, nodes }
+    }
+
+    /// A batch the store did not take: written with the next one.
+    pub fn requeue(&self, keys: Dirty) {
+        let mut inner = self.lock();
+        inner.dirty.usage.extend(keys.usage);
+        inner.dirty.nodes.extend(keys.nodes);
+    }
+
+    /// Marks everything this companion knows of its own nodes for writing (the store came back
+    /// and may have lost writes), or with `connected_only` just the connected ones (their
+    /// `last_seen`).
+    pub fn mark_own(&self, connected_only: bool) {
+        let mut inner = self.lock();
+        let ids = if connected_only { inner.fleet.connected_here() } else { inner.fleet.own_nodes() };
+        if !connected_only {
+            let keys: Vec<(String, u64)> =
+                inner.fleet.usage_keys().into_iter().filter(|(node, _)| ids.contains(node)).collect();
+            inner.dirty.usage.extend(keys);
+        }
+        inner.dirty.nodes.extend(ids);
+    }
+
+    /// Revisions served and not yet in the audit trail.
+    pub fn take_served(&self) -> Vec<Served> {
+        std::mem::take(&mut self.lock().served)
+    }
+
+    /// Revisions the store did not take, before those served since.
+    pub fn requeue_served(&self, mut served: Vec<Served>) {
+        let mut inner = self.lock();
+        served.append(&mut inner.served);
+        let excess = served.len().saturating_sub(MAX_PENDING_REVISIONS);
+        served.drain(..excess);
+        inner.served = served;
+    }
+
+    /// Usage and node records read from the store; `alive`: the companions heard from lately.
+    pub fn absorb(&self, usage: &[UsageRow], nodes: &[NodeRecord]) {
+        let now = self.now();
+        let mut inner = self.lock();
+        let alive: HashSet<String> = inner
+            .companions
+            .iter()
+            .filter(|c| now - c.last_seen <= COMPANION_ALIVE_SECS)
+            .map(|c| c.name.clone())
+            .collect();
+        inner.fleet.absorb_usage(usage);
+        inner.fleet.absorb_nodes(nodes, &alive);
+        self.recompute(&inner);
+    }
+
+    /// The fleet totals of `day` as the store has them, from every companion's nodes.
+    pub fn set_store_totals(&self, day: u64, totals: BTreeMap<String, Counts>) {
+        let mut inner = self.lock();
+        inner.store_totals = (day, totals);
+        self.recompute(&inner);
+    }
+
+    pub fn set_companions(&self, companions: Vec<CompanionRecord>) {
+        self.lock().companions = companions;
+    }
+
+    /// Whether the store answered its last operation (`None`) or why not.
+    pub fn set_store_error(&self, error: Option<String>) {
+        if let Some((_, e)) = self.lock().store_health.as_mut() {
+            *e = error;
+        }
+    }
+
+    /// This companion, as the store keeps it.
+    pub fn companion_record(&self, started: i64) -> CompanionRecord {
+        let snapshot = self.current();
+        CompanionRecord {
+            name: self.name(),
+            revision: snapshot.revision.clone(),
+            content_sha256: hex::encode(snapshot.content),
+            started,
+            last_seen: self.now(),
+        }
+    }
+
+    /// Status of the store for `status` and `audit`.
+    pub fn store_status(&self) -> Option<v1::StoreStatus> {
+        store_status_of(&self.lock())
     }
 
     /// Once a second or so: a new UTC day empties the exhausted set, an expiring override may
@@ -242,7 +416,7 @@ impl Hub {
         let now = self.now();
         let day = day_of(now);
         let snapshot = self.current();
-        let exhausted = inner.fleet.exhausted(day, &snapshot.policy, now);
+        let exhausted = exhausted_in(fleet_totals(inner, day), &snapshot.policy, now);
         self.fleet_state.send_if_modified(|state| {
             if state.day == day && state.exhausted_apps == exhausted {
                 return false;
@@ -266,7 +440,7 @@ impl Hub {
         let day = day_of(now);
         let snapshot = self.current();
         let inner = self.lock();
-        let totals: BTreeMap<String, Counts> = inner.fleet.totals(day);
+        let totals: BTreeMap<String, Counts> = fleet_totals(&inner, day);
         let daily_budgets = snapshot
             .policy
             .apps
@@ -282,10 +456,44 @@ impl Hub {
             fleet_usage: totals.iter().map(|(app, c)| c.to_proto(app)).collect(),
             day,
             last_policy_error: inner.last_policy_error.clone(),
-            exhausted_apps: inner.fleet.exhausted(day, &snapshot.policy, now),
+            exhausted_apps: exhausted_in(totals, &snapshot.policy, now),
             daily_budgets,
+            companion: inner.fleet.own.clone(),
+            store: store_status_of(&inner),
+            companions: inner
+                .companions
+                .iter()
+                .map(|c| v1::Companion {
+                    name: c.name.clone(),
+                    revision: c.revision.clone(),
+                    content_sha256: c.content_sha256.clone(),
+                    last_seen_unix: c.last_seen,
+                    alive: now - c.last_seen <= COMPANION_ALIVE_SECS,
+                })
+                .collect(),
         }
     }
+}
+
+fn store_status_of(inner: &Inner) -> Option<v1::StoreStatus> {
+    inner.store_health.as_ref().map(|(url, error)| v1::StoreStatus {
+        url: url.clone(),
+        available: error.is_none(),
+        error: error.clone().unwrap_or_default(),
+    })
+}
+
+/// Usage per app of `day` over the fleet: the sum over the nodes this companion knows, or the
+/// store's totals (which count every companion's nodes) where they are higher. The store's lag
+/// behind this companion's own reports is at most one write interval.
+fn fleet_totals(inner: &Inner, day: u64) -> BTreeMap<String, Counts> {
+    let mut totals = inner.fleet.totals(day);
+    if inner.store_totals.0 == day {
+        for (app, stored) in &inner.store_totals.1 {
+            totals.entry(app.clone()).or_default().merge_max(stored);
+        }
+    }
+    totals
 }
 
 /// Days since 1970-01-01 (UTC) of Unix seconds.

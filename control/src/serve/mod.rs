@@ -6,8 +6,10 @@
 //! line per error and the last good policy stays in force. The gRPC service ([`service`]) tracks
 //! every node's ACKs, NACKs and usage; a ticker rolls the fleet over at each UTC day.
 
+pub mod audit;
 pub mod fleet;
 pub mod hub;
+pub mod persist;
 pub mod service;
 pub mod watch;
 
@@ -44,6 +46,13 @@ pub struct Args {
     /// Address to listen on, `HOST:PORT` (port 0 picks a free port; the log says which).
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: String,
+    /// Where the state that outlives the process is kept: `sqlite:PATH` (one companion) or
+    /// `redis://HOST:PORT[/DB]` (shared by several companions). See README "Companion state".
+    #[arg(long, default_value = crate::store::DEFAULT_URL)]
+    store: String,
+    /// This companion's name in the store and in `status` (default: `HOSTNAME:PORT`).
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     tls: crate::tls::ServerArgs,
 }
@@ -74,15 +83,27 @@ async fn serve(
     text: String,
     hub: Arc<Hub>,
 ) -> anyhow::Result<ExitCode> {
+    let store = crate::store::open(&args.store).await?;
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr().context("starting the gRPC server")?;
+    let name = args.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
+    hub.attach_store(store.clone(), &name);
+    let mut persist = persist::Persist::new(hub.clone(), store.clone());
+    if let Err(e) = persist.load().await {
+        hub.set_store_error(Some(e.to_string()));
+        log!("store: unavailable ({e}); serving without it until it answers (policy push goes on)");
+    }
+    let (persist_stop, persist_stopped) = tokio::sync::watch::channel(false);
+    let persist = tokio::spawn(persist.run(persist_stopped));
     let server = start(listener, hub.clone(), StreamLimits::default(), tls.clone())?;
     log!(
-        "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService, {})",
+        "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService, {}; companion {name}, store {})",
         hub.current().revision,
         file.display(),
         server.addr,
-        args.tls.describe()
+        args.tls.describe(),
+        store.url()
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -114,8 +135,23 @@ async fn serve(
     stop.store(true, Ordering::Relaxed);
     ticker.abort();
     server.stop(&hub).await;
+    // The last batch (the streams just closed among it) goes to the store before the exit.
+    let _ = persist_stop.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, persist).await.is_err() {
+        log!("the store did not take the last batch in time; stopping anyway");
+    }
     let _ = watcher.join();
     Ok(ExitCode::SUCCESS)
+}
+
+/// The machine's name (a pod's name under Kubernetes), for this companion's default name.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "companion".to_string())
 }
 
 /// Waits for Ctrl-C or SIGTERM; names the one that came.
@@ -150,22 +186,28 @@ pub fn start(
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("starting the gRPC server")?;
     let service = PolicyServiceServer::new(PolicyServer::new(hub, limits)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    // grpc.health.v1.Health: SERVING for the server ("") and for guardrail.v1.PolicyService.
+    let (health, health_service) = tonic_health::server::health_reporter();
     let server = tonic::transport::Server::builder()
         // Dead peers (a killed Envoy, a cut network) are noticed and their streams closed.
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
         .add_service(service);
     let (stop, stopped) = oneshot::channel::<()>();
     let stopped = async {
         let _ = stopped.await;
     };
-    let task = match tls {
-        None => {
-            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
+    let task = tokio::spawn(async move {
+        health.set_serving::<PolicyServiceServer<PolicyServer>>().await;
+        match tls {
+            None => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                server.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+            Some(tls) => server.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped).await,
         }
-        Some(tls) => tokio::spawn(server.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped)),
-    };
+    });
     Ok(Running { addr, stop, task })
 }
 

@@ -94,6 +94,39 @@ impl PolicyService for PolicyServer {
     async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
         Ok(Response::new(self.hub.status()))
     }
+
+    async fn audit(&self, request: Request<v1::AuditRequest>) -> Result<Response<v1::AuditResponse>, Status> {
+        let Some(store) = self.hub.store() else {
+            return Err(Status::failed_precondition("this companion runs without a store: no audit trail"));
+        };
+        let limit = match request.into_inner().limit {
+            0 => usize::MAX,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let revisions = store
+            .revisions(limit)
+            .await
+            .map_err(|e| Status::unavailable(format!("store: unavailable ({e}): the audit trail cannot be read")))?;
+        Ok(Response::new(v1::AuditResponse {
+            revisions: revisions.into_iter().map(audit_entry).collect(),
+            store: self.hub.store_status(),
+        }))
+    }
+}
+
+fn audit_entry(r: crate::store::Revision) -> v1::AuditEntry {
+    v1::AuditEntry {
+        revision: r.revision,
+        content_sha256: r.content_sha256,
+        first_served_unix: r.first_served,
+        source: r.source,
+        companion: r.companion,
+        changes: r
+            .changes
+            .into_iter()
+            .map(|c| v1::PolicyChange { kind: c.kind, id: c.id, action: c.action, from: c.from, to: c.to })
+            .collect(),
+    }
 }
 
 // === impl Connection ===

@@ -6,9 +6,10 @@ use super::service::{StreamLimits, MAX_MESSAGE_BYTES};
 use super::watch::{Polled, Source, Watcher, CONFIRM_POLLS, RACY};
 use super::{start, Running};
 use crate::pb::policy_service_client::PolicyServiceClient;
+use crate::store::tests::TempDir;
 use guardrail_proto::v1::{self, client_message::Msg, server_message};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -68,26 +69,6 @@ fn json_policy(revision: &str, budget: u64, extra_app: bool) -> String {
 
 // === Fixture ===
 
-/// A temporary directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("guardrail-serve-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct Fixture {
     dir: TempDir,
     file: PathBuf,
@@ -107,7 +88,7 @@ impl Fixture {
     }
 
     async fn with_file(name: &str, text: &str, limits: StreamLimits) -> Fixture {
-        let dir = TempDir::new();
+        let dir = TempDir::new("serve");
         let file = dir.0.join(name);
         std::fs::write(&file, text).unwrap();
         let now = Arc::new(AtomicI64::new(NOON));
@@ -439,7 +420,7 @@ async fn a_json_change_is_pushed_at_the_first_poll_and_never_half_written() {
 
 #[test]
 fn a_stat_is_trusted_once_the_file_was_read_a_clock_tick_after_its_last_write() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("serve");
     let file = dir.0.join("policy.json");
     std::fs::write(&file, "{}").unwrap();
     let stamp = Source::new(&file).stamp().unwrap();
@@ -519,7 +500,7 @@ async fn revisions_name_one_content_only() {
 
 #[tokio::test]
 async fn a_directory_holds_exactly_one_policy_file() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("serve");
     let file = dir.0.join("policy.yaml");
     std::fs::write(&file, policy("1", 10, false)).unwrap();
     for ignored in [".policy.yaml.swp", "policy.yaml~", "policy.yaml.tmp", "README.md"] {
@@ -659,4 +640,87 @@ async fn a_client_that_stops_reading_does_not_hold_up_the_others() {
     drop(stuck);
     assert_eq!(f.hub.node("reader").map(|n| n.streams), Some(1));
     f.stop().await;
+}
+
+// === The store ===
+
+/// Gives the fixture's hub `store`, loaded as `serve` does on start.
+async fn attach(f: &Fixture, store: &Arc<dyn crate::store::Store>, name: &str) -> super::persist::Persist {
+    f.hub.attach_store(store.clone(), name);
+    let mut persist = super::persist::Persist::new(f.hub.clone(), store.clone());
+    persist.load().await.unwrap();
+    persist
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_companion_started_on_its_store_counts_the_nodes_that_went_away_and_keeps_the_audit() {
+    let dir = TempDir::new("persist");
+    let store = crate::store::open(&format!("sqlite:{}", dir.0.join("guardrail.db").display())).await.unwrap();
+    let today = day_of(NOON);
+
+    let mut before = Fixture::new(&policy("1", 10, false)).await;
+    let mut persist = attach(&before, &store, "cp-0").await;
+    let (node, _) = Node::joined(&before, "envoy-1").await;
+    node.send(usage(today, "app-a", 6)).await;
+    node.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    eventually("the report", || before.hub.status().fleet_usage.iter().any(|u| u.allowed == 6)).await;
+    assert!(matches!(before.change(&policy("2", 10, true)), Polled::Offered(Offer::Published(_))));
+    let started = std::time::Instant::now();
+    persist.flush().await.unwrap();
+    eprintln!("one batch written to SQLite in {:?}", started.elapsed());
+    drop(node);
+    before.stop().await;
+
+    // Another process, as after a crash: nothing of the fleet in memory but what the store gives.
+    let after = Fixture::new(&policy("2", 10, true)).await;
+    let started = std::time::Instant::now();
+    let mut persist = attach(&after, &store, "cp-0").await;
+    eprintln!("loaded from SQLite in {:?}", started.elapsed());
+    let status = after.status().await;
+    assert_eq!(status.fleet_usage.iter().find(|u| u.app == "app-a").map(|u| u.allowed), Some(6));
+    let node = status.nodes.iter().find(|n| n.node_id == "envoy-1").cloned().unwrap_or_default();
+    assert_eq!((node.acked_revision.as_str(), node.connected, node.companion.as_str()), ("1", false, "cp-0"));
+    // 6 spent by a node that is gone + 4 here: the budget of 10 is spent fleet-wide.
+    let (mut node, _) = Node::joined(&after, "envoy-2").await;
+    node.send(usage(today, "app-a", 4)).await;
+    assert_eq!(node.fleet().await.exhausted_apps, vec!["app-a".to_string()]);
+
+    persist.flush().await.unwrap();
+    let trail = store.revisions(10).await.unwrap();
+    let got: Vec<(&str, usize)> = trail.iter().map(|r| (r.revision.as_str(), r.changes.len())).collect();
+    assert_eq!(got, vec![("2", 1), ("1", 0)], "revision 2 added app-b; the restart served 2 again: no entry");
+    assert_eq!(
+        trail[0].changes[0],
+        crate::store::Change { kind: "app".into(), id: "app-b".into(), action: "added".into(), ..Default::default() }
+    );
+    after.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn companions_sharing_a_store_see_each_others_nodes_and_spend_one_budget() {
+    let Some(redis) = crate::store::tests::RedisServer::start() else { return };
+    let (a, b) = (Fixture::new(&policy("1", 10, false)).await, Fixture::new(&policy("1", 10, false)).await);
+    let store_a = crate::store::open(&redis.url()).await.unwrap();
+    let store_b = crate::store::open(&redis.url()).await.unwrap();
+    let mut persist_a = attach(&a, &store_a, "cp-a").await;
+    let mut persist_b = attach(&b, &store_b, "cp-b").await;
+    let today = day_of(NOON);
+    let (node_a, _) = Node::joined(&a, "envoy-a").await;
+    let (mut node_b, _) = Node::joined(&b, "envoy-b").await;
+    node_a.send(usage(today, "app-a", 6)).await;
+    eventually("a's report", || a.hub.status().fleet_usage.iter().any(|u| u.allowed == 6)).await;
+    persist_a.flush().await.unwrap();
+    node_b.send(usage(today, "app-a", 4)).await;
+    eventually("b's report", || b.hub.status().fleet_usage.iter().any(|u| u.allowed == 4)).await;
+    persist_b.flush().await.unwrap();
+    // What b's store task reads once a second: the totals, the companions and their nodes.
+    b.hub.set_store_totals(today, store_b.totals(today).await.unwrap());
+    assert_eq!(node_b.fleet().await.exhausted_apps, vec!["app-a".to_string()], "6 on a + 4 on b");
+    b.hub.set_companions(store_b.companions().await.unwrap());
+    b.hub.absorb(&[], &store_b.nodes().await.unwrap());
+    let nodes: Vec<(String, bool, String)> =
+        b.hub.status().nodes.into_iter().map(|n| (n.node_id, n.connected, n.companion)).collect();
+    assert_eq!(nodes, vec![("envoy-a".into(), true, "cp-a".into()), ("envoy-b".into(), true, "cp-b".into())]);
+    a.stop().await;
+    b.stop().await;
 }
