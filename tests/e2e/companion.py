@@ -114,8 +114,9 @@ class Companion:
         self._log_files.append(log)
         cmd = [*_PDEATHSIG, str(require_artifact("GUARDRAIL_BIN")), "serve", "--policy", str(self.policy),
                "--listen", f"127.0.0.1:{self.port}", *self.args]
+        # In its work directory: the default store (`sqlite:guardrail.db`) is the companion's own.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.workdir)
 
         def serving() -> re.Match | None:
             if self.proc is not None and self.proc.poll() is not None:
