@@ -296,6 +296,7 @@ def test_a_fleet_budget_spent_through_two_companions_holds_at_both_envoys(fleet:
     # 6 + 6 = 12 > 10: each Envoy, and each companion's own nodes, stay under the budget alone.
     for gw in fleet.gws:
         assert send(gw, "fleet-app", FLEET_BUDGET // 2 + 1) == [200] * (FLEET_BUDGET // 2 + 1)
+    spent = time.monotonic()
     for comp in fleet.comps:
         wait_for(lambda c=comp: "fleet-app" in c.status()["exhausted_apps"], timeout=10,
                  what=f"{comp.name} to see fleet-app spent fleet-wide")
@@ -303,6 +304,8 @@ def test_a_fleet_budget_spent_through_two_companions_holds_at_both_envoys(fleet:
         wait_for(lambda g=gw: refused_for_the_fleet(g, "fleet-app"), timeout=10,
                  what=f"{gw.name} to refuse fleet-app for the fleet budget")
         responds_with(request(gw.url, "/orders", headers={"x-api-key": KEYS["other-app"]}), 200)
+    print(f"fleet budget spent through two companions: refused at both Envoys {time.monotonic() - spent:.2f} s "
+          "after the last admitted request")
     assert fleet_usage(fleet.comps[1], "fleet-app")["allowed"] >= 12
 
 
@@ -345,3 +348,26 @@ def test_redis_stopped_then_restarted_while_pushes_go_on(fleet: Fleet) -> None:
     assert ("app", "other-app", "lifecycle", "deprecated") in {(c["kind"], c["id"], c["action"], c["to"])
                                                                for c in trail[0]["changes"]}, trail
     assert all(c.running for c in fleet.comps)
+
+
+def test_a_companion_started_while_redis_is_down_serves_then_catches_up(tmp_path: Path) -> None:
+    require_redis()
+    redis = Redis(tmp_path / "redis")  # not started yet
+    policy_file = tmp_path / "policy.json"
+    write_policy(policy_file, make_policy("d-1"))
+    comp = Companion(policy_file, tmp_path / "comp", args=["--store", redis.url, "--name", "early"]).start()
+    try:
+        status = comp.status()
+        assert status["store"]["available"] is False and status["revision"] == "d-1", status
+        write_policy(policy_file, make_policy("d-2", new_app=True))
+        comp.wait_for_log(r"pushing to every node")
+        redis.start()
+        wait_for(lambda: comp.status()["store"]["available"] is True, timeout=15, what="the store to answer")
+        trail = wait_for(lambda: (t := audit(comp)) and len(t) == 2 and t, timeout=10, what="both revisions in the trail")
+        assert [r["revision"] for r in trail] == ["d-2", "d-1"], trail
+        assert trail[0]["changes"] == [{"kind": "app", "id": "new-app", "action": "added", "from": "", "to": ""}], trail
+        wait_for(lambda: [c["name"] for c in comp.status()["companions"]] == ["early"], timeout=5,
+                 what="the companion's heartbeat in the store")
+    finally:
+        comp.stop()
+        redis.stop()

@@ -32,8 +32,9 @@ use tokio::sync::watch;
 pub const MAX_POLICY_JSON_BYTES: usize = 4 * 1024 * 1024 - 4096;
 /// Revisions remembered to keep labels unambiguous (cleared beyond this).
 const MAX_LABELS: usize = 10_000;
-/// Revisions served but not yet in the store's audit trail (the oldest are dropped beyond this).
-const MAX_PENDING_REVISIONS: usize = 64;
+/// Revisions served but not yet in the store's audit trail (the oldest are dropped beyond this,
+/// with a log line: each holds its snapshot, up to 4 MiB).
+const MAX_PENDING_REVISIONS: usize = 16;
 /// A companion whose heartbeat is older than this is not alive (its nodes are not connected).
 pub const COMPANION_ALIVE_SECS: i64 = 10;
 
@@ -213,7 +214,11 @@ impl Hub {
         let revision = snapshot.revision.clone();
         let snapshot = Arc::new(snapshot);
         if inner.served.len() >= MAX_PENDING_REVISIONS {
-            inner.served.remove(0);
+            let dropped = inner.served.remove(0);
+            log!(
+                "store: revision {} is left out of the audit trail ({MAX_PENDING_REVISIONS} revisions are waiting for the store)",
+                dropped.snapshot.revision
+            );
         }
         inner.served.push(Served { snapshot: snapshot.clone(), source: file.display().to_string(), at: self.now() });
         let previous = self.snapshot.send_replace(snapshot);

@@ -90,10 +90,9 @@ async fn serve(
     let name = args.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
     hub.attach_store(store.clone(), &name);
     let mut persist = persist::Persist::new(hub.clone(), store.clone());
-    if let Err(e) = persist.load().await {
-        hub.set_store_error(Some(e.to_string()));
-        log!("store: unavailable ({e}); serving without it until it answers (policy push goes on)");
-    }
+    // Unavailable (Redis down): serve without it; the store task loads it once it answers.
+    let loaded = persist.load().await;
+    persist.note(loaded);
     let (persist_stop, persist_stopped) = tokio::sync::watch::channel(false);
     let persist = tokio::spawn(persist.run(persist_stopped));
     let server = start(listener, hub.clone(), StreamLimits::default(), tls.clone())?;

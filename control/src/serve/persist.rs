@@ -170,7 +170,7 @@ impl Persist {
     }
 
     /// Logs a change of the store's availability (and, while it is down, once a minute).
-    fn note(&mut self, result: Result<(), StoreError>) {
+    pub fn note(&mut self, result: Result<(), StoreError>) {
         match (result, self.down) {
             (Ok(()), None) => {}
             (Ok(()), Some(_)) => {
