@@ -79,6 +79,20 @@ impl Counts {
         }
     }
 
+    /// What `self` has above `other`, count by count (0 where it has not more; every code of `self`).
+    fn minus(&self, other: &Counts) -> Counts {
+        Counts {
+            allowed: self.allowed.saturating_sub(other.allowed),
+            throttled: self.throttled.saturating_sub(other.throttled),
+            soft_limit: self.soft_limit.saturating_sub(other.soft_limit),
+            denied: self
+                .denied
+                .iter()
+                .map(|(code, n)| (code.clone(), n.saturating_sub(other.denied.get(code).copied().unwrap_or(0))))
+                .collect(),
+        }
+    }
+
     pub fn add(&mut self, other: &Counts) {
         self.allowed = self.allowed.saturating_add(other.allowed);
         self.throttled = self.throttled.saturating_add(other.throttled);
@@ -128,6 +142,9 @@ pub struct Node {
 #[derive(Debug, Default)]
 pub struct Fleet {
     nodes: BTreeMap<String, Node>,
+    /// Per UTC day and app, the sum over nodes of their counts, kept as reports raise them: a
+    /// report costs O(apps in it), not O(nodes).
+    totals: BTreeMap<u64, BTreeMap<String, Counts>>,
     /// This companion's name, recorded on the nodes that connect to it.
     pub own: String,
 }
@@ -219,25 +236,31 @@ impl Fleet {
                 )));
             }
         }
-        let Some(node) = self.nodes.get_mut(node_id) else {
+        if !self.nodes.contains_key(node_id) {
             return Ok(());
-        };
-        let day = node.usage.entry(report.day).or_default();
+        }
         for app in &report.apps {
-            day.entry(app.app.clone()).or_default().merge_max(&Counts::from_proto(app));
+            self.merge(node_id, report.day, &app.app, &Counts::from_proto(app));
         }
         Ok(())
     }
 
+    /// Merges one count of a known node (the highest of each count), adding what it raised to the
+    /// day's totals.
+    fn merge(&mut self, node_id: &str, day: u64, app: &str, counts: &Counts) {
+        let Some(node) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        let slot = node.usage.entry(day).or_default().entry(app.to_string()).or_default();
+        let before = slot.clone();
+        slot.merge_max(counts);
+        let raised = slot.minus(&before);
+        self.totals.entry(day).or_default().entry(app.to_string()).or_default().add(&raised);
+    }
+
     /// Usage per app for `day`, summed over every node.
     pub fn totals(&self, day: u64) -> BTreeMap<String, Counts> {
-        let mut totals: BTreeMap<String, Counts> = BTreeMap::new();
-        for node in self.nodes.values() {
-            for (app, counts) in node.usage.get(&day).into_iter().flatten() {
-                totals.entry(app.clone()).or_default().add(counts);
-            }
-        }
-        totals
+        self.totals.get(&day).cloned().unwrap_or_default()
     }
 }
 
@@ -263,6 +286,7 @@ impl Fleet {
         for node in self.nodes.values_mut() {
             node.usage.retain(|day, _| day + 1 >= today);
         }
+        self.totals.retain(|day, _| day + 1 >= today);
         self.nodes.retain(|_, n| {
             n.streams > 0 || n.elsewhere > 0 || !n.usage.is_empty() || now - n.last_seen < FORGET_AFTER_SECS
         });
@@ -319,8 +343,8 @@ impl Fleet {
             if !self.nodes.contains_key(&row.node) && (self.nodes.len() >= MAX_NODES || !valid_id(&row.node)) {
                 continue;
             }
-            let node = self.nodes.entry(row.node.clone()).or_default();
-            node.usage.entry(row.day).or_default().entry(row.app.clone()).or_default().merge_max(&row.counts);
+            self.nodes.entry(row.node.clone()).or_default();
+            self.merge(&row.node, row.day, &row.app, &row.counts);
         }
     }
 
@@ -488,6 +512,35 @@ mod tests {
             Some(15),
             "a node that went away still spent what it spent"
         );
+    }
+
+    #[test]
+    fn totals_kept_as_reports_come_are_the_sum_over_nodes() {
+        let mut fleet = Fleet::default();
+        let today = 20_000;
+        for id in ["a", "b", "c"] {
+            assert!(fleet.connect(&hello(id), "", 0).is_ok());
+        }
+        // Reports rising, repeated and reordered, with denial codes coming and going.
+        let mut seed: u64 = 7;
+        for _ in 0..500 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let node = ["a", "b", "c"][usize::try_from(seed >> 62).unwrap_or(0) % 3];
+            let app = ["x", "y"][usize::from(seed & 1 == 1)];
+            let mut r = report(today - (seed >> 10) % 2, &[(app, (seed >> 20) % 100)]);
+            r.apps[0].throttled = (seed >> 30) % 10;
+            r.apps[0].denied = [(format!("code-{}", (seed >> 40) % 3), (seed >> 44) % 7)].into_iter().collect();
+            assert!(fleet.report(node, &r, today).is_ok());
+        }
+        for day in [today - 1, today] {
+            let mut sum: BTreeMap<String, Counts> = BTreeMap::new();
+            for node in fleet.nodes.values() {
+                for (app, counts) in node.usage.get(&day).into_iter().flatten() {
+                    sum.entry(app.clone()).or_default().add(counts);
+                }
+            }
+            assert_eq!(fleet.totals(day), sum, "day {day}");
+        }
     }
 
     #[test]
