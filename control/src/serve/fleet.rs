@@ -80,7 +80,7 @@ impl Counts {
     }
 
     /// What `self` has above `other`, count by count (0 where it has not more; every code of `self`).
-    fn minus(&self, other: &Counts) -> Counts {
+    pub fn minus(&self, other: &Counts) -> Counts {
         Counts {
             allowed: self.allowed.saturating_sub(other.allowed),
             throttled: self.throttled.saturating_sub(other.throttled),

@@ -23,6 +23,12 @@ CREATE TABLE IF NOT EXISTS usage (
     denied TEXT NOT NULL,
     PRIMARY KEY (day, app, node)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS totals (
+    day INTEGER NOT NULL, app TEXT NOT NULL,
+    allowed INTEGER NOT NULL, throttled INTEGER NOT NULL, soft_limit INTEGER NOT NULL,
+    denied TEXT NOT NULL,
+    PRIMARY KEY (day, app)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, companion TEXT NOT NULL, last_seen INTEGER NOT NULL, streams INTEGER NOT NULL,
     record TEXT NOT NULL
@@ -138,6 +144,11 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> rusqlite::Result<T> 
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
+/// `allowed`, `throttled` and `soft_limit` as SQLite integers.
+fn scalars(c: &Counts) -> [i64; 3] {
+    [to_i64(c.allowed), to_i64(c.throttled), to_i64(c.soft_limit)]
+}
+
 fn counts_of(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Counts> {
     let denied: String = row.get(first + 3)?;
     Ok(Counts {
@@ -168,21 +179,30 @@ impl super::Store for SqliteStore {
                     "INSERT OR REPLACE INTO usage (day, node, app, allowed, throttled, soft_limit, denied)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
+                let mut get_total = tx.prepare_cached(
+                    "SELECT allowed, throttled, soft_limit, denied FROM totals WHERE day = ?1 AND app = ?2",
+                )?;
+                let mut put_total = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO totals (day, app, allowed, throttled, soft_limit, denied)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                // The store's only writer is this process (the lock): reading and writing in one
+                // transaction is atomic here; Redis does the same in a script.
                 for row in rows {
-                    let mut counts = get
-                        .query_row(params![to_i64(row.day), row.app, row.node], |r| counts_of(r, 0))
+                    let day = to_i64(row.day);
+                    let before = get
+                        .query_row(params![day, row.app, row.node], |r| counts_of(r, 0))
                         .optional()?
                         .unwrap_or_default();
+                    let mut counts = before.clone();
                     counts.merge_max(&row.counts);
-                    put.execute(params![
-                        to_i64(row.day),
-                        row.node,
-                        row.app,
-                        to_i64(counts.allowed),
-                        to_i64(counts.throttled),
-                        to_i64(counts.soft_limit),
-                        json(&counts.denied)?
-                    ])?;
+                    let [a, t, s] = scalars(&counts);
+                    put.execute(params![day, row.node, row.app, a, t, s, json(&counts.denied)?])?;
+                    let mut total =
+                        get_total.query_row(params![day, row.app], |r| counts_of(r, 0)).optional()?.unwrap_or_default();
+                    total.add(&counts.minus(&before));
+                    let [a, t, s] = scalars(&total);
+                    put_total.execute(params![day, row.app, a, t, s, json(&total.denied)?])?;
                 }
             }
             tx.commit()
@@ -204,11 +224,13 @@ impl super::Store for SqliteStore {
     }
 
     async fn totals(&self, day: u64) -> Result<BTreeMap<String, Counts>> {
-        let mut totals: BTreeMap<String, Counts> = BTreeMap::new();
-        for row in self.usage(day).await? {
-            totals.entry(row.app).or_default().add(&row.counts);
-        }
-        Ok(totals)
+        self.with(move |conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT app, allowed, throttled, soft_limit, denied FROM totals WHERE day = ?1")?;
+            let rows = stmt.query_map([to_i64(day)], |r| Ok((r.get(0)?, counts_of(r, 1)?)))?;
+            rows.collect()
+        })
+        .await
     }
 
     async fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<()> {
@@ -340,6 +362,10 @@ impl super::Store for SqliteStore {
     }
 
     async fn prune(&self, first_day: u64) -> Result<()> {
-        self.with(move |conn| conn.execute("DELETE FROM usage WHERE day < ?1", [to_i64(first_day)]).map(|_| ())).await
+        self.with(move |conn| {
+            conn.execute("DELETE FROM usage WHERE day < ?1", [to_i64(first_day)])?;
+            conn.execute("DELETE FROM totals WHERE day < ?1", [to_i64(first_day)]).map(|_| ())
+        })
+        .await
     }
 }
