@@ -25,6 +25,9 @@ use std::collections::{BTreeMap, HashSet};
 
 /// Nodes remembered at once; a Hello beyond this is refused (a runaway client creating node ids).
 pub const MAX_NODES: usize = 10_000;
+/// Nodes remembered at once with those other companions sharing the store reported (read from it,
+/// never refused: beyond this the store's other nodes are left out of this companion's view).
+pub const MAX_FLEET_NODES: usize = 4 * MAX_NODES;
 /// Apps in one usage report.
 pub const MAX_APPS_PER_REPORT: usize = 10_000;
 /// Denial codes per app in one usage report.
@@ -158,7 +161,11 @@ impl Fleet {
         if !valid_id(id) {
             return Err(FleetError::BadNodeId);
         }
-        if !self.nodes.contains_key(id) && self.nodes.len() >= MAX_NODES {
+        // The cap is on this companion's own nodes; others' (from the store) do not use it up.
+        if !self.nodes.contains_key(id)
+            && self.nodes.len() >= MAX_NODES
+            && self.nodes.values().filter(|n| n.companion == self.own).count() >= MAX_NODES
+        {
             return Err(FleetError::TooManyNodes);
         }
         let node = self.nodes.entry(id.to_string()).or_default();
@@ -337,10 +344,10 @@ impl Fleet {
     }
 
     /// Usage read from the store (this companion's before a restart, or other companions' nodes):
-    /// merged by the highest count, as reports are. Beyond [`MAX_NODES`], new nodes are skipped.
+    /// merged by the highest count, as reports are. Beyond [`MAX_FLEET_NODES`], new nodes are skipped.
     pub fn absorb_usage(&mut self, rows: &[UsageRow]) {
         for row in rows {
-            if !self.nodes.contains_key(&row.node) && (self.nodes.len() >= MAX_NODES || !valid_id(&row.node)) {
+            if !self.nodes.contains_key(&row.node) && (self.nodes.len() >= MAX_FLEET_NODES || !valid_id(&row.node)) {
                 continue;
             }
             self.nodes.entry(row.node.clone()).or_default();
@@ -356,7 +363,7 @@ impl Fleet {
             if self.nodes.get(&r.node_id).is_some_and(|n| n.streams > 0) {
                 continue;
             }
-            if !self.nodes.contains_key(&r.node_id) && (self.nodes.len() >= MAX_NODES || !valid_id(&r.node_id)) {
+            if !self.nodes.contains_key(&r.node_id) && (self.nodes.len() >= MAX_FLEET_NODES || !valid_id(&r.node_id)) {
                 continue;
             }
             let node = self.nodes.entry(r.node_id.clone()).or_default();
@@ -541,6 +548,18 @@ mod tests {
             }
             assert_eq!(fleet.totals(day), sum, "day {day}");
         }
+    }
+
+    #[test]
+    fn nodes_of_other_companions_do_not_use_up_the_cap() {
+        let mut fleet = Fleet { own: "cp-a".into(), ..Fleet::default() };
+        let others: Vec<NodeRecord> = (0..MAX_NODES)
+            .map(|i| NodeRecord { node_id: format!("b-{i}"), companion: "cp-b".into(), streams: 1, ..Default::default() })
+            .collect();
+        fleet.absorb_nodes(&others, &["cp-b".to_string()].into_iter().collect());
+        assert_eq!(fleet.to_proto().iter().filter(|n| n.connected).count(), MAX_NODES, "cp-b is alive");
+        assert!(fleet.connect(&hello("a-0"), "", 0).is_ok(), "cp-a has no node of its own yet");
+        assert_eq!(fleet.get("a-0").map(|n| n.companion.as_str()), Some("cp-a"));
     }
 
     #[test]
