@@ -554,7 +554,12 @@ mod tests {
     fn nodes_of_other_companions_do_not_use_up_the_cap() {
         let mut fleet = Fleet { own: "cp-a".into(), ..Fleet::default() };
         let others: Vec<NodeRecord> = (0..MAX_NODES)
-            .map(|i| NodeRecord { node_id: format!("b-{i}"), companion: "cp-b".into(), streams: 1, ..Default::default() })
+            .map(|i| NodeRecord {
+                node_id: format!("b-{i}"),
+                companion: "cp-b".into(),
+                streams: 1,
+                ..Default::default()
+            })
             .collect();
         fleet.absorb_nodes(&others, &["cp-b".to_string()].into_iter().collect());
         assert_eq!(fleet.to_proto().iter().filter(|n| n.connected).count(), MAX_NODES, "cp-b is alive");
