@@ -3,6 +3,7 @@
 //! The server's log is read by people tailing it and by tests grepping it, so it stays plain text,
 //! one event per line, with the UTC time first.
 
+pub use guardrail_core::time::rfc3339_secs;
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,30 +32,8 @@ pub fn now_secs() -> i64 {
 pub fn timestamp(at: SystemTime) -> String {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = i64::try_from(since.as_secs()).unwrap_or(i64::MAX);
-    let (date, time) = civil(secs);
-    format!("{date}T{time}.{:03}Z", since.subsec_millis())
-}
-
-/// RFC 3339 UTC time of Unix seconds, e.g. `2026-03-21T10:00:00Z`.
-pub fn rfc3339_secs(secs: i64) -> String {
-    let (date, time) = civil(secs);
-    format!("{date}T{time}Z")
-}
-
-/// `("YYYY-MM-DD", "hh:mm:ss")` of Unix seconds (Howard Hinnant's `civil_from_days`).
-fn civil(secs: i64) -> (String, String) {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (format!("{year:04}-{month:02}-{day:02}"), format!("{:02}:{:02}:{:02}", rem / 3_600, rem % 3_600 / 60, rem % 60))
+    let whole = rfc3339_secs(secs);
+    format!("{}.{:03}Z", whole.trim_end_matches('Z'), since.subsec_millis())
 }
 
 #[cfg(test)]

@@ -694,3 +694,88 @@ fn tls_flags_that_cannot_work_are_refused_naming_the_flag() {
         assert!(stderr(out).contains(want), "{why}: stderr should mention `{want}`: {}", stderr(out));
     }
 }
+
+// === check: warnings ===
+
+/// Each case: a change to the valid policy (`from` → `to`) that keeps it valid, and the
+/// `path: message` expected as a warning on the line of the `# <-` marker.
+#[test]
+fn check_warns_about_what_a_reviewer_would() {
+    let cases: &[(&str, &str, &str, &str)] = &[
+        (
+            "an app connector that is not approved",
+            "    connectors: [hr-api]\n",
+            "    connectors: [hr-api, billing] # <-\n",
+            "apps[0].connectors[1]: connector `billing` is not in connectors.approved: the filter refuses the app's requests through it (403 connector-not-approved)",
+        ),
+        (
+            "a region one letter away from the one used elsewhere",
+            "    region: eu-west-1\ndatasets:\n",
+            "    region: eu-wst-1 # <-\ndatasets:\n",
+            "apps[1].region: region `eu-wst-1` is used nowhere else; did you mean `eu-west-1`?",
+        ),
+        (
+            "a lower-case method",
+            "    when: request.method == \"DELETE\"\n",
+            "    when: request.method in ['GET', 'delete'] # <-\n",
+            "rules[0].when: rule `no-deletes`: request.method is compared with 'delete', which matches no request: methods reach rules in upper case, so the comparison never holds; write 'DELETE'",
+        ),
+        (
+            "an expired override",
+            "        expires_at: \"2030-01-01T00:00:00Z\"\n",
+            "        expires_at: \"2026-01-01T00:00:00Z\" # <-\n",
+            "apps[0].quota_overrides[0].expires_at: the override expired at 2026-01-01T00:00:00Z: it is ignored; remove it, or move expires_at",
+        ),
+    ];
+    let digest = digest_of(KEY);
+    for (why, from, to, want) in cases {
+        assert!(VALID.contains(from), "{why}: the valid policy should contain {from:?}");
+        let text = VALID.replacen(from, to, 1).replace("DIGEST", &digest);
+        let line = text.lines().position(|l| l.contains("# <-")).map(|i| i + 1).unwrap_or_default();
+        let file = TempFile::new("yaml", &text);
+        let out = guardrail(&["check", file.arg()]);
+        assert_eq!(out.status.code(), Some(0), "{why}: only warnings: {}", stderr(&out));
+        assert_eq!(stderr(&out), format!("{}:{line}: warning: {want}\n", file.arg()), "{why}");
+        assert_eq!(
+            stdout(&out),
+            format!("ok: {} (revision 42, 2 apps, 1 dataset, 1 rule; 1 warning)\n", file.arg()),
+            "{why}"
+        );
+        let strict = guardrail(&["check", "--strict", file.arg()]);
+        assert_eq!(strict.status.code(), Some(1), "{why}: --strict makes warnings errors");
+        assert!(stdout(&strict).is_empty(), "{why}: no `ok` with --strict: {}", stdout(&strict));
+        assert_eq!(
+            stderr(&strict),
+            format!(
+                "{file}:{line}: warning: {want}\n{file}: 1 warning, which --strict makes errors\n",
+                file = file.arg()
+            ),
+            "{why}"
+        );
+    }
+    // A clean policy passes --strict.
+    let file = TempFile::new("yaml", &valid_policy());
+    let out = guardrail(&["check", "--strict", file.arg()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "{}", stderr(&out));
+}
+
+#[test]
+fn the_examples_warn_only_where_they_mean_to() {
+    let example = |p: &str| format!("{}/../examples/{p}", env!("CARGO_MANIFEST_DIR"));
+    let demo = example("policy.yaml");
+    let out = guardrail(&["check", "--strict", &demo]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).is_empty(), "the demo policy has no warnings: {}", stderr(&out));
+    // RetailCo's partner-insights lists an unapproved connector on purpose (its README's row
+    // "a third-party connector is not approved").
+    let retailco = example("retailco/policy.yaml");
+    let out = guardrail(&["check", &retailco]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(": warning: apps[5].connectors[0]: connector `partner-analytics` is not in connectors.approved"),
+        "{err}"
+    );
+}

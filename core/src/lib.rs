@@ -14,6 +14,7 @@ pub mod exempt;
 pub mod fasthash;
 pub mod fleet;
 pub mod jwt;
+pub mod lint;
 pub mod path;
 pub mod problem;
 pub mod quota;

@@ -244,6 +244,11 @@ impl Expression {
         self.uses
     }
 
+    /// The expression's syntax tree, its macros expanded (what [`crate::lint`] reads).
+    pub fn ast(&self) -> &IdedExpr {
+        self.program.expression()
+    }
+
     /// Which path evaluates this expression.
     pub fn path(&self) -> Path {
         if self.fast.is_some() {

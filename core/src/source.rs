@@ -22,6 +22,7 @@
 
 use crate::compile::{bare_message, compile_with, parse_json_str, CompiledPolicy, JsonError};
 use crate::error::{PolicyError, PolicyErrors};
+use crate::lint::{lint, Warning};
 use crate::raw::RawPolicy;
 use crate::rules::ExpressionCache;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -277,6 +278,19 @@ pub fn with_lines(text: &str, mut errors: PolicyErrors) -> PolicyErrors {
         }
     }
     errors
+}
+
+/// The warnings of a valid policy ([`crate::lint::lint`] at `now_secs`), each with the line of its
+/// field in `text`, the document `policy` was compiled from, in the order of their lines.
+pub fn lint_text(text: &str, policy: &CompiledPolicy, now_secs: i64) -> Vec<Warning> {
+    let index = LineIndex::build(text);
+    let mut warnings = lint(policy, now_secs);
+    for w in &mut warnings {
+        w.line = w.line.or_else(|| index.line_of(&w.path));
+    }
+    // In the order of the file (those without a line last).
+    warnings.sort_by_key(|w| w.line.unwrap_or(usize::MAX));
+    warnings
 }
 
 /// serde_path_to_error writes `.` for the document itself; errors use the empty path there.

@@ -96,6 +96,23 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     Ok(days * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_secs)
 }
 
+/// RFC 3339 UTC time of Unix seconds, e.g. `2026-03-21T10:00:00Z` (Howard Hinnant's
+/// `civil_from_days`).
+pub fn rfc3339_secs(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3_600, rem % 3_600 / 60, rem % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
