@@ -417,6 +417,20 @@ fn check_reports_file_line_and_path() {
             "the expression is a constant (`'abc'`), never true or false",
         ),
         (
+            "a key indented one space less than its siblings: the YAML error at its line, not a missing field",
+            "    environment: prod\n".into(),
+            "   environment: prod # <-\n".into(),
+            "",
+            "indentation: `environment` is indented 3 spaces, and `department` above it (line 21) 4 spaces: the keys of one mapping line up, so `environment` belongs to no mapping here",
+        ),
+        (
+            "a key indented one space more",
+            "    environment: prod\n".into(),
+            "     environment: prod # <-\n".into(),
+            "",
+            "indentation: `environment` is indented 5 spaces, and `department` above it (line 21) 4 spaces",
+        ),
+        (
             "a plain key where a digest belongs",
             "      - DIGEST\n".into(),
             "      - guardrail-test-key-00001 # <-\n".into(),

@@ -58,8 +58,82 @@ pub fn parse_document(text: &str) -> Result<RawPolicy, PolicyErrors> {
         // enclosing mapping, and a syntax error past the node reached.
         let reached_line = index.lines.get(&reached).copied();
         let line = reached_line.max(inner.location().map(|l| l.line())).or_else(|| index.line_of(&path));
-        PolicyErrors::from(PolicyError { path, message, line })
+        syntax_error(text, inner.location()).unwrap_or_else(|| PolicyErrors::from(PolicyError { path, message, line }))
     })
+}
+
+/// The syntax error of `text`, if it has one that explains a failed read better than the error
+/// the reader met (`met`, where it met it): the YAML reader is lazy, so a mis-indented key
+/// (`environment:` one space left of the app's other keys) first ends the app's mapping, and the
+/// app is reported as missing the key, before the reader reaches the line that breaks. A key
+/// that lines up with no mapping above it is said to be mis-indented, at its line.
+fn syntax_error(text: &str, met: Option<serde_yaml_ng::Location>) -> Option<PolicyErrors> {
+    let e = serde_yaml_ng::from_str::<de::IgnoredAny>(text).err()?;
+    let at = e.location()?;
+    let line = Some(at.line());
+    if let Some(message) = misindented(text, at.line()) {
+        return Some(PolicyErrors::from(PolicyError { path: String::new(), message, line }));
+    }
+    if met.is_some_and(|m| (m.line(), m.column()) == (at.line(), at.column())) {
+        return None;
+    }
+    let (path, message) = yaml_error(&e, "");
+    Some(PolicyErrors::from(PolicyError { path, message, line }))
+}
+
+/// `indentation: …` when line `line` (1-based) of a block YAML `text` is a mapping key that lines
+/// up with none of the mappings above it, naming the nearest key above and its indentation.
+fn misindented(text: &str, line: usize) -> Option<String> {
+    if text.trim_start().starts_with(['{', '[']) {
+        return None;
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    let (column, key) = block_key(lines.get(line.checked_sub(1)?)?)?;
+    // The keys of the mappings still open above it: going up, each one left of the last.
+    let mut open: Vec<(usize, &str, usize)> = Vec::new();
+    for (i, text) in lines.get(..line - 1)?.iter().enumerate().rev() {
+        let Some((c, k)) = block_key(text) else { continue };
+        if open.last().is_none_or(|&(last, ..)| c < last) {
+            open.push((c, k, i + 1));
+        }
+        if c == 0 {
+            break;
+        }
+    }
+    if open.iter().any(|&(c, ..)| c == column) {
+        return None;
+    }
+    let &(near, near_key, near_line) = open.first()?;
+    let spaces = |n: usize| format!("{n} space{}", if n == 1 { "" } else { "s" });
+    Some(format!(
+        "indentation: `{key}` is indented {}, and `{near_key}` above it (line {near_line}) {}: the keys of one \
+         mapping line up, so `{key}` belongs to no mapping here",
+        spaces(column),
+        spaces(near)
+    ))
+}
+
+/// The column and name of the key a block YAML line starts (after any `- ` of sequence items),
+/// e.g. `(4, "tier")` for `  - tier: s`; `None` for other lines (comments, items, flow text).
+fn block_key(line: &str) -> Option<(usize, &str)> {
+    let mut rest = line.trim_start_matches(' ');
+    while let Some(after) = rest.strip_prefix('-').filter(|a| a.starts_with(' ')) {
+        rest = after.trim_start_matches(' ');
+    }
+    let column = line.len() - rest.len();
+    let (key, after) = match rest.as_bytes().first()? {
+        q @ (b'"' | b'\'') => {
+            let end = rest.get(1..)?.find(char::from(*q))? + 1;
+            (rest.get(1..end)?, rest.get(end + 1..)?)
+        }
+        _ => {
+            let end = rest.find(|c: char| !(c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')))?;
+            (rest.get(..end)?, rest.get(end..)?)
+        }
+    };
+    let after = after.trim_start_matches(' ');
+    let is_key = !key.is_empty() && (after == ":" || after.starts_with(": ") || after.starts_with(":\t"));
+    is_key.then_some((column, key))
 }
 
 /// The document as a JSON value: what `guardrail export` prints and the filter reads.
@@ -917,6 +991,79 @@ datasets: [{id: hr, routes: [{path_prefix: /hr}]}]
                 !e.message.starts_with(&format!("{want_path}: ")) || want_path.is_empty(),
                 "{why}: no doubled path in {e:?}"
             );
+        }
+    }
+
+    #[test]
+    fn indentation_errors_are_reported_at_the_key() {
+        // An app of four keys after HEAD and a tier (lines 3-4); `environment` mis-indented.
+        let app = |environment: &str, after: &str| {
+            format!(
+                "{HEAD}tiers:\n  s: {{rate: {{requests: 1, per: 1s}}}}\napps:\n  - id: a\n    tier: s\n{environment}    lifecycle: draft\n    region: eu-west-1\n{after}"
+            )
+        };
+        // (text, why, line, message)
+        let cases: Vec<(String, &str, usize, &str)> = vec![
+            (
+                app("   environment: dev\n", ""),
+                "one space less than its siblings",
+                8,
+                "indentation: `environment` is indented 3 spaces, and `tier` above it (line 7) 4 spaces: the keys of one mapping line up, so `environment` belongs to no mapping here",
+            ),
+            (
+                app("     environment: dev\n", ""),
+                "one space more",
+                8,
+                "indentation: `environment` is indented 5 spaces, and `tier` above it (line 7) 4 spaces",
+            ),
+            (app("  environment: dev\n", ""), "at the column of the item's dash", 8, "`environment` is indented 2 spaces, and `tier` above it (line 7) 4 spaces"),
+            (
+                app("", "    data_classes:\n    - public\n   environment: dev\n"),
+                "after an indentless list",
+                12,
+                "`environment` is indented 3 spaces, and `data_classes` above it (line 10) 4 spaces",
+            ),
+            (
+                app("", "    quota_overrides:\n      - daily_budget: 5\n       expires_at: \"2030-01-01T00:00:00Z\"\n"),
+                "in a list item's mapping",
+                12,
+                "`expires_at` is indented 7 spaces, and `daily_budget` above it (line 11) 8 spaces",
+            ),
+        ];
+        for (text, why, line, message) in &cases {
+            let errors = parse_document(text).err().map(|e| e.0).unwrap_or_default();
+            assert_eq!(errors.len(), 1, "{why}: {errors:?}");
+            let e = &errors[0];
+            assert_eq!((e.path.as_str(), e.line), ("", Some(*line)), "{why}: {e:?}");
+            assert!(e.message.contains(message), "{why}: {:?} should contain {message:?}", e.message);
+            assert!(!e.message.contains("missing field"), "{why}: {e:?}");
+        }
+        // Keys that line up are not an indentation problem, whatever else is wrong.
+        let text = app("    environment: dev\n", "    colour: blue\n");
+        let errors = parse_document(&text).err().map(|e| e.0).unwrap_or_default();
+        assert_eq!(errors.iter().map(|e| (e.path.as_str(), e.line)).collect::<Vec<_>>(), [("apps[0]", Some(11))]);
+        assert!(errors[0].message.starts_with("unknown field `colour`"), "{errors:?}");
+    }
+
+    #[test]
+    fn block_keys() {
+        let cases: &[(&str, Option<(usize, &str)>)] = &[
+            ("    tier: s", Some((4, "tier"))),
+            ("  - id: a", Some((4, "id"))),
+            ("- - x: 1", Some((4, "x"))),
+            ("apps:", Some((0, "apps"))),
+            ("  rate: {requests: 1}", Some((2, "rate"))),
+            ("  \"x-team\": crm", Some((2, "x-team"))),
+            ("  'a b': 1", Some((2, "a b"))),
+            ("  key:   # comment", Some((2, "key"))),
+            ("  - public", None),
+            ("  # id: a", None),
+            ("  url: https://x", Some((2, "url"))),
+            ("  https://x", None),
+            ("", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(block_key(line), *want, "{line:?}");
         }
     }
 
