@@ -42,7 +42,7 @@ pub struct Args {
     /// The app the token is for (its `azp` and `sub`).
     #[arg(long)]
     app: String,
-    /// A scope to grant, e.g. `dataset:loyalty-profiles`; repeat for several.
+    /// A dataset to grant, as `dataset:<id>` (e.g. `dataset:loyalty-profiles`); repeat for several.
     #[arg(long = "scope", value_name = "SCOPE")]
     scopes: Vec<String>,
     /// Lifetime, e.g. `5m`, `15m` (default: the policy's `jit_max_ttl`, else 15m).
@@ -161,8 +161,17 @@ fn check_request(request: &Request) -> Result<(), UsageError> {
                 "--scope {scope:?}: a scope is one word without spaces (the claim is space-separated)"
             )));
         }
-        if scope.strip_prefix("dataset:").is_some_and(str::is_empty) {
-            return Err(UsageError("--scope dataset: needs a dataset id, e.g. dataset:loyalty-profiles".into()));
+        match scope.strip_prefix("dataset:") {
+            Some("") => {
+                return Err(UsageError("--scope dataset: needs a dataset id, e.g. dataset:loyalty-profiles".into()))
+            }
+            Some(_) => {}
+            // The filter reads only `dataset:<id>` scopes: any other would be a token that opens nothing.
+            None => {
+                return Err(UsageError(format!(
+                    "--scope {scope}: a scope names a dataset as `dataset:<id>`; write --scope dataset:{scope}"
+                )))
+            }
         }
         if request.scopes[..i].contains(scope) {
             return Err(UsageError(format!("--scope {scope} is given twice")));

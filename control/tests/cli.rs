@@ -793,3 +793,34 @@ fn the_examples_warn_only_where_they_mean_to() {
         "{err}"
     );
 }
+
+// === mint ===
+
+#[test]
+fn mint_takes_dataset_scopes_only() {
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo/issuer-key.jwk.json");
+    let mint = |scopes: &[&str]| {
+        let mut args = vec!["mint", "--key", key, "--app", "pos-dashboard", "--ttl", "5m"];
+        for s in scopes {
+            args.extend(["--scope", s]);
+        }
+        guardrail(&args)
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["payments"], "error: --scope payments: a scope names a dataset as `dataset:<id>`; write --scope dataset:payments"),
+        (
+            &["dataset:payments", "customers-eu"],
+            "error: --scope customers-eu: a scope names a dataset as `dataset:<id>`; write --scope dataset:customers-eu",
+        ),
+        (&["dataset:"], "error: --scope dataset: needs a dataset id"),
+    ];
+    for (scopes, want) in cases {
+        let out = mint(scopes);
+        assert_eq!(out.status.code(), Some(2), "{scopes:?}: a usage error: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{scopes:?}: no token");
+        assert!(stderr(&out).lines().any(|l| l.starts_with(want)), "{scopes:?}: {}", stderr(&out));
+    }
+    let out = mint(&["dataset:payments", "dataset:customers-eu"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).matches('.').count(), 2, "one JWT: {}", stdout(&out));
+}

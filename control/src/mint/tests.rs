@@ -275,7 +275,9 @@ fn without_a_policy_issuer_and_audience_default_to_guardrail() {
 #[test]
 fn request_checks() {
     let cases: &[(&str, &[&str], bool)] = &[
-        ("app", &["dataset:a", "read"], true),
+        ("app", &["dataset:a", "dataset:b"], true),
+        ("app", &["dataset:a", "read"], false),
+        ("app", &["payments"], false),
         ("", &[], false),
         ("app", &["two words"], false),
         ("app", &[""], false),
