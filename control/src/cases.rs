@@ -1,6 +1,8 @@
 //! `guardrail test POLICY CASES.yaml`: policy test cases (request → expected decision), run through
 //! the same core `decide()` as the filter, like `opa test`. Exit 0 when every case passes, 1 on any
-//! mismatch (with the decision trace) or an invalid case file, 2 for a wrong command line.
+//! mismatch (with the decision trace) or an invalid case file, 2 for a wrong command line. The
+//! summary says how many cases named no `connector`: their requests had no upstream cluster, as
+//! a local reply has, so the connector check was not exercised for them.
 //!
 //! # Case file
 //!
@@ -93,7 +95,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let policy = match crate::policy::load(&args.policy) {
         Ok((_, doc)) => doc.policy,
         Err(lines) => {
-            print_errors(&lines);
+            crate::policy::print_lines(&lines);
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -101,7 +103,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let cases = match load_cases(&args.cases, &policy, now) {
         Ok(cases) => cases,
         Err(lines) => {
-            print_errors(&lines);
+            crate::policy::print_lines(&lines);
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -127,15 +129,23 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             failed += 1;
         }
     }
-    writeln!(out, "\n{passed} passed, {failed} failed").context("writing to standard output")?;
+    writeln!(out, "\n{}", summary(passed, failed, &cases)).context("writing to standard output")?;
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn print_errors(lines: &[String]) {
-    let mut err = std::io::stderr().lock();
-    for line in lines {
-        let _ = writeln!(err, "{line}");
+/// `42 passed, 0 failed`, and how many cases named no connector: for those decide() had no
+/// upstream cluster to check (as for a local reply), so a pass says nothing of the connector step.
+fn summary(passed: usize, failed: usize, cases: &[Case]) -> String {
+    let mut s = format!("{passed} passed, {failed} failed");
+    let unnamed = cases.iter().filter(|c| c.probe.connector.is_none()).count();
+    if unnamed > 0 {
+        let so = if unnamed == 1 { "its" } else { "their" };
+        s.push_str(&format!(
+            "; {unnamed} did not name a connector, so the connector check was not exercised for {so} requests \
+             (give `connector:` in the case or in `defaults`)"
+        ));
     }
+    s
 }
 
 // === The case file as written ===

@@ -824,3 +824,38 @@ fn mint_takes_dataset_scopes_only() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out).matches('.').count(), 2, "one JWT: {}", stdout(&out));
 }
+
+// === test ===
+
+#[test]
+fn test_says_how_many_cases_left_the_connector_unchecked() {
+    let policy = TempFile::new("yaml", &valid_policy());
+    let run = |cases: &str| {
+        let file = TempFile::new("yaml", cases);
+        let out = guardrail(&["test", policy.arg(), file.arg()]);
+        assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+        stdout(&out).lines().last().unwrap_or_default().to_string()
+    };
+    let cases = "cases:
+  - name: with its connector
+    request: {app: expense-bot, url: /x, connector: hr-api}
+    expect: {allow: true}
+  - name: without a connector
+    request: {app: intern-demo, url: /x}
+    expect: {allow: true}
+  - name: nor this one
+    request: {app: expense-bot, url: /y}
+    expect: {allow: true}
+";
+    assert_eq!(
+        run(cases),
+        "3 passed, 0 failed; 2 did not name a connector, so the connector check was not exercised for their requests (give `connector:` in the case or in `defaults`)"
+    );
+    let one = "cases:\n  - name: one\n    request: {app: expense-bot, url: /x}\n    expect: {allow: true}\n";
+    assert_eq!(
+        run(one),
+        "1 passed, 0 failed; 1 did not name a connector, so the connector check was not exercised for its requests (give `connector:` in the case or in `defaults`)"
+    );
+    let named = "defaults: {connector: hr-api}\ncases:\n  - name: one\n    request: {app: expense-bot, url: /x}\n    expect: {allow: true}\n";
+    assert_eq!(run(named), "1 passed, 0 failed", "a connector from `defaults` counts");
+}
