@@ -564,24 +564,29 @@ fn node_id() -> String {
     }
 }
 
-/// Envoy's version as its node reports it (`node.user_agent_build_version.version`, e.g.
-/// `1.40.0`); the filter says `envoy` (the `user_agent_name`) when that cannot be read.
+/// Envoy's version as its node reports it (`user_agent_build_version.version`, e.g. `1.40.0`):
+/// under `xds.node` in current Envoy (1.40 answers nothing for `node`), `node` in older ones, as
+/// for [`node_id`]. The filter says `envoy` (the `user_agent_name`) when neither can be read.
 fn envoy_version() -> String {
-    let number = |field: &str| {
-        let bytes = proxy_wasm::hostcalls::get_property(vec!["node", "user_agent_build_version", "version", field])
-            .ok()
-            .flatten()?;
-        // A uint32 field of the Node message comes as a CEL uint: 8 bytes, little-endian.
-        Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+    const NODES: [&[&str]; 2] = [&["xds", "node"], &["node"]];
+    let property = |node: &[&str], field: &[&str]| {
+        proxy_wasm::hostcalls::get_property(node.iter().chain(field).copied().collect()).ok().flatten()
     };
-    if let (Some(major), Some(minor), Some(patch)) = (number("major_number"), number("minor_number"), number("patch")) {
-        return format!("{major}.{minor}.{patch}");
-    }
-    proxy_wasm::hostcalls::get_property(vec!["node", "user_agent_name"])
-        .ok()
-        .flatten()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|s| !s.is_empty())
+    let version = |node: &[&str]| {
+        let number = |field: &str| {
+            let bytes = property(node, &["user_agent_build_version", "version", field])?;
+            // A uint32 field of the Node message comes as a CEL uint: 8 bytes, little-endian.
+            Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+        };
+        Some(format!("{}.{}.{}", number("major_number")?, number("minor_number")?, number("patch")?))
+    };
+    let name = |node: &[&str]| {
+        property(node, &["user_agent_name"]).and_then(|b| String::from_utf8(b).ok()).filter(|s| !s.is_empty())
+    };
+    NODES
+        .into_iter()
+        .find_map(version)
+        .or_else(|| NODES.into_iter().find_map(name))
         .unwrap_or_else(|| "envoy".to_string())
 }
 
