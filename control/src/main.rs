@@ -38,7 +38,8 @@ struct Cli {
 enum Command {
     /// Print the digest to store in a policy's `api_keys` for an API key.
     HashKey(hash_key::Args),
-    /// Validate a policy file; errors are printed as `file:line: path: message`.
+    /// Validate a policy file; errors are printed as `file:line: path: message`, warnings as
+    /// `file:line: warning: path: message` (exit 0 with only warnings, 1 with --strict).
     Check(policy::CheckArgs),
     /// Validate a policy file and print it as compact JSON, for the filter's plugin configuration.
     Export(policy::ExportArgs),
