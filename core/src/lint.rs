@@ -7,7 +7,9 @@
 //!   then fails, or passes, where the author did not mean it to);
 //! - a rule comparing `request.method` with a lower-case string (methods reach rules upper case,
 //!   so `request.method == 'delete'` never holds);
-//! - a quota override that has expired (it is ignored).
+//! - a quota override that has expired (it is ignored);
+//! - an exemption route wider than a dataset's routes (`/` over `/catalog`: everything under it
+//!   passes without an app credential).
 //!
 //! ```
 //! use guardrail_core::{compile::compile_json_str, lint::lint};
@@ -40,6 +42,7 @@ pub enum Kind {
     RegionTypo,
     LowerCaseMethod,
     ExpiredOverride,
+    WideExemption,
 }
 
 impl Warning {
@@ -106,6 +109,40 @@ pub fn lint(policy: &CompiledPolicy, now_secs: i64) -> Vec<Warning> {
                      upper case, so the comparison {holds}; write '{}'",
                     rule.id,
                     literal.to_ascii_uppercase()
+                ),
+            ));
+        }
+    }
+    out.extend(wide_exemptions(policy));
+    out
+}
+
+/// An exemption route that covers more than a dataset's route it starts above (`/` over
+/// `/catalog`): every request to that dataset passes without an app, and so does everything else
+/// under the exemption's prefix. (One that reaches confidential or regulated data is an error.)
+fn wide_exemptions(policy: &CompiledPolicy) -> Vec<Warning> {
+    let mut out = Vec::new();
+    for (i, exemption) in policy.exemptions.iter().enumerate() {
+        for (r, route) in exemption.routes.iter().enumerate() {
+            let covered: Vec<&str> = policy
+                .datasets
+                .iter()
+                .filter(|ds| ds.routes.iter().any(|dr| crate::exempt::strictly_wider(route, dr)))
+                .map(|ds| ds.id.as_str())
+                .collect();
+            if covered.is_empty() {
+                continue;
+            }
+            out.push(Warning::new(
+                Kind::WideExemption,
+                format!("exemptions[{i}].routes[{r}].path_prefix"),
+                format!(
+                    "exemption `{}` covers `{}`, wider than the routes of dataset{} `{}`: every request under it passes \
+                     without an app credential; narrow it to what the exempt callers need",
+                    exemption.id,
+                    route.path_prefix,
+                    if covered.len() == 1 { "" } else { "s" },
+                    covered.join("`, `")
                 ),
             ));
         }
@@ -403,6 +440,21 @@ mod tests {
                     "apps[0].quota_overrides[1].expires_at",
                     "the override expired at 2026-12-01T00:00:00Z: it is ignored; remove it, or move expires_at",
                 )],
+            ),
+            (
+                "an exemption above a dataset's route",
+                Box::new(|doc| doc["exemptions"] = json!([{"id": "probes", "routes": [{"path_prefix": "/"}]}])),
+                vec![("exemptions[0].routes[0].path_prefix", "exemption `probes` covers `/`, wider than the routes of dataset `d`")],
+            ),
+            (
+                "an exemption beside the datasets",
+                Box::new(|doc| doc["exemptions"] = json!([{"id": "probes", "routes": [{"path_prefix": "/healthz"}]}])),
+                vec![],
+            ),
+            (
+                "an exemption exactly a dataset's route is not wider",
+                Box::new(|doc| doc["exemptions"] = json!([{"id": "public", "routes": [{"path_prefix": "/d"}]}])),
+                vec![],
             ),
             (
                 "an override expiring now has expired",
