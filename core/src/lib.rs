@@ -21,6 +21,7 @@ pub mod quota;
 pub mod raw;
 pub mod replay;
 pub mod rules;
+pub mod shadow;
 #[cfg(feature = "yaml")]
 pub mod source;
 pub mod time;
