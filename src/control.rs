@@ -401,6 +401,9 @@ impl ControlClient {
                 publish_fleet(&fleet);
                 None
             }
+            // Shadow decisions are not implemented in the filter yet: the candidate is ignored,
+            // neither ACKed nor NACKed, and nothing about the enforced policy changes.
+            Some(server_message::Msg::Candidate(_)) => None,
             None => None,
         }
     }
@@ -416,7 +419,11 @@ impl ControlClient {
             host::error(&format!("guardrail: NACK revision `{}`: {error}", snapshot.revision));
             send(
                 token,
-                client_message::Msg::Nack(guardrail_proto::v1::Nack { revision: snapshot.revision.clone(), error }),
+                client_message::Msg::Nack(guardrail_proto::v1::Nack {
+                    revision: snapshot.revision.clone(),
+                    error,
+                    candidate: false,
+                }),
             );
         };
         let json = snapshot.policy_json.as_bytes();
@@ -450,7 +457,13 @@ impl ControlClient {
                 return None;
             }
         };
-        send(token, client_message::Msg::Ack(guardrail_proto::v1::Ack { revision: snapshot.revision.clone() }));
+        send(
+            token,
+            client_message::Msg::Ack(guardrail_proto::v1::Ack {
+                revision: snapshot.revision.clone(),
+                candidate: false,
+            }),
+        );
         host::info(&format!("guardrail: ACK revision `{}`", snapshot.revision));
         follower.adopt(json, generation);
         self.revision = snapshot.revision;

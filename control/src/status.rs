@@ -178,7 +178,38 @@ pub fn to_json(s: &v1::StatusResponse) -> serde_json::Value {
             "exhausted": s.exhausted_apps.contains(&u.app),
         })).collect::<Vec<_>>(),
         "exhausted_apps": s.exhausted_apps,
+        "candidate": s.candidate.as_ref().map(|c| json!({
+            "revision": c.revision,
+            "last_error": c.last_error,
+            "applied_nodes": c.applied_nodes,
+            "nacked_nodes": c.nacked_nodes,
+            "differences": c.differences.iter().map(|d| json!({
+                "app": d.app, "enforced": d.enforced, "candidate": d.candidate, "count": d.count,
+            })).collect::<Vec<_>>(),
+        })),
     })
+}
+
+/// The `candidate` section: what the shadow candidate would have decided differently.
+fn render_candidate(c: &v1::CandidateStatus, out: &mut String) {
+    out.push_str(&format!("\ncandidate {} (in shadow, not enforced):\n", c.revision));
+    let applied = if c.applied_nodes.is_empty() { "none yet".to_string() } else { c.applied_nodes.join(", ") };
+    out.push_str(&format!("  applied by: {applied}\n"));
+    for nacked in &c.nacked_nodes {
+        out.push_str(&format!("  NACKED by {nacked}\n"));
+    }
+    if !c.last_error.is_empty() {
+        out.push_str(&format!("  newest candidate change refused:\n    {}\n", c.last_error.replace('\n', "\n    ")));
+    }
+    if c.differences.is_empty() {
+        out.push_str("  (no request decided differently yet)\n");
+    } else {
+        let mut rows = vec![row(&["APP", "ENFORCED → CANDIDATE", "REQUESTS"])];
+        for d in &c.differences {
+            rows.push(row(&[&d.app, &format!("{} → {}", d.enforced, d.candidate), &d.count.to_string()]));
+        }
+        out.push_str(&table(&rows));
+    }
 }
 
 /// The revisions served by live companions, when they are not all the same one (sorted).
@@ -286,6 +317,9 @@ pub fn render(s: &v1::StatusResponse, now: i64) -> String {
         }
         out.push_str(&table(&rows));
     }
+    if let Some(c) = &s.candidate {
+        render_candidate(c, &mut out);
+    }
     out
 }
 
@@ -392,7 +426,37 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            candidate: None,
         }
+    }
+
+    #[test]
+    fn renders_the_candidate_in_shadow() {
+        let mut s = sample();
+        s.candidate = Some(v1::CandidateStatus {
+            revision: "9+sha256:0a1b2c3d".into(),
+            applied_nodes: vec!["envoy-a".into()],
+            differences: vec![v1::ShadowDifference {
+                app: "checkout".into(),
+                enforced: "allow".into(),
+                candidate: "residency-violation".into(),
+                count: 12,
+            }],
+            ..Default::default()
+        });
+        let text = render(&s, 1_000);
+        assert!(
+            text.contains("candidate 9+sha256:0a1b2c3d (in shadow, not enforced):\n  applied by: envoy-a\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("checkout") && text.contains("allow → residency-violation") && text.contains("12"),
+            "{text}"
+        );
+        let json = to_json(&s);
+        assert_eq!(json["candidate"]["differences"][0]["candidate"], "residency-violation");
+        assert_eq!(json["candidate"]["differences"][0]["count"], 12);
+        assert!(to_json(&sample())["candidate"].is_null(), "no candidate: null");
     }
 
     #[test]

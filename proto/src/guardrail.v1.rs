@@ -35,6 +35,9 @@ pub struct Hello {
 pub struct Ack {
     #[prost(string, tag = "1")]
     pub revision: ::prost::alloc::string::String,
+    /// the revision is the shadow candidate's, not the enforced policy's
+    #[prost(bool, tag = "2")]
+    pub candidate: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Nack {
@@ -43,6 +46,9 @@ pub struct Nack {
     /// every validation error, one per line, with its field path
     #[prost(string, tag = "2")]
     pub error: ::prost::alloc::string::String,
+    /// the revision is the shadow candidate's: the enforced policy stays
+    #[prost(bool, tag = "3")]
+    pub candidate: bool,
 }
 /// Usage of the current UTC day on this Envoy, as absolute counts (not deltas): resending is harmless.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -55,6 +61,26 @@ pub struct UsageReport {
     /// requests passed by each exemption (by id), no app
     #[prost(map = "string, uint64", tag = "3")]
     pub exempt: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+    /// The shadow candidate in force on this Envoy ("" when none) and, since it was put in force,
+    /// the requests where its outcome differed from the enforced one (absolute counts, the largest
+    /// 100 pairs at most).
+    #[prost(string, tag = "4")]
+    pub candidate_revision: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "5")]
+    pub shadow: ::prost::alloc::vec::Vec<ShadowDifference>,
+}
+/// Requests of one app (`-` when none was named) decided `enforced` by the policy in force and
+/// `candidate` by the shadow candidate: outcome codes, `allow` or a problem code.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ShadowDifference {
+    #[prost(string, tag = "1")]
+    pub app: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub enforced: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub candidate: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "4")]
+    pub count: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AppUsage {
@@ -72,7 +98,7 @@ pub struct AppUsage {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServerMessage {
-    #[prost(oneof = "server_message::Msg", tags = "1, 2")]
+    #[prost(oneof = "server_message::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<server_message::Msg>,
 }
 /// Nested message and enum types in `ServerMessage`.
@@ -83,7 +109,19 @@ pub mod server_message {
         Snapshot(super::PolicySnapshot),
         #[prost(message, tag = "2")]
         Fleet(super::FleetState),
+        #[prost(message, tag = "3")]
+        Candidate(super::Candidate),
     }
+}
+/// A policy every Envoy decides each request with beside the enforced one, never enforcing it
+/// (`guardrail serve --candidate`). An empty revision stops shadowing. Its revision and
+/// `policy_json` follow the rules of PolicySnapshot's.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Candidate {
+    #[prost(string, tag = "1")]
+    pub revision: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub policy_json: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct PolicySnapshot {
@@ -136,6 +174,26 @@ pub struct StatusResponse {
     /// revisions among the live ones is drift.
     #[prost(message, repeated, tag = "10")]
     pub companions: ::prost::alloc::vec::Vec<Companion>,
+    /// the shadow candidate, when one is served
+    #[prost(message, optional, tag = "11")]
+    pub candidate: ::core::option::Option<CandidateStatus>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CandidateStatus {
+    #[prost(string, tag = "1")]
+    pub revision: ::prost::alloc::string::String,
+    /// why the newest candidate file change was refused
+    #[prost(string, tag = "2")]
+    pub last_error: ::prost::alloc::string::String,
+    /// connected nodes that ACKed the revision
+    #[prost(string, repeated, tag = "3")]
+    pub applied_nodes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// "node: first error line"
+    #[prost(string, repeated, tag = "4")]
+    pub nacked_nodes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// summed over nodes, largest first
+    #[prost(message, repeated, tag = "5")]
+    pub differences: ::prost::alloc::vec::Vec<ShadowDifference>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct StoreStatus {

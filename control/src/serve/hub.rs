@@ -88,6 +88,8 @@ pub struct Hub {
     inner: Mutex<Inner>,
     clock: Clock,
     store: OnceLock<Arc<dyn Store>>,
+    /// The shadow candidate (`--candidate`), apart from the enforced snapshot.
+    pub shadow: super::shadow::Shadow,
 }
 
 /// A snapshot served, for the audit trail.
@@ -159,6 +161,7 @@ impl Hub {
             }),
             clock,
             store: OnceLock::new(),
+            shadow: super::shadow::Shadow::default(),
         };
         Ok(Arc::new(hub))
     }
@@ -455,9 +458,12 @@ impl Hub {
                 Some((a.id.clone(), budget))
             })
             .collect();
+        let nodes = inner.fleet.to_proto();
+        let candidate = self.shadow.status(|id| nodes.iter().any(|n| n.node_id == id && n.connected));
         v1::StatusResponse {
             revision: snapshot.revision.clone(),
-            nodes: inner.fleet.to_proto(),
+            nodes,
+            candidate,
             fleet_usage: totals.iter().map(|(app, c)| c.to_proto(app)).collect(),
             day,
             last_policy_error: inner.last_policy_error.clone(),

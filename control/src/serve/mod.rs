@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod hub;
 pub mod persist;
 pub mod service;
+pub mod shadow;
 pub mod watch;
 
 #[cfg(test)]
@@ -43,6 +44,10 @@ pub struct Args {
     /// hidden files, `~` backups, `*.swp` and `*.tmp` are ignored).
     #[arg(long)]
     policy: PathBuf,
+    /// A candidate policy decided in shadow beside the enforced one on every Envoy, never enforced;
+    /// `guardrail status` shows where it differs (README "Safe rollout: shadow").
+    #[arg(long)]
+    candidate: Option<PathBuf>,
     /// Address to listen on, `HOST:PORT` (port 0 picks a free port; the log says which).
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: String,
@@ -68,11 +73,38 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    // A candidate is validated like the policy, before anything is pushed.
+    let candidate = match &args.candidate {
+        None => None,
+        Some(path) => {
+            let source = Source::new(path);
+            match source.load() {
+                Ok((file, text, doc)) => {
+                    let message = shadow::candidate_of(&doc).map_err(anyhow::Error::msg)?;
+                    Some((source, file, text, message))
+                }
+                Err(lines) => {
+                    for line in lines {
+                        eprintln!("{line}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    };
     let tls = args.tls.server_tls()?;
     let hub = Hub::new(&file, doc, system_clock()).map_err(anyhow::Error::msg)?;
+    if let Some((_, file, _, message)) = &candidate {
+        log!(
+            "candidate revision {} from {}: decided in shadow on every node, never enforced",
+            message.revision,
+            file.display()
+        );
+        hub.shadow.set(Some(message.clone()));
+    }
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(args, tls, source, file, text, hub))
+    runtime.block_on(serve(args, tls, source, file, text, hub, candidate.map(|(source, _, text, _)| (source, text))))
 }
 
 async fn serve(
@@ -82,6 +114,7 @@ async fn serve(
     file: PathBuf,
     text: String,
     hub: Arc<Hub>,
+    candidate: Option<(Source, String)>,
 ) -> anyhow::Result<ExitCode> {
     let store = crate::store::open(&args.store).await?;
     let listener =
@@ -112,6 +145,18 @@ async fn serve(
         .name("policy-watcher".into())
         .spawn(move || watcher.run(POLL_INTERVAL, &watcher_stop))
         .context("starting the policy watcher")?;
+    let candidate_watcher = match candidate {
+        None => None,
+        Some((source, text)) => {
+            let (hub, stop) = (hub.clone(), stop.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("candidate-watcher".into())
+                    .spawn(move || shadow::watch(source, hub, Some(text), POLL_INTERVAL, &stop))
+                    .context("starting the candidate watcher")?,
+            )
+        }
+    };
 
     let ticker_hub = hub.clone();
     let ticker = tokio::spawn(async move {
@@ -140,6 +185,9 @@ async fn serve(
         log!("the store did not take the last batch in time; stopping anyway");
     }
     let _ = watcher.join();
+    if let Some(candidate_watcher) = candidate_watcher {
+        let _ = candidate_watcher.join();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -210,6 +210,7 @@ impl Connection {
     async fn serve(&self, node: &str, inbound: &mut Streaming<v1::ClientMessage>) -> End {
         let mut snapshots = self.hub.snapshots();
         let mut fleet = self.hub.fleet_states();
+        let mut candidates = self.hub.shadow.subscribe();
         let mut shutdown = self.hub.shutdowns();
         if *shutdown.borrow_and_update() {
             return Some(Status::unavailable("the companion is stopping"));
@@ -220,6 +221,10 @@ impl Connection {
         }
         let state = fleet.borrow_and_update().clone();
         if !self.send(node, fleet_message(state)) {
+            return None;
+        }
+        let candidate = candidates.borrow_and_update().clone();
+        if !candidate.revision.is_empty() && !self.send(node, candidate_message(&candidate)) {
             return None;
         }
         let mut bucket = Bucket::new(self.limits, Instant::now());
@@ -236,6 +241,15 @@ impl Connection {
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
                     if !self.send(node, snapshot.to_proto()) {
+                        return None;
+                    }
+                }
+                changed = candidates.changed() => {
+                    if changed.is_err() {
+                        return Some(Status::unavailable("the companion is stopping"));
+                    }
+                    let candidate = candidates.borrow_and_update().clone();
+                    if !self.send(node, candidate_message(&candidate)) {
                         return None;
                     }
                 }
@@ -277,6 +291,23 @@ impl Connection {
             Some(Msg::Hello(_)) => {
                 Err(Status::invalid_argument("a second Hello with another node_id; open one stream per node"))
             }
+            Some(Msg::Ack(ack)) if ack.candidate => {
+                check_revision(&ack.revision)?;
+                self.hub.shadow.ack(node, &ack.revision);
+                log!("node {node} ACK candidate {} (in shadow)", ack.revision);
+                Ok(())
+            }
+            Some(Msg::Nack(nack)) if nack.candidate => {
+                check_revision(&nack.revision)?;
+                self.hub.shadow.nack(node, &nack.revision, &nack.error);
+                let first = nack.error.lines().next().unwrap_or("(no error given)");
+                log!(
+                    "node {node} NACK candidate {}: {} (its enforced policy is untouched)",
+                    nack.revision,
+                    super::fleet::truncated(first, 500).escape_debug()
+                );
+                Ok(())
+            }
             Some(Msg::Ack(ack)) => {
                 check_revision(&ack.revision)?;
                 let served = self.hub.current().revision.clone();
@@ -303,6 +334,7 @@ impl Connection {
                 Ok(())
             }
             Some(Msg::Usage(report)) => {
+                self.hub.shadow.report(node, &report);
                 self.hub.report(node, &report).map_err(|e| Status::invalid_argument(e.to_string()))
             }
             None => Err(Status::invalid_argument("empty client message")),
@@ -334,6 +366,10 @@ impl Connection {
 
 fn fleet_message(state: v1::FleetState) -> v1::ServerMessage {
     v1::ServerMessage { msg: Some(v1::server_message::Msg::Fleet(state)) }
+}
+
+fn candidate_message(candidate: &v1::Candidate) -> v1::ServerMessage {
+    v1::ServerMessage { msg: Some(v1::server_message::Msg::Candidate(candidate.clone())) }
 }
 
 fn check_revision(revision: &str) -> Result<(), Status> {

@@ -256,7 +256,7 @@ async fn hello_gets_the_snapshot_then_the_fleet_state() {
 async fn the_first_message_must_be_hello() {
     let f = Fixture::new(&policy("1", 10, false)).await;
     let mut node = f.open(None).await;
-    node.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    node.send(Msg::Ack(v1::Ack { revision: "1".into(), candidate: false })).await;
     let status = node.next().await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 
@@ -281,13 +281,14 @@ async fn a_stream_without_hello_is_closed_after_the_timeout() {
 async fn acks_and_nacks_are_recorded_and_shown_by_status() {
     let mut f = Fixture::new(&policy("1", 10, false)).await;
     let (node, _) = Node::joined(&f, "envoy-1").await;
-    node.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    node.send(Msg::Ack(v1::Ack { revision: "1".into(), candidate: false })).await;
     eventually("ACK recorded", || f.hub.node("envoy-1").is_some_and(|n| n.acked_revision == "1")).await;
 
     assert_eq!(f.change(&policy("2", 10, false)), Polled::Offered(Offer::Published("2".into())));
     node.send(Msg::Nack(v1::Nack {
         revision: "2".into(),
         error: "rules[0].when: unknown function\nrules[1].when: syntax error".into(),
+        candidate: false,
     }))
     .await;
     eventually("NACK recorded", || f.hub.node("envoy-1").is_some_and(|n| n.nacked_revision == "2")).await;
@@ -303,7 +304,7 @@ async fn acks_and_nacks_are_recorded_and_shown_by_status() {
     assert_eq!(n.envoy_version, "1.33.0");
     assert_eq!(n.last_seen_unix, NOON);
 
-    node.send(Msg::Ack(v1::Ack { revision: "2".into() })).await;
+    node.send(Msg::Ack(v1::Ack { revision: "2".into(), candidate: false })).await;
     eventually("ACK of the served revision clears the NACK", || {
         f.hub.node("envoy-1").is_some_and(|n| n.acked_revision == "2" && n.last_error.is_empty())
     })
@@ -610,7 +611,7 @@ async fn a_flooding_client_is_cut_off() {
     let f = Fixture::with_limits(&policy("1", 10, false), limits).await;
     let (mut flood, _) = Node::joined(&f, "flood").await;
     for _ in 0..10 {
-        flood.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+        flood.send(Msg::Ack(v1::Ack { revision: "1".into(), candidate: false })).await;
     }
     let status = flood.next().await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
@@ -662,7 +663,7 @@ async fn a_companion_started_on_its_store_counts_the_nodes_that_went_away_and_ke
     let mut persist = attach(&before, &store, "cp-0").await;
     let (node, _) = Node::joined(&before, "envoy-1").await;
     node.send(usage(today, "app-a", 6)).await;
-    node.send(Msg::Ack(v1::Ack { revision: "1".into() })).await;
+    node.send(Msg::Ack(v1::Ack { revision: "1".into(), candidate: false })).await;
     eventually("the report", || before.hub.status().fleet_usage.iter().any(|u| u.allowed == 6)).await;
     assert!(matches!(before.change(&policy("2", 10, true)), Polled::Offered(Offer::Published(_))));
     let started = std::time::Instant::now();
@@ -723,4 +724,56 @@ async fn companions_sharing_a_store_see_each_others_nodes_and_spend_one_budget()
     assert_eq!(nodes, vec![("envoy-a".into(), true, "cp-a".into()), ("envoy-b".into(), true, "cp-b".into())]);
     a.stop().await;
     b.stop().await;
+}
+
+// === The shadow candidate ===
+
+#[tokio::test]
+async fn a_candidate_goes_out_apart_and_its_differences_reach_status() {
+    let f = Fixture::new(&policy("1", 10, false)).await;
+    let (mut node, _) = Node::joined(&f, "envoy-a").await;
+    node.quiet().await;
+    let candidate = v1::Candidate { revision: "2+sha256:00000000".into(), policy_json: "{}".into() };
+    assert!(f.hub.shadow.set(Some(candidate.clone())));
+    match node.next().await {
+        Ok(Some(server_message::Msg::Candidate(c))) => assert_eq!(c, candidate),
+        other => panic!("expected the candidate, got {other:?}"),
+    }
+    node.send(Msg::Ack(v1::Ack { revision: candidate.revision.clone(), candidate: true })).await;
+    node.send(Msg::Usage(v1::UsageReport {
+        day: day_of(NOON),
+        candidate_revision: candidate.revision.clone(),
+        shadow: vec![v1::ShadowDifference {
+            app: "app-a".into(),
+            enforced: "allow".into(),
+            candidate: "residency-violation".into(),
+            count: 4,
+        }],
+        ..Default::default()
+    }))
+    .await;
+    let mut status = f.status().await;
+    for _ in 0..50 {
+        if status.candidate.as_ref().is_some_and(|c| !c.differences.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = f.status().await;
+    }
+    assert_eq!(status.nodes[0].acked_revision, "", "a candidate ACK is not an ACK of the enforced policy");
+    let c = status.candidate.expect("a candidate section");
+    assert_eq!(c.applied_nodes, vec!["envoy-a".to_string()]);
+    assert_eq!((c.differences[0].app.as_str(), c.differences[0].count), ("app-a", 4));
+    // A late joiner gets it after the snapshot and fleet state; stopping reaches every node.
+    let (mut late, _) = Node::joined(&f, "envoy-b").await;
+    assert!(matches!(late.next().await, Ok(Some(server_message::Msg::Candidate(_)))));
+    assert!(f.hub.shadow.set(None));
+    for n in [&mut node, &mut late] {
+        match n.next().await {
+            Ok(Some(server_message::Msg::Candidate(c))) => assert_eq!(c.revision, "", "stop shadowing"),
+            other => panic!("expected an empty candidate, got {other:?}"),
+        }
+    }
+    assert!(f.status().await.candidate.is_none());
+    f.stop().await;
 }
