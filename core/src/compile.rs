@@ -258,6 +258,21 @@ impl CompiledPolicy {
         list.into_iter().flatten().filter_map(|&i| self.rules.get(i as usize))
     }
 
+    /// The API-key digests of every app, by app index, each list sorted (for the catalog: built
+    /// once, O(keys), rather than one scan of the key index per app).
+    pub fn api_key_digests_by_app(&self) -> Vec<Vec<[u8; 32]>> {
+        let mut out = vec![Vec::new(); self.apps.len()];
+        for (digest, &i) in &self.app_by_key_digest {
+            if let Some(list) = out.get_mut(i) {
+                list.push(*digest);
+            }
+        }
+        for list in &mut out {
+            list.sort_unstable();
+        }
+        out
+    }
+
     pub fn app_index(&self, id: &str) -> Option<usize> {
         self.app_by_id.get(id).copied()
     }

@@ -6,6 +6,7 @@
 //! [`quota::CounterStore`] (shared counters with compare-and-swap) and plain values for the clock
 //! and the request.
 
+pub mod catalog;
 pub mod compile;
 pub mod decide;
 pub mod duration;

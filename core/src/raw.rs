@@ -152,6 +152,16 @@ pub enum Environment {
     Prod,
 }
 
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Dev => "dev",
+            Environment::Test => "test",
+            Environment::Prod => "prod",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Lifecycle {
@@ -160,6 +170,18 @@ pub enum Lifecycle {
     Published,
     Deprecated,
     Quarantined,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Draft => "draft",
+            Lifecycle::Approved => "approved",
+            Lifecycle::Published => "published",
+            Lifecycle::Deprecated => "deprecated",
+            Lifecycle::Quarantined => "quarantined",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
