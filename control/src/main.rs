@@ -1,7 +1,7 @@
 //! `guardrail`: the companion of the Guardrail filter.
 //!
 //! The CLI validates policies (`check`), prepares them for the filter's plugin configuration
-//! (`export`), derives the digests the catalog stores for API keys (`hash-key`), serves policy to
+//! (`export`), lists its apps with their risk (`catalog`), derives the digests the catalog stores for API keys (`hash-key`), serves policy to
 //! every Envoy of the fleet (`serve`, `status`) and issues JIT credentials (`keygen`, `mint`);
 //! `replay` decides recorded traffic with a candidate policy before it is rolled out.
 //!
@@ -10,6 +10,7 @@
 
 mod audit;
 mod cases;
+mod catalog;
 mod explain;
 mod hash_key;
 mod jwk;
@@ -43,6 +44,9 @@ enum Command {
     Check(policy::CheckArgs),
     /// Validate a policy file and print it as compact JSON, for the filter's plugin configuration.
     Export(policy::ExportArgs),
+    /// List every app of a policy: owner, placement, risk tier with reasons, trust score with its
+    /// factors, API key fingerprints (never keys) and the quota in force.
+    Catalog(catalog::Args),
     /// Run policy test cases (request → expected decision) through the filter's decide().
     Test(cases::Args),
     /// Judge one request: the trace of every check and rule, the verdict and Envoy's response.
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::HashKey(args) => hash_key::run(&args),
         Command::Check(args) => policy::check(&args),
         Command::Export(args) => policy::export(&args),
+        Command::Catalog(args) => catalog::run(&args),
         Command::Test(args) => cases::run(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Serve(args) => serve::run(&args),

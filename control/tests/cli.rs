@@ -628,6 +628,118 @@ fn commands_take_a_policy_directory_as_serve_does() {
     assert!(stderr(&out).contains("holds 2 policy files (more.json, policy.yaml)"), "{}", stderr(&out));
 }
 
+// === catalog ===
+
+/// [`VALID`] with an expired override next to the live one, and a third app that is quarantined
+/// and lists a connector that is not approved.
+fn catalog_policy() -> String {
+    valid_policy()
+        .replace(
+            "        reason: quarter close\n",
+            "        reason: quarter close\n      - daily_budget: 9\n        expires_at: \"2020-01-01T00:00:00Z\"\n        reason: long gone\n",
+        )
+        .replace(
+            "datasets:\n",
+            "  - id: rogue\n    environment: test\n    tier: sandbox\n    lifecycle: quarantined\n    region: eu-west-1\n    connectors: [crm, pastebin]\ndatasets:\n",
+        )
+}
+
+#[test]
+fn catalog_json_lists_every_app_with_risk_trust_keys_and_quota() {
+    let file = TempFile::new("yaml", &catalog_policy());
+    let out = guardrail(&["catalog", file.arg(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert_eq!(v["revision"], "42");
+    let apps = v["apps"].as_array().unwrap();
+    let ids: Vec<&str> = apps.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["expense-bot", "intern-demo", "rogue"]);
+
+    let bot = &apps[0];
+    assert_eq!(bot["owner"], "alice@example.com");
+    assert_eq!(bot["team"], "finance-tools");
+    assert_eq!(bot["department"], "finance");
+    assert_eq!(bot["environment"], "prod");
+    assert_eq!(bot["tier"], "standard");
+    assert_eq!(bot["lifecycle"], "published");
+    assert_eq!(bot["region"], "eu-west-1");
+    assert_eq!(bot["data_classes"], serde_json::json!(["internal", "confidential"]));
+    assert_eq!(bot["connectors"], serde_json::json!([{"name": "hr-api", "approved": true}]));
+    assert_eq!(bot["risk"]["tier"], "red");
+    assert_eq!(bot["risk"]["reasons"], serde_json::json!(["data class `confidential`"]));
+    assert_eq!(bot["trust"]["score"], 85);
+    let digest = digest_of(KEY);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert_eq!(bot["api_keys"]["count"], 1);
+    assert_eq!(bot["api_keys"]["fingerprints"], serde_json::json!([&hex[..8]]));
+    assert!(!text.contains(hex) && !text.contains(KEY), "only fingerprints: {text}");
+    // The live override is in force; the expired one is not shown.
+    assert_eq!(bot["quota"]["daily_budget"], 5000);
+    assert_eq!(bot["quota"]["rate"]["requests"], 600);
+    assert_eq!(
+        bot["quota"]["overrides"],
+        serde_json::json!([{"rate": null, "daily_budget": 5000, "expires_at": "2030-01-01T00:00:00Z",
+                            "reason": "quarter close"}])
+    );
+
+    let intern = &apps[1];
+    assert_eq!(intern["risk"]["tier"], "green");
+    assert_eq!(intern["owner"], serde_json::Value::Null);
+    assert_eq!(intern["api_keys"]["count"], 0);
+    assert_eq!(intern["quota"]["daily_budget"], 1000);
+
+    let rogue = &apps[2];
+    assert_eq!(rogue["risk"]["tier"], "red");
+    assert_eq!(rogue["risk"]["reasons"], serde_json::json!(["connector `pastebin` is not approved", "quarantined"]));
+    assert_eq!(rogue["trust"]["score"], 45);
+    let factors: Vec<(&str, i64)> = rogue["trust"]["factors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap(), f["points"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(factors, [("lifecycle", -40), ("data-classes", 0), ("unapproved-connectors", -15)]);
+}
+
+#[test]
+fn catalog_text_shows_reasons_factors_fingerprints_and_overrides() {
+    let file = TempFile::new("yaml", &catalog_policy());
+    let out = guardrail(&["catalog", file.arg()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let digest = digest_of(KEY);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(text.starts_with("revision 42: 3 apps\n"), "{text}");
+    assert!(text.contains("expense-bot  risk red (data class `confidential`)  trust 85"), "{text}");
+    assert!(text.contains(&format!("api keys: 1 ({})", &hex[..8])), "{text}");
+    assert!(!text.contains(hex) && !text.contains(KEY), "{text}");
+    assert!(
+        text.contains("quota: 600/1m burst 600, daily budget 5000; override until 2030-01-01T00:00:00Z (quarter close): daily budget 5000"),
+        "{text}"
+    );
+    assert!(!text.contains("long gone"), "expired overrides are not in force: {text}");
+    assert!(text.contains("intern-demo  risk green  trust 90"), "{text}");
+    assert!(text.contains("rogue  risk red (connector `pastebin` is not approved; quarantined)  trust 45"), "{text}");
+    assert!(text.contains("connectors: crm, pastebin (not approved)"), "{text}");
+    assert!(
+        text.contains(
+            "trust factors: lifecycle -40 (quarantined); data-classes +0 (none); unapproved-connectors -15 (pastebin)"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn catalog_refuses_an_invalid_policy_like_check() {
+    let text = valid_policy().replace("    lifecycle: published\n", "    lifecycle: retired\n");
+    let file = TempFile::new("yaml", &text);
+    let out = guardrail(&["catalog", file.arg(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).is_empty());
+    assert!(stderr(&out).contains("apps[0].lifecycle"), "{}", stderr(&out));
+}
+
 // === export ===
 
 #[test]
