@@ -11,6 +11,7 @@
 mod audit;
 mod cases;
 mod catalog;
+mod console;
 mod explain;
 mod hash_key;
 mod jwk;

@@ -85,6 +85,20 @@ apps:
 const OTHER_JWK: &str =
     r#"{"kty":"OKP","crv":"Ed25519","kid":"other","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}"#;
 
+/// The lines a child writes to its stderr (piped), as they come.
+fn log_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, log) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    log
+}
+
 /// `guardrail serve` in the background, killed when dropped.
 struct Server {
     child: Child,
@@ -100,15 +114,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let log = log_lines(&mut child);
         let mut server = Server { child, addr: String::new(), log };
         let line = server.wait_for("serving policy revision");
         let addr = line.split(" on ").nth(1).and_then(|r| r.split(' ').next());
@@ -384,4 +390,137 @@ fn mint_refuses_what_the_filter_would_refuse() {
         "{}",
         text(&out.stderr)
     );
+}
+
+// === console (serve --http) ===
+
+/// `guardrail serve --http ADDR [extra…]` with its store in `dir`: the server and the console's
+/// `host:port` from its log line.
+fn start_console(dir: &TempDir, file: &Path, http: &str, extra: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let store = format!("sqlite:{}", s(&dir.join("console.db")));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_guardrail"))
+        .args(["serve", "--policy", s(file), "--listen", "127.0.0.1:0", "--store", &store, "--http", http])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = log_lines(&mut child);
+    (child, log)
+}
+
+fn console_port(log: &mpsc::Receiver<String>) -> u16 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = log.recv_timeout(left).unwrap_or_else(|_| panic!("no console line within {WAIT:?}"));
+        if let Some(rest) = line.split("console on http://").nth(1) {
+            let port = rest.trim_end_matches('/').rsplit(':').next().unwrap();
+            return port.parse().unwrap();
+        }
+    }
+}
+
+/// One HTTP/1.1 GET to 127.0.0.1:`port`: (status, content type, body).
+fn http_get(port: u16, target: &str, token: Option<&str>) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(conn, "GET {target} HTTP/1.1\r\nHost: console\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = conn.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status: {head:?}"));
+    let ctype = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type: ").map(str::to_string))
+        .unwrap_or_default();
+    (status, ctype, body.to_string())
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn console_serves_the_catalog_api_and_problems_on_loopback() {
+    let dir = TempDir::new();
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, policy(7, OTHER_JWK)).unwrap();
+    let (child, log) = start_console(&dir, &file, "127.0.0.1:0", &[]);
+    let _kill = Kill(child);
+    let port = console_port(&log);
+
+    assert_eq!(http_get(port, "/healthz", None).0, 200);
+    let (status, _, body) = http_get(port, "/readyz", None);
+    assert_eq!((status, body.trim()), (200, "ready: revision 7"));
+
+    let (status, ctype, body) = http_get(port, "/api/v1/apps", None);
+    assert_eq!((status, ctype.as_str()), (200, "application/json"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["revision"], "7");
+    assert_eq!(v["apps"][0]["id"], "analyst");
+    assert_eq!(v["apps"][0]["risk"]["tier"], "red");
+    assert_eq!(v["apps"][1]["id"], "leaker");
+    assert_eq!(v["apps"][1]["risk"]["reasons"], serde_json::json!(["data class `regulated`", "quarantined"]));
+
+    let (status, _, body) = http_get(port, "/api/v1/apps/leaker", None);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["app"]["lifecycle"], "quarantined");
+    assert_eq!(v["app"]["trust"]["score"], 35);
+
+    let (status, ctype, body) = http_get(port, "/api/v1/apps/nobody", None);
+    assert_eq!((status, ctype.as_str()), (404, "application/problem+json"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["type"], "urn:guardrail:problem:not-found");
+    assert!(v["detail"].as_str().unwrap().contains("nobody"), "{body}");
+
+    // A huge query string is refused or ignored, never a crash: the console still answers.
+    let huge = format!("/api/v1/apps?q={}", "x".repeat(200_000));
+    let (status, _, _) = http_get(port, &huge, None);
+    assert!(status == 200 || (400..500).contains(&status), "{status}");
+    assert_eq!(http_get(port, "/healthz", None).0, 200);
+}
+
+#[test]
+fn console_beyond_loopback_needs_a_token_file_then_the_token() {
+    let dir = TempDir::new();
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, policy(1, OTHER_JWK)).unwrap();
+    let store = format!("sqlite:{}", s(&dir.join("refused.db")));
+    let out = guardrail(&[
+        "serve",
+        "--policy",
+        s(&file),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &store,
+        "--http",
+        "0.0.0.0:0",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("--http-token-file"), "{}", text(&out.stderr));
+
+    let token = "console-token-0123456789abcdef";
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let (child, log) = start_console(&dir, &file, "0.0.0.0:0", &["--http-token-file", s(&token_file)]);
+    let _kill = Kill(child);
+    let port = console_port(&log);
+    assert_eq!(http_get(port, "/healthz", None).0, 200);
+    assert_eq!(http_get(port, "/readyz", None).0, 200);
+    let (status, ctype, body) = http_get(port, "/api/v1/apps", None);
+    assert_eq!((status, ctype.as_str()), (401, "application/problem+json"), "{body}");
+    assert_eq!(http_get(port, "/api/v1/apps", Some("wrong-token-0123456789")).0, 401);
+    assert_eq!(http_get(port, "/api/v1/apps/nobody", None).0, 401);
+    assert_eq!(http_get(port, "/api/v1/apps", Some(token)).0, 200);
 }

@@ -60,6 +60,13 @@ pub struct Args {
     name: Option<String>,
     #[command(flatten)]
     tls: crate::tls::ServerArgs,
+    /// Also serve the console (catalog JSON API, health checks) over HTTP on `HOST:PORT`.
+    #[arg(long)]
+    http: Option<String>,
+    /// A file holding the token every console request but the health checks must bring as
+    /// `Authorization: Bearer <token>`; required to listen beyond loopback.
+    #[arg(long, requires = "http")]
+    http_token_file: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -128,6 +135,16 @@ async fn serve(
     persist.note(loaded);
     let (persist_stop, persist_stopped) = tokio::sync::watch::channel(false);
     let persist = tokio::spawn(persist.run(persist_stopped));
+    let console = match &args.http {
+        Some(http) => {
+            let l = TcpListener::bind(http).await.with_context(|| format!("cannot listen on --http {http}"))?;
+            let at = l.local_addr().context("starting the console")?;
+            let token = crate::console::token_for(at, args.http_token_file.as_deref())?;
+            log!("console on http://{at}/");
+            Some(crate::console::start(l, hub.clone(), token))
+        }
+        None => None,
+    };
     let server = start(listener, hub.clone(), StreamLimits::default(), tls.clone())?;
     log!(
         "serving policy revision {} from {} on {} (gRPC guardrail.v1.PolicyService, {}; companion {name}, store {})",
@@ -178,6 +195,9 @@ async fn serve(
     log!("{signal}: stopping");
     stop.store(true, Ordering::Relaxed);
     ticker.abort();
+    if let Some(console) = console {
+        console.abort();
+    }
     server.stop(&hub).await;
     // The last batch (the streams just closed among it) goes to the store before the exit.
     let _ = persist_stop.send(true);
