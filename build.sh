@@ -13,7 +13,7 @@
 #   ./build.sh soak [S]  S seconds (600) of load with 1,000 apps: flat memory, no 5xx, every decision logged
 #
 # Environment: GUARDRAIL_PORT (10000), ADMIN_PORT (9901), UPSTREAM_PORT (18080), CONTROL_PORT
-# (18000), POLICY (examples/policy.yaml), ACCESS_LOG (/dev/stdout: where `run`'s Envoy writes its JSON
+# (18000), CONSOLE_PORT (18001: `run`'s console, `serve --http`), POLICY (examples/policy.yaml), ACCESS_LOG (/dev/stdout: where `run`'s Envoy writes its JSON
 # access log), PYTHON (python3, to create .venv), CARGO_TARGET_DIR.
 # Exports for the tests: GUARDRAIL_WASM, GUARDRAIL_BIN, ENVOY_BIN.
 set -euo pipefail
@@ -442,6 +442,7 @@ PY
 cmd_run() {
   local listen_port="${GUARDRAIL_PORT:-10000}" admin_port="${ADMIN_PORT:-9901}"
   local upstream_port="${UPSTREAM_PORT:-18080}" control_port="${CONTROL_PORT:-18000}"
+  local console_port="${CONSOLE_PORT:-18001}"
   local policy="${POLICY:-examples/policy.yaml}"
   cmd_build
   [[ -f "$policy" ]] || die "no policy at $policy"
@@ -460,8 +461,10 @@ cmd_run() {
 
   # --- companion: serves the policy file and pushes every valid edit to Envoy ----------------
   port_free "$control_port" || die "127.0.0.1:$control_port is in use (set CONTROL_PORT)"
-  spawn "companion on 127.0.0.1:$control_port (serving $policy)" \
-    "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port"
+  port_free "$console_port" || die "127.0.0.1:$console_port is in use (set CONSOLE_PORT)"
+  spawn "companion on 127.0.0.1:$control_port (serving $policy), console on http://127.0.0.1:$console_port/" \
+    "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port" \
+    --http "127.0.0.1:$console_port"
   plugin_extra='{"control": {"cluster": "guardrail_control"}}'
   # --------------------------------------------------------------------------------------------
 
@@ -486,6 +489,7 @@ Guardrail is up: gateway $url, admin http://127.0.0.1:$admin_port, upstream http
 policy: $policy, served by the companion on 127.0.0.1:$control_port: edit it and enforcement follows
         (the same policy is inline in the plugin configuration until the first push; config: $RUN_DIR/guardrail.yaml)
         fleet status: $GUARDRAIL_BIN status --server 127.0.0.1:$control_port
+console: http://127.0.0.1:$console_port/api/v1/apps (the catalog as JSON; /healthz, /readyz)
 
 Try:
 
