@@ -6,7 +6,7 @@
 //! Errors are RFC 9457 problem+json: 401 without the token, 404 for an unknown app.
 
 use crate::log::log;
-use crate::serve::hub::Hub;
+use crate::serve::hub::{Hub, Snapshot};
 use anyhow::Context;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -15,13 +15,37 @@ use axum::routing::get;
 use axum::Router;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::net::TcpListener;
 
 #[derive(Clone)]
 struct Console {
     hub: Arc<Hub>,
     token: Option<Arc<str>>,
+    keys: Arc<Mutex<Option<KeysOf>>>,
+}
+
+/// Every app's API-key digests (by app index) of one snapshot: built once per revision, not once
+/// per request (it reads every key of the policy).
+type KeysByApp = Arc<Vec<Vec<[u8; 32]>>>;
+
+/// The snapshot a [`KeysByApp`] was built from.
+type KeysOf = (Arc<Snapshot>, KeysByApp);
+
+impl Console {
+    /// The snapshot served now and its key digests by app.
+    fn current(&self) -> (Arc<Snapshot>, KeysByApp) {
+        let snapshot = self.hub.current();
+        let mut cached = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((s, keys)) = cached.as_ref() {
+            if Arc::ptr_eq(s, &snapshot) {
+                return (snapshot, keys.clone());
+            }
+        }
+        let keys = Arc::new(snapshot.policy.api_key_digests_by_app());
+        *cached = Some((snapshot.clone(), keys.clone()));
+        (snapshot, keys)
+    }
 }
 
 /// The token that requests must carry when listening on `addr`: none on loopback (unless a file is
@@ -94,8 +118,14 @@ async fn apps(State(console): State<Console>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&console, &headers) {
         return r;
     }
-    let snapshot = console.hub.current();
-    let entries = crate::catalog::entries(&snapshot.policy, crate::log::now_secs(), |_| None);
+    let (snapshot, keys) = console.current();
+    let now = crate::log::now_secs();
+    let entries: Vec<_> = (snapshot.policy.apps.iter().enumerate())
+        .map(|(i, a)| {
+            let digests = keys.get(i).map(Vec::as_slice).unwrap_or_default();
+            crate::catalog::entry(&snapshot.policy, a, digests, now, &Default::default())
+        })
+        .collect();
     json(&serde_json::json!({"revision": snapshot.revision, "apps": entries}))
 }
 
@@ -103,7 +133,7 @@ async fn app(State(console): State<Console>, headers: HeaderMap, UrlPath(id): Ur
     if let Err(r) = authorized(&console, &headers) {
         return r;
     }
-    let snapshot = console.hub.current();
+    let (snapshot, keys) = console.current();
     let policy = &snapshot.policy;
     let Some(i) = policy.app_index(&id) else {
         let shown: String = id.chars().take(128).collect();
@@ -116,7 +146,6 @@ async fn app(State(console): State<Console>, headers: HeaderMap, UrlPath(id): Ur
     let Some(a) = policy.apps.get(i) else {
         return problem(StatusCode::NOT_FOUND, "not-found", "no such app");
     };
-    let keys = policy.api_key_digests_by_app();
     let digests = keys.get(i).map(Vec::as_slice).unwrap_or_default();
     let entry = crate::catalog::entry(policy, a, digests, crate::log::now_secs(), &Default::default());
     json(&serde_json::json!({"revision": snapshot.revision, "app": entry}))
@@ -131,7 +160,7 @@ async fn not_found(State(console): State<Console>, headers: HeaderMap) -> Respon
 
 /// Serves the console on `listener` until the process stops.
 pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>) -> tokio::task::JoinHandle<()> {
-    let console = Console { hub, token: token.map(Arc::from) };
+    let console = Console { hub, token: token.map(Arc::from), keys: Arc::default() };
     let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
