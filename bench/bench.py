@@ -90,7 +90,7 @@ SETTINGS: dict[str, Any] = {
     "scale_apps": [int(x) for x in os.environ.get("BENCH_SCALE_APPS", "1000,10000").split(",") if x],
 }
 
-PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay"]
+PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay", "fleet"]
 
 
 def artifact(var: str, default: str) -> Path:
@@ -1136,6 +1136,43 @@ def part_replay(work: Path) -> dict[str, Any]:
             "records_per_cpu_s": round(report["records"] / cpu) if cpu else None}
 
 
+def part_fleet(work: Path) -> dict[str, Any]:
+    """N simulated Envoys (target/release/guardrail-fleet, bench/fleet), each on its own HTTP/2
+    connection, against one companion and against two sharing a redis-server: connect+ACK time,
+    push latency of a renamed policy (1,000 apps), RSS and CPU, `status` latency, fleet exhaustion.
+    BENCH_FLEET_NODES (1000; 10000 for the issue's goal), BENCH_FLEET_COMPANIONS (1,2)."""
+    import resource
+    sim = Path(os.environ.get("FLEET_BIN", str(GUARDRAIL_BIN.parent / "guardrail-fleet")))
+    if not sim.is_file():
+        return {"skipped": f"{sim} does not exist: cargo build --release -p guardrail-fleet"}
+    nodes = int(env_num("BENCH_FLEET_NODES", 1000))
+    template = work / "fleet-template.json"
+    template.write_text(json.dumps(bench_policy(apps=1000, rules=20)))
+    out = work / "fleet.json"
+
+    def raise_fds() -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = max(soft, min(hard, 4 * nodes + 4096)) if hard != resource.RLIM_INFINITY else 4 * nodes + 4096
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    tables = []
+    for companions in [int(c) for c in os.environ.get("BENCH_FLEET_COMPANIONS", "1,2").split(",") if c.strip()]:
+        if companions == 2 and not shutil.which("redis-server"):
+            tables.append("two companions: skipped (no redis-server)")
+            continue
+        say(f"fleet: {nodes} nodes, {companions} companion(s)")
+        r = subprocess.run([str(sim), "--guardrail", str(GUARDRAIL_BIN), "--policy-template", str(template),
+                            "--nodes", str(nodes), "--companions", str(companions),
+                            "--work", str(work / f"fleet-{companions}"), "--json", str(out)],
+                           capture_output=True, text=True, preexec_fn=raise_fds, timeout=1800)
+        if r.returncode != 0:
+            tables.append(f"{companions} companion(s): failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+            continue
+        tables.append(r.stdout.rstrip())
+    runs = json.loads(out.read_text()) if out.is_file() else []
+    return {"nodes": nodes, "runs": runs, "table": tables}
+
+
 # === report ===
 
 
@@ -1282,6 +1319,14 @@ def table(results: dict[str, Any]) -> str:
             w(f"guardrail replay ({rp['records']:,} records, {rp['bytes'] / 1e6:.0f} MB, one file, retailco policy)")
             w(f"  {rp['wall_s']:.2f} s wall, {rp['cpu_s']:.2f} s CPU: {rp['records_per_s']:,} records/s "
               f"({rp['records_per_cpu_s']:,} per CPU-second)")
+    fl = results.get("fleet")
+    if fl:
+        w("")
+        if "skipped" in fl:
+            w(f"fleet: skipped ({fl['skipped']})")
+        else:
+            for t in fl["table"]:
+                w(t)
     ts = results.get("targets", [])
     if ts:
         w("")
@@ -1325,7 +1370,7 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine(), "settings": SETTINGS}
     t0 = time.monotonic()
     funcs = {"overhead": part_overhead, "accuracy": part_accuracy, "propagation": part_propagation,
-             "scale": part_scale, "decide": part_decide, "replay": part_replay}
+             "scale": part_scale, "decide": part_decide, "replay": part_replay, "fleet": part_fleet}
     for part in PARTS:
         if part in parts:
             p0 = time.monotonic()

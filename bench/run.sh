@@ -8,7 +8,7 @@
 # (bench/trivial-filter → target/bench-trivial) before measuring anything. The criterion bench
 # (target/release/guardrail-bench, from bench/decide) is built by ./build.sh with the CLI.
 #
-# Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide,replay (default: all),
+# Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide,replay,fleet (default: all),
 # BENCH_DURATION (4 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcd), BENCH_WARMUP (2 s, per run), BENCH_CONNECTIONS (16),
 # BENCH_THREADS (2), BENCH_APPS (1000), BENCH_RULES (20), BENCH_CHANGES (100), BENCH_POLL_MS (2),
 # BENCH_SCALE_APPS (1000,10000), BENCH_ACCURACY_APPS (20), BENCH_ACCURACY_QUOTA (50),
@@ -17,6 +17,7 @@
 # BENCH_PIN (1: the Envoy under test alone on the last CPU), BENCH_REQUEST_APPS (apps the requests come from),
 # BENCH_BODY_BYTES (the upstream's response body; default 3 bytes),
 # BENCH_HOSTCALLS="headers*20 ..." (price each host call); see bench/README.md "Profiling".
+# BENCH_FLEET_NODES (1000; 10000 for the goal), BENCH_FLEET_COMPANIONS (1,2): the fleet part (bench/README.md "Fleet").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,7 +29,7 @@ export GUARDRAIL_BIN="$(abs "${GUARDRAIL_BIN:-target/release/guardrail}")"
 export ENVOY_BIN="$(abs "${ENVOY_BIN:-.venv/bin/envoy}")"
 target_dir="$(abs "${CARGO_TARGET_DIR:-target}")"
 export TRIVIAL_WASM="$target_dir/bench-trivial/wasm32-wasip1/release/trivial_filter.wasm"
-ONLY="${BENCH_ONLY:-overhead,accuracy,propagation,scale,decide,replay}"
+ONLY="${BENCH_ONLY:-overhead,accuracy,propagation,scale,decide,replay,fleet}"
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -64,6 +65,12 @@ fi
 # dependencies and its build settings, which live there only).
 if wants decide && [[ ! -x "$target_dir/release/guardrail-bench" ]]; then
   die "$target_dir/release/guardrail-bench does not exist; build it with ./build.sh"
+fi
+
+# The fleet simulator (bench/fleet): a workspace member built with the CLI's release settings.
+if wants fleet && [[ ! -x "$target_dir/release/guardrail-fleet" ]]; then
+  say "building the fleet simulator (cargo build --release -p guardrail-fleet)"
+  cargo build --quiet --release -p guardrail-fleet
 fi
 
 exec "$PYTHON" "$ROOT/bench/bench.py" --only "$ONLY" "$@"
