@@ -141,7 +141,7 @@ fn usage(node: usize, ctl: &Ctl) -> v1::ClientMessage {
         apps.push(v1::AppUsage { app: BUDGET_APP.into(), allowed, ..Default::default() });
     }
     v1::ClientMessage {
-        msg: Some(client_message::Msg::Usage(v1::UsageReport { day: day(), apps, exempt: HashMap::new() })),
+        msg: Some(client_message::Msg::Usage(v1::UsageReport { day: day(), apps, ..Default::default() })),
     }
 }
 
@@ -184,7 +184,7 @@ async fn run_node(i: usize, addr: &str, board: &Shared, ctl: &Ctl, gate: &Semaph
                 match message.msg {
                     Some(server_message::Msg::Snapshot(s)) => {
                         lock(board).received(&s.revision, i, at);
-                        let ack = v1::Ack { revision: s.revision };
+                        let ack = v1::Ack { revision: s.revision, candidate: false };
                         tx.send(v1::ClientMessage { msg: Some(client_message::Msg::Ack(ack)) }).await?;
                     }
                     Some(server_message::Msg::Fleet(f)) if f.exhausted_apps.iter().any(|a| a == BUDGET_APP) => {
@@ -193,7 +193,8 @@ async fn run_node(i: usize, addr: &str, board: &Shared, ctl: &Ctl, gate: &Semaph
                             b.exhausted[i] = Some(at);
                         }
                     }
-                    Some(server_message::Msg::Fleet(_)) | None => {}
+                    // A shadow candidate: real Envoys ACK it apart; the simulator only measures policy pushes.
+                    Some(server_message::Msg::Fleet(_) | server_message::Msg::Candidate(_)) | None => {}
                 }
             }
             _ = tick.tick() => tx.send(usage(i, ctl)).await?,
