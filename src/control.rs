@@ -426,7 +426,7 @@ impl ControlClient {
                 }),
             );
         };
-        let json = snapshot.policy_json.as_bytes();
+        let json = &snapshot.policy_json[..];
         // The other workers compile it while this one does. Only an optimisation: if it cannot be
         // shared, they compile the snapshot once it is published.
         let shared = host::SharedData.set(CANDIDATE_KEY, json, 0).and_then(|()| bump_generation());

@@ -129,9 +129,11 @@ pub struct PolicySnapshot {
     /// changed without the revision changing; `policy_json` carries this same value as `revision`.
     #[prost(string, tag = "1")]
     pub revision: ::prost::alloc::string::String,
-    /// the policy document as JSON (apiVersion guardrail/v1)
-    #[prost(string, tag = "2")]
-    pub policy_json: ::prost::alloc::string::String,
+    /// The policy document as JSON (apiVersion guardrail/v1), UTF-8. `bytes` rather than `string`
+    /// (the same encoding on the wire): the companion encodes a snapshot once and shares the buffer
+    /// among every stream instead of copying it per node.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub policy_json: ::prost::bytes::Bytes,
 }
 /// Apps whose daily budget is spent across the whole fleet (sum of every node's usage) for `day`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

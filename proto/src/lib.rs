@@ -34,3 +34,6 @@ pub const SERVICE: &str = "guardrail.v1.PolicyService";
 pub const STREAM_METHOD: &str = "Stream";
 /// The unary fleet status call: `/guardrail.v1.PolicyService/Status`.
 pub const STATUS_METHOD: &str = "Status";
+
+/// The type of `bytes` fields shared rather than copied (`PolicySnapshot.policy_json`).
+pub use prost::bytes::Bytes;

@@ -269,6 +269,11 @@ impl Fleet {
     pub fn totals(&self, day: u64) -> BTreeMap<String, Counts> {
         self.totals.get(&day).cloned().unwrap_or_default()
     }
+
+    /// The fleet's count of one app for `day` (the nodes this companion knows).
+    pub fn total(&self, day: u64, app: &str) -> Option<&Counts> {
+        self.totals.get(&day)?.get(app)
+    }
 }
 
 /// The apps of `totals` whose `allowed` reached the daily budget in force at `now` (sorted). Apps

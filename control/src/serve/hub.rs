@@ -55,6 +55,9 @@ pub struct Snapshot {
     pub content: [u8; 32],
     /// The document as compact JSON, with `revision` set to [`Snapshot::revision`].
     pub json: String,
+    /// [`Snapshot::json`] as sent: one buffer every stream's message shares (a 400 KB policy was
+    /// copied once per node, 4 GB for 10,000 nodes).
+    pub wire: guardrail_proto::Bytes,
     pub policy: CompiledPolicy,
 }
 
@@ -63,7 +66,7 @@ impl Snapshot {
         v1::ServerMessage {
             msg: Some(v1::server_message::Msg::Snapshot(v1::PolicySnapshot {
                 revision: self.revision.clone(),
-                policy_json: self.json.clone(),
+                policy_json: self.wire.clone(),
             })),
         }
     }
@@ -289,8 +292,44 @@ impl Hub {
         let mut inner = self.lock();
         inner.fleet.report(node_id, report, today)?;
         inner.dirty.usage.insert((node_id.to_string(), report.day));
-        self.recompute(&inner);
+        if self.may_exhaust(&inner, report) {
+            self.recompute(&inner);
+        }
         Ok(())
+    }
+
+    /// Whether `report` may have made an app exhausted fleet-wide: one of its apps of today, with
+    /// a daily budget, now at or over it and not yet pushed as exhausted. O(apps in the report),
+    /// so that a report does not cost O(apps in the policy) under the lock every handler shares;
+    /// everything else that changes the exhausted set (a new day, a policy, an override expiring,
+    /// the store's totals) recomputes it on [`Hub::tick`] or where it happens.
+    fn may_exhaust(&self, inner: &Inner, report: &v1::UsageReport) -> bool {
+        let now = self.now();
+        let day = day_of(now);
+        if report.day != day {
+            return false;
+        }
+        let snapshot = self.current();
+        let state = self.fleet_state.borrow();
+        if state.day != day {
+            return true;
+        }
+        report.apps.iter().any(|usage| {
+            let Some(budget) = snapshot
+                .policy
+                .app(&usage.app)
+                .and_then(|a| snapshot.policy.limits(a, now))
+                .and_then(|l| l.daily_budget)
+            else {
+                return false;
+            };
+            let own = inner.fleet.total(day, &usage.app).map_or(0, |c| c.allowed);
+            let stored = match &inner.store_totals {
+                (d, totals) if *d == day => totals.get(&usage.app).map_or(0, |c| c.allowed),
+                _ => 0,
+            };
+            own.max(stored) >= budget && !state.exhausted_apps.contains(&usage.app)
+        })
     }
 
     // --- the store ---
@@ -561,5 +600,6 @@ fn make_snapshot(
     }
     labels.entry(doc_revision).or_insert(content);
     labels.insert(revision.clone(), content);
-    Ok((Snapshot { revision, content, json, policy }, tree))
+    let wire = guardrail_proto::Bytes::from(json.clone().into_bytes());
+    Ok((Snapshot { revision, content, json, wire, policy }, tree))
 }

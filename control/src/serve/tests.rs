@@ -244,8 +244,8 @@ async fn hello_gets_the_snapshot_then_the_fleet_state() {
     let mut node = f.open(Some("envoy-1")).await;
     let snapshot = node.snapshot().await;
     assert_eq!(snapshot.revision, "1");
-    assert_eq!(revision_in(&snapshot.policy_json), "1", "the JSON names the same revision");
-    guardrail_core::compile::compile_json_str(&snapshot.policy_json).expect("the pushed JSON is a valid policy");
+    assert_eq!(revision_in(json(&snapshot)), "1", "the JSON names the same revision");
+    guardrail_core::compile::compile_json_str(json(&snapshot)).expect("the pushed JSON is a valid policy");
     let fleet = node.fleet().await;
     assert_eq!((fleet.day, fleet.exhausted_apps.len()), (day_of(NOON), 0));
     node.quiet().await;
@@ -328,7 +328,7 @@ async fn a_policy_change_is_pushed_to_every_stream() {
     for node in [&mut a, &mut b] {
         let s = node.snapshot().await;
         assert_eq!(s.revision, "2");
-        assert!(s.policy_json.contains("app-b"));
+        assert!(json(&s).contains("app-b"));
     }
     // A new stream gets the newest policy right away.
     let (_c, s) = Node::joined(&f, "envoy-c").await;
@@ -386,7 +386,7 @@ async fn a_json_change_is_pushed_at_the_first_poll_and_never_half_written() {
     // Complete: a JSON document cannot be a prefix of another, so it is pushed at once.
     std::fs::write(&f.file, &full).unwrap();
     assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Published("2".into())));
-    assert!(node.snapshot().await.policy_json.contains("app-b"), "the whole file");
+    assert!(json(&node.snapshot().await).contains("app-b"), "the whole file");
     assert_eq!(f.watcher.poll(), Polled::Nothing, "acted on once");
 
     // Replaced by an atomic rename: pushed at the first poll too.
@@ -456,7 +456,7 @@ async fn a_half_written_or_vanished_file_is_never_applied() {
     }
     assert_eq!(f.watcher.poll(), Polled::Offered(Offer::Published("2".into())));
     let s = node.snapshot().await;
-    assert!(s.policy_json.contains("app-b"), "the whole file");
+    assert!(json(&s).contains("app-b"), "the whole file");
 
     // Vanished: reported, nothing pushed; back: nothing to push either.
     std::fs::remove_file(&f.file).unwrap();
@@ -491,7 +491,7 @@ async fn revisions_name_one_content_only() {
     };
     assert!(label.starts_with("7+sha256:") && label.len() == 17, "{label}");
     let s = node.snapshot().await;
-    assert_eq!((s.revision.as_str(), revision_in(&s.policy_json)), (label.as_str(), label.clone()));
+    assert_eq!((s.revision.as_str(), revision_in(json(&s))), (label.as_str(), label.clone()));
 
     // Back to the first content: its first label again.
     assert_eq!(f.change(&policy("7", 10, false)), Polled::Offered(Offer::Published("7".into())));
@@ -776,4 +776,9 @@ async fn a_candidate_goes_out_apart_and_its_differences_reach_status() {
     }
     assert!(f.status().await.candidate.is_none());
     f.stop().await;
+}
+
+/// A pushed snapshot's JSON (UTF-8 by construction).
+fn json(snapshot: &v1::PolicySnapshot) -> &str {
+    std::str::from_utf8(&snapshot.policy_json).expect("policy_json is UTF-8")
 }
