@@ -12,7 +12,7 @@
 //! and the log says so once a minute at most.
 
 use super::audit;
-use super::hub::{Hub, Served};
+use super::hub::{Hub, Served, COMPANION_ALIVE_SECS};
 use crate::log::log;
 use crate::store::{first_kept_day, Revision, Store, StoreError};
 use std::sync::Arc;
@@ -42,12 +42,14 @@ pub struct Persist {
     /// `Some(since)` while the store is unavailable, with when that was last logged.
     down: Option<Instant>,
     ticks: u32,
+    /// Whether another live companion shares the store, as it said last.
+    others: bool,
 }
 
 impl Persist {
     pub fn new(hub: Arc<Hub>, store: Arc<dyn Store>) -> Persist {
         let started = hub.now();
-        Persist { hub, store, started, last_policy: None, loaded: false, down: None, ticks: 0 }
+        Persist { hub, store, started, last_policy: None, loaded: false, down: None, ticks: 0, others: false }
     }
 
     /// Reads the fleet as the store has it: today's and yesterday's usage of every node (so fleet
@@ -107,13 +109,25 @@ impl Persist {
         }
         self.flush().await?;
         let today = self.hub.today();
-        let totals = self.store.totals(today).await?;
-        self.hub.set_store_totals(today, totals);
         if self.ticks.is_multiple_of(FLEET_EVERY) {
             let companions = self.store.companions().await?;
-            let nodes = self.store.nodes().await?;
+            let now = self.hub.now();
+            let own = self.hub.name();
+            let others = companions.iter().any(|c| c.name != own && now - c.last_seen <= COMPANION_ALIVE_SECS);
             self.hub.set_companions(companions);
-            self.hub.absorb(&[], &nodes);
+            // Alone on the store (always so on SQLite, which one companion locks), the store holds
+            // nothing this companion does not: reading the whole fleet back every two seconds
+            // was most of a 10,000-node companion's CPU. Once more after the last other one
+            // left, so that its nodes show as they ended.
+            if others || self.others {
+                let nodes = self.store.nodes().await?;
+                self.hub.absorb(&[], &nodes);
+            }
+            self.others = others;
+        }
+        if self.others {
+            let totals = self.store.totals(today).await?;
+            self.hub.set_store_totals(today, totals);
         }
         if self.ticks % PRUNE_EVERY == 1 {
             self.store.prune(first_kept_day(today)).await?;
