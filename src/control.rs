@@ -108,6 +108,15 @@ fn published_fleet() -> Option<Fleet> {
     Fleet::decode(&shared(FLEET_KEY))
 }
 
+/// A snapshot's `policy_zlib` inflated, refused past the size a `policy_json` may have.
+fn inflate(zlib: &[u8]) -> Result<Vec<u8>, String> {
+    let limit = guardrail_proto::MAX_POLICY_JSON_BYTES;
+    miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(zlib, limit).map_err(|e| match e.status {
+        miniz_oxide::inflate::TINFLStatus::HasMoreOutput => format!("policy_zlib: inflates past {limit} bytes"),
+        status => format!("policy_zlib: not zlib data ({status:?})"),
+    })
+}
+
 /// Reads and compiles a snapshot's `policy_json`, as `guardrail check` would, reusing the rules'
 /// expressions of the previous compile on this worker.
 fn compile_json(json: &[u8], expressions: &mut ExpressionCache) -> Result<CompiledPolicy, Vec<String>> {
@@ -348,6 +357,7 @@ impl ControlClient {
                     envoy_version: envoy_version(),
                     filter_version: env!("CARGO_PKG_VERSION").to_string(),
                     revision: self.revision.clone(),
+                    accepts_zlib: true,
                 };
                 send(token, client_message::Msg::Hello(hello));
                 self.last_report_ns = now_ns;
@@ -426,7 +436,21 @@ impl ControlClient {
                 }),
             );
         };
-        let json = &snapshot.policy_json[..];
+        let inflated;
+        let json = if snapshot.policy_zlib.is_empty() {
+            &snapshot.policy_json[..]
+        } else {
+            match inflate(&snapshot.policy_zlib) {
+                Ok(bytes) => {
+                    inflated = bytes;
+                    &inflated[..]
+                }
+                Err(error) => {
+                    nack(error);
+                    return None;
+                }
+            }
+        };
         // The other workers compile it while this one does. Only an optimisation: if it cannot be
         // shared, they compile the snapshot once it is published.
         let shared = host::SharedData.set(CANDIDATE_KEY, json, 0).and_then(|()| bump_generation());
@@ -609,4 +633,22 @@ fn random_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(host::now_ns());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::inflate;
+    use miniz_oxide::deflate::compress_to_vec_zlib;
+
+    #[test]
+    fn a_compressed_snapshot_inflates_within_the_limit_or_is_refused_by_name() {
+        let json = br#"{"apiVersion":"guardrail/v1"}"#;
+        assert_eq!(inflate(&compress_to_vec_zlib(json, 6)).unwrap(), json, "round trip");
+        let bomb = compress_to_vec_zlib(&vec![b' '; guardrail_proto::MAX_POLICY_JSON_BYTES + 1], 9);
+        assert!(bomb.len() < 10_000, "a small message that inflates past the limit");
+        assert!(inflate(&bomb).unwrap_err().contains("policy_zlib: inflates past"), "refused, not inflated");
+        assert!(inflate(b"not zlib").unwrap_err().starts_with("policy_zlib: not zlib data"));
+        assert!(inflate(&compress_to_vec_zlib(json, 6)[..10]).is_err(), "truncated");
+    }
 }

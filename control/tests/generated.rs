@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 const PROTO: &str = "guardrail/v1/guardrail.proto";
 /// `bytes` fields generated as `prost::bytes::Bytes` (cheap to clone) rather than `Vec<u8>`: a
 /// snapshot's JSON, sent to every node.
-const SHARED_BYTES: &str = ".guardrail.v1.PolicySnapshot.policy_json";
+const SHARED_BYTES: [&str; 2] =
+    [".guardrail.v1.PolicySnapshot.policy_json", ".guardrail.v1.PolicySnapshot.policy_zlib"];
 
 fn repo() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -57,7 +58,7 @@ fn compare(new: &str, checked_in: &Path) {
 fn messages_are_what_the_proto_generates() {
     let fds = protox::compile([PROTO], [repo().join("proto")]).unwrap();
     let out = out_dir("messages");
-    prost_build::Config::new().bytes([SHARED_BYTES]).out_dir(&out).compile_fds(fds).unwrap();
+    prost_build::Config::new().bytes(SHARED_BYTES).out_dir(&out).compile_fds(fds).unwrap();
     compare(&take(out, "guardrail.v1.rs"), &repo().join("proto/src/guardrail.v1.rs"));
 }
 

@@ -30,6 +30,10 @@ pub struct Hello {
     /// revision in force when the stream opened ("" when none)
     #[prost(string, tag = "4")]
     pub revision: ::prost::alloc::string::String,
+    /// The node inflates PolicySnapshot.policy_zlib: the companion then sends the policy compressed
+    /// (a 357 KB policy of 1,000 apps is about 40 KB), and policy_json empty.
+    #[prost(bool, tag = "5")]
+    pub accepts_zlib: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ack {
@@ -134,6 +138,10 @@ pub struct PolicySnapshot {
     /// among every stream instead of copying it per node.
     #[prost(bytes = "bytes", tag = "2")]
     pub policy_json: ::prost::bytes::Bytes,
+    /// `policy_json` compressed (zlib, RFC 1950), sent instead of it to a node whose Hello says
+    /// `accepts_zlib`; inflated, at most the size a policy_json may have.
+    #[prost(bytes = "bytes", tag = "3")]
+    pub policy_zlib: ::prost::bytes::Bytes,
 }
 /// Apps whose daily budget is spent across the whole fleet (sum of every node's usage) for `day`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

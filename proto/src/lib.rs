@@ -35,5 +35,9 @@ pub const STREAM_METHOD: &str = "Stream";
 /// The unary fleet status call: `/guardrail.v1.PolicyService/Status`.
 pub const STATUS_METHOD: &str = "Status";
 
-/// The type of `bytes` fields shared rather than copied (`PolicySnapshot.policy_json`).
+/// The type of `bytes` fields shared rather than copied (`PolicySnapshot.policy_json`, `policy_zlib`).
 pub use prost::bytes::Bytes;
+
+/// The largest `policy_json` (as sent, or inflated from `policy_zlib`): 4 MiB, the gRPC message
+/// limit of both ends, less room for the rest of the message.
+pub const MAX_POLICY_JSON_BYTES: usize = 4 * 1024 * 1024 - 4096;

@@ -111,6 +111,12 @@ def snapshot(revision: str, policy: Mapping[str, Any] | str | bytes) -> bytes:
     return length_delimited(1, length_delimited(1, revision) + length_delimited(2, body))
 
 
+def zlib_snapshot(revision: str, compressed: bytes) -> bytes:
+    """`ServerMessage{snapshot: PolicySnapshot{revision, policy_zlib}}`: the policy as zlib bytes
+    (any bytes, valid or not), as the companion sends it to a filter whose Hello accepts it."""
+    return length_delimited(1, length_delimited(1, revision) + length_delimited(3, compressed))
+
+
 def padded_snapshot(revision: str, policy: Mapping[str, Any], size: int) -> bytes:
     """A snapshot of `policy` whose encoded ServerMessage is exactly `size` bytes, the policy's
     JSON padded with trailing spaces (still the same, valid document)."""
@@ -181,8 +187,11 @@ def decode_client_message(data: bytes) -> ClientMessage:
                     apps[name] = usage
             return ClientMessage(kind, {"day": day, "apps": apps})
         names = STRING_FIELDS[kind]
-        return ClientMessage(kind, {names[n]: bytes(v).decode() for n, _, v in fields(value)
-                                    if n in names and isinstance(v, bytes)})
+        decoded: dict[str, Any] = {names[n]: bytes(v).decode() for n, _, v in fields(value)
+                                   if n in names and isinstance(v, bytes)}
+        if kind == "hello":
+            decoded["accepts_zlib"] = any(n == 5 and v == 1 for n, _, v in fields(value))
+        return ClientMessage(kind, decoded)
     raise ValueError(f"not a ClientMessage: {data[:40]!r}")
 
 

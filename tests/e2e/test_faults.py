@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ import struct
 import subprocess
 import threading
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +46,7 @@ from typing import Any, Callable, Iterator, Mapping
 import pytest
 
 from companion import Companion, write_policy
-from fake_companion import FakeCompanion, FakeStream, length_delimited, padded_snapshot, snapshot
+from fake_companion import FakeCompanion, FakeStream, length_delimited, padded_snapshot, snapshot, zlib_snapshot
 from harness import Envoy, Response, bootstrap, counter_delta, request, responds_with, settled_deltas, wait_for
 from policies import app, jwt_issuer, policy, tier
 from tokens import SigningKey, claims
@@ -566,6 +568,45 @@ def test_lying_companion_is_nacked_and_the_last_good_policy_stays(fake_gw: FakeG
     during = load.tiers(lies_from, acked)
     assert during and set(during) == {good}, f"{good} must stay in force through the lies: {during}"
     assert set(load.tiers(acked)) == {after}
+    assert fake.current is stream and stream.open
+    assert_no_crash(gw)
+
+
+def test_compressed_snapshots_are_inflated_within_the_limit(fake_gw: FakeGateway) -> None:
+    """The filter's Hello says it inflates snapshots (the companion then sends `policy_zlib`): a
+    compressed policy is enforced like a plain one; one that inflates past the 4 MiB a policy may
+    have (a 4 KiB "zip bomb"), a truncated one and bytes that are not zlib are NACKed naming
+    `policy_zlib`, and the policy in force stays."""
+    gw, fake = fake_gw.gw, fake_gw.fake
+    good = fake_gw.revision("zlib-before")
+    body = json.dumps(load_policy("zlib-cut"), separators=(",", ":")).encode()
+    bad = {
+        "zlib-bomb": (zlib.compress(b" " * (4 * 1024 * 1024), 9), "policy_zlib: inflates past"),
+        "zlib-cut": (zlib.compress(body)[:-20], "policy_zlib:"),
+        "zlib-garbage": (b"this is not zlib", "policy_zlib: not zlib data"),
+    }
+    with Load(gw.url) as load:
+        stream = fake_gw.open_with(good)
+        hellos = stream.messages("hello")
+        assert hellos and hellos[-1].fields.get("accepts_zlib") is True, f"the Hello should accept zlib: {hellos}"
+        bad_from = time.monotonic()
+        for revision, (data, _) in bad.items():
+            stream.send(zlib_snapshot(revision, data))
+        nacks = {revision: stream.wait_for_nack(revision) for revision in bad}
+        load.wait_for(60, since=bad_from)
+        after = fake_gw.revision("zlib-after")
+        stream.send(zlib_snapshot(after, zlib.compress(json.dumps(load_policy(after), separators=(",", ":")).encode())))
+        stream.wait_for_ack(after)
+        fake_gw.in_force = after
+        acked = time.monotonic()
+        load.wait_for(60, since=acked)
+
+    for revision, (_, error) in bad.items():
+        assert error in nacks[revision].error, f"the NACK of {revision} should say {error!r}: {nacks[revision].error!r}"
+    assert {m.revision for m in stream.messages("ack")} == {good, after}, "a bad compressed snapshot was acknowledged"
+    during = load.tiers(bad_from, acked)
+    assert during and set(during) == {good}, f"{good} must stay in force through the bad snapshots: {during}"
+    assert set(load.tiers(acked)) == {after}, "the compressed revision is enforced"
     assert fake.current is stream and stream.open
     assert_no_crash(gw)
 

@@ -169,6 +169,8 @@ async fn run_node(i: usize, addr: &str, board: &Shared, ctl: &Ctl, gate: &Semaph
         envoy_version: "simulated".into(),
         filter_version: "fleet-bench".into(),
         revision: String::new(),
+        // As the filter does; the simulator ACKs without inflating (an Envoy spends that CPU).
+        accepts_zlib: true,
     };
     tx.send(v1::ClientMessage { msg: Some(client_message::Msg::Hello(hello)) }).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await.context("open stream")?.into_inner();

@@ -433,6 +433,7 @@ mod tests {
             envoy_version: "1.33.0".into(),
             filter_version: "0.1.0".into(),
             revision: String::new(),
+            accepts_zlib: false,
         }
     }
 

@@ -176,7 +176,7 @@ impl Connection {
                 return;
             }
         }
-        let end = self.serve(&node, &mut inbound).await;
+        let end = self.serve(&node, hello.accepts_zlib, &mut inbound).await;
         self.hub.disconnect(&node);
         match &end {
             Some(status) => log!("node {node} disconnected: {}", status.message()),
@@ -207,7 +207,8 @@ impl Connection {
     }
 
     /// Relays snapshots and fleet state, and handles client messages, until the stream ends.
-    async fn serve(&self, node: &str, inbound: &mut Streaming<v1::ClientMessage>) -> End {
+    /// (`zlib`: the node's Hello said it inflates snapshots.)
+    async fn serve(&self, node: &str, zlib: bool, inbound: &mut Streaming<v1::ClientMessage>) -> End {
         let mut snapshots = self.hub.snapshots();
         let mut fleet = self.hub.fleet_states();
         let mut candidates = self.hub.shadow.subscribe();
@@ -216,7 +217,7 @@ impl Connection {
             return Some(Status::unavailable("the companion is stopping"));
         }
         let snapshot = snapshots.borrow_and_update().clone();
-        if !self.send(node, snapshot.to_proto()) {
+        if !self.send(node, snapshot.to_proto(zlib)) {
             return None;
         }
         let state = fleet.borrow_and_update().clone();
@@ -240,7 +241,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    if !self.send(node, snapshot.to_proto()) {
+                    if !self.send(node, snapshot.to_proto(zlib)) {
                         return None;
                     }
                 }

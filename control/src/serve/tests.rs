@@ -199,6 +199,7 @@ impl Node {
     }
 }
 
+/// A node's Hello; a node whose id ends with `-zlib` inflates snapshots, as the filter does.
 fn hello_message(id: &str) -> v1::ClientMessage {
     v1::ClientMessage {
         msg: Some(Msg::Hello(v1::Hello {
@@ -206,6 +207,7 @@ fn hello_message(id: &str) -> v1::ClientMessage {
             envoy_version: "1.33.0".into(),
             filter_version: "0.1.0".into(),
             revision: String::new(),
+            accepts_zlib: id.ends_with("-zlib"),
         })),
     }
 }
@@ -244,10 +246,15 @@ async fn hello_gets_the_snapshot_then_the_fleet_state() {
     let mut node = f.open(Some("envoy-1")).await;
     let snapshot = node.snapshot().await;
     assert_eq!(snapshot.revision, "1");
-    assert_eq!(revision_in(json(&snapshot)), "1", "the JSON names the same revision");
-    guardrail_core::compile::compile_json_str(json(&snapshot)).expect("the pushed JSON is a valid policy");
+    assert_eq!(revision_in(&json(&snapshot)), "1", "the JSON names the same revision");
+    guardrail_core::compile::compile_json_str(&json(&snapshot)).expect("the pushed JSON is a valid policy");
     let fleet = node.fleet().await;
     assert_eq!((fleet.day, fleet.exhausted_apps.len()), (day_of(NOON), 0));
+    // A node that inflates gets the same document compressed, and nothing else.
+    let (_zlib_node, compressed) = Node::joined(&f, "envoy-2-zlib").await;
+    assert!(compressed.policy_json.is_empty() && !compressed.policy_zlib.is_empty(), "sent compressed");
+    assert!(compressed.policy_zlib.len() < snapshot.policy_json.len(), "and smaller");
+    assert_eq!((compressed.revision.as_str(), json(&compressed)), (snapshot.revision.as_str(), json(&snapshot)));
     node.quiet().await;
     f.stop().await;
 }
@@ -491,7 +498,7 @@ async fn revisions_name_one_content_only() {
     };
     assert!(label.starts_with("7+sha256:") && label.len() == 17, "{label}");
     let s = node.snapshot().await;
-    assert_eq!((s.revision.as_str(), revision_in(json(&s))), (label.as_str(), label.clone()));
+    assert_eq!((s.revision.as_str(), revision_in(&json(&s))), (label.as_str(), label.clone()));
 
     // Back to the first content: its first label again.
     assert_eq!(f.change(&policy("7", 10, false)), Polled::Offered(Offer::Published("7".into())));
@@ -778,7 +785,14 @@ async fn a_candidate_goes_out_apart_and_its_differences_reach_status() {
     f.stop().await;
 }
 
-/// A pushed snapshot's JSON (UTF-8 by construction).
-fn json(snapshot: &v1::PolicySnapshot) -> &str {
-    std::str::from_utf8(&snapshot.policy_json).expect("policy_json is UTF-8")
+/// A pushed snapshot's JSON (UTF-8 by construction), inflated when it came compressed.
+fn json(snapshot: &v1::PolicySnapshot) -> String {
+    if snapshot.policy_zlib.is_empty() {
+        return String::from_utf8(snapshot.policy_json.to_vec()).expect("policy_json is UTF-8");
+    }
+    assert!(snapshot.policy_json.is_empty(), "one of policy_json and policy_zlib, not both");
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::ZlibDecoder::new(&snapshot.policy_zlib[..]), &mut text)
+        .expect("policy_zlib inflates to UTF-8");
+    text
 }
