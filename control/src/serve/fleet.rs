@@ -23,8 +23,14 @@ use guardrail_core::compile::{CompiledPolicy, MAX_APP_ID_LEN};
 use guardrail_proto::v1;
 use std::collections::{BTreeMap, HashSet};
 
-/// Nodes remembered at once; a Hello beyond this is refused (a runaway client creating node ids).
+/// Nodes connected to this companion at once; a Hello of a new node beyond this is refused.
 pub const MAX_NODES: usize = 10_000;
+/// This companion's nodes remembered at once: connected, gone with usage of the days kept (fleet
+/// budgets count it), or gone less than a day. Beyond it, the gone node without usage seen last
+/// longest ago is forgotten to make room; a Hello is refused only when every node remembered is
+/// connected or has usage (a runaway client creating node ids). Envoy restarts and rollouts, each
+/// a new node id, never use up the cap of connected nodes.
+pub const MAX_REMEMBERED: usize = 4 * MAX_NODES;
 /// Nodes remembered at once with those other companions sharing the store reported (read from it,
 /// never refused: beyond this the store's other nodes are left out of this companion's view).
 pub const MAX_FLEET_NODES: usize = 4 * MAX_NODES;
@@ -44,7 +50,9 @@ pub const FORGET_AFTER_SECS: i64 = 86_400;
 pub enum FleetError {
     #[error("node_id must be 1 to {MAX_ID_LEN} printable characters")]
     BadNodeId,
-    #[error("too many nodes ({MAX_NODES}); refusing new ones")]
+    #[error(
+        "too many nodes ({MAX_NODES} connected, or {MAX_REMEMBERED} remembered that are connected or have usage of today or yesterday); refusing new ones"
+    )]
     TooManyNodes,
     #[error("{0}")]
     BadReport(String),
@@ -150,6 +158,22 @@ pub struct Fleet {
     totals: BTreeMap<u64, BTreeMap<String, Counts>>,
     /// This companion's name, recorded on the nodes that connect to it.
     pub own: String,
+    /// Nodes with a stream open on this companion (kept as streams open and end).
+    connected: usize,
+    caps: Caps,
+}
+
+/// How many nodes a [`Fleet`] takes: [`MAX_NODES`] and [`MAX_REMEMBERED`] but in tests.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    connected: usize,
+    remembered: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Caps {
+        Caps { connected: MAX_NODES, remembered: MAX_REMEMBERED }
+    }
 }
 
 // === impl Fleet ===
@@ -161,14 +185,21 @@ impl Fleet {
         if !valid_id(id) {
             return Err(FleetError::BadNodeId);
         }
-        // The cap is on this companion's own nodes; others' (from the store) do not use it up.
-        if !self.nodes.contains_key(id)
-            && self.nodes.len() >= MAX_NODES
-            && self.nodes.values().filter(|n| n.companion == self.own).count() >= MAX_NODES
-        {
-            return Err(FleetError::TooManyNodes);
+        // The caps are on this companion's own nodes; others' (from the store) do not use them up.
+        if !self.nodes.contains_key(id) {
+            let Caps { connected, remembered } = self.caps;
+            if self.connected >= connected
+                || (self.nodes.len() >= remembered
+                    && self.nodes.values().filter(|n| n.companion == self.own).count() >= remembered
+                    && !self.forget_one_gone())
+            {
+                return Err(FleetError::TooManyNodes);
+            }
         }
         let node = self.nodes.entry(id.to_string()).or_default();
+        if node.streams == 0 {
+            self.connected += 1;
+        }
         node.envoy_version = truncated(&hello.envoy_version, MAX_ID_LEN);
         node.filter_version = truncated(&hello.filter_version, MAX_ID_LEN);
         node.hello_revision = truncated(&hello.revision, MAX_ID_LEN);
@@ -180,9 +211,24 @@ impl Fleet {
         Ok(node)
     }
 
+    /// Forgets this companion's gone node without usage that was seen last longest ago; `false`
+    /// when there is none (every node is connected or has usage a fleet budget counts).
+    fn forget_one_gone(&mut self) -> bool {
+        let oldest = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.companion == self.own && n.streams == 0 && n.elsewhere == 0 && n.usage.is_empty())
+            .min_by_key(|(_, n)| n.last_seen)
+            .map(|(id, _)| id.clone());
+        oldest.is_some_and(|id| self.nodes.remove(&id).is_some())
+    }
+
     /// One of the node's streams ended.
     pub fn disconnect(&mut self, node_id: &str, now: i64) {
         if let Some(node) = self.nodes.get_mut(node_id) {
+            if node.streams == 1 {
+                self.connected = self.connected.saturating_sub(1);
+            }
             node.streams = node.streams.saturating_sub(1);
             node.last_seen = now;
         }
@@ -554,6 +600,43 @@ mod tests {
             }
             assert_eq!(fleet.totals(day), sum, "day {day}");
         }
+    }
+
+    #[test]
+    fn restarted_nodes_do_not_use_up_the_cap_and_nodes_with_usage_are_never_forgotten_for_room() {
+        // The real caps scaled down 100 times (40,000 connects cost minutes in a debug build).
+        let caps = Caps { connected: MAX_NODES / 100, remembered: MAX_REMEMBERED / 100 };
+        let mut fleet = Fleet { own: "cp-a".into(), caps, ..Fleet::default() };
+        let today = 20_000;
+        // A rollout a day: every Envoy comes back under a new node id.
+        for round in 0..4 {
+            for i in 0..caps.connected {
+                let id = format!("r{round}-{i}");
+                fleet.connect(&hello(&id), "", round).unwrap();
+                fleet.disconnect(&id, round);
+            }
+        }
+        assert_eq!(fleet.nodes.len(), caps.remembered);
+        // Connected to the cap, and the next one refused.
+        for i in 0..caps.connected {
+            let id = format!("live-{i}");
+            assert!(fleet.connect(&hello(&id), "", 10).is_ok(), "a new node beside gone ones: {id}");
+        }
+        assert_eq!(fleet.nodes.len(), caps.remembered, "the gone nodes seen longest ago made room");
+        assert!(!fleet.nodes.contains_key("r0-0") && fleet.nodes.contains_key("r3-0"), "oldest first");
+        assert_eq!(fleet.connect(&hello("one-too-many"), "", 10).unwrap_err(), FleetError::TooManyNodes);
+        // A node that reconnects is not new; one that leaves makes room for a new one.
+        assert!(fleet.connect(&hello("live-1"), "", 10).is_ok(), "a second stream of a connected node");
+        fleet.disconnect("live-1", 10);
+        // A gone node whose usage a fleet budget counts is not forgotten for room.
+        fleet.report("live-0", &report(today, &[("app-a", 5)]), today).unwrap();
+        fleet.disconnect("live-0", 11);
+        for n in fleet.nodes.values_mut().filter(|n| n.streams == 0 && n.usage.is_empty()) {
+            n.last_seen = 12;
+        }
+        assert!(fleet.connect(&hello("another"), "", 12).is_ok(), "room made from a gone node without usage");
+        assert!(fleet.nodes.contains_key("live-0"), "the node with usage stays");
+        assert_eq!(fleet.totals(today).get("app-a").map(|c| c.allowed), Some(5));
     }
 
     #[test]
