@@ -13,10 +13,14 @@
 //! counts.record("checkout", "allow", "allow"); // the same outcome: not counted
 //! assert_eq!(counts.top(100), vec![("checkout".to_string(), "allow", "residency-violation", 1)]);
 //! ```
+//!
+//! Each worker of an Envoy counts on its own and adds its counts, on every tick, into one
+//! [`SharedCounts`] in proxy-wasm shared data (compare-and-swap), from which the leader reports.
 
 use crate::decide::Decision;
 use crate::fasthash::FastMap;
 use crate::quota::{CounterStore, StoreError};
+use std::collections::BTreeMap;
 
 /// The outcome code of an admitted request with an app.
 pub const ALLOW: &str = "allow";
@@ -82,10 +86,94 @@ impl ShadowCounts {
         self.counts.clear();
     }
 
+    /// Every count, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &'static str, &'static str, u64)> {
+        self.counts.iter().map(|((a, f, t), n)| (a.as_str(), *f, *t, *n))
+    }
+
     /// The `limit` largest counts, largest first (ties by app, then codes, for a stable report).
     pub fn top(&self, limit: usize) -> Vec<(String, &'static str, &'static str, u64)> {
         let mut all: Vec<_> = self.counts.iter().map(|((a, f, t), n)| (a.clone(), *f, *t, *n)).collect();
         all.sort_by(|x, y| y.3.cmp(&x.3).then_with(|| (&x.0, x.1, x.2).cmp(&(&y.0, y.1, y.2))));
+        all.truncate(limit);
+        all
+    }
+}
+
+// === impl SharedCounts ===
+
+/// Pairs an Envoy keeps in [`SharedCounts`]; those beyond are added up under [`OTHER_APPS`].
+pub const MAX_SHARED_PAIRS: usize = 1000;
+
+/// The app under which pairs beyond [`MAX_SHARED_PAIRS`] are counted (no app id can be `*`).
+pub const OTHER_APPS: &str = "*";
+
+const SHARED_MAGIC: &str = "guardrail-shadow/1";
+
+/// The differences every worker of one Envoy counted under one candidate, since it was put in
+/// force, as kept in shared data. `epoch` tells one putting in force from another (the same
+/// candidate stopped and sent again starts over): a worker adds its counts only under the epoch it
+/// counted them for. `epoch` 0 and an empty revision: no candidate.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SharedCounts {
+    pub epoch: u64,
+    pub revision: String,
+    counts: BTreeMap<(String, String, String), u64>,
+}
+
+impl SharedCounts {
+    /// No counts yet for the candidate `revision` put in force as `epoch`.
+    pub fn new(epoch: u64, revision: &str) -> Self {
+        SharedCounts { epoch, revision: revision.to_string(), counts: BTreeMap::new() }
+    }
+
+    /// Text, one pair per line: `guardrail-shadow/1 <epoch>`, the revision, then
+    /// `<app>\t<enforced>\t<candidate>\t<count>` lines.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = format!("{SHARED_MAGIC} {}\n{}\n", self.epoch, self.revision);
+        for ((app, enforced, candidate), n) in &self.counts {
+            out.push_str(&format!("{app}\t{enforced}\t{candidate}\t{n}\n"));
+        }
+        out.into_bytes()
+    }
+
+    /// `None` for anything [`SharedCounts::encode`] did not write.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text.lines();
+        let epoch = lines.next()?.strip_prefix(SHARED_MAGIC)?.strip_prefix(' ')?.parse().ok()?;
+        let revision = lines.next()?.to_string();
+        let mut counts = BTreeMap::new();
+        for line in lines {
+            let mut fields = line.split('\t');
+            let mut field = || fields.next().map(str::to_string);
+            let (app, enforced, candidate) = (field()?, field()?, field()?);
+            let n: u64 = field()?.parse().ok()?;
+            counts.insert((app, enforced, candidate), n);
+        }
+        Some(SharedCounts { epoch, revision, counts })
+    }
+
+    /// Adds a worker's counts. Past [`MAX_SHARED_PAIRS`] pairs, a new pair's count goes to
+    /// [`OTHER_APPS`], so the totals per pair of codes stay exact.
+    pub fn add(&mut self, delta: &ShadowCounts) {
+        for (app, enforced, candidate, n) in delta.iter() {
+            let key = (app.to_string(), enforced.to_string(), candidate.to_string());
+            let key = if self.counts.contains_key(&key) || self.counts.len() < MAX_SHARED_PAIRS {
+                key
+            } else {
+                (OTHER_APPS.to_string(), key.1, key.2)
+            };
+            let sum = self.counts.entry(key).or_default();
+            *sum = sum.saturating_add(n);
+        }
+    }
+
+    /// The `limit` largest counts, largest first (ties by app, then codes).
+    pub fn top(&self, limit: usize) -> Vec<(&str, &str, &str, u64)> {
+        let mut all: Vec<_> =
+            self.counts.iter().map(|((a, f, t), n)| (a.as_str(), f.as_str(), t.as_str(), *n)).collect();
+        all.sort_by(|x, y| y.3.cmp(&x.3).then_with(|| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2))));
         all.truncate(limit);
         all
     }
@@ -134,5 +222,40 @@ mod tests {
         assert_eq!(c.top(1).len(), 1, "bounded");
         c.clear();
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn shared_counts_round_trip_add_up_and_stay_bounded() {
+        let mut shared = SharedCounts::new(7, "2+sha256:0a1b2c3d");
+        assert_eq!(SharedCounts::decode(&shared.encode()), Some(shared.clone()), "empty round trip");
+        let mut worker = ShadowCounts::default();
+        worker.record("us-promo", "allow", "residency-violation");
+        worker.record("us-promo", "allow", "residency-violation");
+        worker.record("", "unauthenticated", "allow");
+        shared.add(&worker);
+        shared.add(&worker);
+        let decoded = SharedCounts::decode(&shared.encode()).unwrap();
+        assert_eq!(decoded, shared, "round trip with counts");
+        assert_eq!((decoded.epoch, decoded.revision.as_str()), (7, "2+sha256:0a1b2c3d"));
+        assert_eq!(
+            decoded.top(100),
+            vec![("us-promo", "allow", "residency-violation", 4), ("-", "unauthenticated", "allow", 2)],
+            "two workers' flushes add up"
+        );
+        for bad in [&b""[..], b"guardrail-shadow/1 x\nr\n", b"other 1\nr\n", b"guardrail-shadow/1 1\nr\na\tb\tc\n"] {
+            assert_eq!(SharedCounts::decode(bad), None, "{:?} is not ours", String::from_utf8_lossy(bad));
+        }
+
+        let mut many = ShadowCounts::default();
+        for i in 0..MAX_SHARED_PAIRS + 10 {
+            many.record(&format!("app-{i}"), "allow", "app-not-active");
+        }
+        let mut bounded = SharedCounts::new(1, "r");
+        bounded.add(&many);
+        bounded.add(&many);
+        assert_eq!(bounded.counts.len(), MAX_SHARED_PAIRS + 1, "the pairs beyond the bound go under `*`");
+        let total: u64 = bounded.top(usize::MAX).iter().map(|p| p.3).sum();
+        assert_eq!(total, 2 * (MAX_SHARED_PAIRS as u64 + 10), "no count is lost");
+        assert_eq!(bounded.top(1), vec![(OTHER_APPS, "allow", "app-not-active", 20)]);
     }
 }
