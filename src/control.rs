@@ -21,16 +21,26 @@
 //! compiled ahead is put in force at once, and one it did not is compiled there and then, so that
 //! once the leader has ACKed a revision no request is decided by an older one. A worker compiles
 //! each revision once; the policy it replaces is freed on a later tick.
+//!
+//! The shadow candidate (`guardrail serve --candidate`, README "Safe rollout: shadow") is another
+//! policy, decided beside the enforced one and never enforced. The leader compiles it, ACKs or
+//! NACKs it (`candidate: true`) and publishes it in `guardrail.shadow` (an epoch, then the JSON;
+//! empty: none) with its counts reset in `guardrail.shadow.counts` ([`SharedCounts`]); every worker
+//! compiles it on its next tick. Workers count where its outcome differs from the enforced one
+//! and add their counts into `guardrail.shadow.counts` on every tick; the leader reports them.
+//! On a new stream the companion sends the candidate it serves before the first fleet state, so
+//! a first fleet state with no candidate before it means none is served: shadowing stops.
 
 use crate::host;
 use guardrail_core::compile::{compile_with, parse_json_str, App, CompiledPolicy};
 use guardrail_core::fleet::{Fleet, UsageCounters};
 use guardrail_core::quota::{ensure_keys, CounterStore, StoreError};
 use guardrail_core::rules::ExpressionCache;
+use guardrail_core::shadow::{ShadowCounts, SharedCounts};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use guardrail_proto::v1::{
-    client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot, ServerMessage,
-    UsageReport,
+    client_message, server_message, AppUsage, Candidate, ClientMessage, FleetState, Hello, PolicySnapshot,
+    ServerMessage, ShadowDifference, UsageReport,
 };
 use prost::Message;
 use std::rc::Rc;
@@ -41,6 +51,14 @@ pub const SNAPSHOT_KEY: &str = "guardrail.snapshot";
 /// A snapshot received by the leader and not validated yet, for workers to compile ahead.
 pub const CANDIDATE_KEY: &str = "guardrail.candidate";
 pub const FLEET_KEY: &str = "guardrail.fleet";
+/// The shadow candidate in force: its epoch (8 bytes, little-endian), then its JSON; empty: none.
+const SHADOW_KEY: &str = "guardrail.shadow";
+/// The differences counted under it by every worker ([`SharedCounts`]).
+const SHADOW_COUNTS_KEY: &str = "guardrail.shadow.counts";
+/// Difference pairs in one usage report, the largest.
+const REPORT_PAIRS: usize = 100;
+/// The longest candidate revision accepted (the companion's are far shorter).
+const MAX_REVISION_LEN: usize = 256;
 const LEADER_KEY: &str = "guardrail.leader";
 const NODE_KEY: &str = "guardrail.node";
 
@@ -117,6 +135,57 @@ fn inflate(zlib: &[u8]) -> Result<Vec<u8>, String> {
     })
 }
 
+/// A published shadow candidate's epoch and JSON; `None` when none is published.
+fn split_shadow(value: &[u8]) -> Option<(u64, &[u8])> {
+    let (epoch, json) = value.split_first_chunk::<8>()?;
+    Some((u64::from_le_bytes(*epoch), json))
+}
+
+/// The shadow candidate in force on this Envoy and its counts (epoch 0 and no revision: none).
+fn shadow_counts() -> SharedCounts {
+    SharedCounts::decode(&shared(SHADOW_COUNTS_KEY)).unwrap_or_default()
+}
+
+/// Publishes `value` as the shadow candidate (empty: none) with its counts starting over, for
+/// every worker.
+fn publish_shadow(value: &[u8], counts: &SharedCounts) -> Result<u64, StoreError> {
+    host::SharedData
+        .set(SHADOW_COUNTS_KEY, &counts.encode(), 0)
+        .and_then(|()| host::SharedData.set(SHADOW_KEY, value, 0))
+        .and_then(|()| bump_generation())
+}
+
+/// Adds a worker's shadow counts (counted under `epoch`) into the shared ones. Counts of another
+/// epoch than the one in force (a candidate replaced or stopped since) are dropped; counts that
+/// cannot be added now (the store busy) are kept for the next tick.
+pub fn flush_shadow(epoch: u64, counts: &mut ShadowCounts) {
+    if counts.is_empty() {
+        return;
+    }
+    for _ in 0..guardrail_core::quota::MAX_CAS_RETRIES {
+        let Ok(Some((bytes, cas))) = host::SharedData.get(SHADOW_COUNTS_KEY) else {
+            counts.clear();
+            return;
+        };
+        let mut shared = match SharedCounts::decode(&bytes) {
+            Some(shared) if shared.epoch == epoch => shared,
+            _ => {
+                counts.clear();
+                return;
+            }
+        };
+        shared.add(counts);
+        match host::SharedData.set(SHADOW_COUNTS_KEY, &shared.encode(), cas) {
+            Ok(()) => {
+                counts.clear();
+                return;
+            }
+            Err(StoreError::CasMismatch) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
 /// Reads and compiles a snapshot's `policy_json`, as `guardrail check` would, reusing the rules'
 /// expressions of the previous compile on this worker.
 fn compile_json(json: &[u8], expressions: &mut ExpressionCache) -> Result<CompiledPolicy, Vec<String>> {
@@ -147,6 +216,17 @@ pub struct Follower {
     retired: Vec<Rc<CompiledPolicy>>,
     /// The rules' expressions of the last compile, for the next one.
     expressions: ExpressionCache,
+    /// The shadow candidate last dealt with, as published (empty: none).
+    shadow: Vec<u8>,
+    /// The rules' expressions of the last candidate compile, apart from the enforced policy's.
+    shadow_expressions: ExpressionCache,
+}
+
+/// A shadow candidate compiled for a worker, with the epoch it was put in force under.
+pub struct ShadowPolicy {
+    pub epoch: u64,
+    pub revision: String,
+    pub policy: CompiledPolicy,
 }
 
 /// What [`Follower::sync`] found in shared data.
@@ -156,6 +236,8 @@ pub struct Synced {
     pub policy: Option<CompiledPolicy>,
     /// The fleet state, when the generation moved.
     pub fleet: Option<Option<Fleet>>,
+    /// The shadow candidate changed: `Some(None)` stops shadowing.
+    pub shadow: Option<Option<ShadowPolicy>>,
 }
 
 impl Follower {
@@ -201,6 +283,17 @@ impl Follower {
             };
             self.snapshot = snapshot;
         }
+        // A new shadow candidate is compiled on a tick only, as a candidate snapshot is; stopping is at once.
+        let shadow = shared(SHADOW_KEY);
+        let mut wait = false;
+        if shadow != self.shadow {
+            if shadow.is_empty() || tick {
+                out.shadow = Some(self.compile_shadow(&shadow));
+                self.shadow = shadow;
+            } else {
+                wait = true;
+            }
+        }
         let candidate = shared(CANDIDATE_KEY);
         let known = candidate.is_empty()
             || candidate == self.snapshot
@@ -213,8 +306,33 @@ impl Follower {
             let policy = compile_json(&candidate, &mut self.expressions).ok();
             self.ahead = Some((candidate, policy));
         }
+        if wait {
+            return self.later(out);
+        }
         self.tick_normally();
         out
+    }
+
+    /// The published shadow candidate `value` ([`SHADOW_KEY`]) compiled; `None` for none, or one
+    /// that does not compile here (the leader compiled it, so that is logged).
+    fn compile_shadow(&mut self, value: &[u8]) -> Option<ShadowPolicy> {
+        let (epoch, json) = split_shadow(value)?;
+        match compile_json(json, &mut self.shadow_expressions) {
+            Ok(policy) => Some(ShadowPolicy { epoch, revision: policy.revision.clone(), policy }),
+            Err(e) => {
+                host::error(&format!(
+                    "guardrail: published shadow candidate does not compile here ({}); not shadowing it",
+                    e.join("; ")
+                ));
+                None
+            }
+        }
+    }
+
+    /// The leader published `value` as the shadow candidate and put it in force itself. The
+    /// generation is left alone: anything else published meanwhile is still picked up.
+    fn adopt_shadow(&mut self, value: &[u8]) {
+        self.shadow = value.to_vec();
     }
 
     /// Leaves the candidate for the next tick, and brings that tick forward (once: setting the
@@ -287,6 +405,9 @@ pub struct ControlClient {
     leader: bool,
     /// Revision in force, for Hello.
     pub revision: String,
+    /// The stream has not brought its first fleet state yet, and whether a candidate came before it.
+    fresh: bool,
+    candidate_on_stream: bool,
 }
 
 impl ControlClient {
@@ -300,6 +421,8 @@ impl ControlClient {
             last_report_ns: 0,
             leader: false,
             revision: String::new(),
+            fresh: false,
+            candidate_on_stream: false,
         }
     }
 
@@ -321,7 +444,7 @@ impl ControlClient {
             if now_ns.saturating_sub(self.last_report_ns) >= REPORT_EVERY_NS {
                 self.last_report_ns = now_ns;
                 let report = usage_report(now_ns, policy);
-                if !report.apps.is_empty() || !report.exempt.is_empty() {
+                if !report.apps.is_empty() || !report.exempt.is_empty() || !report.candidate_revision.is_empty() {
                     send(token, client_message::Msg::Usage(report));
                 }
             }
@@ -352,6 +475,8 @@ impl ControlClient {
         match proxy_wasm::hostcalls::open_grpc_stream(&self.cluster, SERVICE, METHOD, vec![]) {
             Ok(token) => {
                 self.link = Link::Open(token);
+                self.fresh = true;
+                self.candidate_on_stream = false;
                 let hello = Hello {
                     node_id: node_id(),
                     envoy_version: envoy_version(),
@@ -385,37 +510,45 @@ impl ControlClient {
         }
     }
 
-    /// A message from the companion. Returns a policy to apply on this worker, if one arrived
-    /// (`follower` knows it then); `previous` is the policy in force.
+    /// A message from the companion. Returns what to apply on this worker: a policy, a shadow
+    /// candidate (`follower` knows them then); `previous` is the policy in force.
     pub fn on_message(
         &mut self,
         token: u32,
         bytes: &[u8],
         follower: &mut Follower,
         previous: Option<&CompiledPolicy>,
-    ) -> Option<CompiledPolicy> {
+    ) -> Synced {
+        let mut out = Synced::default();
         if self.link != Link::Open(token) {
-            return None;
+            return out;
         }
         self.backoff_ns = BACKOFF_MIN_NS;
         let message = match ServerMessage::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
                 host::error(&format!("guardrail: undecodable message from the companion ({e}); ignored"));
-                return None;
+                return out;
             }
         };
         match message.msg {
-            Some(server_message::Msg::Snapshot(snapshot)) => self.on_snapshot(token, snapshot, follower, previous),
+            Some(server_message::Msg::Snapshot(snapshot)) => {
+                out.policy = self.on_snapshot(token, snapshot, follower, previous);
+            }
             Some(server_message::Msg::Fleet(fleet)) => {
                 publish_fleet(&fleet);
-                None
+                // The companion sends the candidate it serves before a stream's first fleet state.
+                if std::mem::take(&mut self.fresh) && !self.candidate_on_stream {
+                    out.shadow = stop_shadow(follower, "the companion serves none");
+                }
             }
-            // Shadow decisions are not implemented in the filter yet: the candidate is ignored,
-            // neither ACKed nor NACKed, and nothing about the enforced policy changes.
-            Some(server_message::Msg::Candidate(_)) => None,
-            None => None,
+            Some(server_message::Msg::Candidate(candidate)) => {
+                self.candidate_on_stream = true;
+                out.shadow = on_candidate(token, candidate, follower);
+            }
+            None => {}
         }
+        out
     }
 
     fn on_snapshot(
@@ -495,6 +628,81 @@ impl ControlClient {
     }
 }
 
+/// A shadow candidate from the companion (an empty revision stops shadowing): compiled, ACKed or
+/// NACKed (`candidate: true`), and published for every worker. The same revision again (a new
+/// stream) is ACKed again and keeps its counts. Returns what to apply on this worker.
+fn on_candidate(token: u32, candidate: Candidate, follower: &mut Follower) -> Option<Option<ShadowPolicy>> {
+    if candidate.revision.is_empty() {
+        return stop_shadow(follower, "the companion stopped it");
+    }
+    let in_force = shadow_counts();
+    let reply = |result: Result<(), String>| {
+        let revision = candidate.revision.clone();
+        let msg = match result {
+            Ok(()) => client_message::Msg::Ack(guardrail_proto::v1::Ack { revision, candidate: true }),
+            Err(error) => {
+                host::error(&format!("guardrail: NACK candidate `{}`: {error}", revision.escape_debug()));
+                client_message::Msg::Nack(guardrail_proto::v1::Nack { revision, error, candidate: true })
+            }
+        };
+        send(token, msg);
+    };
+    if in_force.revision == candidate.revision {
+        reply(Ok(()));
+        return None;
+    }
+    let compiled = if candidate.revision.len() > MAX_REVISION_LEN || candidate.revision.chars().any(char::is_control) {
+        Err(vec![format!("revision: at most {MAX_REVISION_LEN} bytes, no control characters")])
+    } else {
+        compile_json(candidate.policy_json.as_bytes(), &mut follower.shadow_expressions)
+    };
+    let policy = match compiled {
+        Ok(policy) => policy,
+        Err(errors) => {
+            // Never used; nor is the candidate it was to replace, which the companion no longer serves.
+            reply(Err(errors.join("\n")));
+            return stop_shadow(follower, "its replacement was refused");
+        }
+    };
+    // The candidate reads the quota state of its apps: an app only it knows starts with a full
+    // bucket, as it would once enforced. Nothing is taken from it.
+    let epoch = random_u64() | 1;
+    let mut value = epoch.to_le_bytes().to_vec();
+    value.extend_from_slice(candidate.policy_json.as_bytes());
+    let published = ensure_keys(&mut host::SharedData, policy.apps.iter().map(|a| a.quota_key.as_str()))
+        .and_then(|_| publish_shadow(&value, &SharedCounts::new(epoch, &candidate.revision)));
+    if let Err(e) = published {
+        reply(Err(format!("cannot share the candidate with the workers: {e}")));
+        return stop_shadow(follower, "its replacement could not be shared");
+    }
+    follower.adopt_shadow(&value);
+    reply(Ok(()));
+    host::info(&format!(
+        "guardrail: ACK candidate `{}`: decided in shadow beside the enforced policy, never enforced",
+        candidate.revision
+    ));
+    Some(Some(ShadowPolicy { epoch, revision: candidate.revision, policy }))
+}
+
+/// Stops shadowing on every worker, if a candidate is in force (`why` for the log).
+fn stop_shadow(follower: &mut Follower, why: &str) -> Option<Option<ShadowPolicy>> {
+    let in_force = shadow_counts();
+    if in_force.revision.is_empty() {
+        return None;
+    }
+    match publish_shadow(&[], &SharedCounts::default()) {
+        Ok(_) => {
+            follower.adopt_shadow(&[]);
+            host::info(&format!("guardrail: candidate `{}` no longer decided in shadow ({why})", in_force.revision));
+            Some(None)
+        }
+        Err(e) => {
+            host::error(&format!("guardrail: cannot stop shadowing candidate `{}`: {e}", in_force.revision));
+            None
+        }
+    }
+}
+
 fn publish_fleet(state: &FleetState) {
     let fleet = Fleet { day: state.day, exhausted: state.exhausted_apps.iter().cloned().collect() };
     let result = host::SharedData.set(FLEET_KEY, &fleet.encode(), 0).and_then(|()| bump_generation().map(|_| ()));
@@ -525,7 +733,29 @@ fn todays_usage(key: &str, day: u64) -> Option<UsageCounters> {
 fn usage_report(now_ns: u64, policy: Option<&CompiledPolicy>) -> UsageReport {
     let day = now_ns / NANOS_PER_SEC / SECS_PER_DAY;
     let mut report = UsageReport { day, ..UsageReport::default() };
-    let Some(policy) = policy else { return report };
+    if let Some(policy) = policy {
+        add_usage(&mut report, policy);
+    }
+    // Read after the usage, which workers add after their shadow counts: a report that counts a
+    // request's usage counts its difference too.
+    let shadow = shadow_counts();
+    report.shadow = shadow
+        .top(REPORT_PAIRS)
+        .into_iter()
+        .map(|(app, enforced, candidate, count)| ShadowDifference {
+            app: app.to_string(),
+            enforced: enforced.to_string(),
+            candidate: candidate.to_string(),
+            count,
+        })
+        .collect();
+    report.candidate_revision = shadow.revision;
+    report
+}
+
+/// Today's usage of every app and exemption of `policy`, into `report`.
+fn add_usage(report: &mut UsageReport, policy: &CompiledPolicy) {
+    let day = report.day;
     for exemption in &policy.exemptions {
         if let Some(u) = todays_usage(&exempt_key(&exemption.id), day) {
             report.exempt.insert(exemption.id.clone(), u64::from(u.allowed));
@@ -549,7 +779,6 @@ fn usage_report(now_ns: u64, policy: Option<&CompiledPolicy>) -> UsageReport {
             denied,
         });
     }
-    report
 }
 
 /// Adds this worker's usage deltas into the shared counters: per app, and per exemption for the

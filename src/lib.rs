@@ -4,6 +4,11 @@
 //! request's HTTP context reads the headers once, asks `decide()`, and turns the [`Decision`] into a
 //! local reply or upstream headers in one place ([`GuardrailHttp::enforce`]). Host calls live in
 //! [`host`]; the link to the companion in [`control`].
+//!
+//! While the companion has a shadow candidate in force ([`Shadow`]), each request is decided with
+//! it too, before the enforced policy (so that both read the quota buckets as they stand), through
+//! a [`ReadOnlyStore`]; only the difference of outcomes is counted. Nothing of the candidate's
+//! reaches the request, the logs or the filter state.
 
 mod config;
 mod control;
@@ -19,6 +24,7 @@ use guardrail_core::problem::{
 };
 use guardrail_core::quota::{ensure_keys, StoreError};
 use guardrail_core::raw::{Classification, FailureMode};
+use guardrail_core::shadow::{outcome, ReadOnlyStore, ShadowCounts};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -78,6 +84,19 @@ struct Worker {
     fleet: Option<Rc<Fleet>>,
     /// Usage counted since the last flush to shared data (only when `controlled`).
     usage: HashMap<String, UsageCounters>,
+    /// The shadow candidate in force, if the companion sent one.
+    shadow: Option<Shadow>,
+}
+
+/// A shadow candidate on one worker: decided beside the enforced policy, never enforced.
+struct Shadow {
+    policy: Rc<CompiledPolicy>,
+    /// Which putting in force of it the counts belong to (see [`control::flush_shadow`]).
+    epoch: u64,
+    /// Its own verified tokens: a cache holds only what one policy's issuers verified.
+    tokens: TokenCache,
+    /// Differences counted since the last flush to shared data.
+    counts: ShadowCounts,
 }
 
 impl Worker {
@@ -106,6 +125,11 @@ impl Worker {
             return;
         }
         let synced = self.follower.sync(tick);
+        self.apply(synced);
+    }
+
+    /// Puts in force what the companion published (or this root context received).
+    fn apply(&mut self, synced: control::Synced) {
         if let Some(policy) = synced.policy {
             let replaced = self.policy.take();
             self.install(policy);
@@ -113,6 +137,23 @@ impl Worker {
         }
         if let Some(fleet) = synced.fleet {
             self.fleet = fleet.map(Rc::new);
+        }
+        if let Some(shadow) = synced.shadow {
+            // The counts of a replaced candidate are dropped: the shared ones start over too.
+            let replaced = self.shadow.take().map(|s| s.policy);
+            if shadow.is_none() && replaced.is_some() {
+                host::info("guardrail: no candidate decided in shadow on this worker any more");
+            }
+            self.follower.retire(replaced);
+            self.shadow = shadow.map(|s| {
+                host::info(&format!("guardrail: candidate `{}` decided in shadow on this worker", s.revision));
+                Shadow {
+                    policy: Rc::new(s.policy),
+                    epoch: s.epoch,
+                    tokens: TokenCache::new(TOKEN_CACHE_CAPACITY),
+                    counts: ShadowCounts::default(),
+                }
+            });
         }
     }
 
@@ -154,6 +195,7 @@ impl GuardrailRoot {
                 follower: control::Follower::default(),
                 fleet: None,
                 usage: HashMap::new(),
+                shadow: None,
             })),
             control: None,
         }
@@ -187,12 +229,9 @@ impl Context for GuardrailRoot {
                 .unwrap_or_default();
         let mut worker = self.worker.borrow_mut();
         let Worker { follower, policy, .. } = &mut *worker;
-        if let Some(policy) = control.on_message(token_id, &bytes, follower, policy.as_deref()) {
-            // Published to shared data for the other workers; this one has it compiled already.
-            let replaced = worker.policy.take();
-            worker.install(policy);
-            worker.follower.retire(replaced);
-        }
+        // Published to shared data for the other workers; this one has it compiled already.
+        let synced = control.on_message(token_id, &bytes, follower, policy.as_deref());
+        worker.apply(synced);
     }
 
     fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
@@ -247,6 +286,10 @@ impl RootContext for GuardrailRoot {
         };
         let mut worker = self.worker.borrow_mut();
         worker.follow(true);
+        // Shadow counts before usage: see `control::usage_report`.
+        if let Some(shadow) = worker.shadow.as_mut() {
+            control::flush_shadow(shadow.epoch, &mut shadow.counts);
+        }
         control::flush_usage(&mut worker.usage);
         let Some(policy) = worker.policy.clone() else {
             control.tick(now, None);
@@ -316,10 +359,14 @@ impl HttpContext for GuardrailHttp {
         }
         let header = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
         let mut connector = host::upstream_cluster();
-        // The mTLS peer, read only when an exemption names peers.
-        let peer = match &worker.policy {
-            Some(p) if p.exemptions.iter().any(|e| !e.peers.is_empty()) => host::peer_uri_san(),
-            _ => None,
+        // The mTLS peer, read only when an exemption (of the candidate's too) names peers.
+        let names_peers = |p: &CompiledPolicy| p.exemptions.iter().any(|e| !e.peers.is_empty());
+        let peer = if worker.policy.as_deref().is_some_and(names_peers)
+            || worker.shadow.as_ref().is_some_and(|s| names_peers(&s.policy))
+        {
+            host::peer_uri_san()
+        } else {
+            None
         };
         let gateway_region = worker.gateway_region.clone();
         let fleet = worker.fleet.clone();
@@ -343,8 +390,22 @@ impl HttpContext for GuardrailHttp {
             let cx = line_context(&request, "", None);
             return self.deny(&mut worker, &denial, None, &cx, now);
         };
-        let Worker { tokens, .. } = &mut *worker;
+        let Worker { tokens, shadow, .. } = &mut *worker;
+        // The candidate first, so that it finds the quota buckets as the enforced policy is about
+        // to; it writes none. No candidate: one branch, nothing else.
+        let candidate = match shadow {
+            None => None,
+            Some(s) => {
+                let store = &mut ReadOnlyStore(&mut host::SharedData);
+                let d = decide(&s.policy, &request, now, store, &mut s.tokens);
+                Some((outcome(&d), d.app.map(|a| a.id.as_str()), &mut s.counts))
+            }
+        };
         let decision = decide(&policy, &request, now, &mut host::SharedData, tokens);
+        if let Some((code, candidate_app, counts)) = candidate {
+            let app = decision.app.map(|a| a.id.as_str()).or(candidate_app).unwrap_or_default();
+            counts.record(app, outcome(&decision), code);
+        }
         let app = decision.app.and_then(|a| policy.app_index(&a.id));
         let judged_dataset = decision.dataset;
         let action = self.enforce(&mut worker, &policy, decision, &request, now);

@@ -119,7 +119,9 @@ pub mod server_message {
 }
 /// A policy every Envoy decides each request with beside the enforced one, never enforcing it
 /// (`guardrail serve --candidate`). An empty revision stops shadowing. Its revision and
-/// `policy_json` follow the rules of PolicySnapshot's.
+/// `policy_json` follow the rules of PolicySnapshot's. On a new stream the companion sends the
+/// candidate it serves (if any) after the snapshot and before the first FleetState: a node that
+/// gets that FleetState with no candidate before it stops shadowing.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Candidate {
     #[prost(string, tag = "1")]

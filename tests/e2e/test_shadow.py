@@ -1,16 +1,35 @@
-"""`guardrail serve --candidate`: the companion half of running a candidate in shadow.
+"""`guardrail serve --candidate`: a candidate policy decided in shadow on live traffic.
 
-The real companion, no Envoy yet (the filter does not decide with the candidate so far): a candidate
-with a syntax error is refused at start with its `file:line` error (exit 1); a later invalid edit
-keeps the last good candidate (logged, and shown by `status`); deleting the file stops shadowing.
+The companion half alone first: a candidate that fails to parse or to validate is refused at start
+with its error (exit 1); a later invalid edit keeps the last good candidate (logged, and shown by
+`status`); deleting the file stops shadowing.
+
+Then end to end, a real Envoy (two workers) behind the real companion and the echo upstream, one
+module-scoped setup walked through in file order:
+1. a candidate that keeps `price-list` in the EU and deprecates `old-app`: every request gets the
+   enforced outcome (statuses, upstream headers, quota and access log as without a candidate, no
+   decision line of the candidate's), and `guardrail status --json` shows per app exactly the
+   requests whose outcome the candidate would have changed;
+2. an invalid edit of the candidate is refused by the companion; the last good one keeps counting;
+3. a candidate identical to the enforced policy: zero differences over the same mixed traffic;
+4. the candidate file deleted: shadowing stops on every worker; requests meanwhile are counted
+   nowhere, and the candidate sent again starts from zero.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
-from companion import Companion, guardrail
-from harness import wait_for
+import pytest
+
+from companion import Companion, guardrail, write_policy
+from harness import Envoy, Response, bootstrap, free_port, request, responds_with, wait_for
+from policies import app, policy, tier
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "examples" / "retailco" / "policy.yaml"
@@ -31,13 +50,17 @@ def candidate_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_a_broken_candidate_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text, error", [
+    (BROKEN, ":4:"),
+    (candidate_text().replace("tier: sandbox", "tier: no-such-tier", 1), "no-such-tier"),
+], ids=["syntax", "validation"])
+def test_a_bad_candidate_is_refused_at_start(tmp_path: Path, text: str, error: str) -> None:
     bad = tmp_path / "candidate.yaml"
-    bad.write_text(BROKEN)
+    bad.write_text(text)
     run = guardrail("serve", "--policy", str(POLICY), "--candidate", str(bad), "--listen", "127.0.0.1:0",
                     "--store", f"sqlite:{tmp_path / 's.db'}")
     assert run.returncode == 1, run
-    assert f"{bad}:4:" in run.stderr, run.stderr
+    assert str(bad) in run.stderr and error in run.stderr, run.stderr
 
 
 def test_the_candidate_is_served_kept_on_a_bad_edit_and_stopped_by_deleting_it(tmp_path: Path) -> None:
@@ -62,3 +85,216 @@ def test_the_candidate_is_served_kept_on_a_bad_edit_and_stopped_by_deleting_it(t
         assert c.status()["revision"] == "retailco-1", "the enforced policy is untouched"
     finally:
         c.stop()
+
+
+# === In shadow on a real Envoy ===
+
+NODE = "shadow-gw"
+KEYS = {"us-app": "k-shadow-us-0001", "eu-app": "k-shadow-eu-0001", "old-app": "k-shadow-old-0001"}
+# 100 requests an hour, bucket of 100: a token comes back every 36 s, so within a phase each
+# admitted request's `RateLimit` remaining is exact, and shows whether anything else took one.
+RATE = tier(100, "1h", burst=100, daily_budget=100_000)
+SETTLE = 15.0
+
+
+def make_policy(revision: str, *, price_regions: tuple[str, ...] = ("eu-west-1", "us-east-1"),
+                old_lifecycle: str = "published") -> dict[str, Any]:
+    return policy(
+        revision=revision,
+        tiers={"standard": RATE},
+        apps=[
+            app("us-app", region="us-east-1", keys=[KEYS["us-app"]]),
+            app("eu-app", keys=[KEYS["eu-app"]]),
+            app("old-app", lifecycle=old_lifecycle, keys=[KEYS["old-app"]]),
+        ],
+        datasets=[{"id": "price-list", "classification": "internal", "owner_department": "merch",
+                   "allowed_regions": list(price_regions), "routes": [{"path_prefix": "/prices"}]}],
+    )
+
+
+ENFORCED = make_policy("shadow-1")
+TIGHTENED = make_policy("shadow-2", price_regions=("eu-west-1",), old_lifecycle="deprecated")
+
+
+@dataclass
+class Env:
+    comp: Companion
+    gw: Envoy
+    candidate: Path
+    enforced: dict[str, Any]
+
+    def shadow(self) -> dict[str, Any] | None:
+        return self.comp.status()["candidate"]
+
+    def put_in_force(self, doc: dict[str, Any]) -> str:
+        """Writes the candidate file; returns the candidate's revision once the node ACKed it and
+        every root context of Envoy (each worker's and the main thread's) decides with it."""
+        before = (self.shadow() or {}).get("revision")
+        mark = len(self.gw.log())
+        write_policy(self.candidate, doc)
+        section = wait_for(lambda: (s := self.shadow()) and s["revision"] != before and s["applied_nodes"] and s,
+                           timeout=SETTLE, interval=0.2, what="the node to ACK the new candidate")
+        revision = section["revision"]
+        assert revision.startswith(f"{doc['revision']}+sha256:"), section
+        self.wait_for_every_worker(revision, mark)
+        return revision
+
+    def wait_for_every_worker(self, revision: str, mark: int = 0) -> None:
+        """Until every root context logged, after `mark` in Envoy's log, that it decides with `revision`."""
+        section = self.shadow()
+        assert section and len(section["applied_nodes"]) == 1, section
+        assert section["applied_nodes"][0].startswith(f"{NODE}/"), section
+        assert section["nacked_nodes"] == [], section
+        contexts = self.root_contexts()
+        line = f"candidate `{revision}` decided in shadow on this worker"
+        wait_for(lambda: self.gw.log()[mark:].count(line) == contexts, timeout=SETTLE,
+                 what=f"{contexts} root contexts to decide with {revision}")
+
+    def root_contexts(self) -> int:
+        """How many root contexts put the enforced revision in force (one per worker, plus main)."""
+        n = self.gw.log().count(f"policy revision `{self.enforced['revision']}` in force")
+        assert n >= 3, f"expected two workers and the main thread, saw {n}:\n{self.gw.log_tail()}"
+        return n
+
+    def usage(self) -> dict[str, int]:
+        return {u["app"]: u["allowed"] for u in self.comp.status()["fleet_usage"]}
+
+    def differences_once_reported(self, allowed: dict[str, int]) -> list[dict[str, Any]]:
+        """The candidate's differences in `status`, once the node reported the usage `allowed` (per
+        app, admitted requests today). A report that counts a request's usage counts its
+        difference too, so these are all of them."""
+        wait_for(lambda: self.usage() == allowed, timeout=SETTLE, interval=0.2,
+                 what=f"the node to report usage {allowed}")
+        section = self.shadow()
+        assert section is not None, "no candidate section"
+        return section["differences"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Path) -> Iterator[Env]:
+    tmp = tmp_path_factory.mktemp("shadow")
+    policy_file, candidate = tmp / "policy.json", tmp / "candidate.json"
+    write_policy(policy_file, ENFORCED)
+    write_policy(candidate, TIGHTENED)
+    port = free_port()
+    gw = Envoy({}, tmp / "gw", name="gw")
+    config = bootstrap({"control": {"cluster": "guardrail_control"}}, upstream_port=upstream.server_port, wasm=wasm,
+                       control_port=port, access_log_path=gw.access_log_path)
+    config["node"] = {"id": NODE, "cluster": "e2e"}
+    gw.config = config
+    comp = Companion(policy_file, tmp, port=port, args=["--candidate", str(candidate)])
+    try:
+        comp.start()
+        gw.start()
+        wait_for(lambda: comp.node_acked(ENFORCED["revision"]), timeout=SETTLE, what="the node to ACK the policy")
+        yield Env(comp, gw, candidate, ENFORCED)
+    finally:
+        gw.stop()
+        comp.stop()
+
+
+def send(env: Env, app_id: str | None, path: str, n: int, extra: dict[str, str] | None = None) -> list[Response]:
+    """`n` requests, each on a fresh connection, 8 at a time (so both workers take some)."""
+    headers = {"x-api-key": KEYS[app_id]} if app_id else {}
+    headers.update(extra or {})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda _: request(env.gw.url, path, headers=headers, timeout=10), range(n)))
+
+
+def remaining(responses: list[Response]) -> list[int]:
+    """The rate bucket's remaining count of each admitted response (`RateLimit: "rate";r=N;…`)."""
+    out = []
+    for r in responses:
+        m = re.search(r'"rate";r=(\d+)', r.header("ratelimit") or "")
+        assert m, f"no RateLimit rate item:\n{r}"
+        out.append(int(m.group(1)))
+    return sorted(out, reverse=True)
+
+
+def all_admitted(responses: list[Response], app_id: str) -> None:
+    for r in responses:
+        responds_with(r, 200)
+        assert r.upstream["headers"].get("x-guardrail-app") == app_id, r
+
+
+def test_requests_get_the_enforced_outcome_and_status_counts_the_differences(env: Env) -> None:
+    revision = wait_for(lambda: (s := env.shadow()) and s["applied_nodes"] and s["revision"], timeout=SETTLE,
+                        interval=0.2, what="the node to ACK the candidate it was started with")
+    assert revision.startswith("shadow-2+sha256:")
+    env.wait_for_every_worker(revision)
+
+    us = send(env, "us-app", "/prices/shoes", 12)
+    eu = send(env, "eu-app", "/prices/shoes", 6)
+    old = send(env, "old-app", "/orders", 4)
+    anonymous = send(env, None, "/prices/shoes", 2)
+    all_admitted(us, "us-app")
+    all_admitted(eu, "eu-app")
+    all_admitted(old, "old-app")
+    for r in anonymous:
+        responds_with(r, 401, "unauthenticated")
+    # The candidate took nothing from the buckets: each admitted request took one token, once.
+    assert remaining(us) == list(range(99, 87, -1)), "us-app: 12 tokens taken, by the enforced policy only"
+    assert remaining(eu) == list(range(99, 93, -1)), "eu-app: the candidate admits it too, and takes nothing"
+
+    assert env.differences_once_reported({"us-app": 12, "eu-app": 6, "old-app": 4}) == [
+        {"app": "us-app", "enforced": "allow", "candidate": "residency-violation", "count": 12},
+        {"app": "old-app", "enforced": "allow", "candidate": "app-not-active", "count": 4},
+    ]
+    # Nothing of the candidate's reached Envoy's logs or its filter state.
+    codes = Counter(o.get("code") for o in env.gw.json_log_lines() if o.get("guardrail"))
+    assert codes == Counter({"unauthenticated": 2}), codes
+    ids = {r.header("x-request-id") for r in us + eu + old}
+    entries = wait_for(lambda: (e := [o for o in env.gw.access_log_lines() if o.get("request_id") in ids])
+                       and len(e) == len(ids) and e, timeout=SETTLE, what="the access log entries")
+    assert {(e["guardrail_app"], e["guardrail_code"]) for e in entries} == {
+        ("us-app", "allow"), ("eu-app", "allow"), ("old-app", "allow")}, entries
+    assert "NACK" not in env.gw.log()
+
+
+def test_an_invalid_edit_is_refused_and_the_last_good_candidate_keeps_counting(env: Env) -> None:
+    revision = env.shadow()["revision"]
+    bad = make_policy("shadow-bad")
+    bad["apps"][0]["tier"] = "no-such-tier"
+    write_policy(env.candidate, bad)
+    section = wait_for(lambda: (s := env.shadow()) and s["last_error"] and s, timeout=SETTLE, interval=0.2,
+                       what="the companion to refuse the edit")
+    assert "no-such-tier" in section["last_error"] and "apps[0].tier" in section["last_error"], section
+    assert section["revision"] == revision, "the last good candidate stays"
+
+    all_admitted(send(env, "us-app", "/prices/socks", 3), "us-app")
+    assert env.differences_once_reported({"us-app": 15, "eu-app": 6, "old-app": 4}) == [
+        {"app": "us-app", "enforced": "allow", "candidate": "residency-violation", "count": 15},
+        {"app": "old-app", "enforced": "allow", "candidate": "app-not-active", "count": 4},
+    ]
+
+
+def test_a_candidate_identical_to_the_enforced_policy_differs_nowhere(env: Env) -> None:
+    env.put_in_force(env.enforced)
+    all_admitted(send(env, "us-app", "/prices/hats", 3), "us-app")
+    all_admitted(send(env, "eu-app", "/prices/hats", 3), "eu-app")
+    all_admitted(send(env, "old-app", "/orders", 2), "old-app")
+    for r in send(env, None, "/orders", 2) + send(env, None, "/orders", 2, {"x-api-key": "k-shadow-unknown"}):
+        responds_with(r, 401, "unauthenticated")
+    assert env.differences_once_reported({"us-app": 18, "eu-app": 9, "old-app": 6}) == []
+
+
+def test_removing_the_candidate_stops_shadowing_and_a_new_one_starts_from_zero(env: Env) -> None:
+    env.put_in_force(TIGHTENED)
+    mark = len(env.gw.log())
+    env.candidate.unlink()
+    env.comp.wait_for_log("candidate file gone: shadowing stopped")
+    wait_for(lambda: env.shadow() is None, timeout=SETTLE, interval=0.2, what="the candidate section to go")
+    contexts = env.root_contexts()
+    wait_for(lambda: env.gw.log()[mark:].count("no candidate decided in shadow on this worker any more") == contexts,
+             timeout=SETTLE, what="every root context to stop shadowing")
+    # Counted nowhere: no candidate is in force.
+    all_admitted(send(env, "us-app", "/prices/shoes", 5), "us-app")
+    wait_for(lambda: env.usage() == {"us-app": 23, "eu-app": 9, "old-app": 6}, timeout=SETTLE, interval=0.2,
+             what="the node to report the usage")
+
+    revision = env.put_in_force(TIGHTENED)
+    all_admitted(send(env, "us-app", "/prices/shoes", 3), "us-app")
+    assert env.differences_once_reported({"us-app": 26, "eu-app": 9, "old-app": 6}) == [
+        {"app": "us-app", "enforced": "allow", "candidate": "residency-violation", "count": 3},
+    ], "only the requests since the candidate was put in force again"
+    assert env.shadow()["revision"] == revision

@@ -220,12 +220,14 @@ impl Connection {
         if !self.send(node, snapshot.to_proto(zlib)) {
             return None;
         }
-        let state = fleet.borrow_and_update().clone();
-        if !self.send(node, fleet_message(state)) {
-            return None;
-        }
+        // The candidate before the first fleet state: a node that gets the fleet state with no
+        // candidate before it stops shadowing one it had from an earlier stream.
         let candidate = candidates.borrow_and_update().clone();
         if !candidate.revision.is_empty() && !self.send(node, candidate_message(&candidate)) {
+            return None;
+        }
+        let state = fleet.borrow_and_update().clone();
+        if !self.send(node, fleet_message(state)) {
             return None;
         }
         let mut bucket = Bucket::new(self.limits, Instant::now());

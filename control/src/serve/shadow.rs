@@ -85,12 +85,16 @@ impl Shadow {
     }
 
     /// Pushes `candidate` to every stream (`None` stops shadowing). Returns whether it changed.
+    /// A change forgets what nodes said about the candidate before: they start counting over,
+    /// and a revision served again after a stop is applied once ACKed again.
     pub fn set(&self, candidate: Option<v1::Candidate>) -> bool {
         let candidate = candidate.unwrap_or_default();
-        self.lock().last_error.clear();
+        let mut state = self.lock();
+        state.last_error.clear();
         if self.current().revision == candidate.revision {
             return false;
         }
+        state.nodes.clear();
         self.pushed.send_replace(Arc::new(candidate));
         true
     }
@@ -275,5 +279,9 @@ mod tests {
         assert!(shadow.set(None), "stopping is a change");
         assert!(shadow.status(|_| true).is_none());
         assert_eq!(shadow.current().revision, "", "an empty revision stops shadowing on the nodes");
+        assert!(shadow.set(Some(v1::Candidate { revision: "c1".into(), policy_json: "{}".into() })));
+        let again = shadow.status(|_| true).unwrap();
+        assert!(again.applied_nodes.is_empty(), "served again: applied once ACKed again");
+        assert!(again.differences.is_empty(), "served again: counted from zero");
     }
 }

@@ -771,9 +771,12 @@ async fn a_candidate_goes_out_apart_and_its_differences_reach_status() {
     let c = status.candidate.expect("a candidate section");
     assert_eq!(c.applied_nodes, vec!["envoy-a".to_string()]);
     assert_eq!((c.differences[0].app.as_str(), c.differences[0].count), ("app-a", 4));
-    // A late joiner gets it after the snapshot and fleet state; stopping reaches every node.
-    let (mut late, _) = Node::joined(&f, "envoy-b").await;
+    // A late joiner gets it after the snapshot, before the fleet state (a first fleet state with
+    // no candidate before it tells a node none is served); stopping reaches every node.
+    let mut late = f.open(Some("envoy-b")).await;
+    late.snapshot().await;
     assert!(matches!(late.next().await, Ok(Some(server_message::Msg::Candidate(_)))));
+    late.fleet().await;
     assert!(f.hub.shadow.set(None));
     for n in [&mut node, &mut late] {
         match n.next().await {
