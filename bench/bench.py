@@ -62,8 +62,8 @@ def env_num(name: str, default: float) -> float:
 
 SETTINGS: dict[str, Any] = {
     # overhead
-    # which of (a)..(f) to run; (e), the host-call price list, only when profiling (BENCH_CONFIGS=abcde)
-    "configs": os.environ.get("BENCH_CONFIGS", "abcd"),
+    # which of (a)..(i) to run; (e), the host-call price list, only when profiling (BENCH_CONFIGS=abcde)
+    "configs": os.environ.get("BENCH_CONFIGS", "abcdhi"),
     "duration_s": env_num("BENCH_DURATION", 4),  # one wrk run per configuration per round
     "rounds": int(env_num("BENCH_ROUNDS", 4)),
     "pin": env_num("BENCH_PIN", 1) != 0,  # overhead: Envoy under test on its own CPU (taskset)
@@ -607,7 +607,51 @@ CONFIG_NAMES = {
     "d": "trivial wasm filter",
     "e": "trivial + Guardrail's host calls",
     "f": "Guardrail without its CEL rules",
+    "h": "Guardrail + companion, a candidate in shadow",
+    "i": "Guardrail + companion, no candidate",
 }
+
+# The root contexts of an overhead Envoy (--concurrency 1): its worker's and the main thread's.
+OVERHEAD_ROOT_CONTEXTS = 2
+
+
+def start_companion(work: Path, name: str, policy: dict[str, Any], candidate: dict[str, Any] | None) -> tuple[Proc, int]:
+    """`guardrail serve` of `policy` (and `candidate` in shadow) on a free port, on the load CPUs,
+    with its own store in `work`."""
+    policy_file = work / f"{name}-policy.json"
+    policy_file.write_text(json.dumps(policy))
+    port = free_port()
+    cmd = [*pinned(load_cpus()), str(GUARDRAIL_BIN), "serve", "--policy", str(policy_file),
+           "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:{work / f'{name}.db'}"]
+    if candidate is not None:
+        candidate_file = work / f"{name}-candidate.json"
+        candidate_file.write_text(json.dumps(candidate))
+        cmd += ["--candidate", str(candidate_file)]
+    proc = Proc(cmd, work / f"{name}.log").start()
+
+    def listening() -> bool:
+        if not proc.alive():
+            raise EnvoyExited(f"the companion {name} exited:\n{proc.log_tail()}")
+        return can_connect(port)
+
+    wait_for(listening, 60, f"the companion {name} to listen")
+    return proc, port
+
+
+def wait_for_companion(e: "Envoy", offset: int, revision: str, shadow: bool) -> None:
+    """Until the Envoy started at byte `offset` of its log ACKed the companion's `revision` and,
+    with `shadow`, every root context decides with the candidate."""
+    def log() -> str:
+        if not e.alive():
+            raise EnvoyExited(f"{e.name} exited:\n{e.log_tail()}")
+        return e.log_path.read_text(errors="replace")[offset:]
+
+    def ready() -> bool:
+        text = log()
+        acked = f"ACK revision `{revision}" in text  # `<revision>` or `<revision>+sha256:…`
+        return acked and (not shadow or text.count("decided in shadow on this worker") >= OVERHEAD_ROOT_CONTEXTS)
+
+    wait_for(ready, 60, f"{e.name} to take the companion's policy{' and candidate' if shadow else ''}")
 
 
 def part_overhead(work: Path) -> dict[str, Any]:
@@ -645,6 +689,20 @@ def part_overhead(work: Path) -> dict[str, Any]:
         alt["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = os.environ["BENCH_ALT_WASM"]
         filters["g"] = ([alt], None)
     filters = {k: v for k, v in filters.items() if k in s["configs"]}
+    # (h) and (i): the same Guardrail, linked to a companion that serves the same policy, with a
+    # candidate in shadow (the policy with its last app quarantined: every request decided twice)
+    # or none. (h) - (i) is what shadowing costs; (i) - (b) what the link to the companion does.
+    companions: dict[str, tuple[Proc, int]] = {}
+    shadowed = [k for k in "hi" if k in s["configs"]]
+    why = companion_available() if shadowed else None
+    if why:
+        say(f"overhead: ({', '.join(shadowed)}) skipped: companion not available ({why})")
+        shadowed = []
+    for k in shadowed:
+        candidate = bench_policy(apps=s["apps"], rules=s["rules"], revision="bench-candidate",
+                                 lifecycles={s["apps"] - 1: "quarantined"}) if k == "h" else None
+        companions[k] = start_companion(work, f"companion-{k}", policy, candidate)
+        filters[k] = ([guardrail_filter(policy, control=True)], None)
     # BENCH_HOSTCALLS=headers,property,…: one more (e) per host call class, making only that call.
     for call in filter(None, os.environ.get("BENCH_HOSTCALLS", "").split(" ")):
         CONFIG_NAMES[f"e:{call}"] = f"trivial + host call {call}"
@@ -652,7 +710,10 @@ def part_overhead(work: Path) -> dict[str, Any]:
     envoys: dict[str, Envoy] = {}
     for key, (fs, route) in filters.items():
         port, admin = free_port(), free_port()
-        cfg = bootstrap(port=port, admin_port=admin, http_filters=fs, clusters=[cluster("upstream", upstream_port)], route=route)
+        clusters = [cluster("upstream", upstream_port)]
+        if key in companions:
+            clusters.append(cluster("guardrail_control", companions[key][1], http2=True))
+        cfg = bootstrap(port=port, admin_port=admin, http_filters=fs, clusters=clusters, route=route)
         envoys[key] = Envoy(f"overhead-{key}", cfg, work, port, admin, 1, cpus=pinned(measured_cpu()))
     say(f"overhead: validating the {len(envoys) + 1} Envoy configs (envoy --mode validate)")
     for e in [upstream, *envoys.values()]:
@@ -677,7 +738,10 @@ def part_overhead(work: Path) -> dict[str, Any]:
         order = keys if rnd % 2 == 0 else keys[::-1]
         for key in order:
             e = envoys[key]
+            offset = e.log_path.stat().st_size if e.log_path.exists() else 0
             e.up()
+            if key in companions:
+                wait_for_companion(e, offset, policy["revision"], shadow=key == "h")
             if rnd == 0:
                 check(key, e)  # before the warm-up of its first run (a start of Guardrail's Envoy costs 2 s)
             wrk(e.port, script, s["warmup_s"], s["connections"], s["threads"])
@@ -713,6 +777,8 @@ def part_overhead(work: Path) -> dict[str, Any]:
                 f"(user {run['user_us_per_req']:5.1f})"
                 + (f"  NON-2XX {run['non_2xx']}" if run["non_2xx"] else ""))
     upstream.stop()
+    for proc, _ in companions.values():
+        proc.stop()
 
     configs = {}
     for key in keys:
@@ -735,7 +801,7 @@ def part_overhead(work: Path) -> dict[str, Any]:
         if x in configs and y in configs:
             ratios[f"rps_{x}_over_{y}"] = configs[x]["rps"] / configs[y]["rps"]
             ratios[f"cpu_{x}_over_{y}"] = configs[x]["cpu_us_per_req"] / configs[y]["cpu_us_per_req"]
-    for x, y in ["bd", "ba", "da", "ca", "ed", "be"]:
+    for x, y in ["bd", "ba", "da", "ca", "ed", "be", "hb", "ib", "hi"]:
         if x in configs and y in configs:
             ratios[f"cpu_{x}_minus_{y}_us"] = configs[x]["cpu_us_per_req"] - configs[y]["cpu_us_per_req"]
     return {
@@ -1204,6 +1270,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if "b" in c and "d" in c:
             add("Guardrail CPU/req ≤ trivial filter + 15 µs", f"{c['b']['cpu_us_per_req']:.1f} vs "
                 f"{c['d']['cpu_us_per_req']:.1f} + 15 µs (Δ {r['cpu_b_minus_d_us']:+.1f} µs)", r["cpu_b_minus_d_us"] <= 15)
+        if "h" in c and "b" in c:
+            add("a candidate in shadow: CPU/req ≤ (b) + 10 µs", f"{c['h']['cpu_us_per_req']:.1f} vs "
+                f"{c['b']['cpu_us_per_req']:.1f} + 10 µs (Δ {r['cpu_h_minus_b_us']:+.1f} µs"
+                + (f"; over (i), no candidate: {r['cpu_h_minus_i_us']:+.1f} µs)" if "i" in c else ")"),
+                r["cpu_h_minus_b_us"] <= 10)
         if "b" in c and "c" in c:
             add("Guardrail CPU/req ≤ native (c)", f"{c['b']['cpu_us_per_req']:.1f} vs {c['c']['cpu_us_per_req']:.1f} µs",
                 c["b"]["cpu_us_per_req"] <= c["c"]["cpu_us_per_req"])

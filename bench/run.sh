@@ -9,7 +9,7 @@
 # (target/release/guardrail-bench, from bench/decide) is built by ./build.sh with the CLI.
 #
 # Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide,replay,fleet (default: all),
-# BENCH_DURATION (4 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcd), BENCH_WARMUP (2 s, per run), BENCH_CONNECTIONS (16),
+# BENCH_DURATION (4 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcdhi), BENCH_WARMUP (2 s, per run), BENCH_CONNECTIONS (16),
 # BENCH_THREADS (2), BENCH_APPS (1000), BENCH_RULES (20), BENCH_CHANGES (100), BENCH_POLL_MS (2),
 # BENCH_SCALE_APPS (1000,10000), BENCH_ACCURACY_APPS (20), BENCH_ACCURACY_QUOTA (50),
 # BENCH_RESULTS (bench/results.json), BENCH_KEEP=1 (keep the work directory with configs and logs).
