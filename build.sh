@@ -13,7 +13,8 @@
 #   ./build.sh soak [S]  S seconds (600) of load with 1,000 apps: flat memory, no 5xx, every decision logged
 #
 # Environment: GUARDRAIL_PORT (10000), ADMIN_PORT (9901), UPSTREAM_PORT (18080), CONTROL_PORT
-# (18000), CONSOLE_PORT (18001: `run`'s console, `serve --http`), POLICY (examples/policy.yaml), ACCESS_LOG (/dev/stdout: where `run`'s Envoy writes its JSON
+# (18000), CONSOLE_PORT (18001: `run`'s console, `serve --http`), POLICY (examples/policy.yaml), CANDIDATE (none: a
+# candidate policy `run`'s companion serves in shadow), ACCESS_LOG (/dev/stdout: where `run`'s Envoy writes its JSON
 # access log), PYTHON (python3, to create .venv), CARGO_TARGET_DIR.
 # Exports for the tests: GUARDRAIL_WASM, GUARDRAIL_BIN, ENVOY_BIN.
 set -euo pipefail
@@ -444,6 +445,8 @@ cmd_run() {
   local upstream_port="${UPSTREAM_PORT:-18080}" control_port="${CONTROL_PORT:-18000}"
   local console_port="${CONSOLE_PORT:-18001}"
   local policy="${POLICY:-examples/policy.yaml}"
+  local candidate=()
+  [[ -z "${CANDIDATE:-}" ]] || candidate=(--candidate "$CANDIDATE")
   cmd_build
   [[ -f "$policy" ]] || die "no policy at $policy"
   local port
@@ -464,7 +467,7 @@ cmd_run() {
   port_free "$console_port" || die "127.0.0.1:$console_port is in use (set CONSOLE_PORT)"
   spawn "companion on 127.0.0.1:$control_port (serving $policy), console on http://127.0.0.1:$console_port/" \
     "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port" \
-    --http "127.0.0.1:$console_port"
+    --http "127.0.0.1:$console_port" "${candidate[@]}"
   plugin_extra='{"control": {"cluster": "guardrail_control"}}'
   # --------------------------------------------------------------------------------------------
 
