@@ -681,7 +681,8 @@ fn on_candidate(token: u32, candidate: Candidate, follower: &mut Follower) -> Op
         "guardrail: ACK candidate `{}`: decided in shadow beside the enforced policy, never enforced",
         candidate.revision
     ));
-    Some(Some(ShadowPolicy { epoch, revision: candidate.revision, policy }))
+    // Workers name it by its document's revision (the companion makes it the message's).
+    Some(Some(ShadowPolicy { epoch, revision: policy.revision.clone(), policy }))
 }
 
 /// Stops shadowing on every worker, if a candidate is in force (`why` for the log).

@@ -117,6 +117,18 @@ def zlib_snapshot(revision: str, compressed: bytes) -> bytes:
     return length_delimited(1, length_delimited(1, revision) + length_delimited(3, compressed))
 
 
+def candidate(revision: str, policy: Mapping[str, Any] | str | bytes) -> bytes:
+    """`ServerMessage{candidate: Candidate{revision, policy_json}}` (the shadow candidate; an empty
+    revision stops shadowing), the policy as for `snapshot`."""
+    body = json.dumps(policy, separators=(",", ":")) if isinstance(policy, Mapping) else policy
+    return length_delimited(3, length_delimited(1, revision) + length_delimited(2, body))
+
+
+def fleet(day: int, exhausted: tuple[str, ...] = ()) -> bytes:
+    """`ServerMessage{fleet: FleetState{day, exhausted_apps}}`."""
+    return length_delimited(2, varint_field(1, day) + b"".join(length_delimited(2, a) for a in exhausted))
+
+
 def padded_snapshot(revision: str, policy: Mapping[str, Any], size: int) -> bytes:
     """A snapshot of `policy` whose encoded ServerMessage is exactly `size` bytes, the policy's
     JSON padded with trailing spaces (still the same, valid document)."""
@@ -143,7 +155,9 @@ STRING_FIELDS = {
 @dataclass
 class ClientMessage:
     """One decoded `ClientMessage`: `kind` is hello, ack, nack or usage; `fields` holds the
-    strings of hello/ack/nack by name, and for usage `day` and `apps` ({app: {"allowed": n, ..}})."""
+    strings of hello/ack/nack by name (and `candidate`, whether an ACK/NACK is the shadow
+    candidate's), and for usage `day`, `apps` ({app: {"allowed": n, ..}}), `candidate_revision`
+    and `shadow` ([(app, enforced, candidate, count)])."""
 
     kind: str
     fields: dict[str, Any]
@@ -178,20 +192,28 @@ def decode_client_message(data: bytes) -> ClientMessage:
         if kind is None or wire_type != LEN or not isinstance(value, bytes):
             continue
         if kind == "usage":
-            day, apps = 0, {}
+            day, apps, revision, shadow = 0, {}, "", []
             for n, _, v in fields(value):
                 if n == 1 and isinstance(v, int):
                     day = v
                 elif n == 2 and isinstance(v, bytes):
                     name, usage = _app_usage(v)
                     apps[name] = usage
-            return ClientMessage(kind, {"day": day, "apps": apps})
+                elif n == 4 and isinstance(v, bytes):
+                    revision = v.decode()
+                elif n == 5 and isinstance(v, bytes):
+                    d = {k: x for k, _, x in fields(v)}
+                    text = lambda k: bytes(d.get(k, b"")).decode()  # noqa: E731
+                    shadow.append((text(1), text(2), text(3), d.get(4, 0)))
+            return ClientMessage(kind, {"day": day, "apps": apps, "candidate_revision": revision, "shadow": shadow})
         names = STRING_FIELDS[kind]
-        decoded: dict[str, Any] = {names[n]: bytes(v).decode() for n, _, v in fields(value)
-                                   if n in names and isinstance(v, bytes)}
+        out: dict[str, Any] = {names[n]: bytes(v).decode() for n, _, v in fields(value)
+                               if n in names and isinstance(v, bytes)}
         if kind == "hello":
-            decoded["accepts_zlib"] = any(n == 5 and v == 1 for n, _, v in fields(value))
-        return ClientMessage(kind, decoded)
+            out["accepts_zlib"] = any(n == 5 and v == 1 for n, _, v in fields(value))
+        flag = {"ack": 2, "nack": 3}.get(kind)
+        out["candidate"] = any(n == flag and v == 1 for n, _, v in fields(value))
+        return ClientMessage(kind, out)
     raise ValueError(f"not a ClientMessage: {data[:40]!r}")
 
 

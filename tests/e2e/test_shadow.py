@@ -14,11 +14,17 @@ module-scoped setup walked through in file order:
 3. a candidate identical to the enforced policy: zero differences over the same mixed traffic;
 4. the candidate file deleted: shadowing stops on every worker; requests meanwhile are counted
    nowhere, and the candidate sent again starts from zero.
+
+Last, the protocol with a fake companion (`fake_companion.py`), for what the real one never sends:
+a candidate the filter cannot compile (NACKed with `candidate: true`, never used, and the one in
+force stops), the same candidate on a new stream (ACKed again, its counts go on), and a new stream
+whose first fleet state comes without a candidate before it (shadowing stops).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ from typing import Any, Iterator
 import pytest
 
 from companion import Companion, guardrail, write_policy
+from fake_companion import FakeCompanion, FakeStream, candidate, fleet, snapshot
 from harness import Envoy, Response, bootstrap, free_port, request, responds_with, wait_for
 from policies import app, policy, tier
 
@@ -147,14 +154,11 @@ class Env:
         assert section["nacked_nodes"] == [], section
         contexts = self.root_contexts()
         line = f"candidate `{revision}` decided in shadow on this worker"
-        wait_for(lambda: self.gw.log()[mark:].count(line) == contexts, timeout=SETTLE,
+        wait_for(lambda: logging_threads(self.gw, line, mark) == contexts, timeout=SETTLE,
                  what=f"{contexts} root contexts to decide with {revision}")
 
     def root_contexts(self) -> int:
-        """How many root contexts put the enforced revision in force (one per worker, plus main)."""
-        n = self.gw.log().count(f"policy revision `{self.enforced['revision']}` in force")
-        assert n >= 3, f"expected two workers and the main thread, saw {n}:\n{self.gw.log_tail()}"
-        return n
+        return root_contexts(self.gw, self.enforced["revision"])
 
     def usage(self) -> dict[str, int]:
         return {u["app"]: u["allowed"] for u in self.comp.status()["fleet_usage"]}
@@ -168,6 +172,20 @@ class Env:
         section = self.shadow()
         assert section is not None, "no candidate section"
         return section["differences"]
+
+
+def logging_threads(gw: Envoy, text: str, mark: int = 0) -> int:
+    """How many Envoy threads (root contexts: one per worker, and the main thread's) logged a line
+    holding `text` after byte `mark` of the log."""
+    return len({m.group(1) for line in gw.log()[mark:].splitlines() if text in line
+                and (m := re.match(r"\[[^]]*\]\[(\d+)\]", line))})
+
+
+def root_contexts(gw: Envoy, revision: str) -> int:
+    """How many root contexts put `revision` in force."""
+    n = logging_threads(gw, f"policy revision `{revision}` in force")
+    assert n == 3, f"expected two workers and the main thread, saw {n}:\n{gw.log_tail()}"
+    return n
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +211,12 @@ def env(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Path) -> 
         comp.stop()
 
 
-def send(env: Env, app_id: str | None, path: str, n: int, extra: dict[str, str] | None = None) -> list[Response]:
+def send(gw: Envoy, app_id: str | None, path: str, n: int, extra: dict[str, str] | None = None) -> list[Response]:
     """`n` requests, each on a fresh connection, 8 at a time (so both workers take some)."""
     headers = {"x-api-key": KEYS[app_id]} if app_id else {}
     headers.update(extra or {})
     with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(lambda _: request(env.gw.url, path, headers=headers, timeout=10), range(n)))
+        return list(pool.map(lambda _: request(gw.url, path, headers=headers, timeout=10), range(n)))
 
 
 def remaining(responses: list[Response]) -> list[int]:
@@ -223,10 +241,10 @@ def test_requests_get_the_enforced_outcome_and_status_counts_the_differences(env
     assert revision.startswith("shadow-2+sha256:")
     env.wait_for_every_worker(revision)
 
-    us = send(env, "us-app", "/prices/shoes", 12)
-    eu = send(env, "eu-app", "/prices/shoes", 6)
-    old = send(env, "old-app", "/orders", 4)
-    anonymous = send(env, None, "/prices/shoes", 2)
+    us = send(env.gw, "us-app", "/prices/shoes", 12)
+    eu = send(env.gw, "eu-app", "/prices/shoes", 6)
+    old = send(env.gw, "old-app", "/orders", 4)
+    anonymous = send(env.gw, None, "/prices/shoes", 2)
     all_admitted(us, "us-app")
     all_admitted(eu, "eu-app")
     all_admitted(old, "old-app")
@@ -261,7 +279,7 @@ def test_an_invalid_edit_is_refused_and_the_last_good_candidate_keeps_counting(e
     assert "no-such-tier" in section["last_error"] and "apps[0].tier" in section["last_error"], section
     assert section["revision"] == revision, "the last good candidate stays"
 
-    all_admitted(send(env, "us-app", "/prices/socks", 3), "us-app")
+    all_admitted(send(env.gw, "us-app", "/prices/socks", 3), "us-app")
     assert env.differences_once_reported({"us-app": 15, "eu-app": 6, "old-app": 4}) == [
         {"app": "us-app", "enforced": "allow", "candidate": "residency-violation", "count": 15},
         {"app": "old-app", "enforced": "allow", "candidate": "app-not-active", "count": 4},
@@ -270,10 +288,10 @@ def test_an_invalid_edit_is_refused_and_the_last_good_candidate_keeps_counting(e
 
 def test_a_candidate_identical_to_the_enforced_policy_differs_nowhere(env: Env) -> None:
     env.put_in_force(env.enforced)
-    all_admitted(send(env, "us-app", "/prices/hats", 3), "us-app")
-    all_admitted(send(env, "eu-app", "/prices/hats", 3), "eu-app")
-    all_admitted(send(env, "old-app", "/orders", 2), "old-app")
-    for r in send(env, None, "/orders", 2) + send(env, None, "/orders", 2, {"x-api-key": "k-shadow-unknown"}):
+    all_admitted(send(env.gw, "us-app", "/prices/hats", 3), "us-app")
+    all_admitted(send(env.gw, "eu-app", "/prices/hats", 3), "eu-app")
+    all_admitted(send(env.gw, "old-app", "/orders", 2), "old-app")
+    for r in send(env.gw, None, "/orders", 2) + send(env.gw, None, "/orders", 2, {"x-api-key": "k-shadow-unknown"}):
         responds_with(r, 401, "unauthenticated")
     assert env.differences_once_reported({"us-app": 18, "eu-app": 9, "old-app": 6}) == []
 
@@ -285,16 +303,85 @@ def test_removing_the_candidate_stops_shadowing_and_a_new_one_starts_from_zero(e
     env.comp.wait_for_log("candidate file gone: shadowing stopped")
     wait_for(lambda: env.shadow() is None, timeout=SETTLE, interval=0.2, what="the candidate section to go")
     contexts = env.root_contexts()
-    wait_for(lambda: env.gw.log()[mark:].count("no candidate decided in shadow on this worker any more") == contexts,
+    wait_for(lambda: logging_threads(env.gw, "no candidate decided in shadow on this worker any more", mark) == contexts,
              timeout=SETTLE, what="every root context to stop shadowing")
     # Counted nowhere: no candidate is in force.
-    all_admitted(send(env, "us-app", "/prices/shoes", 5), "us-app")
+    all_admitted(send(env.gw, "us-app", "/prices/shoes", 5), "us-app")
     wait_for(lambda: env.usage() == {"us-app": 23, "eu-app": 9, "old-app": 6}, timeout=SETTLE, interval=0.2,
              what="the node to report the usage")
 
     revision = env.put_in_force(TIGHTENED)
-    all_admitted(send(env, "us-app", "/prices/shoes", 3), "us-app")
+    all_admitted(send(env.gw, "us-app", "/prices/shoes", 3), "us-app")
     assert env.differences_once_reported({"us-app": 26, "eu-app": 9, "old-app": 6}) == [
         {"app": "us-app", "enforced": "allow", "candidate": "residency-violation", "count": 3},
     ], "only the requests since the candidate was put in force again"
     assert env.shadow()["revision"] == revision
+
+
+# === The protocol, with a fake companion ===
+
+
+def test_the_filter_nacks_a_candidate_it_cannot_compile_and_follows_the_stream(
+        launch: Any) -> None:
+    day = int(time.time()) // 86400
+    good = {**TIGHTENED, "revision": "cand-1"}
+
+    def opening(*messages: bytes) -> Any:
+        return lambda s: [s.send(m) for m in (snapshot("shadow-1", ENFORCED), *messages, fleet(day))]
+
+    fake = FakeCompanion(on_open=opening(candidate("cand-1", good))).start()
+    try:
+        gw = launch({"policy": ENFORCED, "control": {"cluster": "guardrail_control"}}, name="fake-gw",
+                    control_port=fake.port)
+        contexts = lambda: root_contexts(gw, ENFORCED["revision"])  # noqa: E731
+        stream = fake.wait_for_stream()
+        ack = stream.wait_for(lambda m: m.kind == "ack" and m.revision == "cand-1", what="the candidate's ACK")
+        assert ack.fields["candidate"] is True, ack.fields
+        assert stream.wait_for_ack("shadow-1").fields["candidate"] is False
+
+        def every_worker(line: str, mark: int) -> None:
+            wait_for(lambda: logging_threads(gw, line, mark) == contexts(), timeout=SETTLE,
+                     what=f"{line!r} from every root context")
+
+        def reported(s: FakeStream, revision: str, shadow: list[tuple[str, str, str, int]], us_app: int) -> None:
+            s.wait_for(lambda m: m.kind == "usage" and m.fields["apps"].get("us-app", {}).get("allowed") == us_app
+                       and m.fields["candidate_revision"] == revision and m.fields["shadow"] == shadow,
+                       timeout=SETTLE, what=f"a report of {us_app} us-app requests, {revision!r}: {shadow}")
+
+        every_worker("candidate `cand-1` decided in shadow on this worker", 0)
+        all_admitted(send(gw, "us-app", "/prices/shoes", 5), "us-app")
+        reported(stream, "cand-1", [("us-app", "allow", "residency-violation", 5)], 5)
+
+        # The same candidate on a new stream: ACKed again, and it keeps counting.
+        stream.end()
+        stream = fake.wait_for_stream(2, timeout=SETTLE)
+        assert stream.wait_for(lambda m: m.kind == "ack" and m.revision == "cand-1").fields["candidate"] is True
+        all_admitted(send(gw, "us-app", "/prices/shoes", 2), "us-app")
+        reported(stream, "cand-1", [("us-app", "allow", "residency-violation", 7)], 7)
+
+        # One the filter cannot compile: NACKed, never used; the one in force stops with it.
+        mark = len(gw.log())
+        stream.send(candidate("cand-bad", {**good, "revision": "cand-bad", "tiers": {}}))
+        nack = stream.wait_for_nack("cand-bad")
+        assert nack.fields["candidate"] is True and "tier" in nack.error, nack.fields
+        every_worker("no candidate decided in shadow on this worker any more", mark)
+        all_admitted(send(gw, "us-app", "/prices/shoes", 2), "us-app")
+        reported(stream, "", [], 9)
+
+        # A new stream whose first fleet state has no candidate before it: shadowing stops.
+        stream.send(candidate("cand-2", {**good, "revision": "cand-2"}))
+        stream.wait_for(lambda m: m.kind == "ack" and m.revision == "cand-2")
+        every_worker("candidate `cand-2` decided in shadow on this worker", mark)
+        mark = len(gw.log())
+        fake.on_open = opening()
+        stream.end()
+        stream = fake.wait_for_stream(3, timeout=SETTLE)
+        every_worker("no candidate decided in shadow on this worker any more", mark)
+        assert "candidate `cand-2` no longer decided in shadow (the companion serves none)" in gw.log()[mark:]
+        all_admitted(send(gw, "us-app", "/prices/shoes", 1), "us-app")
+        reported(stream, "", [], 10)
+        codes = Counter(o.get("code") for o in gw.json_log_lines() if o.get("guardrail"))
+        assert codes == Counter(), f"no decision line of any candidate's: {codes}"
+    finally:
+        fake.stop()
+
