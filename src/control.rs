@@ -443,7 +443,8 @@ impl ControlClient {
         if let Link::Open(token) = self.link {
             if now_ns.saturating_sub(self.last_report_ns) >= REPORT_EVERY_NS {
                 self.last_report_ns = now_ns;
-                let report = usage_report(now_ns, policy);
+                let mut report = usage_report(now_ns, policy);
+                add_shadow(&mut report);
                 if !report.apps.is_empty() || !report.exempt.is_empty() || !report.candidate_revision.is_empty() {
                     send(token, client_message::Msg::Usage(report));
                 }
@@ -734,29 +735,7 @@ fn todays_usage(key: &str, day: u64) -> Option<UsageCounters> {
 fn usage_report(now_ns: u64, policy: Option<&CompiledPolicy>) -> UsageReport {
     let day = now_ns / NANOS_PER_SEC / SECS_PER_DAY;
     let mut report = UsageReport { day, ..UsageReport::default() };
-    if let Some(policy) = policy {
-        add_usage(&mut report, policy);
-    }
-    // Read after the usage, which workers add after their shadow counts: a report that counts a
-    // request's usage counts its difference too.
-    let shadow = shadow_counts();
-    report.shadow = shadow
-        .top(REPORT_PAIRS)
-        .into_iter()
-        .map(|(app, enforced, candidate, count)| ShadowDifference {
-            app: app.to_string(),
-            enforced: enforced.to_string(),
-            candidate: candidate.to_string(),
-            count,
-        })
-        .collect();
-    report.candidate_revision = shadow.revision;
-    report
-}
-
-/// Today's usage of every app and exemption of `policy`, into `report`.
-fn add_usage(report: &mut UsageReport, policy: &CompiledPolicy) {
-    let day = report.day;
+    let Some(policy) = policy else { return report };
     for exemption in &policy.exemptions {
         if let Some(u) = todays_usage(&exempt_key(&exemption.id), day) {
             report.exempt.insert(exemption.id.clone(), u64::from(u.allowed));
@@ -780,6 +759,25 @@ fn add_usage(report: &mut UsageReport, policy: &CompiledPolicy) {
             denied,
         });
     }
+    report
+}
+
+/// Adds the shadow candidate in force and its differences (the largest [`REPORT_PAIRS`]) to a
+/// usage report. Read after the usage, which workers add after their shadow counts: a report that
+/// counts a request's usage counts its difference too.
+fn add_shadow(report: &mut UsageReport) {
+    let shadow = shadow_counts();
+    report.shadow = shadow
+        .top(REPORT_PAIRS)
+        .into_iter()
+        .map(|(app, enforced, candidate, count)| ShadowDifference {
+            app: app.to_string(),
+            enforced: enforced.to_string(),
+            candidate: candidate.to_string(),
+            count,
+        })
+        .collect();
+    report.candidate_revision = shadow.revision;
 }
 
 /// Adds this worker's usage deltas into the shared counters: per app, and per exemption for the

@@ -82,10 +82,10 @@ struct Worker {
     /// What this worker has taken from shared data.
     follower: control::Follower,
     fleet: Option<Rc<Fleet>>,
-    /// Usage counted since the last flush to shared data (only when `controlled`).
-    usage: HashMap<String, UsageCounters>,
     /// The shadow candidate in force, if the companion sent one.
     shadow: Option<Shadow>,
+    /// Usage counted since the last flush to shared data (only when `controlled`).
+    usage: HashMap<String, UsageCounters>,
 }
 
 /// A shadow candidate on one worker: decided beside the enforced policy, never enforced.
@@ -194,8 +194,8 @@ impl GuardrailRoot {
                 controlled: false,
                 follower: control::Follower::default(),
                 fleet: None,
-                usage: HashMap::new(),
                 shadow: None,
+                usage: HashMap::new(),
             })),
             control: None,
         }
