@@ -39,9 +39,10 @@ use guardrail_core::rules::ExpressionCache;
 use guardrail_core::shadow::{ShadowCounts, SharedCounts};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use guardrail_proto::v1::{
-    client_message, server_message, AppUsage, Candidate, ClientMessage, FleetState, Hello, PolicySnapshot,
-    ServerMessage, ShadowDifference, UsageReport,
+    client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot, ServerMessage,
+    UsageReport,
 };
+use guardrail_proto::v1::{Candidate, ShadowDifference};
 use prost::Message;
 use std::rc::Rc;
 use std::time::Duration;
@@ -144,6 +145,24 @@ fn split_shadow(value: &[u8]) -> Option<(u64, &[u8])> {
 /// The shadow candidate in force on this Envoy and its counts (epoch 0 and no revision: none).
 fn shadow_counts() -> SharedCounts {
     SharedCounts::decode(&shared(SHADOW_COUNTS_KEY)).unwrap_or_default()
+}
+
+/// Adds the shadow candidate in force and its differences (the largest [`REPORT_PAIRS`]) to a
+/// usage report. Read after the usage, which workers add after their shadow counts: a report that
+/// counts a request's usage counts its difference too.
+fn add_shadow(report: &mut UsageReport) {
+    let shadow = shadow_counts();
+    report.shadow = shadow
+        .top(REPORT_PAIRS)
+        .into_iter()
+        .map(|(app, enforced, candidate, count)| ShadowDifference {
+            app: app.to_string(),
+            enforced: enforced.to_string(),
+            candidate: candidate.to_string(),
+            count,
+        })
+        .collect();
+    report.candidate_revision = shadow.revision;
 }
 
 /// Publishes `value` as the shadow candidate (empty: none) with its counts starting over, for
@@ -760,24 +779,6 @@ fn usage_report(now_ns: u64, policy: Option<&CompiledPolicy>) -> UsageReport {
         });
     }
     report
-}
-
-/// Adds the shadow candidate in force and its differences (the largest [`REPORT_PAIRS`]) to a
-/// usage report. Read after the usage, which workers add after their shadow counts: a report that
-/// counts a request's usage counts its difference too.
-fn add_shadow(report: &mut UsageReport) {
-    let shadow = shadow_counts();
-    report.shadow = shadow
-        .top(REPORT_PAIRS)
-        .into_iter()
-        .map(|(app, enforced, candidate, count)| ShadowDifference {
-            app: app.to_string(),
-            enforced: enforced.to_string(),
-            candidate: candidate.to_string(),
-            count,
-        })
-        .collect();
-    report.candidate_revision = shadow.revision;
 }
 
 /// Adds this worker's usage deltas into the shared counters: per app, and per exemption for the
