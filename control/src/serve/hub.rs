@@ -512,7 +512,9 @@ impl Hub {
             })
             .collect();
         let nodes = inner.fleet.to_proto();
-        let candidate = self.shadow.status(|id| nodes.iter().any(|n| n.node_id == id && n.connected));
+        // A set, not a scan per node: with a candidate, 10,000 nodes were 10^8 comparisons.
+        let connected: HashSet<&str> = nodes.iter().filter(|n| n.connected).map(|n| n.node_id.as_str()).collect();
+        let candidate = self.shadow.status(|id| connected.contains(id));
         v1::StatusResponse {
             revision: snapshot.revision.clone(),
             nodes,
