@@ -18,9 +18,7 @@
 //! [`SharedCounts`] in proxy-wasm shared data (compare-and-swap), from which the leader reports.
 
 use crate::decide::Decision;
-use crate::fasthash::FastMap;
 use crate::quota::{CounterStore, StoreError};
-use std::collections::BTreeMap;
 
 /// The outcome code of an admitted request with an app.
 pub const ALLOW: &str = "allow";
@@ -53,10 +51,12 @@ impl CounterStore for ReadOnlyStore<'_> {
 // === impl ShadowCounts ===
 
 /// Counts of requests where the candidate's outcome differs from the enforced one, per app (`-`
-/// when the request named none) and pair of codes.
+/// when the request named none) and pair of codes. A list, not a map: a worker holds the few
+/// pairs of one tick (its counts go to [`SharedCounts`] every tick), and a map of its own costs
+/// the filter's .wasm kilobytes.
 #[derive(Debug, Default, Clone)]
 pub struct ShadowCounts {
-    counts: FastMap<(String, &'static str, &'static str), u64>,
+    counts: Vec<(String, &'static str, &'static str, u64)>,
 }
 
 /// The app under which a request without one is counted.
@@ -69,11 +69,9 @@ impl ShadowCounts {
             return false;
         }
         let app = if app.is_empty() { NO_APP } else { app };
-        match self.counts.get_mut(&(app.to_string(), enforced, candidate)) {
-            Some(n) => *n = n.saturating_add(1),
-            None => {
-                self.counts.insert((app.to_string(), enforced, candidate), 1);
-            }
+        match self.counts.iter_mut().find(|(a, f, t, _)| a == app && *f == enforced && *t == candidate) {
+            Some((_, _, _, n)) => *n = n.saturating_add(1),
+            None => self.counts.push((app.to_string(), enforced, candidate, 1)),
         }
         true
     }
@@ -88,12 +86,12 @@ impl ShadowCounts {
 
     /// Every count, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &'static str, &'static str, u64)> {
-        self.counts.iter().map(|((a, f, t), n)| (a.as_str(), *f, *t, *n))
+        self.counts.iter().map(|(a, f, t, n)| (a.as_str(), *f, *t, *n))
     }
 
     /// The `limit` largest counts, largest first (ties by app, then codes, for a stable report).
     pub fn top(&self, limit: usize) -> Vec<(String, &'static str, &'static str, u64)> {
-        let mut all: Vec<_> = self.counts.iter().map(|((a, f, t), n)| (a.clone(), *f, *t, *n)).collect();
+        let mut all = self.counts.clone();
         all.sort_by(|x, y| y.3.cmp(&x.3).then_with(|| (&x.0, x.1, x.2).cmp(&(&y.0, y.1, y.2))));
         all.truncate(limit);
         all
@@ -118,20 +116,21 @@ const SHARED_MAGIC: &str = "guardrail-shadow/1";
 pub struct SharedCounts {
     pub epoch: u64,
     pub revision: String,
-    counts: BTreeMap<(String, String, String), u64>,
+    /// `(app, enforced, candidate, count)`, each pair once (a list: see [`ShadowCounts`]).
+    counts: Vec<(String, String, String, u64)>,
 }
 
 impl SharedCounts {
     /// No counts yet for the candidate `revision` put in force as `epoch`.
     pub fn new(epoch: u64, revision: &str) -> Self {
-        SharedCounts { epoch, revision: revision.to_string(), counts: BTreeMap::new() }
+        SharedCounts { epoch, revision: revision.to_string(), counts: Vec::new() }
     }
 
     /// Text, one pair per line: `guardrail-shadow/1 <epoch>`, the revision, then
     /// `<app>\t<enforced>\t<candidate>\t<count>` lines.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = format!("{SHARED_MAGIC} {}\n{}\n", self.epoch, self.revision);
-        for ((app, enforced, candidate), n) in &self.counts {
+        for (app, enforced, candidate, n) in &self.counts {
             out.push_str(&format!("{app}\t{enforced}\t{candidate}\t{n}\n"));
         }
         out.into_bytes()
@@ -143,13 +142,16 @@ impl SharedCounts {
         let mut lines = text.lines();
         let epoch = lines.next()?.strip_prefix(SHARED_MAGIC)?.strip_prefix(' ')?.parse().ok()?;
         let revision = lines.next()?.to_string();
-        let mut counts = BTreeMap::new();
+        let mut counts: Vec<(String, String, String, u64)> = Vec::new();
         for line in lines {
             let mut fields = line.split('\t');
             let mut field = || fields.next().map(str::to_string);
             let (app, enforced, candidate) = (field()?, field()?, field()?);
             let n: u64 = field()?.parse().ok()?;
-            counts.insert((app, enforced, candidate), n);
+            if counts.iter().any(|(a, f, t, _)| (a, f, t) == (&app, &enforced, &candidate)) {
+                return None;
+            }
+            counts.push((app, enforced, candidate, n));
         }
         Some(SharedCounts { epoch, revision, counts })
     }
@@ -158,21 +160,27 @@ impl SharedCounts {
     /// [`OTHER_APPS`], so the totals per pair of codes stay exact.
     pub fn add(&mut self, delta: &ShadowCounts) {
         for (app, enforced, candidate, n) in delta.iter() {
-            let key = (app.to_string(), enforced.to_string(), candidate.to_string());
-            let key = if self.counts.contains_key(&key) || self.counts.len() < MAX_SHARED_PAIRS {
-                key
-            } else {
-                (OTHER_APPS.to_string(), key.1, key.2)
+            let found = self.position(app, enforced, candidate);
+            let (found, app) = match found {
+                None if self.counts.len() >= MAX_SHARED_PAIRS => {
+                    (self.position(OTHER_APPS, enforced, candidate), OTHER_APPS)
+                }
+                found => (found, app),
             };
-            let sum = self.counts.entry(key).or_default();
-            *sum = sum.saturating_add(n);
+            match found.and_then(|i| self.counts.get_mut(i)) {
+                Some((_, _, _, sum)) => *sum = sum.saturating_add(n),
+                None => self.counts.push((app.to_string(), enforced.to_string(), candidate.to_string(), n)),
+            }
         }
+    }
+
+    fn position(&self, app: &str, enforced: &str, candidate: &str) -> Option<usize> {
+        self.counts.iter().position(|(a, f, t, _)| a == app && f == enforced && t == candidate)
     }
 
     /// The `limit` largest counts, largest first (ties by app, then codes).
     pub fn top(&self, limit: usize) -> Vec<(&str, &str, &str, u64)> {
-        let mut all: Vec<_> =
-            self.counts.iter().map(|((a, f, t), n)| (a.as_str(), f.as_str(), t.as_str(), *n)).collect();
+        let mut all: Vec<_> = self.counts.iter().map(|(a, f, t, n)| (a.as_str(), f.as_str(), t.as_str(), *n)).collect();
         all.sort_by(|x, y| y.3.cmp(&x.3).then_with(|| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2))));
         all.truncate(limit);
         all
