@@ -13,7 +13,7 @@ use crate::raw::{
     RuleMode,
 };
 use crate::rules::{Cel, Expression, ExpressionCache};
-use crate::time::{parse_rfc3339, NANOS_PER_SEC};
+use crate::time::{parse_date, parse_rfc3339, NANOS_PER_SEC};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -116,6 +116,11 @@ pub struct App {
     pub overrides: Vec<QuotaOverride>,
     /// Shared-data key of this app's quota state.
     pub quota_key: String,
+    /// `review_by` as written (`YYYY-MM-DD`), for the denial's detail.
+    pub review_by: Option<String>,
+    /// The first second at which the app is overdue for review (the day after `review_by`, 00:00
+    /// UTC); `i64::MAX` without `review_by`, so the request path compares two integers.
+    pub review_overdue_at_secs: i64,
     /// The catalog checks of every request as bits, set by [`compile`] (`None`: compare the strings).
     pub masks: Option<AppMasks>,
 }
@@ -156,6 +161,8 @@ pub struct Dataset {
     pub allowed_regions: Vec<String>,
     pub routes: Vec<Route>,
     pub requires_jit: bool,
+    /// JIT tokens from the companion's token service only within an approved access request.
+    pub approval_required: bool,
     /// Bit `id` for each allowed region whose id ([`AppMasks::region`]) is below 64, set by
     /// [`compile`] when all of them are (`None`: compare the strings).
     pub region_mask: Option<u64>,
@@ -609,6 +616,16 @@ fn compile_app(
             Err(e) => errs.push(format!("{opath}.expires_at"), e),
         }
     }
+    let review_overdue_at_secs = match raw.review_by.as_deref() {
+        None => i64::MAX,
+        Some(date) => match parse_date(date) {
+            Ok(start) => start.saturating_add(crate::time::SECS_PER_DAY as i64),
+            Err(e) => {
+                errs.push(at("review_by"), e);
+                i64::MAX
+            }
+        },
+    };
     let mut data_classes = raw.data_classes;
     data_classes.sort();
     data_classes.dedup();
@@ -629,6 +646,8 @@ fn compile_app(
         connectors: raw.connectors,
         overrides,
         quota_key,
+        review_by: raw.review_by,
+        review_overdue_at_secs,
         masks: None,
     })
 }
@@ -750,6 +769,7 @@ fn compile_datasets(raw: &[RawDataset], issuers_configured: bool, errs: &mut Err
                 allowed_regions,
                 routes,
                 requires_jit,
+                approval_required: d.approval == Some(crate::raw::Approval::Required),
                 region_mask: None,
             });
         }

@@ -451,21 +451,8 @@ fn checks<'p>(
     d.app = Some(app);
     d.tier = policy.tier_of(app).map(|tier| tier.name.as_str());
 
-    // --- lifecycle ---
-    let active = match app.lifecycle {
-        Lifecycle::Approved | Lifecycle::Published => true,
-        Lifecycle::Draft => app.environment == Environment::Dev,
-        Lifecycle::Deprecated | Lifecycle::Quarantined => false,
-    };
-    if !active {
-        let why = match app.lifecycle {
-            Lifecycle::Draft => {
-                format!("app `{}` is a draft and may only run in dev (environment: {:?})", app.id, app.environment)
-            }
-            other => format!("app `{}` is {:?}", app.id, other),
-        };
-        return Err(Denial::new(Code::AppNotActive, why.to_lowercase()).rule("lifecycle"));
-    }
+    // --- lifecycle (and attestation) ---
+    check_lifecycle(app, now_secs)?;
     t.note("lifecycle", || format!("{:?} in {:?}: active", app.lifecycle, app.environment).to_lowercase());
 
     // --- connector: the Envoy cluster the request is routed to ---
@@ -509,11 +496,7 @@ fn checks<'p>(
     let abac = Abac { method: &method, path: &path, app, dataset: dataset_index, token };
     check_rules(policy, req, &abac, class_denied, d, t)?;
     if let Some(ds) = dataset.filter(|_| class_denied) {
-        return Err(Denial::new(
-            Code::AccessDenied,
-            format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
-        )
-        .rule("data-class"));
+        check_data_class(app, ds)?;
     }
 
     // --- quota: rate, then daily budget ---
@@ -587,11 +570,83 @@ fn checks<'p>(
     }
 }
 
-fn check_residency(policy: &CompiledPolicy, req: &Request<'_>, app: &App, ds: &Dataset) -> Result<(), Denial> {
-    let residency = |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
-    if !ds.allows_region_of(app) {
-        return residency(format!("app region `{}` is not allowed for dataset `{}`", app.region, ds.id));
+/// The lifecycle step on its own: whether `app` may run at `now_secs` — its lifecycle (a draft in
+/// dev only; deprecated and quarantined apps never) and its attestation (`review_by` not passed:
+/// one comparison of integers).
+pub fn check_lifecycle(app: &App, now_secs: i64) -> Result<(), Denial> {
+    let active = match app.lifecycle {
+        Lifecycle::Approved | Lifecycle::Published => true,
+        Lifecycle::Draft => app.environment == Environment::Dev,
+        Lifecycle::Deprecated | Lifecycle::Quarantined => false,
+    };
+    if !active {
+        let why = match app.lifecycle {
+            Lifecycle::Draft => {
+                format!("app `{}` is a draft and may only run in dev (environment: {:?})", app.id, app.environment)
+            }
+            other => format!("app `{}` is {:?}", app.id, other),
+        };
+        return Err(Denial::new(Code::AppNotActive, why.to_lowercase()).rule("lifecycle"));
     }
+    if now_secs >= app.review_overdue_at_secs {
+        let since = app.review_by.as_deref().unwrap_or_default();
+        return Err(Denial::new(Code::AppNotActive, format!("app `{}`: review overdue since {since}", app.id))
+            .rule("review_by"));
+    }
+    Ok(())
+}
+
+/// Whether the filter would let `app` reach dataset `ds` at `now_secs` on what does not hang on
+/// one request: the lifecycle step ([`check_lifecycle`]), the connector step for at least one of
+/// the app's connectors ([`check_connector`]; none approved and every upstream request of the app
+/// is refused), the app's region among the dataset's `allowed_regions`, and the dataset's class
+/// among the app's `data_classes`. The companion's token service asks it before issuing a JIT
+/// token; the same functions run in [`decide`], in the same order.
+pub fn admit_to_dataset(policy: &CompiledPolicy, app: &App, ds: &Dataset, now_secs: i64) -> Result<(), Denial> {
+    check_lifecycle(app, now_secs)?;
+    // Ok when one connector passes, else the refusal of the last.
+    let reachable = app.connectors.iter().map(|c| check_connector(policy, app, c)).reduce(Result::or);
+    match reachable {
+        Some(result) => result?,
+        None => {
+            return Err(Denial::new(
+                Code::ConnectorNotApproved,
+                format!("app `{}` lists no connectors, so it reaches no upstream", app.id),
+            )
+            .rule("connector"))
+        }
+    }
+    check_app_region(app, ds)?;
+    check_data_class(app, ds)
+}
+
+/// The data-class part of the ABAC step: the dataset's classification among the app's classes.
+fn check_data_class(app: &App, ds: &Dataset) -> Result<(), Denial> {
+    if app.may_access(ds.classification) {
+        return Ok(());
+    }
+    Err(Denial::new(
+        Code::AccessDenied,
+        format!("app `{}` may not access {} data (data_classes)", app.id, ds.classification.as_str()),
+    )
+    .rule("data-class"))
+}
+
+/// The residency step's half that concerns the app: its region among the dataset's.
+fn check_app_region(app: &App, ds: &Dataset) -> Result<(), Denial> {
+    if ds.allows_region_of(app) {
+        return Ok(());
+    }
+    Err(Denial::new(
+        Code::ResidencyViolation,
+        format!("app region `{}` is not allowed for dataset `{}`", app.region, ds.id),
+    )
+    .rule("residency"))
+}
+
+fn check_residency(policy: &CompiledPolicy, req: &Request<'_>, app: &App, ds: &Dataset) -> Result<(), Denial> {
+    check_app_region(app, ds)?;
+    let residency = |detail: String| Err(Denial::new(Code::ResidencyViolation, detail).rule("residency"));
     match req.gateway_region.or(policy.settings.gateway_region.as_deref()) {
         None => residency(format!("this gateway's region is unknown, so dataset `{}` cannot be served here", ds.id)),
         Some(region) if !ds.allowed_regions.iter().any(|r| r == region) => {

@@ -8,6 +8,8 @@
 //! - a rule comparing `request.method` with a lower-case string (methods reach rules upper case,
 //!   so `request.method == 'delete'` never holds);
 //! - a quota override that has expired (it is ignored);
+//! - an app whose `review_by` is less than [`REVIEW_WARNING_DAYS`] days ahead, or past (the filter
+//!   then refuses it);
 //! - an exemption route wider than a dataset's routes (`/` over `/catalog`: everything under it
 //!   passes without an app credential).
 //!
@@ -43,7 +45,11 @@ pub enum Kind {
     LowerCaseMethod,
     ExpiredOverride,
     WideExemption,
+    ReviewDue,
 }
+
+/// `check` warns this many days before an app's `review_by`.
+pub const REVIEW_WARNING_DAYS: i64 = 14;
 
 impl Warning {
     fn new(kind: Kind, path: String, message: String) -> Self {
@@ -79,6 +85,32 @@ pub fn lint(policy: &CompiledPolicy, now_secs: i64) -> Vec<Warning> {
         }
         let region_path = format!("apps[{i}].region");
         out.extend(regions.iter().filter(|w| w.path == region_path).cloned());
+        if let Some(date) = app.review_by.as_deref() {
+            let days_left = (app.review_overdue_at_secs - now_secs).div_euclid(crate::time::SECS_PER_DAY as i64);
+            let message = if now_secs >= app.review_overdue_at_secs {
+                Some(format!(
+                    "app `{}`: review overdue since {date}: the filter refuses it (403 app-not-active) until a \
+                     review moves review_by",
+                    app.id
+                ))
+            } else if days_left < REVIEW_WARNING_DAYS {
+                Some(format!(
+                    "app `{}` is due for review by {date} ({}): after that day the filter refuses it \
+                     (403 app-not-active); file `guardrail request review`",
+                    app.id,
+                    match days_left {
+                        0 => "today".to_string(),
+                        1 => "tomorrow".to_string(),
+                        n => format!("in {n} days"),
+                    }
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = message {
+                out.push(Warning::new(Kind::ReviewDue, format!("apps[{i}].review_by"), message));
+            }
+        }
         for (j, o) in app.overrides.iter().enumerate() {
             if o.expires_at_secs <= now_secs {
                 out.push(Warning::new(
@@ -455,6 +487,26 @@ mod tests {
                 "an exemption exactly a dataset's route is not wider",
                 Box::new(|doc| doc["exemptions"] = json!([{"id": "public", "routes": [{"path_prefix": "/d"}]}])),
                 vec![],
+            ),
+            (
+                "a review 13 days ahead (the 19th, now the 6th at noon): warned",
+                Box::new(|doc| doc["apps"][1]["review_by"] = json!("2026-12-19")),
+                vec![("apps[1].review_by", "app `b` is due for review by 2026-12-19 (in 13 days): after that day")],
+            ),
+            (
+                "a review 14 days ahead: not yet",
+                Box::new(|doc| doc["apps"][1]["review_by"] = json!("2026-12-20")),
+                vec![],
+            ),
+            (
+                "a review due today",
+                Box::new(|doc| doc["apps"][0]["review_by"] = json!("2026-12-06")),
+                vec![("apps[0].review_by", "due for review by 2026-12-06 (today)")],
+            ),
+            (
+                "a review overdue",
+                Box::new(|doc| doc["apps"][0]["review_by"] = json!("2026-12-05")),
+                vec![("apps[0].review_by", "review overdue since 2026-12-05: the filter refuses it")],
             ),
             (
                 "an override expiring now has expired",

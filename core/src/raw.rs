@@ -232,6 +232,10 @@ pub struct RawApp {
     pub api_keys: Vec<String>,
     #[serde(default)]
     pub quota_overrides: Vec<RawQuotaOverride>,
+    /// The date (`YYYY-MM-DD`, UTC) by which the app must be re-attested; after that day the
+    /// filter refuses it (`app-not-active`, "review overdue since …").
+    #[serde(default)]
+    pub review_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +263,19 @@ pub struct RawDataset {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub requires_jit: Option<bool>,
+    /// `required`: the companion's token service issues JIT tokens for this dataset only within an
+    /// approved access request (`none`, the default: whenever the policy admits the app).
+    #[serde(default)]
+    pub approval: Option<Approval>,
+}
+
+/// Whether JIT access to a dataset needs a human's approval first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    #[default]
+    None,
+    Required,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -796,6 +796,7 @@ mod tests {
             allowed_regions: vec!["eu".into()],
             routes: Vec::new(),
             requires_jit: false,
+            approval_required: false,
             region_mask: None,
         };
         let token = VerifiedToken {
@@ -879,6 +880,8 @@ mod tests {
             connectors: vec!["upstream".into()],
             overrides: Vec::new(),
             quota_key: "guardrail.quota.pos".into(),
+            review_by: None,
+            review_overdue_at_secs: i64::MAX,
             masks: None,
         }
     }

@@ -96,6 +96,15 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     Ok(days * 86_400 + i64::from(hour * 3600 + minute * 60 + second) - offset_secs)
 }
 
+/// Parses a calendar date `YYYY-MM-DD` (UTC) into the Unix second its day starts.
+pub fn parse_date(text: &str) -> Result<i64, String> {
+    if text.len() != 10 {
+        return Err(format!("bad date `{text}`: expected YYYY-MM-DD, e.g. 2026-12-24"));
+    }
+    parse_rfc3339(&format!("{text}T00:00:00Z"))
+        .map_err(|_| format!("bad date `{text}`: expected YYYY-MM-DD, e.g. 2026-12-24"))
+}
+
 /// RFC 3339 UTC time of Unix seconds, e.g. `2026-03-21T10:00:00Z` (Howard Hinnant's
 /// `civil_from_days`).
 pub fn rfc3339_secs(secs: i64) -> String {

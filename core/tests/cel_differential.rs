@@ -91,6 +91,8 @@ fn app() -> impl Strategy<Value = (App, String)> {
                     connectors,
                     overrides: Vec::new(),
                     quota_key: format!("guardrail.quota.{id}"),
+                    review_by: None,
+                    review_overdue_at_secs: i64::MAX,
                     masks: None,
                 };
                 (app, tier.to_string())
@@ -113,6 +115,7 @@ fn dataset() -> impl Strategy<Value = Option<Dataset>> {
             allowed_regions,
             routes: Vec::new(),
             requires_jit,
+            approval_required: false,
             region_mask: None,
         },
     );

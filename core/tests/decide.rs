@@ -667,3 +667,86 @@ fn an_unknown_key_has_a_fingerprint() {
     assert_eq!(denial.key_fingerprint.as_deref(), Some(want.as_str()));
     assert!(!denial.detail.contains("sk-live"), "the key never appears: {}", denial.detail);
 }
+
+#[test]
+fn review_by_refuses_from_the_day_after_with_the_date() {
+    // T0 is 2026-11-29T04:00:00Z.
+    let with_review = |date: &str| {
+        let text = policy_text().replacen(r#""id": "pos","#, &format!(r#""id": "pos", "review_by": "{date}","#), 1);
+        compile_json_str(&text).unwrap_or_else(|e| panic!("review_by {date}: {e}"))
+    };
+    // (why, review_by, nanoseconds after T0, expected code, part of the detail)
+    let cases: Vec<(&str, &str, u64, Option<Code>, &str)> = vec![
+        ("due later", "2026-12-31", 0, None, ""),
+        ("due today: the whole day still counts", "2026-11-29", 0, None, ""),
+        ("the last second of the day", "2026-11-29", (20 * 3600 - 1) * 1_000_000_000, None, ""),
+        (
+            "the next day starts overdue",
+            "2026-11-29",
+            20 * 3600 * 1_000_000_000,
+            Some(Code::AppNotActive),
+            "review overdue since 2026-11-29",
+        ),
+        ("long overdue", "2025-01-31", 0, Some(Code::AppNotActive), "app `pos`: review overdue since 2025-01-31"),
+    ];
+    for (why, date, after, want, detail) in cases {
+        let policy = with_review(date);
+        let headers = key("pos");
+        let d = decide(
+            &policy,
+            &request("GET", "/catalog", None, &headers),
+            T0 + after,
+            &mut store_for(&policy),
+            &mut TokenCache::new(4),
+        );
+        let denial = d.denial.as_ref();
+        assert_eq!(denial.map(|x| x.code), want, "{why}: {denial:?}");
+        if let Some(x) = denial {
+            assert!(x.detail.contains(detail), "{why}: {:?} should contain {detail:?}", x.detail);
+            assert_eq!(x.rule.as_deref(), Some("review_by"), "{why}");
+        }
+    }
+}
+
+#[test]
+fn review_by_that_is_not_a_date_is_an_error_naming_the_field() {
+    for bad in ["2026-13-01", "tomorrow", "2026-12-01T00:00:00Z", ""] {
+        let text = policy_text().replacen(r#""id": "pos","#, &format!(r#""id": "pos", "review_by": "{bad}","#), 1);
+        match compile_json_str(&text) {
+            Ok(_) => panic!("review_by {bad:?} compiled"),
+            Err(e) => assert!(e.to_string().contains("apps[0].review_by"), "review_by {bad:?}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn admit_to_dataset_is_the_filters_verdict_on_app_and_dataset() {
+    use guardrail_core::decide::admit_to_dataset;
+    let policy = policy();
+    let now = i64::try_from(T0 / 1_000_000_000).unwrap_or_default();
+    // (why, app, dataset, expected code)
+    let cases: Vec<(&str, &str, &str, Option<Code>)> = vec![
+        ("an active app with the class and the region", "pos", "payments", None),
+        ("a draft in dev is active", "promo", "catalog", None),
+        ("a draft in prod", "drafty", "catalog", Some(Code::AppNotActive)),
+        ("quarantined", "bad", "catalog", Some(Code::AppNotActive)),
+        ("deprecated", "old", "catalog", Some(Code::AppNotActive)),
+        ("the app's region is not the dataset's", "us-app", "customers-eu", Some(Code::ResidencyViolation)),
+        ("the class is not among the app's", "approved", "payments", Some(Code::AccessDenied)),
+    ];
+    for (why, app, ds, want) in cases {
+        let a = policy.app(app).unwrap_or_else(|| panic!("{why}: no app {app}"));
+        let d = policy.datasets.iter().find(|d| d.id == ds).unwrap_or_else(|| panic!("{why}: no dataset {ds}"));
+        let got = admit_to_dataset(&policy, a, d, now).err().map(|x| x.code);
+        assert_eq!(got, want, "{why}");
+    }
+    // No approved connector: the filter refuses every upstream request of the app.
+    let text = policy_text().replacen(
+        r#""connectors": ["crm", "inventory"], "api_keys""#,
+        r#""connectors": ["ftp"], "api_keys""#,
+        1,
+    );
+    let p = compile_json_str(&text).unwrap_or_else(|e| panic!("{e}"));
+    let (a, d) = (p.app("pos").unwrap(), &p.datasets[1]);
+    assert_eq!(admit_to_dataset(&p, a, d, now).err().map(|x| x.code), Some(Code::ConnectorNotApproved));
+}
