@@ -10,7 +10,9 @@
 //! - the nodes (what each acknowledged or rejected, which companion it is connected to, when it was
 //!   last seen) and the companions themselves (what each serves, when it was last alive);
 //! - the audit trail: every policy revision served, first time first;
-//! - the unregistered callers seen (unknown API key fingerprints, unregistered app ids).
+//! - the unregistered callers seen (unknown API key fingerprints, unregistered app ids);
+//! - the self-service trail ([`Event`]: every JIT token the token service issued, every request
+//!   filed, approved, rejected or expired) and the requests themselves ([`RequestRecord`]).
 
 pub mod redis;
 pub mod sqlite;
@@ -127,6 +129,39 @@ pub struct Caller {
     pub last_seen: i64,
 }
 
+/// One entry of the self-service trail: `kind` `token` (id: the token's `jti`), or `request-filed`,
+/// `request-approved`, `request-rejected`, `request-expired` (id: the request's id).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Event {
+    /// Unix seconds.
+    pub at: i64,
+    pub kind: String,
+    pub id: String,
+    /// The app it concerns.
+    pub app: String,
+    /// Who acted: the app (a token, a request filed) or the approver.
+    pub actor: String,
+    /// What: the token's scope and expiry, the request's change, the reason given.
+    pub detail: String,
+    /// The companion that recorded it.
+    pub companion: String,
+}
+
+/// A self-service request as stored: its fields are those of the HTTP API (`serde_json` object),
+/// with `status` kept apart so that a change of status is a compare-and-set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RequestRecord {
+    pub id: String,
+    /// `pending`, `approved`, `rejected`, `expired`.
+    pub status: String,
+    /// Unix seconds when it was filed (the order of the list).
+    pub filed_at: i64,
+    /// The whole request (JSON).
+    pub record: String,
+}
+
 /// The companion's durable state. Every method may fail (the engine is down, the disk full); the
 /// caller keeps what it could not write and tries again.
 #[tonic::async_trait]
@@ -170,6 +205,19 @@ pub trait Store: Send + Sync {
     /// Every unregistered caller, most frequent first.
     #[cfg_attr(not(test), allow(dead_code))]
     async fn callers(&self) -> Result<Vec<Caller>>;
+
+    /// Appends entries to the self-service trail.
+    async fn add_events(&self, events: &[Event]) -> Result<()>;
+    /// The newest `limit` entries of the trail, newest first.
+    async fn events(&self, limit: usize) -> Result<Vec<Event>>;
+
+    /// Adds a new request; false (and nothing written) when one with its id exists.
+    async fn add_request(&self, request: &RequestRecord) -> Result<bool>;
+    /// Replaces request `request.id` if its status is still `from` (compare-and-set: of two
+    /// approvers, or two companions, one wins). True when replaced.
+    async fn update_request(&self, from: &str, request: &RequestRecord) -> Result<bool>;
+    /// Every request, newest first.
+    async fn requests(&self) -> Result<Vec<RequestRecord>>;
 
     /// Drops usage of days before `first_day` where the engine does not expire it by itself.
     async fn prune(&self, first_day: u64) -> Result<()>;

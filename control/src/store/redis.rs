@@ -13,6 +13,8 @@
 //! | `audit:entries` | hash | `{revision}@{sha256}` → audit entry (JSON) | never |
 //! | `audit:seq` | string | the order of the last entry | never |
 //! | `policy:last` | string | the policy served last (JSON), to tell what the next changes | never |
+//! | `events` | list | the self-service trail, oldest first (JSON entries) | never |
+//! | `requests` | hash | request id → `{status, filed_at, record}` (JSON) | never |
 //! | `callers` | hash | `{kind}:{id}` → count of an unregistered caller | never |
 //! | `callers:last_seen` | hash | `{kind}:{id}` → Unix seconds | never |
 //!
@@ -21,7 +23,9 @@
 //! companions never read, modify and write the same value: usage is merged by the highest count in
 //! the script, which adds what it raised to the day's totals in the same step.
 
-use super::{Caller, CompanionRecord, NodeRecord, Result, Revision, StoreError, UsageRow, RETENTION_DAYS};
+use super::{
+    Caller, CompanionRecord, Event, NodeRecord, RequestRecord, Result, Revision, StoreError, UsageRow, RETENTION_DAYS,
+};
 use crate::serve::fleet::Counts;
 use guardrail_core::time::SECS_PER_DAY;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -80,6 +84,14 @@ const NOTE_CALLER: &str = r"
 redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 local seen = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if tonumber(ARGV[3]) > seen then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) end
+return 1
+";
+
+/// Replaces a request if its status is still ARGV[2]. KEYS: `requests`. ARGV: id, from, new (JSON).
+const UPDATE_REQUEST: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old or cjson.decode(old).status ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 ";
 
@@ -335,6 +347,43 @@ impl super::Store for RedisStore {
             .collect();
         callers.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| (&a.kind, &a.id).cmp(&(&b.kind, &b.id))));
         Ok(callers)
+    }
+
+    async fn add_events(&self, events: &[Event]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let entries = events.iter().map(json).collect::<Result<Vec<String>>>()?;
+        self.query(redis::cmd("RPUSH").arg(key("events")).arg(entries)).await
+    }
+
+    async fn events(&self, limit: usize) -> Result<Vec<Event>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = -i64::try_from(limit).unwrap_or(i64::MAX);
+        let entries: Vec<String> = self.query(redis::cmd("LRANGE").arg(key("events")).arg(start).arg(-1)).await?;
+        Ok(entries.iter().rev().filter_map(|e| serde_json::from_str(e).ok()).collect())
+    }
+
+    async fn add_request(&self, request: &RequestRecord) -> Result<bool> {
+        let added: i64 =
+            self.query(redis::cmd("HSETNX").arg(key("requests")).arg(&request.id).arg(json(request)?)).await?;
+        Ok(added == 1)
+    }
+
+    async fn update_request(&self, from: &str, request: &RequestRecord) -> Result<bool> {
+        let mut pipe = redis::pipe();
+        eval(&mut pipe, UPDATE_REQUEST, &[key("requests")]).arg(&request.id).arg(from).arg(json(request)?);
+        let (changed,): (i64,) = self.pipe(&pipe).await?;
+        Ok(changed == 1)
+    }
+
+    async fn requests(&self) -> Result<Vec<RequestRecord>> {
+        let mut all: Vec<RequestRecord> =
+            self.hash_values::<RequestRecord>("requests").await?.into_iter().map(|(_, r)| r).collect();
+        all.sort_by(|a, b| b.filed_at.cmp(&a.filed_at).then_with(|| a.id.cmp(&b.id)));
+        Ok(all)
     }
 
     async fn prune(&self, _first_day: u64) -> Result<()> {

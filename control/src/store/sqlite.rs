@@ -7,7 +7,7 @@
 //! WAL with `synchronous=NORMAL`: a committed write survives the process being killed; a power cut
 //! may lose the last transactions (the companion writes a batch a second).
 
-use super::{Caller, CompanionRecord, NodeRecord, Result, Revision, StoreError, UsageRow};
+use super::{Caller, CompanionRecord, Event, NodeRecord, RequestRecord, Result, Revision, StoreError, UsageRow};
 use crate::serve::fleet::Counts;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::BTreeMap;
@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS revisions (
 );
 CREATE INDEX IF NOT EXISTS revisions_in_order ON revisions (seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, filed_at INTEGER NOT NULL, record TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS callers (
     kind TEXT NOT NULL, id TEXT NOT NULL, count INTEGER NOT NULL, last_seen INTEGER NOT NULL,
     PRIMARY KEY (kind, id)
@@ -355,6 +359,67 @@ impl super::Store for SqliteStore {
                 conn.prepare_cached("SELECT kind, id, count, last_seen FROM callers ORDER BY count DESC, kind, id")?;
             let rows = stmt.query_map([], |r| {
                 Ok(Caller { kind: r.get(0)?, id: r.get(1)?, count: to_u64(r.get(2)?), last_seen: r.get(3)? })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn add_events(&self, events: &[Event]) -> Result<()> {
+        let events = events.to_vec();
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut put = tx.prepare_cached("INSERT INTO events (record) VALUES (?1)")?;
+                for e in &events {
+                    put.execute([json(e)?])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn events(&self, limit: usize) -> Result<Vec<Event>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with(move |conn| {
+            let mut stmt = conn.prepare_cached("SELECT record FROM events ORDER BY seq DESC LIMIT ?1")?;
+            let rows = stmt.query_map([limit], |r| from_json(&r.get::<_, String>(0)?))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn add_request(&self, request: &RequestRecord) -> Result<bool> {
+        let r = request.clone();
+        self.with(move |conn| {
+            let added = conn.execute(
+                "INSERT OR IGNORE INTO requests (id, status, filed_at, record) VALUES (?1, ?2, ?3, ?4)",
+                params![r.id, r.status, r.filed_at, r.record],
+            )?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
+    async fn update_request(&self, from: &str, request: &RequestRecord) -> Result<bool> {
+        let (r, from) = (request.clone(), from.to_string());
+        self.with(move |conn| {
+            let changed = conn.execute(
+                "UPDATE requests SET status = ?2, record = ?3 WHERE id = ?1 AND status = ?4",
+                params![r.id, r.status, r.record, from],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    async fn requests(&self) -> Result<Vec<RequestRecord>> {
+        self.with(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT id, status, filed_at, record FROM requests ORDER BY filed_at DESC, id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(RequestRecord { id: r.get(0)?, status: r.get(1)?, filed_at: r.get(2)?, record: r.get(3)? })
             })?;
             rows.collect()
         })

@@ -118,6 +118,8 @@ test_with_all_stores!(
     the_last_policy_is_kept,
     unregistered_callers_are_counted,
     a_batch_of_a_thousand_nodes_is_written_in_well_under_a_second,
+    the_self_service_trail_is_kept_newest_first,
+    a_request_changes_status_once,
 );
 
 fn counts(allowed: u64, denied: &[(&str, u64)]) -> Counts {
@@ -286,6 +288,43 @@ async fn the_audit_keeps_the_first_entry_newest_first(store: &dyn Store) {
     assert_eq!(all[0], revision("2", "cc", 200), "every field kept");
     assert_eq!(store.revisions(1).await.unwrap().len(), 1);
     assert!(store.revisions(0).await.unwrap().is_empty());
+}
+
+async fn the_self_service_trail_is_kept_newest_first(store: &dyn Store) {
+    let e = |at, kind: &str, id: &str| Event {
+        at,
+        kind: kind.into(),
+        id: id.into(),
+        app: "pos".into(),
+        actor: "pos".into(),
+        detail: "scope dataset:payments".into(),
+        companion: "c1".into(),
+    };
+    assert!(store.events(10).await.unwrap().is_empty());
+    store.add_events(&[]).await.unwrap();
+    store.add_events(&[e(1, "token", "j1"), e(1, "token", "j2")]).await.unwrap();
+    store.add_events(&[e(2, "request-filed", "r1")]).await.unwrap();
+    let ids: Vec<String> = store.events(10).await.unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec!["r1", "j2", "j1"], "newest first, same second in order written");
+    assert_eq!(store.events(1).await.unwrap(), vec![e(2, "request-filed", "r1")], "every field kept");
+    assert!(store.events(0).await.unwrap().is_empty());
+}
+
+async fn a_request_changes_status_once(store: &dyn Store) {
+    let r = |id: &str, status: &str, at| RequestRecord {
+        id: id.into(),
+        status: status.into(),
+        filed_at: at,
+        record: format!(r#"{{"id":"{id}","status":"{status}"}}"#),
+    };
+    assert!(store.add_request(&r("a", "pending", 10)).await.unwrap());
+    assert!(!store.add_request(&r("a", "pending", 11)).await.unwrap(), "an id is used once");
+    assert!(store.add_request(&r("b", "pending", 20)).await.unwrap());
+    assert!(store.update_request("pending", &r("a", "approved", 10)).await.unwrap());
+    assert!(!store.update_request("pending", &r("a", "rejected", 10)).await.unwrap(), "decided already");
+    assert!(!store.update_request("pending", &r("zz", "approved", 1)).await.unwrap(), "no such request");
+    let all = store.requests().await.unwrap();
+    assert_eq!(all, vec![r("b", "pending", 20), r("a", "approved", 10)], "newest first");
 }
 
 async fn the_last_policy_is_kept(store: &dyn Store) {
