@@ -36,6 +36,10 @@ PY_REQUIREMENTS=(
   "grpcio==1.85.3"
   "h2==4.4.1"
   "grpcio-health-checking==1.85.1"
+  # The token service (POST /api/v1/token) is tested with a standard OAuth 2.0 client, not a
+  # hand-written one: Authlib's requests integration, and the requests it runs on.
+  "Authlib==1.9.6"
+  "requests==2.34.2"
 )
 WASM_TARGET=wasm32-wasip1
 VENV="$ROOT/.venv"

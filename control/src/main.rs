@@ -21,6 +21,7 @@ mod mint;
 mod pb;
 mod policy;
 mod replay;
+mod selfservice;
 mod serve;
 mod status;
 mod store;

@@ -203,7 +203,6 @@ pub fn plan_with_policy(
     request: &Request,
 ) -> Result<Plan, Vec<String>> {
     let mut reasons = Vec::new();
-    let issuer = trusting_issuer(json, key, request.issuer.as_deref());
     let mut plan = Plan {
         issuer: String::new(),
         audience: None,
@@ -211,31 +210,7 @@ pub fn plan_with_policy(
         app_claim: None,
         ttl_secs: request.ttl_secs.unwrap_or(policy.settings.jit_max_ttl_secs),
     };
-    match issuer {
-        Err(reason) => reasons.push(reason),
-        Ok((name, kid)) => {
-            plan.issuer = name.clone();
-            plan.kid = kid;
-            if let Some(compiled) = policy.issuers.iter().find(|i| i.issuer == name) {
-                if !matches!(compiled.app_claim.as_str(), "azp" | "sub") {
-                    plan.app_claim = Some(compiled.app_claim.clone());
-                }
-                match (&request.audience, compiled.audiences.as_slice()) {
-                    (Some(a), accepted) if !accepted.is_empty() && !accepted.contains(a) => {
-                        reasons
-                            .push(format!("audience `{a}` is not one issuer {name} accepts ({})", accepted.join(", ")));
-                    }
-                    (Some(a), _) => plan.audience = Some(a.clone()),
-                    (None, []) => {}
-                    (None, [one]) => plan.audience = Some(one.clone()),
-                    (None, many) => reasons.push(format!(
-                        "issuer {name} accepts several audiences ({}): choose one with --audience",
-                        many.join(", ")
-                    )),
-                }
-            }
-        }
-    }
+    plan_issuer(json, policy, key, request.issuer.as_deref(), request.audience.as_ref(), &mut plan, &mut reasons);
 
     let app_id = &request.app;
     match policy.app(app_id) {
@@ -294,6 +269,69 @@ pub fn plan_with_policy(
         Ok(plan)
     } else {
         Err(reasons)
+    }
+}
+
+/// The issuer part of a plan: the issuer of the policy that trusts `key` (`wanted_issuer` if
+/// given), its `kid` for the key, the claim it reads the app from, and the audience (`wanted_audience`
+/// if given, else the issuer's only one). What does not fit goes to `reasons`.
+fn plan_issuer(
+    json: &Value,
+    policy: &CompiledPolicy,
+    key: &SigningKey,
+    wanted_issuer: Option<&str>,
+    wanted_audience: Option<&String>,
+    plan: &mut Plan,
+    reasons: &mut Vec<String>,
+) {
+    let issuer = trusting_issuer(json, key, wanted_issuer);
+    match issuer {
+        Err(reason) => reasons.push(reason),
+        Ok((name, kid)) => {
+            plan.issuer = name.clone();
+            plan.kid = kid;
+            if let Some(compiled) = policy.issuers.iter().find(|i| i.issuer == name) {
+                if !matches!(compiled.app_claim.as_str(), "azp" | "sub") {
+                    plan.app_claim = Some(compiled.app_claim.clone());
+                }
+                match (wanted_audience, compiled.audiences.as_slice()) {
+                    (Some(a), accepted) if !accepted.is_empty() && !accepted.contains(a) => {
+                        reasons
+                            .push(format!("audience `{a}` is not one issuer {name} accepts ({})", accepted.join(", ")));
+                    }
+                    (Some(a), _) => plan.audience = Some(a.clone()),
+                    (None, []) => {}
+                    (None, [one]) => plan.audience = Some(one.clone()),
+                    (None, many) => reasons.push(format!(
+                        "issuer {name} accepts several audiences ({}): choose one with --audience",
+                        many.join(", ")
+                    )),
+                }
+            }
+        }
+    }
+}
+
+/// The plan of the companion's token service (`serve --issuer-key`) for `policy`: the issuer that
+/// trusts `key`, its first audience, lifetimes of `jit_max_ttl`. The error says why none fits.
+pub fn service_plan(json: &Value, policy: &CompiledPolicy, key: &SigningKey) -> Result<Plan, String> {
+    let mut plan = Plan {
+        issuer: String::new(),
+        audience: None,
+        kid: None,
+        app_claim: None,
+        ttl_secs: policy.settings.jit_max_ttl_secs,
+    };
+    let mut reasons = Vec::new();
+    let first_audience = trusting_issuer(json, key, None)
+        .ok()
+        .and_then(|(name, _)| policy.issuers.iter().find(|i| i.issuer == name))
+        .and_then(|i| i.audiences.first().cloned());
+    plan_issuer(json, policy, key, None, first_audience.as_ref(), &mut plan, &mut reasons);
+    if reasons.is_empty() {
+        Ok(plan)
+    } else {
+        Err(reasons.join("; "))
     }
 }
 
@@ -356,6 +394,11 @@ fn environment_name(e: Environment) -> &'static str {
 
 /// Signs the token the plan describes, issued at `now`.
 pub fn mint(key: &SigningKey, request: &Request, plan: &Plan, now: i64) -> anyhow::Result<String> {
+    mint_with_jti(key, request, plan, now).map(|(token, _)| token)
+}
+
+/// [`mint`], also returning the token's `jti` (for the audit trail).
+pub fn mint_with_jti(key: &SigningKey, request: &Request, plan: &Plan, now: i64) -> anyhow::Result<(String, String)> {
     let mut jti = [0u8; 16];
     getrandom::fill(&mut jti).map_err(|e| anyhow::anyhow!("the system's random number generator failed: {e}"))?;
     let mut header = Map::new();
@@ -379,8 +422,9 @@ pub fn mint(key: &SigningKey, request: &Request, plan: &Plan, now: i64) -> anyho
     }
     claims.insert("iat".into(), json!(now));
     claims.insert("exp".into(), json!(now.saturating_add(plan.ttl_secs)));
-    claims.insert("jti".into(), json!(b64(&jti)));
-    Ok(key.sign_jwt(&header, &claims))
+    let jti = b64(&jti);
+    claims.insert("jti".into(), json!(jti));
+    Ok((key.sign_jwt(&header, &claims), jti))
 }
 
 #[cfg(unix)]

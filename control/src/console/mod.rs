@@ -69,7 +69,7 @@ pub fn token_for(addr: SocketAddr, token_file: Option<&Path>) -> anyhow::Result<
     Ok(Some(token.to_string()))
 }
 
-fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
+pub(crate) fn problem(status: StatusCode, code: &str, detail: &str) -> Response {
     let body = serde_json::json!({
         "type": format!("urn:guardrail:problem:{code}"),
         "title": status.canonical_reason().unwrap_or(""),
@@ -88,7 +88,7 @@ fn json(value: &serde_json::Value) -> Response {
 }
 
 /// Compares in time independent of where the first difference is.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -159,7 +159,7 @@ async fn not_found(State(console): State<Console>, headers: HeaderMap) -> Respon
 }
 
 /// Serves the console on `listener` until the process stops.
-pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>) -> tokio::task::JoinHandle<()> {
+pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: Router) -> tokio::task::JoinHandle<()> {
     let console = Console { hub, token: token.map(Arc::from), keys: Arc::default() };
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -167,7 +167,8 @@ pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>) -> tok
         .route("/api/v1/apps", get(apps))
         .route("/api/v1/apps/{id}", get(app))
         .fallback(not_found)
-        .with_state(console);
+        .with_state(console)
+        .merge(more);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
             log!("the console stopped: {e}");

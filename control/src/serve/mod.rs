@@ -67,6 +67,14 @@ pub struct Args {
     /// `Authorization: Bearer <token>`; required to listen beyond loopback.
     #[arg(long, requires = "http")]
     http_token_file: Option<PathBuf>,
+    /// The private key (a JWK file from `guardrail keygen`, mode 600) the token service
+    /// (`POST /api/v1/token` on --http) signs JIT tokens with; an issuer of the policy must trust it.
+    #[arg(long, requires = "http")]
+    issuer_key: Option<PathBuf>,
+    /// Token requests each client may make, `REQUESTS/DURATION` (a bucket of REQUESTS, refilled
+    /// over DURATION).
+    #[arg(long, default_value = crate::selfservice::DEFAULT_TOKEN_RATE, requires = "http")]
+    token_rate: String,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -123,6 +131,12 @@ async fn serve(
     hub: Arc<Hub>,
     candidate: Option<(Source, String)>,
 ) -> anyhow::Result<ExitCode> {
+    // The token service's settings are checked before anything listens.
+    let token_rate = crate::selfservice::parse_rate(&args.token_rate, "--token-rate").map_err(crate::UsageError)?;
+    let key = match &args.issuer_key {
+        Some(path) => Some(crate::selfservice::load_issuer_key(path, &hub.current())?),
+        None => None,
+    };
     let store = crate::store::open(&args.store).await?;
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -141,7 +155,12 @@ async fn serve(
             let at = l.local_addr().context("starting the console")?;
             let token = crate::console::token_for(at, args.http_token_file.as_deref())?;
             log!("console on http://{at}/");
-            Some(crate::console::start(l, hub.clone(), token))
+            if let Some(key) = &key {
+                log!("token service on http://{at}/api/v1/token (issuer key {}, {token_rate:?} per client)", key.kid);
+            }
+            let options = crate::selfservice::Options { key, token_rate, console_token: token.clone() };
+            let selfservice = crate::selfservice::router(crate::selfservice::SelfService::start(hub.clone(), options));
+            Some(crate::console::start(l, hub.clone(), token, selfservice))
         }
         None => None,
     };

@@ -87,6 +87,7 @@ if tonumber(ARGV[3]) > seen then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) e
 return 1
 ";
 
+#[cfg_attr(not(test), allow(dead_code))]
 /// Replaces a request if its status is still ARGV[2]. KEYS: `requests`. ARGV: id, from, new (JSON).
 const UPDATE_REQUEST: &str = r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
