@@ -70,6 +70,10 @@ pub fn to_json(a: &v1::AuditResponse) -> serde_json::Value {
                 "kind": c.kind, "id": c.id, "action": c.action, "from": c.from, "to": c.to,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "events": a.events.iter().map(|e| json!({
+            "at_unix": e.at_unix, "at": rfc3339_secs(e.at_unix), "kind": e.kind, "id": e.id, "app": e.app,
+            "actor": e.actor, "detail": e.detail, "companion": e.companion,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -94,6 +98,20 @@ pub fn render(a: &v1::AuditResponse) -> String {
         for c in &r.changes {
             out.push_str(&format!("  {}\n", describe(&change(c))));
         }
+    }
+    if !a.events.is_empty() {
+        out.push_str("\nself-service (newest first)\n");
+    }
+    for e in &a.events {
+        out.push_str(&format!(
+            "{}  {:<16} {}  app {}  by {}  {}\n",
+            rfc3339_secs(e.at_unix),
+            e.kind,
+            e.id,
+            e.app,
+            e.actor,
+            e.detail
+        ));
     }
     out
 }
@@ -123,8 +141,23 @@ mod tests {
                 v1::AuditEntry { revision: "1".into(), ..Default::default() },
             ],
             store: None,
+            events: vec![v1::AuditEvent {
+                at_unix: 1_796_000_100,
+                kind: "token".into(),
+                id: "q1w2e3r4t5y6u7i8".into(),
+                app: "pos".into(),
+                actor: "pos".into(),
+                detail: "scope dataset:payments, expires 2026-11-30T01:00:00Z".into(),
+                companion: "cp-0:18000".into(),
+            }],
         };
         let text = render(&a);
+        assert!(
+            text.ends_with(
+                "self-service (newest first)\n2026-11-30T00:55:00Z  token            q1w2e3r4t5y6u7i8  app pos  by pos  scope dataset:payments, expires 2026-11-30T01:00:00Z\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.starts_with(
                 "revision 2  2026-11-30T00:53:20Z  sha256:0a1b2c3d4e5f  from /etc/guardrail/policy.yaml  by cp-0:18000\n  app pos: lifecycle approved → quarantined\n"
@@ -135,5 +168,6 @@ mod tests {
         let v = to_json(&a);
         assert_eq!(v["revisions"][0]["changes"][0]["to"], "quarantined");
         assert_eq!(v["revisions"][0]["first_served"], "2026-11-30T00:53:20Z");
+        assert_eq!(v["events"][0]["id"], "q1w2e3r4t5y6u7i8");
     }
 }

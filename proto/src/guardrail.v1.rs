@@ -263,7 +263,7 @@ pub struct Node {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditRequest {
-    /// newest revisions to return; 0 for every one
+    /// newest revisions (and self-service events) to return; 0 for every revision, 100 events
     #[prost(uint32, tag = "1")]
     pub limit: u32,
 }
@@ -274,6 +274,32 @@ pub struct AuditResponse {
     pub revisions: ::prost::alloc::vec::Vec<AuditEntry>,
     #[prost(message, optional, tag = "2")]
     pub store: ::core::option::Option<StoreStatus>,
+    /// the self-service trail, newest first
+    #[prost(message, repeated, tag = "3")]
+    pub events: ::prost::alloc::vec::Vec<AuditEvent>,
+}
+/// One entry of the self-service trail: kind `token` (id: the token's jti), `request-filed`,
+/// `request-approved`, `request-rejected`, `request-expired` (id: the request's id).
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuditEvent {
+    #[prost(int64, tag = "1")]
+    pub at_unix: i64,
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub id: ::prost::alloc::string::String,
+    /// the app it concerns
+    #[prost(string, tag = "4")]
+    pub app: ::prost::alloc::string::String,
+    /// who acted: the app, or the approver
+    #[prost(string, tag = "5")]
+    pub actor: ::prost::alloc::string::String,
+    /// the token's scope and expiry; the request's change or reason
+    #[prost(string, tag = "6")]
+    pub detail: ::prost::alloc::string::String,
+    /// the companion that recorded it
+    #[prost(string, tag = "7")]
+    pub companion: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AuditEntry {

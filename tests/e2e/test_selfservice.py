@@ -131,6 +131,9 @@ def test_an_oauth_client_gets_a_jit_token_and_reads_regulated_data_through_envoy
                      what="the token in the trail")
     assert (entry["kind"], entry["app"], entry["actor"]) == ("token", "claims-bot", "claims-bot")
     assert "scope dataset:payments" in entry["detail"], entry
+    # … and `guardrail audit` shows it beside the revisions.
+    audit = json.loads(guardrail("audit", "--server", setup.comp.address, "--json", check=True).stdout)
+    assert claims["jti"] in [e["id"] for e in audit["events"] if e["kind"] == "token"], audit["events"]
 
 
 def test_the_token_endpoint_answers_per_rfc_6749(setup: Setup) -> None:
@@ -214,6 +217,26 @@ def test_check_warns_before_the_review_date(tmp_path: Path) -> None:
     proc = guardrail("check", str(path))
     assert proc.returncode == 0, proc.stderr
     assert f"apps[0].review_by: app `soon` is due for review by {soon} (in 5 days)" in proc.stdout + proc.stderr
+
+
+def test_tokens_issued_just_before_a_stop_are_in_the_trail_after_a_restart(setup: Setup, tmp_path: Path) -> None:
+    http = f"127.0.0.1:{free_port()}"
+    comp = Companion(setup.policy_file, tmp_path / "restarted",
+                     args=["--http", http, "--issuer-key", str(setup.key_file)])
+    comp.start()
+    try:
+        jtis = []
+        for _ in range(5):
+            r = requests.post(f"http://{http}/api/v1/token", auth=("vault-bot", KEYS["vault-bot"]), timeout=10,
+                              data={"grant_type": "client_credentials", "scope": "dataset:payments"})
+            assert r.status_code == 200, r.text
+            jtis.append(pyjwt.decode(r.json()["access_token"], options={"verify_signature": False})["jti"])
+        comp.stop()  # SIGTERM right after: the queued entries are written before the exit
+        comp.start()
+        audit = json.loads(guardrail("audit", "--server", comp.address, "--json", check=True).stdout)
+        assert set(jtis) <= {e["id"] for e in audit["events"]}, (jtis, audit["events"])
+    finally:
+        comp.stop()
 
 
 def test_the_companion_refuses_an_issuer_key_others_can_read_or_no_issuer_trusts(setup: Setup, tmp_path: Path) -> None:

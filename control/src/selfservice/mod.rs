@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Token requests a client may make (authenticated or not) by default: `--token-rate`.
 pub const DEFAULT_TOKEN_RATE: &str = "60/1m";
@@ -60,18 +60,24 @@ pub struct Options {
 }
 
 impl SelfService {
-    /// The self-service state; starts the task that writes the trail to the hub's store.
-    pub fn start(hub: Arc<Hub>, options: Options) -> Arc<SelfService> {
+    /// The self-service state, and the task that writes the trail to the hub's store (it writes
+    /// what is queued and ends once `stop` turns true).
+    pub fn start(
+        hub: Arc<Hub>,
+        options: Options,
+        stop: watch::Receiver<bool>,
+    ) -> (Arc<SelfService>, tokio::task::JoinHandle<()>) {
         let (trail, pending) = mpsc::channel(TRAIL_QUEUE);
-        tokio::spawn(write_trail(hub.clone(), pending));
-        Arc::new(SelfService {
+        let writer = tokio::spawn(write_trail(hub.clone(), pending, stop));
+        let service = Arc::new(SelfService {
             hub,
             key: options.key,
             plan: Mutex::new(None),
             limiter: Limiter::new(options.token_rate),
             trail,
             console_token: options.console_token.map(Arc::from),
-        })
+        });
+        (service, writer)
     }
 
     /// The token plan for the snapshot served now (computed once per revision).
@@ -102,24 +108,43 @@ impl SelfService {
 }
 
 /// Writes queued trail entries to the store in batches, keeping them (and retrying every second)
-/// while the store is unavailable.
-async fn write_trail(hub: Arc<Hub>, mut pending: mpsc::Receiver<Event>) {
+/// while the store is unavailable. Once `stop` turns true it writes what is queued and ends.
+async fn write_trail(hub: Arc<Hub>, mut pending: mpsc::Receiver<Event>, mut stop: watch::Receiver<bool>) {
     let mut batch = Vec::with_capacity(TRAIL_BATCH);
-    while pending.recv_many(&mut batch, TRAIL_BATCH).await > 0 {
-        loop {
-            let Some(store) = hub.store() else {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            };
-            match store.add_events(&batch).await {
-                Ok(()) => break,
-                Err(e) => {
-                    log!("the self-service trail could not be written ({} entries kept): {e}", batch.len());
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+    loop {
+        let last = tokio::select! {
+            n = pending.recv_many(&mut batch, TRAIL_BATCH) => n == 0,
+            _ = stop.wait_for(|stopped| *stopped) => {
+                while let Ok(event) = pending.try_recv() {
+                    batch.push(event);
                 }
+                true
+            }
+        };
+        if !batch.is_empty() {
+            write_batch(&hub, &batch).await;
+            batch.clear();
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Writes one batch, retrying every second while the store is unavailable.
+async fn write_batch(hub: &Hub, batch: &[Event]) {
+    loop {
+        let Some(store) = hub.store() else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        match store.add_events(batch).await {
+            Ok(()) => return,
+            Err(e) => {
+                log!("the self-service trail could not be written ({} entries kept): {e}", batch.len());
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
-        batch.clear();
     }
 }
 

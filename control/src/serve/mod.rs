@@ -148,7 +148,9 @@ async fn serve(
     let loaded = persist.load().await;
     persist.note(loaded);
     let (persist_stop, persist_stopped) = tokio::sync::watch::channel(false);
+    let trail_stop = persist_stopped.clone();
     let persist = tokio::spawn(persist.run(persist_stopped));
+    let mut trail = None;
     let console = match &args.http {
         Some(http) => {
             let l = TcpListener::bind(http).await.with_context(|| format!("cannot listen on --http {http}"))?;
@@ -159,8 +161,9 @@ async fn serve(
                 log!("token service on http://{at}/api/v1/token (issuer key {}, {token_rate:?} per client)", key.kid);
             }
             let options = crate::selfservice::Options { key, token_rate, console_token: token.clone() };
-            let selfservice = crate::selfservice::router(crate::selfservice::SelfService::start(hub.clone(), options));
-            Some(crate::console::start(l, hub.clone(), token, selfservice))
+            let (selfservice, writer) = crate::selfservice::SelfService::start(hub.clone(), options, trail_stop);
+            trail = Some(writer);
+            Some(crate::console::start(l, hub.clone(), token, crate::selfservice::router(selfservice)))
         }
         None => None,
     };
@@ -222,6 +225,12 @@ async fn serve(
     let _ = persist_stop.send(true);
     if tokio::time::timeout(SHUTDOWN_GRACE, persist).await.is_err() {
         log!("the store did not take the last batch in time; stopping anyway");
+    }
+    // Likewise the self-service trail's last entries (every token issued is in it).
+    if let Some(trail) = trail {
+        if tokio::time::timeout(SHUTDOWN_GRACE, trail).await.is_err() {
+            log!("the store did not take the self-service trail's last entries in time; stopping anyway");
+        }
     }
     let _ = watcher.join();
     if let Some(candidate_watcher) = candidate_watcher {

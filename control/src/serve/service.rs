@@ -103,16 +103,32 @@ impl PolicyService for PolicyServer {
             0 => usize::MAX,
             n => usize::try_from(n).unwrap_or(usize::MAX),
         };
-        let revisions = store
-            .revisions(limit)
-            .await
-            .map_err(|e| Status::unavailable(format!("store: unavailable ({e}): the audit trail cannot be read")))?;
+        let unavailable = |e: crate::store::StoreError| {
+            Status::unavailable(format!("store: unavailable ({e}): the audit trail cannot be read"))
+        };
+        let revisions = store.revisions(limit).await.map_err(unavailable)?;
+        let events = store.events(limit.min(DEFAULT_AUDIT_EVENTS)).await.map_err(unavailable)?;
         Ok(Response::new(v1::AuditResponse {
             revisions: revisions.into_iter().map(audit_entry).collect(),
             store: self.hub.store_status(),
+            events: events
+                .into_iter()
+                .map(|e| v1::AuditEvent {
+                    at_unix: e.at,
+                    kind: e.kind,
+                    id: e.id,
+                    app: e.app,
+                    actor: e.actor,
+                    detail: e.detail,
+                    companion: e.companion,
+                })
+                .collect(),
         }))
     }
 }
+
+/// Self-service events `audit` returns at most (the newest; `GET /api/v1/audit/events` pages further).
+const DEFAULT_AUDIT_EVENTS: usize = 100;
 
 fn audit_entry(r: crate::store::Revision) -> v1::AuditEntry {
     v1::AuditEntry {
