@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as dt
+import hashlib
 import http.client
 import json
 import os
@@ -90,7 +91,7 @@ SETTINGS: dict[str, Any] = {
     "scale_apps": [int(x) for x in os.environ.get("BENCH_SCALE_APPS", "1000,10000").split(",") if x],
 }
 
-PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay", "fleet"]
+PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay", "fleet", "token"]
 
 
 def artifact(var: str, default: str) -> Path:
@@ -540,6 +541,9 @@ function request()
   return reqs[i]
 end
 
+"""
+# The summary line every wrk script ends with (`wrk()` reads it).
+WRK_DONE = r"""
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('BENCHJSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
@@ -548,6 +552,7 @@ function done(summary, latency, requests)
     latency.max, latency.mean, e.status, e.connect, e.read, e.write, e.timeout))
 end
 """
+WRK_LUA += WRK_DONE
 
 
 def pinned(cpu: str) -> list[str]:
@@ -1242,6 +1247,83 @@ def part_fleet(work: Path) -> dict[str, Any]:
 # === report ===
 
 
+
+# === token service ===
+
+TOKEN_WRK = WRK_DONE + r"""
+local bodies = {}
+local i = 0
+function init(args)
+  for line in io.lines("BODIES") do bodies[#bodies + 1] = line end
+end
+function request()
+  i = i + 1
+  if i > #bodies then i = 1 end
+  return wrk.format("POST", "/api/v1/token",
+    {["Content-Type"] = "application/x-www-form-urlencoded", ["User-Agent"] = "wrk/bench"}, bodies[i])
+end
+"""
+
+
+def part_token(work: Path) -> dict[str, Any]:
+    """The companion's token service (`POST /api/v1/token`, OAuth client credentials, EdDSA): wrk
+    posting forms of BENCH_TOKEN_APPS apps round-robin for BENCH_DURATION seconds (the per-client
+    rate limit set out of the way), each answer a signed JIT token recorded in the trail (SQLite)."""
+    why = companion_available()
+    if why:
+        return {"skipped": f"companion not available: {why}"}
+    apps = int(env_num("BENCH_TOKEN_APPS", 100))
+    key_file = work / "token-issuer.jwk"
+    r = subprocess.run([str(GUARDRAIL_BIN), "keygen", "--out", str(key_file), "--kid", "bench-token"],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return {"skipped": f"guardrail keygen failed: {r.stderr.strip()}"}
+    jwk = json.loads(r.stdout.strip().splitlines()[0])
+    keys = {f"tok-{i:04}": f"bench-token-key-{i:04}-xxxxxxxx" for i in range(apps)}
+    doc = {
+        "apiVersion": "guardrail/v1", "kind": "Policy", "revision": "token-bench",
+        "settings": {"gateway_region": "eu-west-1", "jit_max_ttl": "5m",
+                     "identity": {"jwt": [{"issuer": "bench-companion", "audiences": ["bench"], "jwks": {"keys": [jwk]}}]}},
+        "tiers": {"standard": {"rate": {"requests": 600, "per": "1m"}}},
+        "connectors": {"approved": ["upstream"]},
+        "apps": [{"id": a, "environment": "prod", "tier": "standard", "lifecycle": "published", "region": "eu-west-1",
+                  "data_classes": ["regulated"], "connectors": ["upstream"],
+                  "api_keys": ["sha256:" + hashlib.sha256(k.encode()).hexdigest()]} for a, k in keys.items()],
+        "datasets": [{"id": "payments", "classification": "regulated", "allowed_regions": ["eu-west-1"],
+                      "routes": [{"path_prefix": "/payments"}]}],
+    }
+    policy_file = work / "token-policy.json"
+    policy_file.write_text(json.dumps(doc))
+    bodies = work / "token-bodies.txt"
+    bodies.write_text("".join(f"grant_type=client_credentials&scope=dataset%3Apayments&client_id={a}&client_secret={k}\n"
+                              for a, k in keys.items()))
+    script = work / "token.lua"
+    script.write_text(TOKEN_WRK.replace("BODIES", str(bodies)))
+    http_port = free_port()
+    companion = Proc([str(GUARDRAIL_BIN), "serve", "--policy", str(policy_file), "--listen", f"127.0.0.1:{free_port()}",
+                      "--store", f"sqlite:{work / 'token.db'}", "--http", f"127.0.0.1:{http_port}",
+                      "--issuer-key", str(key_file), "--token-rate", "1000000000/1s"], work / "token-companion.log").start()
+    try:
+        wait_for(lambda: companion.alive() and can_connect(http_port), 60, "the companion's HTTP port")
+        first = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-d", bodies.read_text().splitlines()[0],
+                                f"http://127.0.0.1:{http_port}/api/v1/token"], capture_output=True, text=True, timeout=10)
+        if first.stdout != "200":
+            return {"skipped": f"the token endpoint answered {first.stdout}: {companion.log_tail()}"}
+        cpu0 = sum(cpu_split(companion.pid))
+        res = wrk(http_port, script, SETTINGS["duration_s"], SETTINGS["connections"], SETTINGS["threads"])
+        cpu = (sum(cpu_split(companion.pid)) - cpu0) / os.sysconf("SC_CLK_TCK")
+    except (TimeoutError, EnvoyExited) as e:
+        return {"skipped": f"companion did not serve: {e}\n{companion.log_tail()}"}
+    finally:
+        companion.stop()
+    secs = res["duration_us"] / 1e6
+    return {"apps": apps, "algorithm": "EdDSA", "connections": SETTINGS["connections"], "threads": SETTINGS["threads"],
+            "tokens": res["requests"], "tokens_per_s": round(res["requests"] / secs), "p50_ms": res["p50_us"] / 1000,
+            "p99_ms": res["p99_us"] / 1000, "non_2xx": res["status_errors"],
+            "companion_cpu_us_per_token": round(cpu * 1e6 / max(1, res["requests"]), 1),
+            "approval_to_enforcement": "not measured: requests and approvals (issue 22, step 3) are not built yet"}
+
+
 def machine() -> dict[str, Any]:
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1299,6 +1381,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{v['median_us']:.2f} µs", v["median_us"] <= 2)
     elif "decide" in results:
         add("decide() ≤ 2 µs, API key, 10k apps", "skipped", None)
+    tk = results.get("token")
+    if tk and "tokens_per_s" in tk:
+        add("token endpoint ≥ 2,000 tokens/s (EdDSA)", f"{tk['tokens_per_s']:,} tokens/s, p99 {tk['p99_ms']:.1f} ms, "
+            f"{tk['non_2xx']} non-2xx, {tk['companion_cpu_us_per_token']} µs companion CPU/token",
+            tk["tokens_per_s"] >= 2000 and tk["non_2xx"] == 0)
+    elif tk:
+        add("token endpoint ≥ 2,000 tokens/s (EdDSA)", "skipped", None)
     rp = results.get("replay")
     if rp and "records_per_s" in rp:
         add("replay ≥ 200,000 records/s", f"{rp['records_per_s']:,} records/s ({rp['records_per_cpu_s']:,} per CPU-second)",
@@ -1441,7 +1530,8 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine(), "settings": SETTINGS}
     t0 = time.monotonic()
     funcs = {"overhead": part_overhead, "accuracy": part_accuracy, "propagation": part_propagation,
-             "scale": part_scale, "decide": part_decide, "replay": part_replay, "fleet": part_fleet}
+             "scale": part_scale, "decide": part_decide, "replay": part_replay, "fleet": part_fleet,
+             "token": part_token}
     for part in PARTS:
         if part in parts:
             p0 = time.monotonic()
