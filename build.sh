@@ -469,9 +469,16 @@ cmd_run() {
   # --- companion: serves the policy file and pushes every valid edit to Envoy ----------------
   port_free "$control_port" || die "127.0.0.1:$control_port is in use (set CONTROL_PORT)"
   port_free "$console_port" || die "127.0.0.1:$console_port is in use (set CONSOLE_PORT)"
+  # The token service signs with the demo issuer's key, which examples/policy.yaml trusts (a copy
+  # readable by its owner only: the companion refuses a key others can read).
+  local token_args=()
+  if [[ "$policy" == examples/policy.yaml ]]; then
+    install -m 600 examples/demo/issuer-key.jwk.json "$RUN_DIR/issuer-key.jwk.json"
+    token_args=(--issuer-key "$RUN_DIR/issuer-key.jwk.json")
+  fi
   spawn "companion on 127.0.0.1:$control_port (serving $policy), console on http://127.0.0.1:$console_port/" \
     "$GUARDRAIL_BIN" serve --policy "$policy" --listen "127.0.0.1:$control_port" \
-    --http "127.0.0.1:$console_port" "${candidate[@]}"
+    --http "127.0.0.1:$console_port" "${token_args[@]}" "${candidate[@]}"
   plugin_extra='{"control": {"cluster": "guardrail_control"}}'
   # --------------------------------------------------------------------------------------------
 
@@ -502,6 +509,12 @@ Try:
 
 EOF
   demo_lines "$RUN_DIR/policy.json" "$url" "$policy" >&2 || warn "could not derive example requests from the policy"
+  if ((${#token_args[@]})); then
+    cat >&2 <<EOF
+  # the companion's token service (OAuth 2.0 client credentials): the app's key in, a JIT token out
+  curl -s -u pos-dashboard:demo-pos-dashboard-7Qm2xK9v -d grant_type=client_credentials -d scope=dataset:payments http://127.0.0.1:$console_port/api/v1/token
+EOF
+  fi
   cat >&2 <<EOF
   # counters and decision log
   curl -s 'http://127.0.0.1:$admin_port/stats?filter=^wasmcustom\.guardrail'

@@ -158,7 +158,11 @@ async fn serve(
             let token = crate::console::token_for(at, args.http_token_file.as_deref())?;
             log!("console on http://{at}/");
             if let Some(key) = &key {
-                log!("token service on http://{at}/api/v1/token (issuer key {}, {token_rate:?} per client)", key.kid);
+                log!(
+                    "token service on http://{at}/api/v1/token (issuer key {}, {} per client)",
+                    key.kid,
+                    args.token_rate
+                );
             }
             let options = crate::selfservice::Options { key, token_rate, console_token: token.clone() };
             let (selfservice, writer) = crate::selfservice::SelfService::start(hub.clone(), options, trail_stop);
