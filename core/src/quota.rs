@@ -8,6 +8,10 @@
 //! (the host does not CAS-guard creation) writes the same bytes, and limits can change (an override
 //! expires) without touching the stored state.
 //!
+//! The stored state does not record the limits it was run up under: when they change, the bucket
+//! is read under the new ones, its debt capped at their bucket size (see [`step`]), so a raised
+//! limit takes effect at once for an app that was throttled under the old one.
+//!
 //! The wall clock can step (NTP, a VM resumed): stepped back, a bucket reads the latest time it saw
 //! until the clock catches up, so it keeps its level instead of
 //! locking the app out for the length of the step, and the day's count is kept rather than started
@@ -133,7 +137,14 @@ pub fn step(
     // stepping back and forth again credits nothing).
     let clock_ns = now_ns;
     let now_ns = now_ns.max(state.last_ns);
-    let (tat_ns, last_ns) = (state.tat_ns, now_ns);
+    // Under the limits in force the debt never exceeds the bucket's size past the last admission
+    // (TAT <= last + capacity: each admission keeps it so). More of it was run up under other
+    // limits: a raised quota (an override, an approved request) reads the bucket as empty at that
+    // admission under its own size, so it refills at the new rate from there rather than paying off
+    // the old debt first. With unchanged limits this never applies (one comparison on the request
+    // path); a state without a clock reading (`last_ns` 0, written by an older filter) is left as is.
+    let cap = if state.last_ns == 0 { u64::MAX } else { state.last_ns.saturating_add(capacity) };
+    let (tat_ns, last_ns) = (state.tat_ns.min(cap), now_ns);
     let base = tat_ns.max(now_ns);
     let new_tat = base.saturating_add(interval);
     let ahead = new_tat - now_ns;
@@ -317,6 +328,41 @@ mod tests {
 
     fn limits(requests: u64, per_secs: u64, burst: u64, budget: Option<u64>) -> Limits {
         Limits { rate: Rate { requests, per_ns: per_secs * SEC, burst }, daily_budget: budget }
+    }
+
+    #[test]
+    fn a_raised_limit_is_not_held_back_by_the_debt_of_the_old_one() {
+        // 2 per hour: two requests, then refused for half an hour.
+        let old = limits(2, 3600, 2, None);
+        let mut state = QuotaState::default();
+        for _ in 0..2 {
+            state = step(state, &old, T0, 0.7).map(|(s, _)| s).unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        let throttled = state;
+        assert!(matches!(step(state, &old, T0, 0.7), Err(QuotaOutcome::RateLimited { retry_after_secs: 1800, .. })));
+        // Raised to 600 per minute (burst 600): the old hour of debt is capped at the new bucket's
+        // minute, so the app waits one new interval (100 ms), not half an hour.
+        let new = limits(600, 60, 600, None);
+        assert!(
+            matches!(step(state, &new, T0, 0.7), Err(QuotaOutcome::RateLimited { retry_after_secs: 1, .. })),
+            "at the same instant the bucket is empty under the new limits"
+        );
+        let later = T0 + SEC / 10;
+        let (state, usage) = step(state, &new, later, 0.7).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(usage.rate_remaining, 0, "one interval later: admitted, the bucket refilling at the new rate");
+        // Ten seconds on, a hundred requests' worth has refilled: the new rate, not the old one.
+        let mut admitted = 0;
+        let mut s = state;
+        while let Ok((next, _)) = step(s, &new, later + 10 * SEC, 0.7) {
+            s = next;
+            admitted += 1;
+        }
+        assert_eq!(admitted, 100);
+        // With the limits unchanged the cap never applies: under the old limits it is still refused.
+        assert!(matches!(
+            step(throttled, &old, later, 0.7),
+            Err(QuotaOutcome::RateLimited { retry_after_secs: 1800, .. })
+        ));
     }
 
     #[test]

@@ -33,6 +33,7 @@ KEYS = {
     "overdue": "k-self-overdue-0001",
     "vault-bot": "k-self-vault-0001",
     "hammer": "k-self-hammer-0001",
+    "limited": "k-self-limited-0001",
 }
 TOKEN_RATE = "40/1h"  # per client: 40 at once, then one every 90 s
 
@@ -43,7 +44,7 @@ def make_policy(jwk: dict[str, Any]) -> dict[str, Any]:
         revision="self-1",
         jwt=[jwt_issuer(ISSUER, [AUDIENCE], [jwk])],
         settings={"jit_max_ttl": "5m"},
-        tiers={"standard": tier(6000, "1m", burst=1000)},
+        tiers={"standard": tier(6000, "1m", burst=1000), "tiny": tier(2, "1h")},
         apps=[
             app("claims-bot", keys=[KEYS["claims-bot"]], data_classes=regulated, review_by="2099-12-31"),
             app("us-bot", keys=[KEYS["us-bot"]], data_classes=regulated, region="us-east-1"),
@@ -52,6 +53,7 @@ def make_policy(jwk: dict[str, Any]) -> dict[str, Any]:
             app("overdue", keys=[KEYS["overdue"]], data_classes=regulated, review_by="2024-01-31"),
             app("vault-bot", keys=[KEYS["vault-bot"]], data_classes=regulated),
             app("hammer", keys=[KEYS["hammer"]], data_classes=regulated),
+            app("limited", keys=[KEYS["limited"]], tier="tiny"),
         ],
         datasets=[
             {"id": "payments", "classification": "regulated", "allowed_regions": ["eu-west-1"],
@@ -251,3 +253,25 @@ def test_the_companion_refuses_an_issuer_key_others_can_read_or_no_issuer_trusts
                          f"sqlite:{tmp_path / (key.name + '.db')}", "--http", "127.0.0.1:0", "--issuer-key", str(key))
         assert proc.returncode == 1, f"{key.name}: exited {proc.returncode}\n{proc.stderr}"
         assert f"--issuer-key {key}" in proc.stderr and part in proc.stderr, proc.stderr
+
+
+def test_a_raised_quota_takes_effect_at_once_for_a_throttled_app(setup: Setup) -> None:
+    """The mechanism an approved quota request will use: a quota override pushed to the fleet. An
+    app throttled under 2 per hour is not held back for the rest of the hour by its old bucket."""
+    headers = {"x-api-key": KEYS["limited"]}
+    assert [request(setup.gw.url, "/catalog/1", headers=headers).status for _ in range(2)] == [200, 200]
+    r = responds_with(request(setup.gw.url, "/catalog/1", headers=headers), 429, "quota-exceeded", app="limited")
+    assert int(r.header("retry-after")) > 60, r  # under the old limit: half an hour
+
+    doc = json.loads(setup.policy_file.read_text())
+    doc["revision"] = "self-2"
+    for a in doc["apps"]:
+        if a["id"] == "limited":
+            a["quota_overrides"] = [{"rate": {"requests": 600, "per": "1m"}, "expires_at": "2099-01-01T00:00:00Z",
+                                     "reason": "approved increase"}]
+    write_policy(setup.policy_file, doc)
+    wait_for(lambda: setup.comp.node_acked("self-2"), timeout=15, what="Envoy to acknowledge self-2")
+    # The first request may still find the bucket empty under the new limit (one interval, 100 ms).
+    r = wait_for(lambda: (lambda r: r if r.status == 200 else None)(request(setup.gw.url, "/catalog/1", headers=headers)),
+                 timeout=5, what="the raised quota to admit the throttled app")
+    assert "600" in (r.header("ratelimit-policy") or ""), r.headers
