@@ -5,7 +5,7 @@
 //! token is printed on stdout, so `TOKEN=$(guardrail mint …)` works.
 //!
 //! Given `--policy`, mint refuses what the filter would refuse, before anyone tries: an app not in
-//! the catalog or not active (a draft outside `dev`, deprecated, quarantined), a `dataset:` scope
+//! the catalog or not active (a draft outside `dev`, deprecated, quarantined, past its `review_by`), a `dataset:` scope
 //! for a dataset that does not exist or that the app may not reach (its classification is not among
 //! the app's `data_classes`, or the app's region is not in the dataset's `allowed_regions`), and a
 //! TTL above `settings.jit_max_ttl`. The issuer is the one whose JWKS holds this key, and the
@@ -17,7 +17,6 @@ use crate::UsageError;
 use anyhow::Context;
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::duration::parse_duration;
-use guardrail_core::raw::{Environment, Lifecycle};
 use guardrail_core::time::NANOS_PER_SEC;
 use serde_json::{json, Map, Value};
 use std::io::Write;
@@ -112,7 +111,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             let Some((_, doc)) = crate::policy::load_or_report(path) else {
                 return Ok(ExitCode::FAILURE);
             };
-            let plan = match plan_with_policy(&doc.json, &doc.policy, &key, &request) {
+            let plan = match plan_with_policy(&doc.json, &doc.policy, &key, &request, now) {
                 Ok(plan) => plan,
                 Err(reasons) => {
                     eprintln!("error: refusing to mint a token for app `{}`:", request.app);
@@ -201,6 +200,7 @@ pub fn plan_with_policy(
     policy: &CompiledPolicy,
     key: &SigningKey,
     request: &Request,
+    now: i64,
 ) -> Result<Plan, Vec<String>> {
     let mut reasons = Vec::new();
     let mut plan = Plan {
@@ -216,17 +216,10 @@ pub fn plan_with_policy(
     match policy.app(app_id) {
         None => reasons.push(format!("app `{app_id}` is not in the catalog")),
         Some(app) => {
-            let inactive = match app.lifecycle {
-                Lifecycle::Approved | Lifecycle::Published => None,
-                Lifecycle::Draft if app.environment == Environment::Dev => None,
-                Lifecycle::Draft => Some(format!(
-                    "app `{app_id}` is not active: it is a draft, and drafts run in dev only (it is in {})",
-                    environment_name(app.environment)
-                )),
-                Lifecycle::Deprecated => Some(format!("app `{app_id}` is not active: it is deprecated")),
-                Lifecycle::Quarantined => Some(format!("app `{app_id}` is not active: it is quarantined")),
-            };
-            reasons.extend(inactive);
+            // The filter's own lifecycle step (lifecycle, environment, review_by).
+            if let Err(denial) = guardrail_core::decide::check_lifecycle(app, now) {
+                reasons.push(format!("the filter refuses the app (app-not-active): {}", denial.detail));
+            }
             for scope in &request.scopes {
                 let Some(id) = scope.strip_prefix("dataset:") else {
                     continue;
@@ -381,14 +374,6 @@ fn trusting_issuer(json: &Value, key: &SigningKey, wanted: Option<&str>) -> Resu
             }
             [one, ..] => Ok(one.clone()),
         },
-    }
-}
-
-fn environment_name(e: Environment) -> &'static str {
-    match e {
-        Environment::Dev => "dev",
-        Environment::Test => "test",
-        Environment::Prod => "prod",
     }
 }
 

@@ -367,7 +367,10 @@ fn mint_refuses_what_the_filter_would_refuse() {
     std::fs::write(&file, policy(1, &public)).unwrap();
     let base = ["mint", "--key", s(&key), "--policy", s(&file)];
     let cases: &[(&[&str], &str)] = &[
-        (&["--app", "leaker", "--scope", "dataset:patients"], "app `leaker` is not active: it is quarantined"),
+        (
+            &["--app", "leaker", "--scope", "dataset:patients"],
+            "the filter refuses the app (app-not-active): app `leaker` is quarantined",
+        ),
         (&["--app", "nobody"], "app `nobody` is not in the catalog"),
         (&["--app", "analyst", "--scope", "dataset:payroll"], "no dataset `payroll` in the policy"),
         (&["--app", "analyst", "--ttl", "1h"], "above the policy's settings.jit_max_ttl of 600 s"),

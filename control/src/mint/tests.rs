@@ -49,6 +49,11 @@ apps:
         app("draft-prod", "prod", "draft", "eu-west-1", "public"),
         app("old", "prod", "deprecated", "eu-west-1", "public"),
         app("bad", "prod", "quarantined", "eu-west-1", "public"),
+        app("overdue", "prod", "published", "eu-west-1", "public").replacen(
+            "id: overdue,",
+            "id: overdue, review_by: 2024-01-31,",
+            1,
+        ),
         app("us-app", "prod", "approved", "us-east-1", "public, regulated"),
         app("public-only", "prod", "approved", "eu-west-1", "public"),
     ] {
@@ -72,7 +77,7 @@ fn request(app: &str, scopes: &[&str]) -> Request {
 }
 
 fn plan(doc: &Document, req: &Request) -> Result<Plan, Vec<String>> {
-    plan_with_policy(&doc.json, &doc.policy, &key(), req)
+    plan_with_policy(&doc.json, &doc.policy, &key(), req, NOW)
 }
 
 fn claims_of(token: &str) -> Value {
@@ -177,9 +182,14 @@ fn requests_the_filter_would_refuse_are_refused() {
     };
     let cases: Vec<(&str, Request, &str)> = vec![
         ("unknown app", request("ghost", &[]), "app `ghost` is not in the catalog"),
-        ("draft in prod", request("draft-prod", &[]), "it is a draft, and drafts run in dev only (it is in prod)"),
-        ("deprecated", request("old", &[]), "app `old` is not active: it is deprecated"),
-        ("quarantined", request("bad", &[]), "app `bad` is not active: it is quarantined"),
+        (
+            "draft in prod",
+            request("draft-prod", &[]),
+            "app `draft-prod` is a draft and may only run in dev (environment: prod)",
+        ),
+        ("deprecated", request("old", &[]), "the filter refuses the app (app-not-active): app `old` is deprecated"),
+        ("quarantined", request("bad", &[]), "the filter refuses the app (app-not-active): app `bad` is quarantined"),
+        ("review overdue", request("overdue", &[]), "app `overdue`: review overdue since 2024-01-31"),
         (
             "unknown dataset",
             request("analyst", &["dataset:nope"]),
