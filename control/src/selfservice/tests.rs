@@ -118,3 +118,26 @@ fn an_issuer_key_readable_by_others_is_refused_naming_who() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap_or_else(|e| panic!("{e}"));
     assert!(refuse_if_readable_by_others(&path).is_ok(), "600 is fine");
 }
+
+#[test]
+fn the_trail_needs_the_consoles_token_where_the_console_does() {
+    let with = |value: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap_or(HeaderValue::from_static("x")));
+        h
+    };
+    let token = "console-token-0123456789";
+    // (why, the console's token, the request's headers, allowed)
+    let cases = [
+        ("no console token (loopback): open", None, HeaderMap::new(), true),
+        ("the token", Some(token), with(&format!("Bearer {token}")), true),
+        ("the scheme in any case", Some(token), with(&format!("bearer {token}")), true),
+        ("no header", Some(token), HeaderMap::new(), false),
+        ("another token", Some(token), with("Bearer console-token-0123456788"), false),
+        ("a prefix of it", Some(token), with("Bearer console-token"), false),
+        ("Basic is not the console's", Some(token), with(&format!("Basic {token}")), false),
+    ];
+    for (why, console, headers, want) in cases {
+        assert_eq!(console_authorized(console, &headers), want, "{why}");
+    }
+}
