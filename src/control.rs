@@ -33,14 +33,14 @@
 
 use crate::host;
 use guardrail_core::compile::{compile_with, parse_json_str, App, CompiledPolicy};
-use guardrail_core::fleet::{Fleet, UsageCounters};
+use guardrail_core::fleet::{Callers, Fleet, UsageCounters};
 use guardrail_core::quota::{ensure_keys, CounterStore, StoreError};
 use guardrail_core::rules::ExpressionCache;
 use guardrail_core::shadow::{ShadowCounts, SharedCounts};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use guardrail_proto::v1::{
     client_message, server_message, AppUsage, ClientMessage, FleetState, Hello, PolicySnapshot, ServerMessage,
-    UsageReport,
+    UnregisteredCaller, UsageReport,
 };
 use guardrail_proto::v1::{Candidate, ShadowDifference};
 use prost::Message;
@@ -62,6 +62,8 @@ const REPORT_PAIRS: usize = 100;
 const MAX_REVISION_LEN: usize = 256;
 const LEADER_KEY: &str = "guardrail.leader";
 const NODE_KEY: &str = "guardrail.node";
+/// Today's unregistered callers of this Envoy ([`Callers`]), summed over the workers.
+pub const CALLERS_KEY: &str = "guardrail.callers";
 
 pub const TICK_MS: u64 = 100;
 /// The tick period while a worker has a compile pending: at once, after the current event.
@@ -464,7 +466,11 @@ impl ControlClient {
                 self.last_report_ns = now_ns;
                 let mut report = usage_report(now_ns, policy);
                 add_shadow(&mut report);
-                if !report.apps.is_empty() || !report.exempt.is_empty() || !report.candidate_revision.is_empty() {
+                if !report.apps.is_empty()
+                    || !report.exempt.is_empty()
+                    || !report.candidate_revision.is_empty()
+                    || !report.unregistered.is_empty()
+                {
                     send(token, client_message::Msg::Usage(report));
                 }
             }
@@ -776,9 +782,39 @@ fn usage_report(now_ns: u64, policy: Option<&CompiledPolicy>) -> UsageReport {
             throttled: u64::from(u.throttled),
             soft_limit: u64::from(u.soft_limit),
             denied,
+            connectors: u.connectors.iter().map(|(c, n)| (c.clone(), u64::from(*n))).collect(),
+            fleet_budget: u64::from(u.fleet_budget),
+        });
+    }
+    let callers = host::SharedData.get(CALLERS_KEY).ok().flatten().and_then(|(bytes, _)| Callers::decode(&bytes));
+    for (name, n) in callers.filter(|c| u64::from(c.day) == day).map(|c| c.seen).unwrap_or_default() {
+        let Some((kind, id)) = name.split_once(':') else { continue };
+        report.unregistered.push(UnregisteredCaller {
+            kind: kind.to_string(),
+            id: id.to_string(),
+            count: u64::from(n),
         });
     }
     report
+}
+
+/// Adds this worker's unregistered callers into the shared [`CALLERS_KEY`] (compare-and-swap).
+pub fn flush_callers(delta: &mut Callers) {
+    if delta.seen.is_empty() {
+        return;
+    }
+    let delta = std::mem::replace(delta, Callers { day: delta.day, seen: Vec::new() });
+    for _ in 0..guardrail_core::quota::MAX_CAS_RETRIES {
+        let Ok(Some((bytes, cas))) = host::SharedData.get(CALLERS_KEY) else {
+            break;
+        };
+        let mut total = Callers::decode(&bytes).unwrap_or_default();
+        total.merge(&delta);
+        match host::SharedData.set(CALLERS_KEY, &total.encode(), cas) {
+            Err(StoreError::CasMismatch) => continue,
+            _ => break,
+        }
+    }
 }
 
 /// Adds this worker's usage deltas into the shared counters: per app, and per exemption for the

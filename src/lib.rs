@@ -16,8 +16,10 @@ mod host;
 
 use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
-use guardrail_core::decide::{check_connector, decide, policy_unavailable, Decision, Denial, Event, Pass, Request};
-use guardrail_core::fleet::{Fleet, UsageCounters};
+use guardrail_core::decide::{
+    check_connector, decide, policy_unavailable, Code, Decision, Denial, Event, Pass, Request,
+};
+use guardrail_core::fleet::{Callers, Fleet, UsageCounters};
 use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::problem::{
     access_log_line, denial_headers, denial_log_line, event_log_line, problem_body, ratelimit_headers, LineContext,
@@ -47,7 +49,12 @@ proxy_wasm::main! {{
 pub(crate) fn create_keys(policy: &CompiledPolicy) -> Result<(), StoreError> {
     ensure_keys(&mut host::SharedData, policy.apps.iter().map(|a| a.quota_key.as_str()))?;
     let usage = policy.apps.iter().map(|a| control::usage_key(&a.id));
-    create_usage_keys(usage.chain(policy.exemptions.iter().map(|e| control::exempt_key(&e.id))))
+    create_usage_keys(usage.chain(policy.exemptions.iter().map(|e| control::exempt_key(&e.id))))?;
+    let mut store = host::SharedData;
+    if guardrail_core::quota::CounterStore::get(&mut store, control::CALLERS_KEY)?.is_none() {
+        guardrail_core::quota::CounterStore::set(&mut store, control::CALLERS_KEY, &Callers::default().encode(), 0)?;
+    }
+    Ok(())
 }
 
 /// Creates the usage-count keys among `keys` that do not exist yet (zero counts).
@@ -86,6 +93,8 @@ struct Worker {
     shadow: Option<Shadow>,
     /// Usage counted since the last flush to shared data (only when `controlled`).
     usage: HashMap<String, UsageCounters>,
+    /// Unregistered callers counted since the last flush (only when `controlled`).
+    callers: Callers,
 }
 
 /// A shadow candidate on one worker: decided beside the enforced policy, never enforced.
@@ -173,6 +182,18 @@ impl Worker {
         }
         f(entry);
     }
+
+    /// Counts a request of a caller the catalog does not know (`kind:id`, see [`Callers`]).
+    fn count_caller(&mut self, kind: &str, id: &str, now_ns: u64) {
+        if !self.controlled {
+            return;
+        }
+        let day = u32::try_from(now_ns / NANOS_PER_SEC / SECS_PER_DAY).unwrap_or(0);
+        if day > self.callers.day {
+            self.callers = Callers { day, seen: Vec::new() };
+        }
+        self.callers.count(&format!("{kind}:{id}"), 1);
+    }
 }
 
 // === impl GuardrailRoot ===
@@ -196,6 +217,7 @@ impl GuardrailRoot {
                 fleet: None,
                 shadow: None,
                 usage: HashMap::new(),
+                callers: Callers::default(),
             })),
             control: None,
         }
@@ -291,6 +313,7 @@ impl RootContext for GuardrailRoot {
             control::flush_shadow(shadow.epoch, &mut shadow.counts);
         }
         control::flush_usage(&mut worker.usage);
+        control::flush_callers(&mut worker.callers);
         let Some(policy) = worker.policy.clone() else {
             control.tick(now, None);
             return;
@@ -523,7 +546,7 @@ impl GuardrailHttp {
         }
         self.ratelimit = decision.quota.map(|(limits, usage)| ratelimit_headers(&limits, &usage));
         worker.metrics.allowed();
-        worker.count(app_id, now, |u| u.allowed = u.allowed.saturating_add(1));
+        worker.count(app_id, now, |u| u.count_allowed(request.connector));
         Action::Continue
     }
 
@@ -537,7 +560,16 @@ impl GuardrailHttp {
     ) -> Action {
         host::info(&denial_log_line(denial, app, cx));
         worker.metrics.denied(denial.code);
-        worker.count(app, now, |u| u.count_denied(denial.code));
+        let fleet_budget = denial.rule.as_deref() == Some("fleet-budget");
+        worker.count(app, now, |u| {
+            u.count_denied(denial.code);
+            u.fleet_budget = u.fleet_budget.saturating_add(u32::from(fleet_budget));
+        });
+        if let Some(fingerprint) = &denial.key_fingerprint {
+            worker.count_caller(Callers::API_KEY, fingerprint, now);
+        } else if let (Code::AppNotRegistered, Some(named)) = (denial.code, &denial.app) {
+            worker.count_caller(Callers::APP, named, now);
+        }
         if let Some(app) = denial.named_app(app) {
             host::set_filter_state("guardrail_app", app);
         }

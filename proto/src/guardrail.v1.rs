@@ -72,6 +72,20 @@ pub struct UsageReport {
     pub candidate_revision: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "5")]
     pub shadow: ::prost::alloc::vec::Vec<ShadowDifference>,
+    /// Callers the catalog does not know, today on this Envoy (absolute counts, the 100 most
+    /// frequent at most): unknown API keys by fingerprint, apps of valid tokens not registered.
+    #[prost(message, repeated, tag = "6")]
+    pub unregistered: ::prost::alloc::vec::Vec<UnregisteredCaller>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UnregisteredCaller {
+    /// "api-key" (id: the first 8 hex of the key's SHA-256) or "app"
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub id: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "3")]
+    pub count: u64,
 }
 /// Requests of one app (`-` when none was named) decided `enforced` by the policy in force and
 /// `candidate` by the shadow candidate: outcome codes, `allow` or a problem code.
@@ -99,6 +113,12 @@ pub struct AppUsage {
     /// by problem code, e.g. "quota-exceeded"
     #[prost(map = "string, uint64", tag = "5")]
     pub denied: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+    /// admitted requests by upstream connector (for cost)
+    #[prost(map = "string, uint64", tag = "6")]
+    pub connectors: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
+    /// of denied\["budget-exhausted"\]: the fleet-wide budget was spent
+    #[prost(uint64, tag = "7")]
+    pub fleet_budget: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServerMessage {

@@ -38,6 +38,10 @@ pub const MAX_FLEET_NODES: usize = 4 * MAX_NODES;
 pub const MAX_APPS_PER_REPORT: usize = 10_000;
 /// Denial codes per app in one usage report.
 pub const MAX_CODES_PER_APP: usize = 64;
+/// Connectors per app in one usage report (the filter counts at most 32).
+pub const MAX_CONNECTORS_PER_APP: usize = 64;
+/// Unregistered callers in one usage report (the filter counts at most 100 a day).
+pub const MAX_CALLERS_PER_REPORT: usize = 256;
 /// Longest node id, revision or denial code accepted.
 pub const MAX_ID_LEN: usize = 256;
 /// Longest NACK error kept (the rest is cut, marked with `…`).
@@ -67,6 +71,31 @@ pub struct Counts {
     pub soft_limit: u64,
     /// By problem code, e.g. `quota-exceeded`.
     pub denied: BTreeMap<String, u64>,
+    /// Of `denied["budget-exhausted"]`: refused because the fleet-wide budget was spent.
+    pub fleet_budget: u64,
+    /// Admitted requests by upstream connector (for cost).
+    pub connectors: BTreeMap<String, u64>,
+}
+
+/// `a` raised to `b`, key by key.
+fn max_into(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    for (k, n) in b {
+        let slot = a.entry(k.clone()).or_default();
+        *slot = (*slot).max(*n);
+    }
+}
+
+/// `b` added to `a`, key by key.
+fn add_into(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    for (k, n) in b {
+        let slot = a.entry(k.clone()).or_default();
+        *slot = slot.saturating_add(*n);
+    }
+}
+
+/// What `a` has above `b`, key by key (every key of `a`).
+fn minus_of(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    a.iter().map(|(k, n)| (k.clone(), n.saturating_sub(b.get(k).copied().unwrap_or(0)))).collect()
 }
 
 impl Counts {
@@ -76,6 +105,8 @@ impl Counts {
             throttled: u.throttled,
             soft_limit: u.soft_limit,
             denied: u.denied.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            fleet_budget: u.fleet_budget,
+            connectors: u.connectors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
     }
 
@@ -84,10 +115,9 @@ impl Counts {
         self.allowed = self.allowed.max(other.allowed);
         self.throttled = self.throttled.max(other.throttled);
         self.soft_limit = self.soft_limit.max(other.soft_limit);
-        for (code, n) in &other.denied {
-            let slot = self.denied.entry(code.clone()).or_default();
-            *slot = (*slot).max(*n);
-        }
+        self.fleet_budget = self.fleet_budget.max(other.fleet_budget);
+        max_into(&mut self.denied, &other.denied);
+        max_into(&mut self.connectors, &other.connectors);
     }
 
     /// What `self` has above `other`, count by count (0 where it has not more; every code of `self`).
@@ -96,11 +126,9 @@ impl Counts {
             allowed: self.allowed.saturating_sub(other.allowed),
             throttled: self.throttled.saturating_sub(other.throttled),
             soft_limit: self.soft_limit.saturating_sub(other.soft_limit),
-            denied: self
-                .denied
-                .iter()
-                .map(|(code, n)| (code.clone(), n.saturating_sub(other.denied.get(code).copied().unwrap_or(0))))
-                .collect(),
+            denied: minus_of(&self.denied, &other.denied),
+            fleet_budget: self.fleet_budget.saturating_sub(other.fleet_budget),
+            connectors: minus_of(&self.connectors, &other.connectors),
         }
     }
 
@@ -108,10 +136,9 @@ impl Counts {
         self.allowed = self.allowed.saturating_add(other.allowed);
         self.throttled = self.throttled.saturating_add(other.throttled);
         self.soft_limit = self.soft_limit.saturating_add(other.soft_limit);
-        for (code, n) in &other.denied {
-            let slot = self.denied.entry(code.clone()).or_default();
-            *slot = slot.saturating_add(*n);
-        }
+        self.fleet_budget = self.fleet_budget.saturating_add(other.fleet_budget);
+        add_into(&mut self.denied, &other.denied);
+        add_into(&mut self.connectors, &other.connectors);
     }
 
     pub fn to_proto(&self, app: &str) -> v1::AppUsage {
@@ -121,6 +148,8 @@ impl Counts {
             throttled: self.throttled,
             soft_limit: self.soft_limit,
             denied: self.denied.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            fleet_budget: self.fleet_budget,
+            connectors: self.connectors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
     }
 }
@@ -146,6 +175,8 @@ pub struct Node {
     pub elsewhere: u32,
     /// Per UTC day, per app.
     usage: BTreeMap<u64, BTreeMap<String, Counts>>,
+    /// Per UTC day, the unregistered callers it reported (`(kind, id)` → absolute count).
+    callers: BTreeMap<u64, BTreeMap<(String, String), u64>>,
 }
 
 /// Every node the companion has heard from (recently), its own and (from the store) those of the
@@ -158,6 +189,8 @@ pub struct Fleet {
     totals: BTreeMap<u64, BTreeMap<String, Counts>>,
     /// This companion's name, recorded on the nodes that connect to it.
     pub own: String,
+    /// What the unregistered callers' counts rose by since the store last took them.
+    pub new_callers: BTreeMap<(String, String), u64>,
     /// Nodes with a stream open on this companion (kept as streams open and end).
     connected: usize,
     caps: Caps,
@@ -289,8 +322,48 @@ impl Fleet {
                 )));
             }
         }
-        if !self.nodes.contains_key(node_id) {
+        if report.unregistered.len() > MAX_CALLERS_PER_REPORT {
+            return Err(FleetError::BadReport(format!(
+                "usage report with {} unregistered callers; at most {MAX_CALLERS_PER_REPORT}",
+                report.unregistered.len()
+            )));
+        }
+        for c in &report.unregistered {
+            let fingerprint = c.id.len() == 8 && c.id.bytes().all(|b| b.is_ascii_hexdigit());
+            let ok = match c.kind.as_str() {
+                "api-key" => fingerprint,
+                "app" => valid_id(&c.id) && c.id.chars().count() <= MAX_APP_ID_LEN,
+                _ => false,
+            };
+            if !ok {
+                return Err(FleetError::BadReport(format!(
+                    "usage report with an unregistered caller of kind `{}` and id of {} characters: kind is \
+                     `api-key` (id: 8 hex digits) or `app` (id: 1 to {MAX_APP_ID_LEN} characters)",
+                    truncated(&c.kind, 32),
+                    c.id.chars().count()
+                )));
+            }
+        }
+        for app in &report.apps {
+            if app.connectors.len() > MAX_CONNECTORS_PER_APP || app.connectors.keys().any(|c| !valid_id(c)) {
+                return Err(FleetError::BadReport(format!(
+                    "usage report for app `{}` with {} connectors; at most {MAX_CONNECTORS_PER_APP}, each 1 to {MAX_ID_LEN} characters",
+                    app.app,
+                    app.connectors.len()
+                )));
+            }
+        }
+        let Some(node) = self.nodes.get_mut(node_id) else {
             return Ok(());
+        };
+        let seen = node.callers.entry(report.day).or_default();
+        for c in &report.unregistered {
+            let slot = seen.entry((c.kind.clone(), c.id.clone())).or_default();
+            if c.count > *slot {
+                let raised = self.new_callers.entry((c.kind.clone(), c.id.clone())).or_default();
+                *raised = raised.saturating_add(c.count - *slot);
+                *slot = c.count;
+            }
         }
         for app in &report.apps {
             self.merge(node_id, report.day, &app.app, &Counts::from_proto(app));
@@ -343,6 +416,7 @@ impl Fleet {
     pub fn prune(&mut self, today: u64, now: i64) {
         for node in self.nodes.values_mut() {
             node.usage.retain(|day, _| day + 1 >= today);
+            node.callers.retain(|day, _| day + 1 >= today);
         }
         self.totals.retain(|day, _| day + 1 >= today);
         self.nodes.retain(|_, n| {
@@ -571,6 +645,38 @@ mod tests {
             Some(15),
             "a node that went away still spent what it spent"
         );
+    }
+
+    #[test]
+    fn unregistered_callers_rise_by_what_each_node_adds() {
+        let mut fleet = Fleet::default();
+        for id in ["a", "b"] {
+            assert!(fleet.connect(&hello(id), "", 0).is_ok());
+        }
+        let today = 20_000;
+        let caller = |kind: &str, id: &str, count| v1::UnregisteredCaller { kind: kind.into(), id: id.into(), count };
+        let with =
+            |callers: Vec<v1::UnregisteredCaller>| v1::UsageReport { unregistered: callers, ..report(today, &[]) };
+        let key = |kind: &str, id: &str| (kind.to_string(), id.to_string());
+        assert!(fleet.report("a", &with(vec![caller("api-key", "0a1b2c3d", 3)]), today).is_ok());
+        assert!(fleet.report("a", &with(vec![caller("api-key", "0a1b2c3d", 5)]), today).is_ok(), "rises by 2");
+        assert!(fleet.report("a", &with(vec![caller("api-key", "0a1b2c3d", 4)]), today).is_ok(), "reordered: nothing");
+        assert!(fleet
+            .report("b", &with(vec![caller("api-key", "0a1b2c3d", 1), caller("app", "ghost", 7)]), today)
+            .is_ok());
+        let want: BTreeMap<_, _> = [(key("api-key", "0a1b2c3d"), 6), (key("app", "ghost"), 7)].into_iter().collect();
+        assert_eq!(std::mem::take(&mut fleet.new_callers), want);
+        for (why, bad) in [
+            ("kind", caller("user", "x", 1)),
+            ("fingerprint", caller("api-key", "not-hex!", 1)),
+            ("empty app", caller("app", "", 1)),
+            ("control character", caller("app", "a\nb", 1)),
+        ] {
+            assert!(fleet.report("a", &with(vec![bad]), today).is_err(), "{why}");
+        }
+        let many = (0..=MAX_CALLERS_PER_REPORT).map(|i| caller("api-key", &format!("{i:08x}"), 1)).collect();
+        assert!(fleet.report("a", &with(many), today).is_err(), "too many");
+        assert!(fleet.new_callers.is_empty(), "a refused report counts nothing");
     }
 
     #[test]

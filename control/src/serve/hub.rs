@@ -17,7 +17,7 @@
 
 use super::fleet::{exhausted_in, Counts, Fleet, FleetError, Node};
 use crate::log::log;
-use crate::store::{CompanionRecord, NodeRecord, Store, UsageRow};
+use crate::store::{Caller, CompanionRecord, NodeRecord, Store, UsageRow};
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::source::Document;
 use guardrail_core::time::SECS_PER_DAY;
@@ -129,6 +129,8 @@ pub struct Batch {
     pub keys: Dirty,
     pub usage: Vec<UsageRow>,
     pub nodes: Vec<NodeRecord>,
+    /// What the unregistered callers' counts rose by, seen now.
+    pub callers: Vec<Caller>,
 }
 
 struct Inner {
@@ -372,7 +374,21 @@ impl Hub {
         let keys = std::mem::take(&mut inner.dirty);
         let usage = keys.usage.iter().flat_map(|(node, day)| inner.fleet.usage_rows(node, *day)).collect();
         let nodes = keys.nodes.iter().filter_map(|id| inner.fleet.record(id)).collect();
-        Batch { keys, usage, nodes }
+        let now = self.now();
+        let callers = std::mem::take(&mut inner.fleet.new_callers)
+            .into_iter()
+            .map(|((kind, id), count)| Caller { kind, id, count, last_seen: now })
+            .collect();
+        Batch { keys, usage, nodes, callers }
+    }
+
+    /// Caller counts the store did not take: written with the next batch.
+    pub fn requeue_callers(&self, callers: Vec<Caller>) {
+        let mut inner = self.lock();
+        for c in callers {
+            let slot = inner.fleet.new_callers.entry((c.kind, c.id)).or_default();
+            *slot = slot.saturating_add(c.count);
+        }
     }
 
     /// A batch the store did not take: written with the next one.

@@ -150,6 +150,12 @@ impl Persist {
         };
         if let Err(e) = written.await {
             self.hub.requeue(batch.keys);
+            self.hub.requeue_callers(batch.callers);
+            return Err(e);
+        }
+        let noted = if batch.callers.is_empty() { Ok(()) } else { self.store.note_callers(&batch.callers).await };
+        if let Err(e) = noted {
+            self.hub.requeue_callers(batch.callers);
             return Err(e);
         }
         self.store.put_companion(&self.hub.companion_record(self.started)).await

@@ -119,8 +119,6 @@ impl Revision {
 
 /// A caller the catalog does not know: `kind` `api-key` (id: the key's fingerprint) or `app` (id:
 /// the app id a valid token names).
-// The filter does not report unregistered callers yet: the store keeps them once it does.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     pub kind: String,
@@ -202,7 +200,6 @@ pub trait Store: Send + Sync {
     async fn last_policy(&self) -> Result<Option<String>>;
 
     /// Adds to the counts of unregistered callers (and moves their last seen forward).
-    #[cfg_attr(not(test), allow(dead_code))]
     async fn note_callers(&self, callers: &[Caller]) -> Result<()>;
     /// Every unregistered caller, most frequent first.
     #[cfg_attr(not(test), allow(dead_code))]

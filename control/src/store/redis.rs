@@ -43,6 +43,7 @@ const MERGE_USAGE: &str = r"
 local function load(v)
   local c = v and cjson.decode(v) or {}
   if type(c.denied) ~= 'table' then c.denied = {} end
+  if type(c.connectors) ~= 'table' then c.connectors = {} end
   return c
 end
 local function num(x) return tonumber(x) or 0 end
@@ -50,15 +51,17 @@ local total = load(redis.call('HGET', KEYS[1], ARGV[1]))
 for i = 3, #ARGV, 2 do
   local node, new = ARGV[i], load(ARGV[i + 1])
   local old = load(redis.call('HGET', KEYS[2], node))
-  for _, f in ipairs({'allowed', 'throttled', 'soft_limit'}) do
+  for _, f in ipairs({'allowed', 'throttled', 'soft_limit', 'fleet_budget'}) do
     local o, n = num(old[f]), num(new[f])
     old[f] = o
     if n > o then total[f] = num(total[f]) + n - o; old[f] = n end
   end
-  for code, n in pairs(new.denied) do
-    local o = num(old.denied[code])
-    n = num(n)
-    if n > o then total.denied[code] = num(total.denied[code]) + n - o; old.denied[code] = n end
+  for _, m in ipairs({'denied', 'connectors'}) do
+    for k, n in pairs(new[m]) do
+      local o = num(old[m][k])
+      n = num(n)
+      if n > o then total[m][k] = num(total[m][k]) + n - o; old[m][k] = n end
+    end
   end
   redis.call('HSET', KEYS[2], node, cjson.encode(old))
 end
@@ -78,7 +81,6 @@ end
 return 0
 ";
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Counts an unregistered caller. KEYS: `callers`, `callers:last_seen`. ARGV: field, count, time.
 const NOTE_CALLER: &str = r"
 redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])

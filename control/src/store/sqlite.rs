@@ -128,6 +128,18 @@ fn init(path: &Path) -> anyhow::Result<Connection> {
     }
     conn.execute_batch("PRAGMA synchronous=NORMAL;").map_err(&e)?;
     conn.execute_batch(SCHEMA).map_err(&e)?;
+    // Stores made before the console's counts (fleet-budget refusals, connectors) gain the column.
+    for table in ["usage", "totals"] {
+        let has: bool = conn
+            .query_row(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'extra'"), [], |r| {
+                r.get::<_, i64>(0).map(|n| n > 0)
+            })
+            .map_err(&e)?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN extra TEXT NOT NULL DEFAULT '{{}}'"))
+                .map_err(&e)?;
+        }
+    }
     Ok(conn)
 }
 
@@ -153,13 +165,29 @@ fn scalars(c: &Counts) -> [i64; 3] {
     [to_i64(c.allowed), to_i64(c.throttled), to_i64(c.soft_limit)]
 }
 
+/// The counts kept in the `extra` column (JSON): fleet-budget refusals and connectors.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(default)]
+struct Extra {
+    fleet_budget: u64,
+    connectors: BTreeMap<String, u64>,
+}
+
+fn extra(c: &Counts) -> rusqlite::Result<String> {
+    json(&Extra { fleet_budget: c.fleet_budget, connectors: c.connectors.clone() })
+}
+
+/// Counts from the columns `allowed, throttled, soft_limit, denied, extra` starting at `first`.
 fn counts_of(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Counts> {
     let denied: String = row.get(first + 3)?;
+    let extra: Extra = from_json(&row.get::<_, String>(first + 4)?)?;
     Ok(Counts {
         allowed: to_u64(row.get(first)?),
         throttled: to_u64(row.get(first + 1)?),
         soft_limit: to_u64(row.get(first + 2)?),
         denied: from_json(&denied)?,
+        fleet_budget: extra.fleet_budget,
+        connectors: extra.connectors,
     })
 }
 
@@ -177,18 +205,19 @@ impl super::Store for SqliteStore {
             let tx = conn.transaction()?;
             {
                 let mut get = tx.prepare_cached(
-                    "SELECT allowed, throttled, soft_limit, denied FROM usage WHERE day = ?1 AND app = ?2 AND node = ?3",
+                    "SELECT allowed, throttled, soft_limit, denied, extra FROM usage
+                     WHERE day = ?1 AND app = ?2 AND node = ?3",
                 )?;
                 let mut put = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO usage (day, node, app, allowed, throttled, soft_limit, denied)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT OR REPLACE INTO usage (day, node, app, allowed, throttled, soft_limit, denied, extra)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )?;
                 let mut get_total = tx.prepare_cached(
-                    "SELECT allowed, throttled, soft_limit, denied FROM totals WHERE day = ?1 AND app = ?2",
+                    "SELECT allowed, throttled, soft_limit, denied, extra FROM totals WHERE day = ?1 AND app = ?2",
                 )?;
                 let mut put_total = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO totals (day, app, allowed, throttled, soft_limit, denied)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR REPLACE INTO totals (day, app, allowed, throttled, soft_limit, denied, extra)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
                 // The store's only writer is this process (the lock): reading and writing in one
                 // transaction is atomic here; Redis does the same in a script.
@@ -201,12 +230,12 @@ impl super::Store for SqliteStore {
                     let mut counts = before.clone();
                     counts.merge_max(&row.counts);
                     let [a, t, s] = scalars(&counts);
-                    put.execute(params![day, row.node, row.app, a, t, s, json(&counts.denied)?])?;
+                    put.execute(params![day, row.node, row.app, a, t, s, json(&counts.denied)?, extra(&counts)?])?;
                     let mut total =
                         get_total.query_row(params![day, row.app], |r| counts_of(r, 0)).optional()?.unwrap_or_default();
                     total.add(&counts.minus(&before));
                     let [a, t, s] = scalars(&total);
-                    put_total.execute(params![day, row.app, a, t, s, json(&total.denied)?])?;
+                    put_total.execute(params![day, row.app, a, t, s, json(&total.denied)?, extra(&total)?])?;
                 }
             }
             tx.commit()
@@ -217,7 +246,8 @@ impl super::Store for SqliteStore {
     async fn usage(&self, day: u64) -> Result<Vec<UsageRow>> {
         self.with(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT node, app, allowed, throttled, soft_limit, denied FROM usage WHERE day = ?1 ORDER BY app, node",
+                "SELECT node, app, allowed, throttled, soft_limit, denied, extra FROM usage WHERE day = ?1
+                 ORDER BY app, node",
             )?;
             let rows = stmt.query_map([to_i64(day)], |r| {
                 Ok(UsageRow { day, node: r.get(0)?, app: r.get(1)?, counts: counts_of(r, 2)? })
@@ -229,8 +259,9 @@ impl super::Store for SqliteStore {
 
     async fn totals(&self, day: u64) -> Result<BTreeMap<String, Counts>> {
         self.with(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT app, allowed, throttled, soft_limit, denied FROM totals WHERE day = ?1")?;
+            let mut stmt = conn.prepare_cached(
+                "SELECT app, allowed, throttled, soft_limit, denied, extra FROM totals WHERE day = ?1",
+            )?;
             let rows = stmt.query_map([to_i64(day)], |r| Ok((r.get(0)?, counts_of(r, 1)?)))?;
             rows.collect()
         })

@@ -117,6 +117,7 @@ test_with_all_stores!(
     the_audit_keeps_the_first_entry_newest_first,
     the_last_policy_is_kept,
     unregistered_callers_are_counted,
+    fleet_budget_refusals_and_connectors_are_kept,
     a_batch_of_a_thousand_nodes_is_written_in_well_under_a_second,
     the_self_service_trail_is_kept_newest_first,
     a_request_changes_status_once,
@@ -128,6 +129,7 @@ fn counts(allowed: u64, denied: &[(&str, u64)]) -> Counts {
         throttled: allowed / 10,
         soft_limit: 0,
         denied: denied.iter().map(|(c, n)| ((*c).to_string(), *n)).collect(),
+        ..Counts::default()
     }
 }
 
@@ -169,6 +171,25 @@ async fn usage_keeps_the_highest_count_and_sums_the_fleet(store: &dyn Store) {
         "totals: the sum over nodes ({pos:?})"
     );
     assert_eq!(totals.get("crm").map(|c| c.allowed), Some(1));
+}
+
+async fn fleet_budget_refusals_and_connectors_are_kept(store: &dyn Store) {
+    let with = |allowed, fleet_budget, connectors: &[(&str, u64)]| Counts {
+        fleet_budget,
+        connectors: connectors.iter().map(|(c, n)| ((*c).to_string(), *n)).collect(),
+        ..counts(allowed, &[])
+    };
+    store.put_usage(&[row(DAY, "a", "pos", with(10, 2, &[("crm", 7), ("mail", 3)]))]).await.unwrap();
+    store.put_usage(&[row(DAY, "a", "pos", with(12, 1, &[("crm", 9)]))]).await.unwrap();
+    store.put_usage(&[row(DAY, "b", "pos", with(4, 0, &[("crm", 4)]))]).await.unwrap();
+    let rows = store.usage(DAY).await.unwrap();
+    assert_eq!(
+        rows.first().map(|r| r.counts.clone()),
+        Some(with(12, 2, &[("crm", 9), ("mail", 3)])),
+        "per node: the highest"
+    );
+    let totals = store.totals(DAY).await.unwrap();
+    assert_eq!(totals.get("pos").cloned(), Some(with(16, 2, &[("crm", 13), ("mail", 3)])), "the sum over nodes");
 }
 
 async fn usage_of_each_day_is_apart(store: &dyn Store) {
