@@ -32,6 +32,9 @@ pub struct CompiledPolicy {
     pub tiers: Vec<Tier>,
     /// `connectors.approved`, each with its index in that list.
     pub approved_connectors: FastMap<String, usize>,
+    /// `connectors.pricing`: the price of 1,000 admitted requests per connector, in
+    /// `settings.currency`.
+    pub pricing: std::collections::BTreeMap<String, f64>,
     pub apps: Vec<App>,
     pub datasets: Vec<Dataset>,
     pub rules: Vec<Rule>,
@@ -58,6 +61,8 @@ pub struct Settings {
     pub token_header: String,
     /// Whether the verified Guardrail token goes on to the upstream (default false).
     pub forward_token: bool,
+    /// The currency of `connectors.pricing` (ISO 4217 code, default `USD`).
+    pub currency: String,
 }
 
 #[derive(Debug, Clone)]
@@ -408,6 +413,17 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
             errs.push(format!("connectors.approved[{i}]"), format!("duplicate connector `{c}`"));
         }
     }
+    let mut pricing = std::collections::BTreeMap::new();
+    for (name, price) in &raw.connectors.pricing {
+        let path = format!("connectors.pricing.{name}");
+        if !approved_connectors.contains_key(name) {
+            errs.push(path, format!("connector `{name}` is not in connectors.approved"));
+        } else if !(price.per_1k_requests.is_finite() && price.per_1k_requests >= 0.0) {
+            errs.push(format!("{path}.per_1k_requests"), format!("must be a price ≥ 0, got {}", price.per_1k_requests));
+        } else {
+            pricing.insert(name.clone(), price.per_1k_requests);
+        }
+    }
 
     // Apps are the bulk of a policy: their fields are moved out of the raw document, not copied,
     // and a field path is only written out for an error.
@@ -475,6 +491,7 @@ pub fn compile_with(mut raw: RawPolicy, cache: &mut ExpressionCache) -> Result<C
         issuers,
         tiers,
         approved_connectors,
+        pricing,
         apps,
         datasets,
         rules,
@@ -528,8 +545,13 @@ fn compile_settings(raw: &RawPolicy, errs: &mut Errors) -> Settings {
             format!("`{token_header}` is set by Guardrail for the upstream and cannot carry tokens"),
         );
     }
+    let currency = s.currency.clone().unwrap_or_else(|| "USD".to_string());
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        errs.push("settings.currency", format!("`{currency}` is no ISO 4217 code: three capital letters, e.g. EUR"));
+    }
     Settings {
         gateway_region: s.gateway_region.clone(),
+        currency,
         failure_mode: s.failure_mode.unwrap_or_default(),
         soft_limit_ratio,
         jit_max_ttl_secs,
@@ -867,6 +889,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pricing_and_currency_are_checked_naming_the_field() {
+        // (settings, connectors, expected (field, part of the message) or none, why)
+        type Case = (Value, Value, Option<(&'static str, &'static str)>, &'static str);
+        let cases: &[Case] = &[
+            (
+                json!({"currency": "EUR"}),
+                json!({"approved": ["crm"], "pricing": {"crm": {"per_1k_requests": 0.4}}}),
+                None,
+                "valid",
+            ),
+            (json!({}), json!({"approved": ["crm"], "pricing": {"crm": {"per_1k_requests": 0}}}), None, "free"),
+            (json!({"currency": "eur"}), json!({}), Some(("settings.currency", "ISO 4217")), "lower case"),
+            (json!({"currency": "EURO"}), json!({}), Some(("settings.currency", "ISO 4217")), "four letters"),
+            (
+                json!({}),
+                json!({"approved": ["crm"], "pricing": {"mail": {"per_1k_requests": 1}}}),
+                Some(("connectors.pricing.mail", "not in connectors.approved")),
+                "unapproved connector",
+            ),
+            (
+                json!({}),
+                json!({"approved": ["crm"], "pricing": {"crm": {"per_1k_requests": -1}}}),
+                Some(("connectors.pricing.crm.per_1k_requests", "≥ 0")),
+                "negative",
+            ),
+        ];
+        for (settings, connectors, want, why) in cases {
+            let doc =
+                json!({"apiVersion": "guardrail/v1", "kind": "Policy", "settings": settings, "connectors": connectors});
+            let got: Vec<(String, String)> = match compile_json_str(&doc.to_string()) {
+                Ok(p) => {
+                    assert_eq!(p.settings.currency.len(), 3, "{why}: a currency in force");
+                    Vec::new()
+                }
+                Err(e) => e.0.into_iter().map(|e| (e.path, e.message)).collect(),
+            };
+            match want {
+                None => assert!(got.is_empty(), "{why}: {got:?}"),
+                Some((path, message)) => assert!(
+                    got.len() == 1 && got[0].0 == *path && got[0].1.contains(message),
+                    "{why}: expected one error at {path} saying {message:?}, got {got:?}"
+                ),
+            }
+        }
+        let doc = json!({"apiVersion": "guardrail/v1", "kind": "Policy",
+            "connectors": {"approved": ["crm"], "pricing": {"crm": {"per_1k_requests": 0.4, "per_call": 1}}}});
+        assert!(compile_json_str(&doc.to_string()).is_err(), "an unknown pricing field is an error");
     }
 
     #[test]

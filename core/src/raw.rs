@@ -74,6 +74,9 @@ pub struct RawSettings {
     pub jit_max_ttl: Option<String>,
     #[serde(default)]
     pub identity: RawIdentity,
+    /// The currency of `connectors.pricing` (ISO 4217, default `USD`).
+    #[serde(default)]
+    pub currency: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -142,6 +145,15 @@ pub struct RawRate {
 pub struct RawConnectors {
     #[serde(default)]
     pub approved: Vec<String>,
+    /// What a connector costs, for the console's cost per app and department.
+    #[serde(default)]
+    pub pricing: BTreeMap<String, RawPrice>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub per_1k_requests: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
