@@ -568,7 +568,13 @@ impl GuardrailHttp {
         if let Some(fingerprint) = &denial.key_fingerprint {
             worker.count_caller(Callers::API_KEY, fingerprint, now);
         } else if let (Code::AppNotRegistered, Some(named)) = (denial.code, &denial.app) {
-            worker.count_caller(Callers::APP, named, now);
+            // As the companion takes them (an app id's length, no control characters); another
+            // is in the denial log only.
+            let reportable =
+                named.len() <= guardrail_core::compile::MAX_APP_ID_LEN && !named.chars().any(char::is_control);
+            if reportable && !named.is_empty() {
+                worker.count_caller(Callers::APP, named, now);
+            }
         }
         if let Some(app) = denial.named_app(app) {
             host::set_filter_state("guardrail_app", app);
