@@ -1,51 +1,40 @@
-//! The console's HTTP side (`guardrail serve --http ADDR`), on the companion's tokio runtime and
-//! reading the policy the hub serves: `/healthz`, `/readyz`, `/api/v1/apps` and
-//! `/api/v1/apps/{id}` (the catalog entries of `guardrail catalog`). Beyond loopback every request
-//! but the health checks needs `Authorization: Bearer <token>` (`--http-token-file`).
+//! The console (`guardrail serve --http ADDR`), on the companion's tokio runtime and reading the
+//! policy the hub serves and the fleet's usage: the pages (`/` the catalog with search and
+//! filters, `/apps/{id}`, `/kpis`, `/report?quarter=`), the JSON API (`/api/v1/apps`,
+//! `/api/v1/apps/{id}`, `/api/v1/kpis`, `/api/v1/report`), `/metrics`, `/healthz` and `/readyz`.
+//! Beyond loopback every request but the health checks needs `Authorization: Bearer <token>`
+//! (`--http-token-file`).
 //!
-//! Errors are RFC 9457 problem+json: 401 without the token, 404 for an unknown app.
+//! Pages and API render one [`model::Model`] (catalog entries as `guardrail catalog` makes them)
+//! and the [`kpis`]. Errors are RFC 9457 problem+json: 401 without the token, 404 for an unknown
+//! app, 400 naming a bad parameter (`from`, `to`, `quarter`, `format`), 503 when the store cannot
+//! be read.
+
+mod html;
+pub mod kpis;
+mod metrics;
+mod model;
+mod query;
+mod report;
 
 use crate::log::log;
-use crate::serve::hub::{Hub, Snapshot};
+use crate::serve::hub::Hub;
 use anyhow::Context;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 
 #[derive(Clone)]
 struct Console {
     hub: Arc<Hub>,
     token: Option<Arc<str>>,
-    keys: Arc<Mutex<Option<KeysOf>>>,
-}
-
-/// Every app's API-key digests (by app index) of one snapshot: built once per revision, not once
-/// per request (it reads every key of the policy).
-type KeysByApp = Arc<Vec<Vec<[u8; 32]>>>;
-
-/// The snapshot a [`KeysByApp`] was built from.
-type KeysOf = (Arc<Snapshot>, KeysByApp);
-
-impl Console {
-    /// The snapshot served now and its key digests by app.
-    fn current(&self) -> (Arc<Snapshot>, KeysByApp) {
-        let snapshot = self.hub.current();
-        let mut cached = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((s, keys)) = cached.as_ref() {
-            if Arc::ptr_eq(s, &snapshot) {
-                return (snapshot, keys.clone());
-            }
-        }
-        let keys = Arc::new(snapshot.policy.api_key_digests_by_app());
-        *cached = Some((snapshot.clone(), keys.clone()));
-        (snapshot, keys)
-    }
+    model: Arc<model::Cache>,
 }
 
 /// The token that requests must carry when listening on `addr`: none on loopback (unless a file is
@@ -78,6 +67,8 @@ pub(crate) fn problem(status: StatusCode, code: &str, detail: &str) -> Response 
     });
     let mut r = (status, body.to_string()).into_response();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    // The detail may quote what was sent: never to be sniffed as a page.
+    r.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     r
 }
 
@@ -118,37 +109,203 @@ async fn apps(State(console): State<Console>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&console, &headers) {
         return r;
     }
-    let (snapshot, keys) = console.current();
-    let now = crate::log::now_secs();
-    let entries: Vec<_> = (snapshot.policy.apps.iter().enumerate())
-        .map(|(i, a)| {
-            let digests = keys.get(i).map(Vec::as_slice).unwrap_or_default();
-            crate::catalog::entry(&snapshot.policy, a, digests, now, &Default::default())
-        })
-        .collect();
-    json(&serde_json::json!({"revision": snapshot.revision, "apps": entries}))
+    match console.model.get(&console.hub).await {
+        Ok(m) => {
+            let mut r = (StatusCode::OK, m.apps_json.clone()).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(r) => r,
+    }
 }
 
 async fn app(State(console): State<Console>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
     if let Err(r) = authorized(&console, &headers) {
         return r;
     }
-    let (snapshot, keys) = console.current();
-    let policy = &snapshot.policy;
-    let Some(i) = policy.app_index(&id) else {
-        let shown: String = id.chars().take(128).collect();
-        return problem(
-            StatusCode::NOT_FOUND,
-            "not-found",
-            &format!("no app `{shown}` in revision {}", snapshot.revision),
-        );
+    let m = match console.model.get(&console.hub).await {
+        Ok(m) => m,
+        Err(r) => return r,
     };
-    let Some(a) = policy.apps.get(i) else {
-        return problem(StatusCode::NOT_FOUND, "not-found", "no such app");
+    match m.app(&id) {
+        Some(a) => {
+            json(&serde_json::json!({"revision": m.revision, "currency": m.currency, "app": a, "detail": m.detail(a)}))
+        }
+        None => unknown_app(&m, &id),
+    }
+}
+
+fn unknown_app(m: &model::Model, id: &str) -> Response {
+    let shown: String = id.chars().take(128).collect();
+    problem(StatusCode::NOT_FOUND, "not-found", &format!("no app `{shown}` in revision {}", m.revision))
+}
+
+/// `from` and `to` of a query (`YYYY-MM-DD`, default: the last 30 days to today), or a 400
+/// naming the bad one.
+fn range(q: &query::Query, today: u64) -> Result<(u64, u64), Response> {
+    let day = |name: &str, default: u64| match q.get(name) {
+        None | Some("") => Ok(default),
+        Some(v) => kpis::parse_date(v).ok_or_else(|| {
+            let shown: String = v.chars().take(32).collect();
+            problem(StatusCode::BAD_REQUEST, "bad-request", &format!("{name}: `{shown}` is not a date YYYY-MM-DD"))
+        }),
     };
-    let digests = keys.get(i).map(Vec::as_slice).unwrap_or_default();
-    let entry = crate::catalog::entry(policy, a, digests, crate::log::now_secs(), &Default::default());
-    json(&serde_json::json!({"revision": snapshot.revision, "app": entry}))
+    let to = day("to", today)?;
+    let from = day("from", to.saturating_sub(29))?;
+    if from > to {
+        return Err(problem(StatusCode::BAD_REQUEST, "bad-request", "from: after `to`"));
+    }
+    if to - from >= kpis::MAX_RANGE_DAYS {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            &format!("from: the range is at most {} days", kpis::MAX_RANGE_DAYS),
+        ));
+    }
+    Ok((from, to))
+}
+
+/// The quarter of `?quarter=YYYY-Qn`, or a 400 naming `quarter`.
+fn quarter(q: &query::Query) -> Result<(String, u64, u64), Response> {
+    let text = q.get("quarter").unwrap_or_default();
+    match kpis::parse_quarter(text) {
+        Some((from, to)) => Ok((text.to_string(), from, to)),
+        None => {
+            let shown: String = text.chars().take(32).collect();
+            Err(problem(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                &format!("quarter: `{shown}` is not YYYY-Qn (e.g. 2026-Q4)"),
+            ))
+        }
+    }
+}
+
+async fn kpis_of(console: &Console, from: u64, to: u64) -> Result<(Arc<model::Model>, kpis::Kpis), Response> {
+    let m = console.model.get(&console.hub).await?;
+    let days = console.model.days(&console.hub, from.saturating_sub(kpis::TRAILING_DAYS), to).await?;
+    let k = kpis::kpis(&m.snapshot.policy, &days, &m.callers, from, to);
+    Ok((m, k))
+}
+
+/// Authorised, the range of the query's `from` and `to`, and its KPIs.
+async fn range_kpis(
+    console: &Console,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<(Arc<model::Model>, kpis::Kpis), Response> {
+    authorized(console, headers)?;
+    let (from, to) = range(&query::Query::parse(uri.query()), console.hub.today())?;
+    kpis_of(console, from, to).await
+}
+
+/// Authorised, the query's `quarter` and its report, and the query.
+async fn quarter_report(
+    console: &Console,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<(report::Report, query::Query), Response> {
+    authorized(console, headers)?;
+    let q = query::Query::parse(uri.query());
+    let (name, from, to) = quarter(&q)?;
+    let (m, k) = kpis_of(console, from, to).await?;
+    Ok((report::Report::new(&name, &m, k), q))
+}
+
+fn either(r: Result<Response, Response>) -> Response {
+    r.unwrap_or_else(|e| e)
+}
+
+async fn api_kpis(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
+    either(range_kpis(&console, &headers, &uri).await.map(|(_, k)| json(&serde_json::json!(k))))
+}
+
+async fn page_kpis(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
+    either(range_kpis(&console, &headers, &uri).await.map(|(m, k)| html(html::kpis(&m, &k))))
+}
+
+async fn api_report(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
+    let (report, q) = match quarter_report(&console, &headers, &uri).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    match q.get("format").unwrap_or("json") {
+        "json" => json(&serde_json::json!(report)),
+        "csv" => {
+            let mut r = (StatusCode::OK, report.csv()).into_response();
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8"));
+            r
+        }
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            problem(StatusCode::BAD_REQUEST, "bad-request", &format!("format: `{shown}` is neither json nor csv"))
+        }
+    }
+}
+
+async fn page_report(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
+    either(quarter_report(&console, &headers, &uri).await.map(|(report, _)| html(html::report(&report))))
+}
+
+async fn page_catalog(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorized(&console, &headers) {
+        return r;
+    }
+    let q = query::Query::parse(uri.query());
+    match console.model.get(&console.hub).await {
+        Ok(m) => html(html::catalog(&m, &q)),
+        Err(r) => r,
+    }
+}
+
+async fn page_app(State(console): State<Console>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
+    if let Err(r) = authorized(&console, &headers) {
+        return r;
+    }
+    let today = console.hub.today();
+    let days = match console.model.days(&console.hub, today.saturating_sub(89), today).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let m = match console.model.get(&console.hub).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match m.app(&id) {
+        Some(a) => html(html::app(&m, a, &days, today)),
+        None => unknown_app(&m, &id),
+    }
+}
+
+async fn metrics_page(State(console): State<Console>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&console, &headers) {
+        return r;
+    }
+    let m = match console.model.get(&console.hub).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match metrics::render(&console.hub, &m) {
+        Ok(text) => {
+            let mut r = (StatusCode::OK, text).into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "internal", &format!("metrics: {e}")),
+    }
+}
+
+fn html(body: String) -> Response {
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; img-src data:"),
+    );
+    r
 }
 
 async fn not_found(State(console): State<Console>, headers: HeaderMap) -> Response {
@@ -160,12 +317,19 @@ async fn not_found(State(console): State<Console>, headers: HeaderMap) -> Respon
 
 /// Serves the console on `listener` until the process stops.
 pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: Router) -> tokio::task::JoinHandle<()> {
-    let console = Console { hub, token: token.map(Arc::from), keys: Arc::default() };
+    let console = Console { hub, token: token.map(Arc::from), model: Arc::default() };
     let router = Router::new()
+        .route("/", get(page_catalog))
+        .route("/apps/{id}", get(page_app))
+        .route("/kpis", get(page_kpis))
+        .route("/report", get(page_report))
+        .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/apps", get(apps))
         .route("/api/v1/apps/{id}", get(app))
+        .route("/api/v1/kpis", get(api_kpis))
+        .route("/api/v1/report", get(api_report))
         .fallback(not_found)
         .with_state(console)
         .merge(more);

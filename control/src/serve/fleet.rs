@@ -42,6 +42,10 @@ pub const MAX_CODES_PER_APP: usize = 64;
 pub const MAX_CONNECTORS_PER_APP: usize = 64;
 /// Unregistered callers in one usage report (the filter counts at most 100 a day).
 pub const MAX_CALLERS_PER_REPORT: usize = 256;
+/// The usage row (in place of an app id, which cannot hold `*`) of a node's unregistered callers
+/// of a day: their requests summed by kind (`api-key`, `app`) in `denied`, so the store keeps
+/// the registration share's daily history with the usage.
+pub const UNREGISTERED_ROW: &str = "*unregistered";
 /// Longest node id, revision or denial code accepted.
 pub const MAX_ID_LEN: usize = 256;
 /// Longest NACK error kept (the rest is cut, marked with `…`).
@@ -365,6 +369,14 @@ impl Fleet {
                 *slot = c.count;
             }
         }
+        if !seen.is_empty() {
+            let mut by_kind = Counts::default();
+            for ((kind, _), n) in seen.iter() {
+                let slot = by_kind.denied.entry(kind.clone()).or_default();
+                *slot = slot.saturating_add(*n);
+            }
+            self.merge(node_id, report.day, UNREGISTERED_ROW, &by_kind);
+        }
         for app in &report.apps {
             self.merge(node_id, report.day, &app.app, &Counts::from_proto(app));
         }
@@ -666,6 +678,9 @@ mod tests {
             .is_ok());
         let want: BTreeMap<_, _> = [(key("api-key", "0a1b2c3d"), 6), (key("app", "ghost"), 7)].into_iter().collect();
         assert_eq!(std::mem::take(&mut fleet.new_callers), want);
+        let row = fleet.totals(today).get(UNREGISTERED_ROW).map(|c| c.denied.clone()).unwrap_or_default();
+        let want: BTreeMap<String, u64> = [("api-key".to_string(), 6), ("app".to_string(), 7)].into_iter().collect();
+        assert_eq!(row, want, "the day's unregistered requests by kind, summed over nodes");
         for (why, bad) in [
             ("kind", caller("user", "x", 1)),
             ("fingerprint", caller("api-key", "not-hex!", 1)),

@@ -359,6 +359,11 @@ impl Hub {
         inner.store_health = Some((url, None));
     }
 
+    /// Usage per app of `day` over the fleet (see [`fleet_totals`]).
+    pub fn fleet_totals(&self, day: u64) -> BTreeMap<String, Counts> {
+        fleet_totals(&self.lock(), day)
+    }
+
     pub fn store(&self) -> Option<Arc<dyn Store>> {
         self.store.get().cloned()
     }
@@ -535,7 +540,9 @@ impl Hub {
             revision: snapshot.revision.clone(),
             nodes,
             candidate,
-            fleet_usage: totals.iter().map(|(app, c)| c.to_proto(app)).collect(),
+            fleet_usage: (totals.iter().filter(|(app, _)| *app != super::fleet::UNREGISTERED_ROW))
+                .map(|(app, c)| c.to_proto(app))
+                .collect(),
             day,
             last_policy_error: inner.last_policy_error.clone(),
             exhausted_apps: exhausted_in(totals, &snapshot.policy, now),

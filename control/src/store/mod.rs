@@ -202,7 +202,6 @@ pub trait Store: Send + Sync {
     /// Adds to the counts of unregistered callers (and moves their last seen forward).
     async fn note_callers(&self, callers: &[Caller]) -> Result<()>;
     /// Every unregistered caller, most frequent first.
-    #[cfg_attr(not(test), allow(dead_code))]
     async fn callers(&self) -> Result<Vec<Caller>>;
 
     /// Appends entries to the self-service trail.

@@ -1,0 +1,249 @@
+//! What the console's pages and API render: one [`Model`] per policy revision and moment, built
+//! from the catalog (the same [`crate::catalog::entry`] as `guardrail catalog`), today's fleet
+//! usage, the last 30 days of history (last seen, cost) and the unregistered callers.
+//!
+//! The model is cached: rebuilt at once when the served revision changes, and otherwise at most
+//! once per [`FRESH`], in the background while the previous one is served (so a catalog of
+//! 10,000 apps is not rebuilt per request). Past days' totals are read from the store once and
+//! kept ([`MAX_DAYS_KEPT`]); today's come from the hub, yesterday's from the store each time.
+
+use super::kpis::{self, Days};
+use super::problem;
+use crate::catalog::Entry;
+use crate::serve::fleet::Counts;
+use crate::serve::hub::{Hub, Snapshot};
+use crate::store::Caller;
+use axum::http::StatusCode;
+use axum::response::Response;
+use guardrail_core::compile::App;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long a model is served before it is rebuilt (in the background).
+pub const FRESH: Duration = Duration::from_secs(1);
+/// Days of totals kept in memory.
+const MAX_DAYS_KEPT: usize = 500;
+/// Days of history behind `cost_30d` and `last_seen`.
+const RECENT_DAYS: u64 = 30;
+
+/// Requests of one app over a period, by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageView {
+    pub requests: u64,
+    pub allowed: u64,
+    pub throttled: u64,
+    pub soft_limit: u64,
+    pub fleet_budget: u64,
+    /// By problem code (throttles included).
+    pub denied: BTreeMap<String, u64>,
+    pub connectors: BTreeMap<String, u64>,
+}
+
+impl From<&Counts> for UsageView {
+    fn from(c: &Counts) -> Self {
+        UsageView {
+            requests: kpis::requests(c),
+            allowed: c.allowed,
+            throttled: c.throttled,
+            soft_limit: c.soft_limit,
+            fleet_budget: c.fleet_budget,
+            denied: c.denied.clone(),
+            connectors: c.connectors.clone(),
+        }
+    }
+}
+
+/// A catalog entry with what the fleet saw of the app.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppView {
+    #[serde(flatten)]
+    pub entry: Entry,
+    pub today: UsageView,
+    /// The last UTC day (`YYYY-MM-DD`) with a request in the last 30 days.
+    pub last_seen: Option<String>,
+    /// Cost of the last 30 days, today included, in the policy's currency.
+    pub cost_30d: f64,
+}
+
+/// A dataset an app's data classes let it reach, and whether its region may.
+#[derive(Debug, Clone, Serialize)]
+pub struct Reach {
+    pub dataset: String,
+    pub classification: &'static str,
+    pub allowed_regions: Vec<String>,
+    pub from_app_region: bool,
+    pub requires_jit: bool,
+}
+
+pub struct Model {
+    pub snapshot: Arc<Snapshot>,
+    pub revision: String,
+    pub currency: String,
+    pub apps: Vec<AppView>,
+    index: HashMap<String, usize>,
+    pub callers: Vec<Caller>,
+    /// Today's fleet totals, apps no longer in the catalog included.
+    pub totals: Arc<BTreeMap<String, Counts>>,
+    /// Apps anomalous today.
+    pub anomalies: Vec<kpis::Anomaly>,
+    /// `/api/v1/apps` as served: written once per model, not per request.
+    pub apps_json: axum::body::Bytes,
+}
+
+impl Model {
+    pub fn app(&self, id: &str) -> Option<&AppView> {
+        self.index.get(id).and_then(|&i| self.apps.get(i))
+    }
+
+    fn policy_app(&self, id: &str) -> Option<&App> {
+        self.snapshot.policy.app(id)
+    }
+
+    /// The datasets the app may reach by its data classes, with their regions.
+    pub fn detail(&self, a: &AppView) -> Vec<Reach> {
+        let Some(app) = self.policy_app(&a.entry.id) else { return Vec::new() };
+        (self.snapshot.policy.datasets.iter())
+            .filter(|d| app.data_classes.contains(&d.classification))
+            .map(|d| Reach {
+                dataset: d.id.clone(),
+                classification: d.classification.as_str(),
+                allowed_regions: d.allowed_regions.clone(),
+                from_app_region: d.allowed_regions.contains(&app.region),
+                requires_jit: d.requires_jit,
+            })
+            .collect()
+    }
+}
+
+#[derive(Default)]
+pub struct Cache {
+    model: tokio::sync::Mutex<Option<(Arc<Model>, Instant)>>,
+    rebuilding: AtomicBool,
+    past: Mutex<BTreeMap<u64, Arc<BTreeMap<String, Counts>>>>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", &format!("the store cannot be read: {e}"))
+}
+
+impl Cache {
+    /// The model of now (see the module docs).
+    pub async fn get(self: &Arc<Self>, hub: &Arc<Hub>) -> Result<Arc<Model>, Response> {
+        let snapshot = hub.current();
+        let mut slot = self.model.lock().await;
+        if let Some((model, at)) = slot.as_ref() {
+            if Arc::ptr_eq(&model.snapshot, &snapshot) {
+                if at.elapsed() >= FRESH && !self.rebuilding.swap(true, Ordering::AcqRel) {
+                    let (cache, hub) = (self.clone(), hub.clone());
+                    tokio::spawn(async move {
+                        if let Ok(m) = cache.build(&hub, hub.current()).await {
+                            *cache.model.lock().await = Some((Arc::new(m), Instant::now()));
+                        }
+                        cache.rebuilding.store(false, Ordering::Release);
+                    });
+                }
+                return Ok(model.clone());
+            }
+        }
+        let model = Arc::new(self.build(hub, snapshot).await?);
+        *slot = Some((model.clone(), Instant::now()));
+        Ok(model)
+    }
+
+    /// Fleet totals of the days `from..=to` (see the module docs).
+    pub async fn days(&self, hub: &Hub, from: u64, to: u64) -> Result<Days, Response> {
+        let today = hub.today();
+        let store = hub.store();
+        let mut days = Days::new();
+        for day in from..=to.min(today) {
+            if day == today {
+                days.insert(day, Arc::new(hub.fleet_totals(day)));
+                continue;
+            }
+            let Some(store) = &store else {
+                days.insert(day, Arc::new(hub.fleet_totals(day)));
+                continue;
+            };
+            let kept = self.past.lock().unwrap_or_else(PoisonError::into_inner).get(&day).cloned();
+            if let Some(totals) = kept {
+                days.insert(day, totals);
+                continue;
+            }
+            let totals = Arc::new(store.totals(day).await.map_err(unavailable)?);
+            if day + 1 < today {
+                let mut past = self.past.lock().unwrap_or_else(PoisonError::into_inner);
+                past.insert(day, totals.clone());
+                while past.len() > MAX_DAYS_KEPT {
+                    past.pop_first();
+                }
+            }
+            days.insert(day, totals);
+        }
+        Ok(days)
+    }
+
+    async fn build(&self, hub: &Hub, snapshot: Arc<Snapshot>) -> Result<Model, Response> {
+        let today = hub.today();
+        let days = self.days(hub, today.saturating_sub(RECENT_DAYS - 1), today).await?;
+        let anomalies = kpis::anomalies(&days, today);
+        let callers = match hub.store() {
+            Some(store) => store.callers().await.map_err(unavailable)?,
+            None => Vec::new(),
+        };
+        let policy = &snapshot.policy;
+        let keys = policy.api_key_digests_by_app();
+        let now = hub.now();
+        let totals = days.get(&today).cloned().unwrap_or_default();
+        let mut apps = Vec::with_capacity(policy.apps.len());
+        let mut index = HashMap::with_capacity(policy.apps.len());
+        for (i, app) in policy.apps.iter().enumerate() {
+            let digests = keys.get(i).map(Vec::as_slice).unwrap_or_default();
+            let today_counts = totals.get(&app.id);
+            let evidence = guardrail_core::catalog::Evidence {
+                usage: today_counts.map(|c| guardrail_core::catalog::Usage {
+                    allowed: c.allowed,
+                    throttled: c.throttled,
+                    denied: kpis::requests(c).saturating_sub(c.allowed).saturating_sub(c.throttled),
+                }),
+                days_since_review: None,
+            };
+            let entry = crate::catalog::entry(policy, app, digests, now, &evidence);
+            let mut last_seen = None;
+            let mut cost = 0.0;
+            for (day, apps) in &days {
+                if let Some(c) = apps.get(&app.id) {
+                    if kpis::requests(c) > 0 {
+                        last_seen = Some(*day);
+                    }
+                    cost += kpis::cost_of(policy, c);
+                }
+            }
+            index.insert(app.id.clone(), i);
+            apps.push(AppView {
+                entry,
+                today: today_counts.map(UsageView::from).unwrap_or_default(),
+                last_seen: last_seen.map(kpis::date),
+                cost_30d: (cost * 100.0).round() / 100.0,
+            });
+        }
+        let apps_json = serde_json::to_vec(&serde_json::json!({
+            "revision": snapshot.revision, "currency": policy.settings.currency, "apps": apps,
+        }))
+        .unwrap_or_default()
+        .into();
+        Ok(Model {
+            apps_json,
+            revision: snapshot.revision.clone(),
+            currency: policy.settings.currency.clone(),
+            snapshot,
+            apps,
+            index,
+            callers,
+            totals,
+            anomalies,
+        })
+    }
+}
