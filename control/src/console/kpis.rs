@@ -219,6 +219,41 @@ pub fn anomalies(days: &Days, day: u64) -> Vec<Anomaly> {
     out
 }
 
+/// How many apps were anomalous on each day of `from..=to`: every app's requests per day read
+/// once, the trailing sums kept as a window (not 7 lookups per app and day).
+fn anomalies_per_day(days: &Days, from: u64, to: u64) -> Vec<u64> {
+    let first = from.saturating_sub(TRAILING_DAYS);
+    let len = usize::try_from(to - first + 1).unwrap_or(0);
+    let mut series: std::collections::HashMap<&str, Vec<u64>> = std::collections::HashMap::new();
+    for (day, apps) in days.range(first..=to) {
+        let at = usize::try_from(day - first).unwrap_or(0);
+        for (app, c) in apps.iter().filter(|(app, _)| app.as_str() != UNREGISTERED_ROW) {
+            let row = series.entry(app.as_str()).or_insert_with(|| vec![0; len]);
+            if let Some(slot) = row.get_mut(at) {
+                *slot = requests(c);
+            }
+        }
+    }
+    let offset = usize::try_from(from - first).unwrap_or(0);
+    let mut out = vec![0u64; len - offset];
+    for row in series.values() {
+        let mut window: u64 = row.iter().take(offset).sum();
+        for (i, slot) in out.iter_mut().enumerate() {
+            let n = row.get(offset + i).copied().unwrap_or(0);
+            // `window`: the requests of the TRAILING_DAYS days before (days before the store's
+            // history count 0).
+            if n >= ANOMALY_MIN_REQUESTS && n.saturating_mul(TRAILING_DAYS) > ANOMALY_FACTOR.saturating_mul(window) {
+                *slot += 1;
+            }
+            window = window.saturating_add(n);
+            if let Some(dropped) = (offset + i).checked_sub(TRAILING_DAYS as usize) {
+                window = window.saturating_sub(row.get(dropped).copied().unwrap_or(0));
+            }
+        }
+    }
+    out
+}
+
 /// The KPIs of the days `from..=to` (both within `days`, which also holds the
 /// [`TRAILING_DAYS`] before `from` for the anomalies), with `callers` from the store.
 pub fn kpis(policy: &CompiledPolicy, days: &Days, callers: &[Caller], from: u64, to: u64) -> Kpis {
@@ -247,8 +282,10 @@ pub fn kpis(policy: &CompiledPolicy, days: &Days, callers: &[Caller], from: u64,
         unregistered = unregistered.saturating_add(d.unregistered);
         d.registration_share = share(registered, d.unregistered);
         d.cost = cents(day_cost);
-        d.anomalies = anomalies(days, day).len() as u64;
         daily.push(d);
+    }
+    for (d, n) in daily.iter_mut().zip(anomalies_per_day(days, from, to)) {
+        d.anomalies = n;
     }
 
     let mut apps_by_lifecycle = BTreeMap::new();
@@ -487,6 +524,26 @@ mod tests {
         }
         let share = k.registration.share.unwrap_or(0.0);
         assert!((share - 2527.0 / 2535.0).abs() < 1e-9, "share {share}");
+    }
+
+    #[test]
+    fn daily_anomaly_counts_agree_with_the_anomalies_of_each_day() {
+        // Three apps over 40 days with bursts; each day's count must be what `anomalies` finds.
+        let mut days = Days::new();
+        for d in DAY - 40..=DAY {
+            let apps: BTreeMap<String, Counts> = (0..3u64)
+                .map(|a| {
+                    let n = if (d + a * 5) % 11 == 0 { 900 } else { (d * 37 + a * 13) % 150 };
+                    (format!("app-{a}"), counts(n, &[], &[], 0))
+                })
+                .collect();
+            days.insert(d, Arc::new(apps));
+        }
+        let from = DAY - 30;
+        let got = anomalies_per_day(&days, from, DAY);
+        let want: Vec<u64> = (from..=DAY).map(|d| anomalies(&days, d).len() as u64).collect();
+        assert_eq!(got, want);
+        assert!(want.iter().sum::<u64>() > 0, "the case has anomalies");
     }
 
     #[test]

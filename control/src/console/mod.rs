@@ -35,7 +35,13 @@ struct Console {
     hub: Arc<Hub>,
     token: Option<Arc<str>>,
     model: Arc<model::Cache>,
+    /// `/metrics` as rendered for a model: scrapes between two models (at most a second apart)
+    /// share one rendering.
+    metrics: Arc<std::sync::Mutex<Option<Rendered>>>,
 }
+
+/// A model and its `/metrics` text.
+type Rendered = (Arc<model::Model>, axum::body::Bytes);
 
 /// The token that requests must carry when listening on `addr`: none on loopback (unless a file is
 /// given), else the one in `token_file`, which is then required.
@@ -285,7 +291,20 @@ async fn metrics_page(State(console): State<Console>, headers: HeaderMap) -> Res
         Ok(m) => m,
         Err(r) => return r,
     };
-    match metrics::render(&console.hub, &m) {
+    let cached = {
+        let slot = console.metrics.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.as_ref().filter(|(of, _)| Arc::ptr_eq(of, &m)).map(|(_, text)| text.clone())
+    };
+    let rendered = match cached {
+        Some(text) => Ok(text),
+        None => metrics::render(&console.hub, &m).map(|text| {
+            let text = axum::body::Bytes::from(text);
+            *console.metrics.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some((m.clone(), text.clone()));
+            text
+        }),
+    };
+    match rendered {
         Ok(text) => {
             let mut r = (StatusCode::OK, text).into_response();
             r.headers_mut().insert(
@@ -317,7 +336,7 @@ async fn not_found(State(console): State<Console>, headers: HeaderMap) -> Respon
 
 /// Serves the console on `listener` until the process stops.
 pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: Router) -> tokio::task::JoinHandle<()> {
-    let console = Console { hub, token: token.map(Arc::from), model: Arc::default() };
+    let console = Console { hub, token: token.map(Arc::from), model: Arc::default(), metrics: Arc::default() };
     let router = Router::new()
         .route("/", get(page_catalog))
         .route("/apps/{id}", get(page_app))

@@ -84,16 +84,25 @@ pub struct Counts {
 /// `a` raised to `b`, key by key.
 fn max_into(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
     for (k, n) in b {
-        let slot = a.entry(k.clone()).or_default();
-        *slot = (*slot).max(*n);
+        match a.get_mut(k) {
+            Some(slot) => *slot = (*slot).max(*n),
+            None => {
+                a.insert(k.clone(), *n);
+            }
+        }
     }
 }
 
 /// `b` added to `a`, key by key.
 fn add_into(a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>) {
+    // A key is copied only when it is new (sums over many days and apps repeat the same codes).
     for (k, n) in b {
-        let slot = a.entry(k.clone()).or_default();
-        *slot = slot.saturating_add(*n);
+        match a.get_mut(k) {
+            Some(slot) => *slot = slot.saturating_add(*n),
+            None => {
+                a.insert(k.clone(), *n);
+            }
+        }
     }
 }
 
