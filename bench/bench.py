@@ -91,7 +91,7 @@ SETTINGS: dict[str, Any] = {
     "scale_apps": [int(x) for x in os.environ.get("BENCH_SCALE_APPS", "1000,10000").split(",") if x],
 }
 
-PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay", "fleet", "token"]
+PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay", "fleet", "token", "console"]
 
 
 def artifact(var: str, default: str) -> Path:
@@ -1244,6 +1244,102 @@ def part_fleet(work: Path) -> dict[str, Any]:
     return {"nodes": nodes, "runs": runs, "table": tables}
 
 
+def part_console(work: Path) -> dict[str, Any]:
+    """The console (`guardrail serve --http`) over a big catalog with history: BENCH_CONSOLE_APPS apps
+    (10,000) and BENCH_CONSOLE_DAYS days (90) of fleet totals written into the SQLite store before
+    the companion starts; then the latency of /api/v1/apps (BENCH_CONSOLE_REQUESTS sequential
+    requests, 200), /metrics, /api/v1/kpis (90 days), and the catalog page rendered by headless
+    Chromium (navigation start to load end, when chromium, chromedriver and selenium are there)."""
+    import sqlite3
+    apps, ndays = int(env_num("BENCH_CONSOLE_APPS", 10_000)), int(env_num("BENCH_CONSOLE_DAYS", 90))
+    requests_n = int(env_num("BENCH_CONSOLE_REQUESTS", 200))
+    d = work / "console"
+    d.mkdir()
+    doc = bench_policy(apps=apps, rules=20)
+    doc.setdefault("connectors", {}).setdefault("approved", [])
+    connectors = doc["connectors"]["approved"]
+    if connectors:
+        doc["connectors"]["pricing"] = {connectors[0]: {"per_1k_requests": 0.4}}
+    policy_file = d / "policy.json"
+    policy_file.write_text(json.dumps(doc))
+    # The store as a companion leaves it: `guardrail serve` creates the schema, then the history is
+    # written into it (fleet totals per day and app) while it is stopped.
+    db = d / "console.db"
+    port, http_port = free_port(), free_port()
+    cmd = [str(GUARDRAIL_BIN), "serve", "--policy", str(policy_file), "--listen", f"127.0.0.1:{port}",
+           "--store", f"sqlite:{db}", "--http", f"127.0.0.1:{http_port}"]
+
+    def start() -> subprocess.Popen[bytes]:
+        log = open(d / "companion.log", "ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=d)
+        wait_for(lambda: http_get(http_port, "/readyz")[0] == 200, timeout=120, what="the console")
+        return proc
+
+    proc = start()
+    proc.terminate()
+    proc.wait(timeout=30)
+    today = int(time.time()) // 86_400
+    ids = [a["id"] for a in doc["apps"]]
+    say(f"console: writing {apps} apps x {ndays} days of history into {db}")
+    with sqlite3.connect(db) as conn:
+        rows = ((day, app, 100 + (i * 7 + day) % 900, (i + day) % 5, i % 3, json.dumps({"quota-exceeded": (i + day) % 5}),
+                 json.dumps({"fleet_budget": 0, "connectors": {connectors[0]: 100} if connectors else {}}))
+                for day in range(today - ndays, today) for i, app in enumerate(ids))
+        conn.executemany("INSERT OR REPLACE INTO totals (day, app, allowed, throttled, soft_limit, denied, extra) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    proc = start()
+    try:
+        def timed(path: str, n: int) -> dict[str, float]:
+            lat = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                status, body = http_get(http_port, path, timeout=60)
+                lat.append((time.perf_counter() - t0) * 1000)
+                assert status == 200, (path, status, body[:300])
+            lat.sort()
+            return {"n": n, "p50_ms": round(lat[len(lat) // 2], 1), "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
+                    "max_ms": round(lat[-1], 1), "bytes": len(body)}
+
+        first = timed("/api/v1/apps", 1)
+        out: dict[str, Any] = {"apps": apps, "days": ndays, "first_apps_ms": first["p50_ms"],
+                               "api_apps": timed("/api/v1/apps", requests_n), "metrics": timed("/metrics", 20),
+                               "kpis_90d": timed(f"/api/v1/kpis?from={time.strftime('%Y-%m-%d', time.gmtime((today - ndays) * 86_400))}", 5)}
+        status, body = http_get(http_port, "/metrics")
+        series = [l for l in body.decode().splitlines() if l and not l.startswith("#")]
+        out["metrics_series"] = len(series)
+        out["page"] = chromium_load(f"http://127.0.0.1:{http_port}/")
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def chromium_load(url: str) -> dict[str, Any]:
+    """The page's load in headless Chromium (Navigation Timing: start to loadEventEnd), 3 runs."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        return {"skipped": "selenium is not installed (./build.sh installs it into .venv)"}
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        return {"skipped": "chromium/chromedriver are not installed (apt-get install chromium chromium-driver)"}
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        runs = []
+        for i in range(3):
+            b.get(f"{url}?run={i}")
+            runs.append(b.execute_script(
+                "const t = performance.getEntriesByType('navigation')[0]; return t.loadEventEnd - t.startTime;"))
+        return {"load_ms": [round(r) for r in runs], "median_ms": round(sorted(runs)[1])}
+    finally:
+        b.quit()
+
+
 # === report ===
 
 
@@ -1396,6 +1492,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if sc:
         size = sc["wasm_bytes"]["guardrail"]
         add(".wasm ≤ 1.5 MB", f"{size / 1e6:.2f} MB ({size} bytes)", size <= 1_500_000)
+    co = results.get("console")
+    if co and "api_apps" in co:
+        add(f"/api/v1/apps p99 ≤ 50 ms ({co['apps']:,} apps)", f"{co['api_apps']['p99_ms']:.1f} ms", co["api_apps"]["p99_ms"] <= 50)
+        add("/metrics ≤ 100 ms", f"p99 {co['metrics']['p99_ms']:.1f} ms", co["metrics"]["p99_ms"] <= 100)
+        if "median_ms" in co.get("page", {}):
+            add("catalog page in Chromium ≤ 1 s", f"{co['page']['median_ms']} ms", co["page"]["median_ms"] <= 1000)
     return out
 
 
@@ -1487,6 +1589,19 @@ def table(results: dict[str, Any]) -> str:
         else:
             for t in fl["table"]:
                 w(t)
+    co = results.get("console")
+    if co:
+        w("")
+        if "skipped" in co:
+            w(f"console: skipped ({co['skipped']})")
+        else:
+            w(f"console ({co['apps']:,} apps, {co['days']} days of history in SQLite)")
+            for key, what in [("api_apps", "/api/v1/apps"), ("metrics", "/metrics"), ("kpis_90d", "/api/v1/kpis, 90 days")]:
+                x = co[key]
+                w(f"  {what:<24} p50 {x['p50_ms']:>8.1f} ms  p99 {x['p99_ms']:>8.1f} ms  ({x['n']} requests, {x['bytes']:,} bytes)")
+            w(f"  first /api/v1/apps (cold) {co['first_apps_ms']:.1f} ms; /metrics {co['metrics_series']:,} series")
+            page = co.get("page", {})
+            w(f"  catalog page in Chromium: {page.get('load_ms', page.get('skipped'))}")
     ts = results.get("targets", [])
     if ts:
         w("")
@@ -1531,7 +1646,8 @@ def main() -> int:
     t0 = time.monotonic()
     funcs = {"overhead": part_overhead, "accuracy": part_accuracy, "propagation": part_propagation,
              "scale": part_scale, "decide": part_decide, "replay": part_replay, "fleet": part_fleet,
-             "token": part_token}
+             "token": part_token,
+             "console": part_console}
     for part in PARTS:
         if part in parts:
             p0 = time.monotonic()

@@ -8,7 +8,7 @@
 # (bench/trivial-filter → target/bench-trivial) before measuring anything. The criterion bench
 # (target/release/guardrail-bench, from bench/decide) is built by ./build.sh with the CLI.
 #
-# Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide,replay,fleet,token (default: all),
+# Settings (environment): BENCH_ONLY=overhead,accuracy,propagation,scale,decide,replay,fleet,token,console (default: all),
 # BENCH_DURATION (4 s per wrk run), BENCH_ROUNDS (4), BENCH_CONFIGS (abcdhi), BENCH_WARMUP (2 s, per run), BENCH_CONNECTIONS (16),
 # BENCH_THREADS (2), BENCH_APPS (1000), BENCH_RULES (20), BENCH_CHANGES (100), BENCH_POLL_MS (2),
 # BENCH_SCALE_APPS (1000,10000), BENCH_ACCURACY_APPS (20), BENCH_ACCURACY_QUOTA (50),
@@ -29,7 +29,7 @@ export GUARDRAIL_BIN="$(abs "${GUARDRAIL_BIN:-target/release/guardrail}")"
 export ENVOY_BIN="$(abs "${ENVOY_BIN:-.venv/bin/envoy}")"
 target_dir="$(abs "${CARGO_TARGET_DIR:-target}")"
 export TRIVIAL_WASM="$target_dir/bench-trivial/wasm32-wasip1/release/trivial_filter.wasm"
-ONLY="${BENCH_ONLY:-overhead,accuracy,propagation,scale,decide,replay,fleet,token}"
+ONLY="${BENCH_ONLY:-overhead,accuracy,propagation,scale,decide,replay,fleet,token,console}"
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
