@@ -185,6 +185,10 @@ def test_the_quarterly_report_as_json_and_csv(console: Console) -> None:
     report = get_json(f"{console.base}/api/v1/report?quarter={quarter}")
     rows = {r["app"]: r for r in report["rows"]}
     assert (rows["pos"]["requests"], rows["tiny"]["throttled"], rows["never"]["requests"]) == (10, 3, 0), rows
+    summary, previous = report["summary"], report["previous"]
+    assert (summary["registered_requests"], summary["unregistered_requests"], summary["throttled"], summary["denied"],
+            summary["cost"]) == (17, 5, 3, 7, 4.8), summary
+    assert previous["quarter"] == previous_quarter(quarter) and previous["registered_requests"] == 0, previous
     status, ctype, csv = get(f"{console.base}/api/v1/report?quarter={quarter}&format=csv")
     assert status == 200 and ctype.startswith("text/csv"), (status, ctype)
     lines = csv.strip().splitlines()
@@ -192,11 +196,16 @@ def test_the_quarterly_report_as_json_and_csv(console: Console) -> None:
     assert f"{quarter},pos,retail,stores,published,amber,10,10,0,0,4.00,EUR" in lines, lines
     assert f"{quarter},(unregistered),,,,,5,0,0,5,0.00,EUR" in lines, lines
     status, _, html = get(f"{console.base}/report?quarter={quarter}")
-    assert status == 200 and f"Quarterly report {quarter}" in html
+    assert status == 200 and f"Quarterly report {quarter}" in html and "Compared with the quarter before" in html
 
 
 def current_quarter(day: str) -> str:
     return f"{day[:4]}-Q{(int(day[5:7]) + 2) // 3}"
+
+
+def previous_quarter(quarter: str) -> str:
+    year, q = int(quarter[:4]), int(quarter[-1])
+    return f"{year - 1}-Q4" if q == 1 else f"{year}-Q{q - 1}"
 
 
 @pytest.mark.parametrize(

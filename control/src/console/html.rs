@@ -564,6 +564,9 @@ pub fn kpis(_m: &Model, k: &Kpis) -> String {
     page("KPIs", &b)
 }
 
+/// One line of the quarter comparison: a summary's value as shown.
+type SummaryCell<'a> = dyn Fn(&super::report::Summary) -> String + 'a;
+
 pub fn report(r: &Report) -> String {
     let k = &r.kpis;
     let mut b = String::new();
@@ -579,6 +582,26 @@ pub fn report(r: &Report) -> String {
         q = url(&r.quarter),
     );
     kpi_cards(&mut b, k);
+    b.push_str("<h2>Compared with the quarter before</h2>");
+    let quarters: Vec<&super::report::Summary> = r.previous.iter().chain([&r.summary]).collect();
+    let mut head = vec!["".to_string()];
+    head.extend(quarters.iter().map(|s| s.quarter.clone()));
+    let lines: [(&str, &SummaryCell<'_>); 7] = [
+        ("Registered requests", &|s| s.registered_requests.to_string()),
+        ("Unregistered requests", &|s| s.unregistered_requests.to_string()),
+        ("Registration share", &|s| pct(s.registration_share)),
+        ("Throttled", &|s| s.throttled.to_string()),
+        ("Denied", &|s| s.denied.to_string()),
+        ("Cost", &|s| money(s.cost, &k.currency)),
+        ("Days with anomalies", &|s| s.anomaly_days.to_string()),
+    ];
+    let head_refs: Vec<&str> = head.iter().map(String::as_str).collect();
+    rows(
+        &mut b,
+        &head_refs,
+        lines.iter().map(|(name, f)| std::iter::once(esc(name)).chain(quarters.iter().map(|s| f(s))).collect()),
+        "compare",
+    );
     b.push_str("<h2>Apps</h2>");
     rows(
         &mut b,

@@ -169,6 +169,17 @@ pub fn parse_quarter(text: &str) -> Option<(u64, u64)> {
     Some((first, next - 1))
 }
 
+/// The quarter before `YYYY-Qn` (`2026-Q1` → `2025-Q4`).
+pub fn previous_quarter(text: &str) -> Option<String> {
+    let (year, q) = text.split_once("-Q")?;
+    let year: u32 = year.parse().ok()?;
+    match q {
+        "1" => Some(format!("{:04}-Q4", year.checked_sub(1)?)),
+        "2" | "3" | "4" => Some(format!("{year:04}-Q{}", q.parse::<u32>().ok()? - 1)),
+        _ => None,
+    }
+}
+
 /// Requests of one app's counts: admitted and every denial.
 pub fn requests(c: &Counts) -> u64 {
     c.denied.values().fold(c.allowed, |a, n| a.saturating_add(*n))
@@ -446,6 +457,9 @@ mod tests {
             let got = parse_quarter(text).map(|(a, b)| (date(a), date(b)));
             assert_eq!(got, want.map(|(a, b)| (a.to_string(), b.to_string())), "{text}");
         }
+        assert_eq!(previous_quarter("2026-Q1").as_deref(), Some("2025-Q4"));
+        assert_eq!(previous_quarter("2026-Q4").as_deref(), Some("2026-Q3"));
+        assert_eq!(previous_quarter("2026-Q9"), None);
         assert_eq!(parse_date("2025-12-06"), Some(DAY));
         assert_eq!(date(DAY), "2025-12-06");
         for bad in ["2025-13-01", "2025-12-6", "2025-12-06T00", "yesterday", "2025-02-30"] {

@@ -215,7 +215,16 @@ async fn quarter_report(
     let q = query::Query::parse(uri.query());
     let (name, from, to) = quarter(&q)?;
     let (m, k) = kpis_of(console, from, to).await?;
-    Ok((report::Report::new(&name, &m, k), q))
+    let mut report = report::Report::new(&name, &m, k);
+    // The quarter before, summed the same way, to compare with (days before the store's history
+    // count nothing).
+    if let Some((before, (from, to))) =
+        kpis::previous_quarter(&name).and_then(|p| kpis::parse_quarter(&p).map(|r| (p, r)))
+    {
+        let (_, k) = kpis_of(console, from, to).await?;
+        report.previous = Some(report::Summary::of(&before, &k));
+    }
+    Ok((report, q))
 }
 
 fn either(r: Result<Response, Response>) -> Response {

@@ -13,6 +13,40 @@ pub struct Report {
     pub apps_total: usize,
     pub rows: Vec<Row>,
     pub kpis: Kpis,
+    /// This quarter's totals, and the quarter before's to compare.
+    pub summary: Summary,
+    pub previous: Option<Summary>,
+}
+
+/// A quarter in a few numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub quarter: String,
+    pub registered_requests: u64,
+    pub unregistered_requests: u64,
+    pub registration_share: Option<f64>,
+    pub throttled: u64,
+    /// Denials other than throttles, unregistered callers' included.
+    pub denied: u64,
+    pub cost: f64,
+    pub anomaly_days: u64,
+}
+
+impl Summary {
+    pub fn of(quarter: &str, k: &Kpis) -> Summary {
+        let throttled: u64 = k.throttles.iter().map(|t| t.quota_exceeded + t.budget_exhausted + t.fleet_budget).sum();
+        let denied: u64 = k.denials.values().sum::<u64>().saturating_sub(throttled);
+        Summary {
+            quarter: quarter.to_string(),
+            registered_requests: k.registration.registered_requests,
+            unregistered_requests: k.registration.unregistered_requests,
+            registration_share: k.registration.share,
+            throttled,
+            denied,
+            cost: k.cost.total,
+            anomaly_days: k.daily.iter().filter(|d| d.anomalies > 0).count() as u64,
+        }
+    }
 }
 
 /// One app's quarter.
@@ -65,7 +99,15 @@ impl Report {
             })
             .collect();
         rows.sort_by(|a, b| b.requests.cmp(&a.requests).then_with(|| a.app.cmp(&b.app)));
-        Report { quarter: quarter.to_string(), revision: m.revision.clone(), apps_total: m.apps.len(), rows, kpis }
+        Report {
+            quarter: quarter.to_string(),
+            revision: m.revision.clone(),
+            apps_total: m.apps.len(),
+            rows,
+            summary: Summary::of(quarter, &kpis),
+            previous: None,
+            kpis,
+        }
     }
 
     /// One line per app, then one for the unregistered callers.
