@@ -526,7 +526,7 @@ Guardrail is up: gateway $url, admin http://127.0.0.1:$admin_port, upstream http
 policy: $policy, served by the companion on 127.0.0.1:$control_port: edit it and enforcement follows
         (the same policy is inline in the plugin configuration until the first push; config: $RUN_DIR/guardrail.yaml)
         fleet status: $GUARDRAIL_BIN status --server 127.0.0.1:$control_port
-console: http://127.0.0.1:$console_port/api/v1/apps (the catalog as JSON; /healthz, /readyz)
+console: http://127.0.0.1:$console_port/ (the catalog; /kpis, /report?quarter=YYYY-Qn, /metrics, /api/v1/apps, /api/v1/kpis)
 
 Try:
 
