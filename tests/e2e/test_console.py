@@ -66,6 +66,11 @@ def make_policy(key: SigningKey) -> dict[str, Any]:
         ],
     )
     doc["connectors"]["pricing"] = {"upstream": {"per_1k_requests": PRICE}}
+    doc["datasets"] = [
+        {"id": "price-list", "classification": "public", "allowed_regions": ["eu-west-1", "us-east-1"],
+         "routes": [{"path_prefix": "/prices"}]},
+        {"id": "payroll", "classification": "internal", "allowed_regions": ["us-east-1"], "routes": [{"path_prefix": "/payroll"}]},
+    ]
     return doc
 
 
@@ -159,6 +164,14 @@ def test_an_app_shows_its_override_and_datasets_and_an_unknown_one_is_404(consol
     assert never["quota"]["overrides"] == [
         {"rate": None, "daily_budget": 5000, "expires_at": "2099-01-01T00:00:00Z", "reason": "quarter close"}
     ], never["quota"]
+    datasets = get_json(f"{console.base}/api/v1/apps/hr")["datasets"]
+    assert datasets == [
+        {"dataset": "price-list", "classification": "public", "allowed_regions": ["eu-west-1", "us-east-1"],
+         "from_app_region": True, "requires_jit": False},
+        {"dataset": "payroll", "classification": "internal", "allowed_regions": ["us-east-1"],
+         "from_app_region": False, "requires_jit": False},
+    ], "what hr's data classes (public, internal) reach, and from its region (eu-west-1)"
+    assert [d["dataset"] for d in get_json(f"{console.base}/api/v1/apps/pos")["datasets"]] == ["price-list"]
     status, ctype, body = get(f"{console.base}/api/v1/apps/nope")
     assert (status, ctype) == (404, "application/problem+json"), (status, ctype, body)
     assert "nope" in json.loads(body)["detail"]
@@ -341,6 +354,7 @@ def test_an_app_page_has_its_evidence(browser: Any, console: Console) -> None:
     assert "upstream approved 2" in browser.find_element(By.ID, "connectors").text
     assert browser.find_elements(By.CSS_SELECTOR, "svg rect"), "the 90-day chart"
     assert "1/1h burst 2" in browser.find_element(By.ID, "quota").text
+    assert "price-list public eu-west-1, us-east-1 yes" in browser.find_element(By.ID, "datasets").text
     screenshot(browser, console, "app")
 
     browser.get(console.base + "/apps/never")

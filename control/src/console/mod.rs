@@ -134,9 +134,9 @@ async fn app(State(console): State<Console>, headers: HeaderMap, UrlPath(id): Ur
         Err(r) => return r,
     };
     match m.app(&id) {
-        Some(a) => {
-            json(&serde_json::json!({"revision": m.revision, "currency": m.currency, "app": a, "detail": m.detail(a)}))
-        }
+        Some(a) => json(
+            &serde_json::json!({"revision": m.revision, "currency": m.currency, "app": a, "datasets": m.detail(a)}),
+        ),
         None => unknown_app(&m, &id),
     }
 }
