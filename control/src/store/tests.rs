@@ -458,3 +458,32 @@ async fn redis_down_is_an_error_then_the_store_reconnects() {
     }
     assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(2));
 }
+
+/// A SQLite file written before the console's counts (no `extra` column) is opened, its usage
+/// read back, and new counts written on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_of_before_the_console_gains_its_column() {
+    let dir = TempDir::new("sqlite-old");
+    let path = dir.0.join("guardrail.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE usage (day INTEGER NOT NULL, node TEXT NOT NULL, app TEXT NOT NULL,
+                 allowed INTEGER NOT NULL, throttled INTEGER NOT NULL, soft_limit INTEGER NOT NULL,
+                 denied TEXT NOT NULL, PRIMARY KEY (day, app, node)) WITHOUT ROWID;
+             CREATE TABLE totals (day INTEGER NOT NULL, app TEXT NOT NULL,
+                 allowed INTEGER NOT NULL, throttled INTEGER NOT NULL, soft_limit INTEGER NOT NULL,
+                 denied TEXT NOT NULL, PRIMARY KEY (day, app)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        conn.execute(&format!("INSERT INTO usage VALUES ({DAY}, 'a', 'pos', 5, 0, 0, '{{}}')"), []).unwrap();
+        conn.execute(&format!("INSERT INTO totals VALUES ({DAY}, 'pos', 5, 0, 0, '{{}}')"), []).unwrap();
+    }
+    let store = open(&format!("sqlite:{}", path.display())).await.unwrap();
+    assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(5), "the old rows are read");
+    let mut c = counts(7, &[]);
+    c.connectors.insert("crm".into(), 7);
+    store.put_usage(&[row(DAY, "a", "pos", c)]).await.unwrap();
+    let total = store.totals(DAY).await.unwrap().get("pos").cloned().unwrap_or_default();
+    assert_eq!((total.allowed, total.connectors.get("crm").copied()), (7, Some(7)), "{total:?}");
+}
