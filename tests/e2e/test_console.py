@@ -3,8 +3,10 @@ the echo upstream, and the console read three ways — the JSON API, `/metrics` 
 `prometheus_client` OpenMetrics parser, and the HTML pages driven by real headless Chromium
 (Debian's `chromium` and `chromium-driver` through Selenium).
 
-Traffic through Envoy: admitted requests (priced per connector), throttles (`quota-exceeded`),
-denials (`app-not-active`), an unknown API key and a valid token of an app that is not registered.
+Traffic through Envoy: admitted requests (priced per connector), throttles (`quota-exceeded`, and a
+daily budget spent: `budget-exhausted` by the Envoy's own count, then `fleet-budget` once the
+companion pushed it), denials (`app-not-active`), an unknown API key and a valid token of an app
+that is not registered.
 The numbers must come out exactly in every view. Screenshots of the catalog, an app page and the
 KPIs are written to the test's directory (and to `GUARDRAIL_SCREENSHOTS` when set: `docs/console/`
 holds one set made so).
@@ -36,7 +38,9 @@ from tokens import SigningKey, claims
 
 ISSUER = "https://idp.console.example"
 AUDIENCE = "guardrail"
-KEYS = {"pos": "k-console-pos-0001", "tiny": "k-console-tiny-0001", "hr": "k-console-hr-0001"}
+KEYS = {"pos": "k-console-pos-0001", "tiny": "k-console-tiny-0001", "hr": "k-console-hr-0001",
+        "capped": "k-console-capped-0001"}
+CAPPED_BUDGET = 3
 UNKNOWN_KEY = "k-console-unknown-0001"
 FINGERPRINT = hashlib.sha256(UNKNOWN_KEY.encode()).hexdigest()[:8]
 GHOST = "ghost-app"
@@ -56,11 +60,13 @@ def make_policy(key: SigningKey) -> dict[str, Any]:
         tiers={
             "standard": tier(60000, "1m", burst=10000, daily_budget=1_000_000),
             "tiny": tier(1, "1h", burst=2),
+            "capped": tier(60000, "1m", burst=10000, daily_budget=CAPPED_BUDGET),
         },
         apps=[
             app("pos", keys=[KEYS["pos"]], data_classes=["public"], department="retail", team="stores"),
             app("tiny", tier="tiny", keys=[KEYS["tiny"]], environment="dev", data_classes=["public"]),
             app("hr", lifecycle="deprecated", keys=[KEYS["hr"]], department="people"),
+            app("capped", tier="capped", keys=[KEYS["capped"]], data_classes=["public"]),
             app("never", data_classes=["regulated"], owner=INJECTED_OWNER, team=INJECTED_TEAM, department="finance",
                 quota_overrides=[{"daily_budget": 5000, "expires_at": "2099-01-01T00:00:00Z", "reason": "quarter close"}]),
         ],
@@ -80,6 +86,18 @@ class Console:
     gw: Envoy
     base: str
     shots: Path
+    # `capped`'s refusals once its budget was spent: by this Envoy's own count (`daily-budget`),
+    # then for the fleet (`fleet-budget`, once the companion pushed it), as the responses said.
+    capped_local: int
+    capped_fleet: int
+
+    @property
+    def capped(self) -> int:
+        return CAPPED_BUDGET + self.capped_local + self.capped_fleet
+
+    @property
+    def registered(self) -> int:
+        return 17 + self.capped
 
 
 def get(url: str, token: str | None = None) -> tuple[int, str, str]:
@@ -125,17 +143,28 @@ def console(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Path)
         assert send(gw, {"x-api-key": UNKNOWN_KEY}, SENT["unknown"]) == [401] * SENT["unknown"]
         token = key.sign(claims(iss=ISSUER, aud=AUDIENCE, azp=GHOST))
         assert send(gw, {"authorization": f"Bearer {token}"}, SENT["ghost"]) == [403] * SENT["ghost"]
+        assert send(gw, {"x-api-key": KEYS["capped"]}, CAPPED_BUDGET) == [200] * CAPPED_BUDGET
+        rules: list[str] = []
+
+        def refused_for_the_fleet() -> bool:
+            r = request(gw.url, "/orders", headers={"x-api-key": KEYS["capped"]})
+            rules.append(f"{r.status} {r.json().get('rule')}")
+            return rules[-1] == "429 fleet-budget"
+
+        wait_for(refused_for_the_fleet, timeout=15, interval=0.2, what="capped refused for the fleet budget")
+        assert set(rules) <= {"429 daily-budget", "429 fleet-budget"}, rules
         base = f"http://127.0.0.1:{http_port}"
+        c = Console(comp, gw, base, tmp / "screenshots", rules.count("429 daily-budget"), rules.count("429 fleet-budget"))
 
         def arrived() -> bool:
             k = get_json(f"{base}/api/v1/kpis")
-            return (k["registration"]["registered_requests"] == 17 and k["registration"]["unregistered_requests"] == 5
-                    and sum(c["requests"] for c in k["unregistered_callers"]) == 5)
+            return (k["registration"]["registered_requests"] == c.registered
+                    and k["registration"]["unregistered_requests"] == 5
+                    and sum(x["requests"] for x in k["unregistered_callers"]) == 5)
 
         wait_for(arrived, timeout=20, what="the traffic in the console's KPIs")
-        shots = tmp / "screenshots"
-        shots.mkdir()
-        yield Console(comp, gw, base, shots)
+        c.shots.mkdir()
+        yield c
     finally:
         gw.stop()
         comp.stop()
@@ -146,7 +175,7 @@ def console(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Path)
 
 def test_the_catalog_api_has_every_app_with_todays_numbers(console: Console) -> None:
     apps = {a["id"]: a for a in get_json(f"{console.base}/api/v1/apps")["apps"]}
-    assert set(apps) == {"pos", "tiny", "hr", "never"}, "every app of the policy, also one never seen"
+    assert set(apps) == {"pos", "tiny", "hr", "never", "capped"}, "every app of the policy, also one never seen"
     pos, tiny, hr, never = apps["pos"], apps["tiny"], apps["hr"], apps["never"]
     assert (pos["today"]["requests"], pos["today"]["allowed"], pos["today"]["connectors"]) == (10, 10, {"upstream": 10}), pos
     assert tiny["today"]["denied"] == {"quota-exceeded": 3} and tiny["today"]["throttled"] == 3, tiny
@@ -179,17 +208,23 @@ def test_an_app_shows_its_override_and_datasets_and_an_unknown_one_is_404(consol
 
 def test_the_kpis_count_every_outcome(console: Console) -> None:
     k = get_json(f"{console.base}/api/v1/kpis")
-    assert k["registration"]["share"] == pytest.approx(17 / 22)
+    assert k["registration"]["share"] == pytest.approx(console.registered / (console.registered + 5))
     callers = {(c["kind"], c["id"]): c["requests"] for c in k["unregistered_callers"]}
     assert callers == {("api-key", FINGERPRINT): 3, ("app", GHOST): 2}, callers
-    assert k["throttles"] == [{"app": "tiny", "quota_exceeded": 3, "budget_exhausted": 0, "fleet_budget": 0}]
-    assert k["denials"] == {"app-not-active": 2, "app-not-registered": 2, "quota-exceeded": 3, "unauthenticated": 3}
-    assert k["cost"]["total"] == 4.8 and k["cost"]["by_department"] == {"retail": 4.0, "engineering": 0.8}, k["cost"]
+    throttles = {t.pop("app"): t for t in k["throttles"]}
+    assert throttles == {
+        "tiny": {"quota_exceeded": 3, "budget_exhausted": 0, "fleet_budget": 0},
+        "capped": {"quota_exceeded": 0, "budget_exhausted": console.capped_local, "fleet_budget": console.capped_fleet},
+    }, throttles
+    assert console.capped_fleet == 1, "the last refusal was for the fleet"
+    assert k["denials"] == {"app-not-active": 2, "app-not-registered": 2, "quota-exceeded": 3, "unauthenticated": 3,
+                            "budget-exhausted": console.capped_local + console.capped_fleet}, k["denials"]
+    assert k["cost"]["total"] == 6.0 and k["cost"]["by_department"] == {"retail": 4.0, "engineering": 2.0}, k["cost"]
     assert k["currency"] == "EUR"
-    assert k["apps_by_lifecycle"] == {"published": 3, "deprecated": 1}
-    assert k["apps_by_risk"] == {"green": 1, "amber": 2, "red": 1}
+    assert k["apps_by_lifecycle"] == {"published": 4, "deprecated": 1}
+    assert k["apps_by_risk"] == {"green": 1, "amber": 3, "red": 1}
     today = k["daily"][-1]
-    assert (today["requests"], today["allowed"], today["unregistered"], today["cost"]) == (17, 12, 5, 4.8), today
+    assert (today["requests"], today["allowed"], today["unregistered"], today["cost"]) == (console.registered, 15, 5, 6.0), today
     assert len(k["daily"]) == 30, "the last 30 days by default"
 
 
@@ -200,7 +235,7 @@ def test_the_quarterly_report_as_json_and_csv(console: Console) -> None:
     assert (rows["pos"]["requests"], rows["tiny"]["throttled"], rows["never"]["requests"]) == (10, 3, 0), rows
     summary, previous = report["summary"], report["previous"]
     assert (summary["registered_requests"], summary["unregistered_requests"], summary["throttled"], summary["denied"],
-            summary["cost"]) == (17, 5, 3, 7, 4.8), summary
+            summary["cost"]) == (console.registered, 5, console.capped - CAPPED_BUDGET + 3, 7, 6.0), summary
     assert previous["quarter"] == previous_quarter(quarter) and previous["registered_requests"] == 0, previous
     status, ctype, csv = get(f"{console.base}/api/v1/report?quarter={quarter}&format=csv")
     assert status == 200 and ctype.startswith("text/csv"), (status, ctype)
@@ -270,6 +305,8 @@ def test_metrics_parse_and_hold_the_fleet(console: Console) -> None:
     assert value("guardrail_app_requests_today", app="pos", outcome="allowed") == 10
     assert value("guardrail_app_requests_today", app="tiny", outcome="quota-exceeded") == 3
     assert value("guardrail_app_requests_today", app="hr", outcome="denied") == 2
+    assert value("guardrail_app_requests_today", app="capped", outcome="fleet-budget") == console.capped_fleet
+    assert value("guardrail_app_requests_today", app="capped", outcome="budget-exhausted") == console.capped_local
     assert value("guardrail_app_cost_today", app="pos", currency="EUR") == pytest.approx(4.0)
     assert value("guardrail_unregistered_requests_today", kind="api-key") == 3
     assert value("guardrail_unregistered_requests_today", kind="app") == 2
@@ -324,7 +361,7 @@ def test_the_catalog_page_shows_the_numbers_and_escapes_the_policy(browser: Any,
 
     browser.get(console.base + "/")
     rows = browser.find_elements(By.CSS_SELECTOR, "#catalog tbody tr")
-    assert sorted(r.get_attribute("data-app") for r in rows) == ["hr", "never", "pos", "tiny"]
+    assert sorted(r.get_attribute("data-app") for r in rows) == ["capped", "hr", "never", "pos", "tiny"]
     assert cell(browser, "pos", "td.today") == "10"
     assert cell(browser, "tiny", "td.today") == "5"
     assert cell(browser, "never", "td.last-seen") == "never"
@@ -366,11 +403,13 @@ def test_the_kpis_page_has_the_share_callers_and_charts(browser: Any, console: C
     from selenium.webdriver.common.by import By
 
     browser.get(console.base + "/kpis")
-    assert browser.find_element(By.ID, "share").text == "77.3 %"
+    share = 100 * console.registered / (console.registered + 5)
+    assert browser.find_element(By.ID, "share").text == f"{share:.1f} %"
     callers = browser.find_element(By.ID, "unregistered").text
     assert f"api-key {FINGERPRINT} 3" in callers and f"app {GHOST} 2" in callers, callers
-    assert "tiny 3 0 0" in browser.find_element(By.ID, "throttles").text
-    assert browser.find_element(By.ID, "cost").text == "4.80 EUR"
+    throttles = browser.find_element(By.ID, "throttles").text
+    assert "tiny 3 0 0" in throttles and f"capped 0 {console.capped_local} {console.capped_fleet}" in throttles, throttles
+    assert browser.find_element(By.ID, "cost").text == "6.00 EUR"
     assert len(browser.find_elements(By.TAG_NAME, "svg")) == 4
     screenshot(browser, console, "kpis")
 
