@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 pub const FRESH: Duration = Duration::from_secs(1);
 /// Days of totals kept in memory.
 const MAX_DAYS_KEPT: usize = 500;
+/// Unregistered callers kept in a model (the store's most frequent).
+pub const MAX_CALLERS_SHOWN: usize = 1_000;
 /// Days of history behind `cost_30d` and `last_seen`.
 const RECENT_DAYS: u64 = 30;
 
@@ -189,10 +191,12 @@ impl Cache {
         let today = hub.today();
         let days = self.days(hub, today.saturating_sub(RECENT_DAYS - 1), today).await?;
         let anomalies = kpis::anomalies(&days, today);
-        let callers = match hub.store() {
+        let mut callers = match hub.store() {
             Some(store) => store.callers().await.map_err(unavailable)?,
             None => Vec::new(),
         };
+        // Most frequent first: the rest is a long tail the KPIs need not list.
+        callers.truncate(MAX_CALLERS_SHOWN);
         let policy = &snapshot.policy;
         let keys = policy.api_key_digests_by_app();
         let now = hub.now();
