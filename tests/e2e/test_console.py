@@ -367,6 +367,8 @@ def test_the_catalog_page_shows_the_numbers_and_escapes_the_policy(browser: Any,
     assert cell(browser, "never", "td.last-seen") == "never"
     assert cell(browser, "pos", "td.cost") == "4.00 EUR"
     assert cell(browser, "never", "td.risk").startswith("red")
+    share = 100 * console.registered / (console.registered + 5)
+    assert browser.find_element(By.ID, "share-today").text == f"{share:.1f} %"
     # The injected owner and team are text on the page: no script ran, no element was made.
     assert browser.title == "Catalog · Guardrail", browser.title
     assert not browser.find_elements(By.ID, "injected")

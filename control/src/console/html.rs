@@ -214,12 +214,20 @@ pub fn catalog(m: &Model, q: &Query) -> String {
     let mut body = String::with_capacity(1024 * shown.len() + 4096);
     let count = |tier: &str| m.apps.iter().filter(|a| a.entry.risk.tier == tier).count();
     let today: u64 = m.apps.iter().map(|a| a.today.requests).sum();
+    let unregistered: u64 = m.totals.get(crate::serve::fleet::UNREGISTERED_ROW).map_or(0, kpis::requests);
+    let registered: u64 = (m.totals.iter())
+        .filter(|(app, _)| app.as_str() != crate::serve::fleet::UNREGISTERED_ROW)
+        .map(|(_, c)| kpis::requests(c))
+        .sum();
+    let all = registered + unregistered;
     let _ = write!(
         body,
         "<h1>Catalog</h1><p class=\"small\">Revision <code>{}</code> · every app of the policy, also those never seen</p>\
          <div class=\"cards\"><div class=\"card\"><div class=\"small\">apps</div><div class=\"v\" id=\"apps-total\">{}</div></div>\
          <div class=\"card\"><div class=\"small\">risk</div><div class=\"v\">{} {} · {} {} · {} {}</div></div>\
-         <div class=\"card\"><div class=\"small\">requests today</div><div class=\"v\" id=\"requests-today\">{today}</div></div></div>",
+         <div class=\"card\"><div class=\"small\">requests today</div><div class=\"v\" id=\"requests-today\">{today}</div></div>\
+         <div class=\"card\"><div class=\"small\">registration share today</div><div class=\"v\" id=\"share-today\">{}</div>\
+         <div class=\"small\">{unregistered} unregistered · <a href=\"/kpis\">KPIs and history</a></div></div></div>",
         esc(&m.revision),
         m.apps.len(),
         badge("red"),
@@ -228,6 +236,7 @@ pub fn catalog(m: &Model, q: &Query) -> String {
         count("amber"),
         badge("green"),
         count("green"),
+        pct((all > 0).then(|| registered as f64 / all as f64)),
     );
     let _ = write!(
         body,
