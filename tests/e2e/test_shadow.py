@@ -23,7 +23,9 @@ whose first fleet state comes without a candidate before it (shadowing stops).
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +131,7 @@ class Env:
     gw: Envoy
     candidate: Path
     enforced: dict[str, Any]
+    console: str = ""
 
     def shadow(self) -> dict[str, Any] | None:
         return self.comp.status()["candidate"]
@@ -200,12 +203,13 @@ def env(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Path) -> 
                        control_port=port, access_log_path=gw.access_log_path)
     config["node"] = {"id": NODE, "cluster": "e2e"}
     gw.config = config
-    comp = Companion(policy_file, tmp, port=port, args=["--candidate", str(candidate)])
+    console = f"127.0.0.1:{free_port()}"
+    comp = Companion(policy_file, tmp, port=port, args=["--candidate", str(candidate), "--http", console])
     try:
         comp.start()
         gw.start()
         wait_for(lambda: comp.node_acked(ENFORCED["revision"]), timeout=SETTLE, what="the node to ACK the policy")
-        yield Env(comp, gw, candidate, ENFORCED)
+        yield Env(comp, gw, candidate, ENFORCED, f"http://{console}")
     finally:
         gw.stop()
         comp.stop()
@@ -267,6 +271,16 @@ def test_requests_get_the_enforced_outcome_and_status_counts_the_differences(env
     assert {(e["guardrail_app"], e["guardrail_code"]) for e in entries} == {
         ("us-app", "allow"), ("eu-app", "allow"), ("old-app", "allow")}, entries
     assert "NACK" not in env.gw.log()
+    # The console shows the same: its API, and the catalog page's shadow section.
+    with urllib.request.urlopen(f"{env.console}/api/v1/shadow", timeout=10) as r:
+        shown = json.load(r)["candidate"]
+    assert shown["revision"] == revision and [n.split("/")[0] for n in shown["applied_nodes"]] == [NODE], shown
+    assert [(d["app"], d["candidate"], d["count"]) for d in shown["differences"]] == [
+        ("us-app", "residency-violation", 12), ("old-app", "app-not-active", 4)], shown
+    with urllib.request.urlopen(f"{env.console}/", timeout=10) as r:
+        page = r.read().decode()
+    section = page[page.index('<section id="shadow">'):]
+    assert revision in section and "residency-violation" in section and '<td class="shadow-count">12</td>' in section
 
 
 def test_an_invalid_edit_is_refused_and_the_last_good_candidate_keeps_counting(env: Env) -> None:

@@ -206,7 +206,41 @@ fn page_link(q: &Query, page: usize) -> String {
     out
 }
 
-pub fn catalog(m: &Model, q: &Query) -> String {
+/// The shadow candidate's section of the catalog page ("" when none is served): where
+/// the candidate would decide otherwise than the policy in force.
+fn shadow(candidate: Option<&guardrail_proto::v1::CandidateStatus>) -> String {
+    let Some(c) = candidate else { return String::new() };
+    let mut out = format!(
+        "<section id=\"shadow\"><h2>Shadow candidate <code>{}</code></h2><p class=\"small\">decided beside the policy in \
+         force by {} node(s), never enforced{}{}</p>",
+        esc(&c.revision),
+        c.applied_nodes.len(),
+        if c.nacked_nodes.is_empty() { String::new() } else { format!(" · rejected by {}", c.nacked_nodes.len()) },
+        if c.last_error.is_empty() { String::new() } else { format!(" · last change refused: {}", esc(&c.last_error)) },
+    );
+    if c.differences.is_empty() {
+        out.push_str("<p>No request decided otherwise so far.</p>");
+    } else {
+        out.push_str(
+            "<table><thead><tr><th>app</th><th>enforced</th><th>candidate</th><th>requests</th></tr></thead><tbody>",
+        );
+        for d in &c.differences {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"shadow-count\">{}</td></tr>",
+                esc(&d.app),
+                esc(&d.enforced),
+                esc(&d.candidate),
+                d.count
+            );
+        }
+        out.push_str("</tbody></table>");
+    }
+    out.push_str("</section>");
+    out
+}
+
+pub fn catalog(m: &Model, q: &Query, candidate: Option<&guardrail_proto::v1::CandidateStatus>) -> String {
     let matching: Vec<&AppView> = m.apps.iter().filter(|a| matches(a, q)).collect();
     let pages = matching.len().div_ceil(PAGE_SIZE).max(1);
     let at = q.value("page").parse::<usize>().unwrap_or(1).clamp(1, pages);
@@ -312,6 +346,7 @@ pub fn catalog(m: &Model, q: &Query) -> String {
         );
     }
     body.push_str("</tbody></table>");
+    body.push_str(&shadow(candidate));
     page("Catalog", &body)
 }
 

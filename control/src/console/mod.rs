@@ -267,10 +267,32 @@ async fn page_catalog(State(console): State<Console>, headers: HeaderMap, uri: U
         return r;
     }
     let q = query::Query::parse(uri.query());
+    let candidate = console.hub.candidate_status();
     match console.model.get(&console.hub).await {
-        Ok(m) => html(html::catalog(&m, &q)),
+        Ok(m) => html(html::catalog(&m, &q, candidate.as_ref())),
         Err(r) => r,
     }
+}
+
+/// The shadow candidate (`serve --candidate`): its revision, the nodes deciding with it, those
+/// that rejected it, and where its outcomes differ from the enforced policy's, per app and pair of
+/// outcomes (summed over nodes, largest first). `{"candidate": null}` when none is served.
+async fn api_shadow(State(console): State<Console>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&console, &headers) {
+        return r;
+    }
+    let candidate = console.hub.candidate_status().map(|c| {
+        serde_json::json!({
+            "revision": c.revision,
+            "last_error": c.last_error,
+            "applied_nodes": c.applied_nodes,
+            "nacked_nodes": c.nacked_nodes,
+            "differences": c.differences.iter().map(|d| serde_json::json!({
+                "app": d.app, "enforced": d.enforced, "candidate": d.candidate, "count": d.count,
+            })).collect::<Vec<_>>(),
+        })
+    });
+    json(&serde_json::json!({ "candidate": candidate }))
 }
 
 async fn page_app(State(console): State<Console>, headers: HeaderMap, UrlPath(id): UrlPath<String>) -> Response {
@@ -358,6 +380,7 @@ pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: 
         .route("/api/v1/apps/{id}", get(app))
         .route("/api/v1/kpis", get(api_kpis))
         .route("/api/v1/report", get(api_report))
+        .route("/api/v1/shadow", get(api_shadow))
         .fallback(not_found)
         .with_state(console)
         .merge(more);

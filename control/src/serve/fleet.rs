@@ -465,6 +465,11 @@ impl Fleet {
     }
 
     /// Ids of the nodes connected to this companion.
+    /// Ids of the nodes connected to this companion or, as the store says, to another live one.
+    pub fn connected_ids(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().filter(|(_, n)| n.streams > 0 || n.elsewhere > 0).map(|(id, _)| id.as_str())
+    }
+
     pub fn connected_here(&self) -> Vec<String> {
         self.nodes.iter().filter(|(_, n)| n.streams > 0).map(|(id, _)| id.clone()).collect()
     }

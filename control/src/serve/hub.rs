@@ -517,6 +517,14 @@ impl Hub {
         });
     }
 
+    /// The shadow candidate's section of `status` alone (`None` when none is served), for the
+    /// console: without building every node's record.
+    pub fn candidate_status(&self) -> Option<v1::CandidateStatus> {
+        let inner = self.lock();
+        let connected: HashSet<&str> = inner.fleet.connected_ids().collect();
+        self.shadow.status(|id| connected.contains(id))
+    }
+
     pub fn status(&self) -> v1::StatusResponse {
         let now = self.now();
         let day = day_of(now);
