@@ -382,11 +382,12 @@ def test_silent_companion_stalls_nothing(fake_gw: FakeGateway) -> None:
         assert stream.open and fake.current is stream, f"the filter dropped the silent stream ({len(fake.streams)} streams)"
 
         late = fake_gw.revision("late")
+        sent = time.monotonic()
         acked = fake_gw.push_good(stream, late)
         load.wait_for(60, since=acked)
 
     assert_only_policy_answers(load.outcomes, what="silent companion")
-    during = load.tiers(stalled, acked)
+    during = load.tiers(stalled, sent)
     assert during and set(during) == {before}, f"during the stall {before} must stay in force: {during}"
     assert set(load.tiers(acked)) == {late}, load.tiers(acked)
     assert fake.current is stream and stream.open
@@ -465,6 +466,9 @@ def test_garbage_from_the_companion_changes_nothing(fake_gw: FakeGateway) -> Non
         load.wait_for(150, since=garbage_from)
 
         after = fake_gw.revision("after-garbage")
+        # Until the good snapshot is sent only {good} may decide; once its ACK is back only it. (In
+        # between the filter may already enforce it: it publishes to the workers, then ACKs.)
+        sent = time.monotonic()
         acked = fake_gw.push_good(stream, after)
         load.wait_for(60, since=acked)
 
@@ -473,7 +477,7 @@ def test_garbage_from_the_companion_changes_nothing(fake_gw: FakeGateway) -> Non
         assert says in nacks[revision].error, f"the NACK of {revision} should say {says!r}: {nacks[revision].error!r}"
     acks = {m.revision for m in stream.messages("ack")}
     assert acks == {good, after}, f"the filter acknowledged garbage: {acks}"
-    during = load.tiers(garbage_from, acked)
+    during = load.tiers(garbage_from, sent)
     assert during and set(during) == {good}, f"{good} must stay in force through the garbage: {during}"
     assert set(load.tiers(acked)) == {after}
     assert fake.current is stream and stream.open, "garbage should not cost the stream"
@@ -513,7 +517,9 @@ def test_oversized_snapshot_is_refused_and_the_stream_comes_back(fake_gw: FakeGa
     everything = [m for s in fake.streams for m in s.received]
     assert not [m for m in everything if m.revision == "oversized"], "the oversized snapshot was acknowledged or NACKed"
     assert all("[error]" in line for line in guardrail_log_lines(gw, refused)), guardrail_log_lines(gw, refused)
-    during = load.tiers(sent, acked)
+    # Until the stream that carries the 8 MiB snapshot opened (it is sent as it opens, and may be
+    # enforced before its ACK is back), only {good}.
+    during = load.tiers(sent, again.opened)
     assert during and set(during) == {good}, f"{good} must stay in force: {during}"
     assert set(load.tiers(acked)) == {at_limit}
     assert_no_crash(gw)
@@ -556,6 +562,9 @@ def test_lying_companion_is_nacked_and_the_last_good_policy_stays(fake_gw: FakeG
         nacks = {revision: stream.wait_for_nack(revision) for revision in LIES}
         load.wait_for(150, since=lies_from)
         after = fake_gw.revision("after-lies")
+        # Until the good snapshot is sent only {good} may decide; once its ACK is back only it. (In
+        # between the filter may already enforce it: it publishes to the workers, then ACKs.)
+        sent = time.monotonic()
         acked = fake_gw.push_good(stream, after)
         load.wait_for(60, since=acked)
 
@@ -565,7 +574,7 @@ def test_lying_companion_is_nacked_and_the_last_good_policy_stays(fake_gw: FakeG
         assert field_path in error, f"the NACK of {revision} should name {field_path}: {error!r}"
         assert guardrail_log_lines(gw, f"NACK revision `{revision}`"), f"no log line for the NACK of {revision}"
     assert {m.revision for m in stream.messages("ack")} == {good, after}, "a lie was acknowledged"
-    during = load.tiers(lies_from, acked)
+    during = load.tiers(lies_from, sent)
     assert during and set(during) == {good}, f"{good} must stay in force through the lies: {during}"
     assert set(load.tiers(acked)) == {after}
     assert fake.current is stream and stream.open
@@ -595,6 +604,7 @@ def test_compressed_snapshots_are_inflated_within_the_limit(fake_gw: FakeGateway
         nacks = {revision: stream.wait_for_nack(revision) for revision in bad}
         load.wait_for(60, since=bad_from)
         after = fake_gw.revision("zlib-after")
+        sent = time.monotonic()
         stream.send(zlib_snapshot(after, zlib.compress(json.dumps(load_policy(after), separators=(",", ":")).encode())))
         stream.wait_for_ack(after)
         fake_gw.in_force = after
@@ -604,7 +614,7 @@ def test_compressed_snapshots_are_inflated_within_the_limit(fake_gw: FakeGateway
     for revision, (_, error) in bad.items():
         assert error in nacks[revision].error, f"the NACK of {revision} should say {error!r}: {nacks[revision].error!r}"
     assert {m.revision for m in stream.messages("ack")} == {good, after}, "a bad compressed snapshot was acknowledged"
-    during = load.tiers(bad_from, acked)
+    during = load.tiers(bad_from, sent)
     assert during and set(during) == {good}, f"{good} must stay in force through the bad snapshots: {during}"
     assert set(load.tiers(acked)) == {after}, "the compressed revision is enforced"
     assert fake.current is stream and stream.open
