@@ -134,22 +134,11 @@ fn digest(key: &str) -> String {
     text(&out.stdout).trim().to_string()
 }
 
-/// RFC 3339 with milliseconds, as Envoy's `%START_TIME%` writes it.
+/// RFC 3339 with milliseconds, as Envoy's `%START_TIME%` writes it (core's date, plus the `.mmm`).
 fn rfc3339_ms(ns: u64) -> String {
     let secs = (ns / 1_000_000_000) as i64;
-    let ms = (ns / 1_000_000) % 1000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let seconds = guardrail_core::time::rfc3339_secs(secs);
+    format!("{}.{:03}Z", seconds.trim_end_matches('Z'), (ns / 1_000_000) % 1000)
 }
 
 /// One request a client sends.
