@@ -625,7 +625,8 @@ fn reroute_denial(routed: &Routed) -> Option<Denial> {
     }
     let cluster = cluster?;
     let app = routed.policy.apps.get(routed.app)?;
-    let mut denial = check_connector(&routed.policy, app, &cluster).err()?;
+    let now_secs = i64::try_from(host::now_ns() / 1_000_000_000).unwrap_or(i64::MAX);
+    let mut denial = check_connector(&routed.policy, app, &cluster, now_secs).err()?;
     denial.detail = format!(
         "{}: Envoy routed the request to `{cluster}` after Guardrail changed its headers (it was judged for `{}`); \
          the upstream's response is withheld. Routes must not match on x-guardrail-*, the API key header or \

@@ -63,7 +63,29 @@ pub struct Settings {
     pub forward_token: bool,
     /// The currency of `connectors.pricing` (ISO 4217 code, default `USD`).
     pub currency: String,
+    /// `settings.approvers`: who may approve self-service requests.
+    pub approvers: Vec<Approver>,
+    /// `settings.max_request_duration` in seconds (default 90 days).
+    pub max_request_secs: i64,
 }
+
+/// Someone who may approve self-service requests, recognised by a credential's SHA-256 digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approver {
+    pub id: String,
+    pub credential: Credential,
+}
+
+/// How an approver proves who they are: the SHA-256 of a bearer token (as `guardrail hash-key`
+/// prints it), or of a client certificate (DER) presented under mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    Token([u8; 32]),
+    Certificate([u8; 32]),
+}
+
+/// `settings.max_request_duration` when not written.
+pub const DEFAULT_MAX_REQUEST_SECS: i64 = 90 * 86_400;
 
 #[derive(Debug, Clone)]
 pub struct Tier {
@@ -128,6 +150,20 @@ pub struct App {
     pub review_overdue_at_secs: i64,
     /// The catalog checks of every request as bits, set by [`compile`] (`None`: compare the strings).
     pub masks: Option<AppMasks>,
+    /// Connectors it may reach until a time although the catalog does not let it (approved
+    /// connector requests); looked at only when the catalog refuses.
+    pub connector_exceptions: Vec<Exception>,
+    /// Datasets marked `approval: required` the token service may give it JIT tokens for, until a
+    /// time (approved access requests).
+    pub access_grants: Vec<Exception>,
+}
+
+/// A connector exception or an access grant: what (a connector, a dataset), until when, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exception {
+    pub what: String,
+    pub expires_at_secs: i64,
+    pub reason: Option<String>,
 }
 
 /// An app's connectors, data classes and region as the bits and ids a request is checked against,
@@ -216,6 +252,19 @@ impl App {
             (Some(masks), Some(bit)) => masks.connectors & bit != 0,
             _ => self.connectors.iter().any(|c| c == connector),
         }
+    }
+
+    /// Whether an exception lets the app reach `connector` at `now_secs`.
+    pub fn excepted_connector(&self, connector: &str, now_secs: i64) -> bool {
+        self.connector_exceptions.iter().any(|e| e.what == connector && now_secs < e.expires_at_secs)
+    }
+
+    /// The grant in force at `now_secs` for `dataset` that lasts longest, if any.
+    pub fn access_grant(&self, dataset: &str, now_secs: i64) -> Option<&Exception> {
+        self.access_grants
+            .iter()
+            .filter(|g| g.what == dataset && now_secs < g.expires_at_secs)
+            .max_by_key(|g| g.expires_at_secs)
     }
 
     /// Whether the app may access data of `class` (its `data_classes`).
@@ -549,9 +598,20 @@ fn compile_settings(raw: &RawPolicy, errs: &mut Errors) -> Settings {
     if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
         errs.push("settings.currency", format!("`{currency}` is no ISO 4217 code: three capital letters, e.g. EUR"));
     }
+    let approvers = compile_approvers(&s.approvers, errs);
+    let max_request_secs = match s.max_request_duration.as_deref().map(parse_duration) {
+        None => DEFAULT_MAX_REQUEST_SECS,
+        Some(Ok(ns)) => i64::try_from(ns / NANOS_PER_SEC).unwrap_or(i64::MAX).max(1),
+        Some(Err(e)) => {
+            errs.push("settings.max_request_duration", e);
+            DEFAULT_MAX_REQUEST_SECS
+        }
+    };
     Settings {
         gateway_region: s.gateway_region.clone(),
         currency,
+        approvers,
+        max_request_secs,
         failure_mode: s.failure_mode.unwrap_or_default(),
         soft_limit_ratio,
         jit_max_ttl_secs,
@@ -648,6 +708,23 @@ fn compile_app(
             }
         },
     };
+    let connector_exceptions = compile_exceptions(
+        raw.connector_exceptions.iter().map(|e| (&e.connector, &e.expires_at, &e.reason)),
+        &at("connector_exceptions"),
+        "connector",
+        errs,
+    );
+    let access_grants = compile_exceptions(
+        raw.access_grants.iter().map(|g| (&g.dataset, &g.expires_at, &g.reason)),
+        &at("access_grants"),
+        "dataset",
+        errs,
+    );
+    for (k, g) in raw.access_grants.iter().enumerate() {
+        if !g.dataset.trim().is_empty() && !policy.datasets.iter().any(|d| d.id == g.dataset) {
+            errs.push(at(&format!("access_grants[{k}].dataset")), format!("unknown dataset `{}`", g.dataset));
+        }
+    }
     let mut data_classes = raw.data_classes;
     data_classes.sort();
     data_classes.dedup();
@@ -671,7 +748,30 @@ fn compile_app(
         review_by: raw.review_by,
         review_overdue_at_secs,
         masks: None,
+        connector_exceptions,
+        access_grants,
     })
+}
+
+/// Compiles `connector_exceptions` or `access_grants` (`path`), whose entries name a `field`.
+fn compile_exceptions<'a>(
+    raw: impl Iterator<Item = (&'a String, &'a String, &'a Option<String>)>,
+    path: &str,
+    field: &str,
+    errs: &mut Errors,
+) -> Vec<Exception> {
+    let mut out = Vec::new();
+    for (k, (what, expires_at, reason)) in raw.enumerate() {
+        if what.trim().is_empty() {
+            errs.push(format!("{path}[{k}].{field}"), format!("empty {field}"));
+            continue;
+        }
+        match parse_rfc3339(expires_at) {
+            Ok(expires_at_secs) => out.push(Exception { what: what.clone(), expires_at_secs, reason: reason.clone() }),
+            Err(e) => errs.push(format!("{path}[{k}].expires_at"), e),
+        }
+    }
+    out
 }
 
 /// Gives every dataset region an id (in order of first appearance) and sets [`AppMasks`] and
@@ -698,6 +798,46 @@ fn set_masks(apps: &mut [App], datasets: &mut [Dataset], approved_connectors: &F
         let region = region_ids.get(app.region.as_str()).copied();
         app.masks = Some(AppMasks { connectors, classes, region });
     }
+}
+
+/// `settings.approvers`: ids unique, each with exactly one credential, no credential twice.
+fn compile_approvers(raw: &[crate::raw::RawApprover], errs: &mut Errors) -> Vec<Approver> {
+    let mut out: Vec<Approver> = Vec::with_capacity(raw.len());
+    for (i, a) in raw.iter().enumerate() {
+        let at = |field: &str| format!("settings.approvers[{i}].{field}");
+        if a.id.trim().is_empty() || a.id.len() > 254 || a.id.chars().any(char::is_control) {
+            errs.push(at("id"), format!("invalid approver id `{}`: a name or an e-mail address", a.id));
+            continue;
+        }
+        let credential = match (&a.token, &a.certificate) {
+            (Some(t), None) => parse_key_digest(t).map(Credential::Token).ok_or("token"),
+            (None, Some(c)) => parse_key_digest(c).map(Credential::Certificate).ok_or("certificate"),
+            _ => {
+                errs.push(
+                    format!("settings.approvers[{i}]"),
+                    format!("approver `{}` needs exactly one of `token` or `certificate`", a.id),
+                );
+                continue;
+            }
+        };
+        let credential = match credential {
+            Ok(c) => c,
+            Err(field) => {
+                errs.push(
+                    at(field),
+                    "expected `sha256:<64 lower-case hex>` (a token's digest as `guardrail hash-key` prints it; a \
+                     certificate's as `openssl x509 -outform der | sha256sum` does)",
+                );
+                continue;
+            }
+        };
+        if out.iter().any(|o| o.credential == credential) {
+            errs.push(at("token"), format!("approver `{}` has the credential of another approver", a.id));
+            continue;
+        }
+        out.push(Approver { id: a.id.clone(), credential });
+    }
+    out
 }
 
 /// Parses `sha256:<64 lower-case hex>` as printed by `guardrail hash-key`.

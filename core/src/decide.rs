@@ -264,17 +264,21 @@ pub fn policy_unavailable() -> Denial {
 }
 
 /// The connector step on its own: whether `app` may reach `connector` (an Envoy cluster name):
-/// listed in `connectors.approved` and among the app's `connectors`. The filter also calls it
+/// listed in `connectors.approved` and among the app's `connectors`, or excepted for the app until
+/// after `now_secs` (`connector_exceptions`: looked at only when the catalog refuses). The filter also calls it
 /// when Envoy routed the request to another cluster than the one `decide()` judged.
-pub fn check_connector(policy: &CompiledPolicy, app: &App, connector: &str) -> Result<(), Denial> {
+pub fn check_connector(policy: &CompiledPolicy, app: &App, connector: &str, now_secs: i64) -> Result<(), Denial> {
     let Some(&index) = policy.approved_connectors.get(connector) else {
+        if app.excepted_connector(connector, now_secs) {
+            return Ok(());
+        }
         return Err(Denial::new(
             Code::ConnectorNotApproved,
             format!("connector `{connector}` is not in connectors.approved"),
         )
         .rule("connector"));
     };
-    if !app.lists_connector(index, connector) {
+    if !app.lists_connector(index, connector) && !app.excepted_connector(connector, now_secs) {
         return Err(Denial::new(
             Code::ConnectorNotApproved,
             format!("connector `{connector}` is not among app `{}`'s connectors", app.id),
@@ -457,7 +461,7 @@ fn checks<'p>(
 
     // --- connector: the Envoy cluster the request is routed to ---
     if let Some(connector) = req.connector {
-        check_connector(policy, app, connector)?;
+        check_connector(policy, app, connector, now_secs)?;
         t.note("connector", || format!("`{connector}` approved for the app"));
     } else {
         t.note("connector", || "no upstream cluster (local reply): nothing to check".to_string());
@@ -605,7 +609,12 @@ pub fn check_lifecycle(app: &App, now_secs: i64) -> Result<(), Denial> {
 pub fn admit_to_dataset(policy: &CompiledPolicy, app: &App, ds: &Dataset, now_secs: i64) -> Result<(), Denial> {
     check_lifecycle(app, now_secs)?;
     // Ok when one connector passes, else the refusal of the last.
-    let reachable = app.connectors.iter().map(|c| check_connector(policy, app, c)).reduce(Result::or);
+    let reachable = app
+        .connectors
+        .iter()
+        .chain(app.connector_exceptions.iter().map(|e| &e.what))
+        .map(|c| check_connector(policy, app, c, now_secs))
+        .reduce(Result::or);
     match reachable {
         Some(result) => result?,
         None => {

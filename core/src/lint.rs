@@ -7,7 +7,7 @@
 //!   then fails, or passes, where the author did not mean it to);
 //! - a rule comparing `request.method` with a lower-case string (methods reach rules upper case,
 //!   so `request.method == 'delete'` never holds);
-//! - a quota override that has expired (it is ignored);
+//! - a quota override, connector exception or access grant that has expired (it is ignored);
 //! - an app whose `review_by` is less than [`REVIEW_WARNING_DAYS`] days ahead, or past (the filter
 //!   then refuses it);
 //! - an exemption route wider than a dataset's routes (`/` over `/catalog`: everything under it
@@ -121,6 +121,23 @@ pub fn lint(policy: &CompiledPolicy, now_secs: i64) -> Vec<Warning> {
                         rfc3339_secs(o.expires_at_secs)
                     ),
                 ));
+            }
+        }
+        for (field, list) in
+            [("connector_exceptions", &app.connector_exceptions), ("access_grants", &app.access_grants)]
+        {
+            for (j, e) in list.iter().enumerate() {
+                if e.expires_at_secs <= now_secs {
+                    out.push(Warning::new(
+                        Kind::ExpiredOverride,
+                        format!("apps[{i}].{field}[{j}].expires_at"),
+                        format!(
+                            "`{}` expired at {}: it is ignored; remove it, or move expires_at",
+                            e.what,
+                            rfc3339_secs(e.expires_at_secs)
+                        ),
+                    ));
+                }
             }
         }
     }

@@ -77,6 +77,25 @@ pub struct RawSettings {
     /// The currency of `connectors.pricing` (ISO 4217, default `USD`).
     #[serde(default)]
     pub currency: Option<String>,
+    /// Who may approve self-service requests (`guardrail approve`).
+    #[serde(default)]
+    pub approvers: Vec<RawApprover>,
+    /// The longest a self-service request may last (its `until` at most this far ahead; default
+    /// `90d`).
+    #[serde(default)]
+    pub max_request_duration: Option<String>,
+}
+
+/// An approver: an `id` (a person) and how the companion recognises them: the digest of a bearer
+/// token (`sha256:<hex>`, as `guardrail hash-key` prints it) or of a client certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApprover {
+    pub id: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub certificate: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -248,6 +267,33 @@ pub struct RawApp {
     /// filter refuses it (`app-not-active`, "review overdue since …").
     #[serde(default)]
     pub review_by: Option<String>,
+    /// Connectors the app may reach although `connectors.approved` (or its own `connectors`) does
+    /// not list them, each until `expires_at`: approved connector requests (`guardrail request
+    /// connector`), or written by hand.
+    #[serde(default)]
+    pub connector_exceptions: Vec<RawConnectorException>,
+    /// Datasets marked `approval: required` for which the companion's token service may issue the
+    /// app JIT tokens, each until `expires_at`: approved access requests.
+    #[serde(default)]
+    pub access_grants: Vec<RawAccessGrant>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnectorException {
+    pub connector: String,
+    pub expires_at: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessGrant {
+    pub dataset: String,
+    pub expires_at: String,
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -881,6 +881,8 @@ mod tests {
             overrides: Vec::new(),
             quota_key: "guardrail.quota.pos".into(),
             review_by: None,
+            connector_exceptions: Vec::new(),
+            access_grants: Vec::new(),
             review_overdue_at_secs: i64::MAX,
             masks: None,
         }

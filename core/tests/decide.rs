@@ -750,3 +750,70 @@ fn admit_to_dataset_is_the_filters_verdict_on_app_and_dataset() {
     let (a, d) = (p.app("pos").unwrap(), &p.datasets[1]);
     assert_eq!(admit_to_dataset(&p, a, d, now).err().map(|x| x.code), Some(Code::ConnectorNotApproved));
 }
+
+/// The fixture with `pos` given `exceptions` (its `connector_exceptions`).
+fn policy_with_exceptions(exceptions: serde_json::Value) -> CompiledPolicy {
+    let mut doc: serde_json::Value = serde_json::from_str(&policy_text()).unwrap();
+    doc["apps"][0]["connector_exceptions"] = exceptions;
+    compile_json_str(&doc.to_string()).unwrap()
+}
+
+#[test]
+fn a_connector_exception_admits_until_it_expires_and_only_for_its_app_and_connector() {
+    let t0_secs = (T0 / 1_000_000_000) as i64;
+    let until = guardrail_core::time::rfc3339_secs(t0_secs + 3600);
+    // `legacy-erp` is in no list; `crm` is approved but not among `approved`'s (app) connectors.
+    let policy = policy_with_exceptions(serde_json::json!([
+        {"connector": "legacy-erp", "expires_at": until, "reason": "request req-1"}
+    ]));
+    let code = |policy: &CompiledPolicy, app: &str, connector: &str, at_ns: u64| {
+        let headers = key(app);
+        let d = decide(
+            policy,
+            &request("GET", "/catalog/items", Some(connector), &headers),
+            at_ns,
+            &mut store_for(policy),
+            &mut TokenCache::new(4),
+        );
+        d.denial.map(|d| d.code.as_str().to_string())
+    };
+    assert_eq!(code(&policy, "pos", "legacy-erp", T0), None, "excepted connector, before expiry");
+    assert_eq!(code(&policy, "pos", "legacy-erp", T0 + 3599 * 1_000_000_000), None, "one second before");
+    assert_eq!(
+        code(&policy, "pos", "legacy-erp", T0 + 3600 * 1_000_000_000).as_deref(),
+        Some("connector-not-approved"),
+        "at expires_at the exception is gone"
+    );
+    assert_eq!(code(&policy, "approved", "legacy-erp", T0).as_deref(), Some("connector-not-approved"), "another app");
+    assert_eq!(code(&policy, "pos", "billing", T0).as_deref(), Some("connector-not-approved"), "another connector");
+    // Without the exception the same request is refused: the test above can fail.
+    let plain = policy_with_exceptions(serde_json::json!([]));
+    assert_eq!(code(&plain, "pos", "legacy-erp", T0).as_deref(), Some("connector-not-approved"));
+}
+
+#[test]
+fn exceptions_grants_and_approvers_are_validated_naming_the_field() {
+    let mut doc: serde_json::Value = serde_json::from_str(&policy_text()).unwrap();
+    doc["apps"][0]["connector_exceptions"] = serde_json::json!([{"connector": "x", "expires_at": "tomorrow"}]);
+    doc["apps"][0]["access_grants"] = serde_json::json!([{"dataset": "nope", "expires_at": "2027-01-01T00:00:00Z"}]);
+    doc["settings"]["approvers"] = serde_json::json!([
+        {"id": "ana@retailco.example", "token": "sha256:00"},
+        {"id": "bo", "token": digest("t"), "certificate": digest("c")},
+        {"id": "cy", "token": digest("t2")},
+        {"id": "di", "token": digest("t2")}
+    ]);
+    doc["settings"]["max_request_duration"] = serde_json::json!("forever");
+    let errors = compile_json_str(&doc.to_string()).err().unwrap();
+    let paths: Vec<&str> = errors.0.iter().map(|e| e.path.as_str()).collect();
+    for expected in [
+        "apps[0].connector_exceptions[0].expires_at",
+        "apps[0].access_grants[0].dataset",
+        "settings.approvers[0].token",
+        "settings.approvers[1]",
+        "settings.approvers[3].token",
+        "settings.max_request_duration",
+    ] {
+        assert!(paths.contains(&expected), "no error at {expected}: {paths:?}");
+    }
+    assert!(!paths.contains(&"settings.approvers[2].token"), "{paths:?}");
+}
