@@ -5,6 +5,8 @@
 //! Keys stay in the companion: the issuer's private key (`--issuer-key F`) signs, apps authenticate
 //! with their API key, and what the token service does is recorded in the store's trail.
 
+pub mod approvals;
+pub mod requests;
 pub mod token;
 
 use crate::console::{problem, same};
@@ -188,6 +190,10 @@ fn refuse_if_readable_by_others(_path: &Path) -> anyhow::Result<()> {
 pub fn router(service: Arc<SelfService>) -> Router {
     Router::new()
         .route("/api/v1/token", post(token::issue))
+        .route("/api/v1/requests", post(approvals::file_request).get(approvals::list))
+        .route("/api/v1/requests/{id}", get(approvals::show))
+        .route("/api/v1/requests/{id}/approve", post(approvals::approve))
+        .route("/api/v1/requests/{id}/reject", post(approvals::reject))
         .route("/api/v1/audit/events", get(events))
         .with_state(service)
 }

@@ -111,7 +111,7 @@ pub fn parse_form(body: &[u8]) -> Result<Form, String> {
 }
 
 /// At most 64 characters of a client-given string, for an error message.
-fn shown(text: &str) -> String {
+pub(crate) fn shown(text: &str) -> String {
     let mut s: String = text.chars().take(64).filter(|c| !c.is_control()).collect();
     if text.chars().count() > 64 {
         s.push('…');
@@ -243,6 +243,7 @@ fn judge(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Resp
         return Err(invalid_scope("no scope: ask for scope=dataset:<id>"));
     }
     let now = service.hub.now();
+    let mut ends: Option<i64> = None;
     for (i, s) in scopes.iter().enumerate() {
         if scopes[..i].contains(s) {
             return Err(invalid_scope(format!("scope `{}` is asked for twice", shown(s))));
@@ -264,6 +265,11 @@ fn judge(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Resp
             });
         }
         if ds.approval_required {
+            if let Some(grant) = app.access_grant(id, now) {
+                // The token ends with the approval at the latest.
+                ends = Some(ends.map_or(grant.expires_at_secs, |e: i64| e.min(grant.expires_at_secs)));
+                continue;
+            }
             return Err(invalid_scope(format!(
                 "scope `{s}`: dataset `{id}` is marked approval: required and app `{}` has no approved access request \
                  for it in force (file one: guardrail request access --dataset {id} …)",
@@ -272,9 +278,12 @@ fn judge(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Resp
         }
     }
 
-    let plan = service
+    let mut plan = service
         .plan(&snapshot)
         .map_err(|why| refuse(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", why))?;
+    if let Some(ends) = ends {
+        plan.ttl_secs = plan.ttl_secs.min(ends.saturating_sub(now)).max(1);
+    }
     let request = Request { app: app.id.clone(), scopes: scopes.clone(), ttl_secs: None, issuer: None, audience: None };
     let key = service.key.as_ref().ok_or_else(|| {
         refuse(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "no --issuer-key on this companion")

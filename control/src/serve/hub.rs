@@ -17,14 +17,16 @@
 
 use super::fleet::{exhausted_in, Counts, Fleet, FleetError, Node};
 use crate::log::log;
+use crate::selfservice::requests::Request;
 use crate::store::{Caller, CompanionRecord, NodeRecord, Store, UsageRow};
 use guardrail_core::compile::CompiledPolicy;
-use guardrail_core::source::Document;
+use guardrail_core::rules::ExpressionCache;
+use guardrail_core::source::{load_json_document, Document};
 use guardrail_core::time::SECS_PER_DAY;
 use guardrail_proto::v1;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use tokio::sync::watch;
 
@@ -107,6 +109,16 @@ pub struct Hub {
     store: OnceLock<Arc<dyn Store>>,
     /// The shadow candidate (`--candidate`), apart from the enforced snapshot.
     pub shadow: super::shadow::Shadow,
+    /// The policy file's document and the approved requests served on top of it.
+    overlay: Mutex<Overlay>,
+}
+
+/// What the served policy is made of: the file's JSON and the approved self-service requests in
+/// force ([`crate::selfservice::requests::apply`]). Taken before [`Hub::lock`], never after.
+struct Overlay {
+    file: PathBuf,
+    base: serde_json::Value,
+    active: Vec<Request>,
 }
 
 /// A snapshot served, for the audit trail.
@@ -157,6 +169,7 @@ impl Hub {
     /// A hub serving `doc` (already validated, read from `file`).
     pub fn new(file: &Path, doc: Document, clock: Clock) -> Result<Arc<Hub>, String> {
         let mut labels = HashMap::new();
+        let overlay = Overlay { file: file.to_path_buf(), base: doc.json.clone(), active: Vec::new() };
         let content = content_of(&doc);
         let (snapshot, _) = make_snapshot(file, doc, content, &mut labels)?;
         let now = clock();
@@ -181,6 +194,7 @@ impl Hub {
             clock,
             store: OnceLock::new(),
             shadow: super::shadow::Shadow::default(),
+            overlay: Mutex::new(overlay),
         };
         Ok(Arc::new(hub))
     }
@@ -220,8 +234,61 @@ impl Hub {
         self.shutdown.send_replace(true);
     }
 
-    /// Serves `doc` (validated, from `file`) unless its content is the one served already.
+    /// Serves `doc` (validated, from `file`), with the approved requests in force applied, unless
+    /// its content is the one served already. Requests that no longer apply to the file (their app
+    /// is gone, or the result is invalid) are left out, with a log line.
     pub fn offer(&self, file: &Path, doc: Document) -> Offer {
+        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        overlay.file = file.to_path_buf();
+        overlay.base = doc.json.clone();
+        if overlay.active.is_empty() {
+            return self.publish(file, doc, file.display().to_string());
+        }
+        match overlaid(&overlay.base, &overlay.active) {
+            Ok((doc, source)) => self.publish(file, doc, format!("{} + {source}", file.display())),
+            Err(e) => {
+                log!("the approved requests in force do not apply to the new policy file, which is served without them: {e}");
+                self.publish(file, doc, file.display().to_string())
+            }
+        }
+    }
+
+    /// Serves the policy file with `active` (approved requests in force) applied instead of the
+    /// ones applied now; refused, with nothing changed, when the result is not a valid policy.
+    pub fn set_requests(&self, active: Vec<Request>) -> Result<Offer, String> {
+        let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        let file = overlay.file.clone();
+        let offer = if active.is_empty() {
+            let text = serde_json::to_string(&overlay.base).map_err(|e| e.to_string())?;
+            let doc = load_json_document(&text, &mut ExpressionCache::default())
+                .ok_or("the policy file's document is not JSON")?
+                .map_err(|e| e.to_string())?;
+            self.publish(&file, doc, file.display().to_string())
+        } else {
+            let (doc, source) = overlaid(&overlay.base, &active)?;
+            self.publish(&file, doc, format!("{} + {source}", file.display()))
+        };
+        if let Offer::Refused(why) = &offer {
+            return Err(why.clone());
+        }
+        overlay.active = active;
+        Ok(offer)
+    }
+
+    /// Whether the policy file with `active` applied would be a valid policy (the errors if not).
+    pub fn check_requests(&self, active: &[Request]) -> Result<(), String> {
+        let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        overlaid(&overlay.base, active).map(drop)
+    }
+
+    /// The approved requests applied to the policy served now.
+    pub fn requests_in_force(&self) -> Vec<Request> {
+        self.overlay.lock().unwrap_or_else(PoisonError::into_inner).active.clone()
+    }
+
+    /// Serves `doc` (validated, from `file`; `source` for the audit trail) unless its content is
+    /// the one served already.
+    fn publish(&self, file: &Path, doc: Document, source: String) -> Offer {
         let mut inner = self.lock();
         let current = self.current();
         let content = content_of(&doc);
@@ -242,7 +309,7 @@ impl Hub {
                 dropped.snapshot.revision
             );
         }
-        inner.served.push(Served { snapshot: snapshot.clone(), source: file.display().to_string(), at: self.now() });
+        inner.served.push(Served { snapshot: snapshot.clone(), source, at: self.now() });
         let previous = self.snapshot.send_replace(snapshot);
         inner.last_policy_error.clear();
         self.recompute(&inner);
@@ -605,6 +672,22 @@ fn content_of(doc: &Document) -> [u8; 32] {
 
 /// Labels the document (see the module docs) and checks what will be pushed. Also returns the
 /// document's JSON tree, for the caller to free when it suits.
+/// The policy file's JSON with `active` applied, compiled, and the words for the audit trail's
+/// source (`requests req-1, req-2`); the errors of the result when it is not a valid policy.
+fn overlaid(base: &serde_json::Value, active: &[Request]) -> Result<(Document, String), String> {
+    let (json, skipped) = crate::selfservice::requests::apply(base, active);
+    let applied: Vec<&str> =
+        active.iter().map(|r| r.id.as_str()).filter(|id| !skipped.iter().any(|s| s == id)).collect();
+    if !skipped.is_empty() {
+        log!("approved requests {} name apps the policy file no longer has: not applied", skipped.join(", "));
+    }
+    let text = serde_json::to_string(&json).map_err(|e| format!("cannot encode the policy: {e}"))?;
+    let doc = load_json_document(&text, &mut ExpressionCache::default())
+        .ok_or("the policy with the requests applied is not one JSON document")?
+        .map_err(|errors| errors.0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))?;
+    Ok((doc, format!("requests {}", applied.join(", "))))
+}
+
 fn make_snapshot(
     file: &Path,
     doc: Document,

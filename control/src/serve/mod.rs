@@ -149,6 +149,10 @@ async fn serve(
     persist.note(loaded);
     let (persist_stop, persist_stopped) = tokio::sync::watch::channel(false);
     let trail_stop = persist_stopped.clone();
+    // The approved requests in force are served from the first snapshot on, then kept in step.
+    let mut requests = crate::selfservice::approvals::Sync::default();
+    crate::selfservice::approvals::sync(&hub, &mut requests).await;
+    let requests = tokio::spawn(crate::selfservice::approvals::run_sync(hub.clone(), persist_stopped.clone()));
     let persist = tokio::spawn(persist.run(persist_stopped));
     let mut trail = None;
     let console = match &args.http {
@@ -221,6 +225,7 @@ async fn serve(
     log!("{signal}: stopping");
     stop.store(true, Ordering::Relaxed);
     ticker.abort();
+    requests.abort();
     if let Some(console) = console {
         console.abort();
     }
