@@ -419,7 +419,7 @@ async fn decided(
 /// What the loop last tried to serve: (id, until) of each request, to act on changes only.
 #[derive(Default)]
 pub struct Sync {
-    wanted: Vec<(String, i64)>,
+    wanted: Option<Vec<(String, i64)>>,
 }
 
 /// Runs [`sync`] every [`SYNC_INTERVAL`] until `stop` turns true.
@@ -471,10 +471,12 @@ pub async fn sync(hub: &Hub, state: &mut Sync) {
     active.sort_by(|a, b| a.id.cmp(&b.id));
     let wanted: Vec<(String, i64)> = active.iter().map(|r| (r.id.clone(), r.until_secs)).collect();
     let applied: Vec<(String, i64)> = hub.requests_in_force().iter().map(|r| (r.id.clone(), r.until_secs)).collect();
-    if wanted == applied || wanted == state.wanted {
+    // Once tried, a set is not tried again every second (a request the file cannot take is logged once).
+    let tried = state.wanted.as_ref() == Some(&wanted);
+    state.wanted = Some(wanted.clone());
+    if wanted == applied || tried {
         return;
     }
-    state.wanted.clone_from(&wanted);
     // Each request that the file can no longer take (it changed since) is left out, named.
     let mut kept: Vec<Request> = Vec::with_capacity(active.len());
     for request in active {

@@ -7,10 +7,10 @@
 //! clear refusal, [`apply`] turns the policy file's JSON and the approved requests in force into
 //! the document served. The HTTP side is [`super::approvals`].
 
+use super::token::shown;
 use guardrail_core::compile::{CompiledPolicy, Rate as CoreRate};
 use guardrail_core::decide::{admit_to_dataset, check_connector};
 use guardrail_core::time::{parse_date, parse_rfc3339, rfc3339_secs, SECS_PER_DAY};
-use super::token::shown;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -323,7 +323,6 @@ pub fn file(
 fn review_date(until_secs: i64) -> String {
     rfc3339_secs(until_secs - 1)[..10].to_string()
 }
-
 
 /// The document served for `base` (the policy file's JSON) with the approved requests `active`
 /// applied, and its revision label: `base` unchanged when `active` is empty. Requests for apps the

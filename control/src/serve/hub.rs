@@ -236,7 +236,7 @@ impl Hub {
 
     /// Serves `doc` (validated, from `file`), with the approved requests in force applied, unless
     /// its content is the one served already. Requests that no longer apply to the file (their app
-    /// is gone, or the result is invalid) are left out, with a log line.
+    /// is gone, or the result is invalid) are left out, each with a log line.
     pub fn offer(&self, file: &Path, doc: Document) -> Offer {
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
         overlay.file = file.to_path_buf();
@@ -244,12 +244,25 @@ impl Hub {
         if overlay.active.is_empty() {
             return self.publish(file, doc, file.display().to_string());
         }
-        match overlaid(&overlay.base, &overlay.active) {
-            Ok((doc, source)) => self.publish(file, doc, format!("{} + {source}", file.display())),
-            Err(e) => {
-                log!("the approved requests in force do not apply to the new policy file, which is served without them: {e}");
-                self.publish(file, doc, file.display().to_string())
+        if let Ok((doc, source)) = overlaid(&overlay.base, &overlay.active) {
+            return self.publish(file, doc, format!("{} + {source}", file.display()));
+        }
+        // Each request the new file cannot take is left out, named; the others stay in force.
+        let mut kept: Vec<Request> = Vec::with_capacity(overlay.active.len());
+        for request in std::mem::take(&mut overlay.active) {
+            kept.push(request);
+            if let Err(why) = overlaid(&overlay.base, &kept) {
+                if let Some(r) = kept.pop() {
+                    log!("approved request {} does not apply to the new policy file, left out: {why}", r.id);
+                }
             }
+        }
+        overlay.active = kept;
+        match overlaid(&overlay.base, &overlay.active) {
+            Ok((doc, source)) if !overlay.active.is_empty() => {
+                self.publish(file, doc, format!("{} + {source}", file.display()))
+            }
+            _ => self.publish(file, doc, file.display().to_string()),
         }
     }
 
