@@ -478,15 +478,7 @@ pub async fn sync(hub: &Hub, state: &mut Sync) {
         return;
     }
     // Each request that the file can no longer take (it changed since) is left out, named.
-    let mut kept: Vec<Request> = Vec::with_capacity(active.len());
-    for request in active {
-        kept.push(request);
-        if let Err(why) = hub.check_requests(&kept) {
-            if let Some(r) = kept.pop() {
-                log!("approved request {} does not apply to the policy file as it is now, left out: {why}", r.id);
-            }
-        }
-    }
+    let kept = if hub.check_requests(&active).is_ok() { active } else { hub.fitting(active) };
     let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
     let ids = if ids.is_empty() { "none".to_string() } else { ids.join(", ") };
     match hub.set_requests(kept) {

@@ -248,16 +248,8 @@ impl Hub {
             return self.publish(file, doc, format!("{} + {source}", file.display()));
         }
         // Each request the new file cannot take is left out, named; the others stay in force.
-        let mut kept: Vec<Request> = Vec::with_capacity(overlay.active.len());
-        for request in std::mem::take(&mut overlay.active) {
-            kept.push(request);
-            if let Err(why) = overlaid(&overlay.base, &kept) {
-                if let Some(r) = kept.pop() {
-                    log!("approved request {} does not apply to the new policy file, left out: {why}", r.id);
-                }
-            }
-        }
-        overlay.active = kept;
+        let active = std::mem::take(&mut overlay.active);
+        overlay.active = fitting(&overlay.base, active);
         match overlaid(&overlay.base, &overlay.active) {
             Ok((doc, source)) if !overlay.active.is_empty() => {
                 self.publish(file, doc, format!("{} + {source}", file.display()))
@@ -292,6 +284,12 @@ impl Hub {
     pub fn check_requests(&self, active: &[Request]) -> Result<(), String> {
         let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
         overlaid(&overlay.base, active).map(drop)
+    }
+
+    /// Of `active`, those the policy file can take together (in order; each left out is logged).
+    pub fn fitting(&self, active: Vec<Request>) -> Vec<Request> {
+        let overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
+        fitting(&overlay.base, active)
     }
 
     /// The approved requests applied to the policy served now.
@@ -685,6 +683,21 @@ fn content_of(doc: &Document) -> [u8; 32] {
 
 /// Labels the document (see the module docs) and checks what will be pushed. Also returns the
 /// document's JSON tree, for the caller to free when it suits.
+/// Of `active`, those `base` can take together, in order: each that makes the policy invalid
+/// with the ones kept before it is left out, with a log line.
+fn fitting(base: &serde_json::Value, active: Vec<Request>) -> Vec<Request> {
+    let mut kept: Vec<Request> = Vec::with_capacity(active.len());
+    for request in active {
+        kept.push(request);
+        if let Err(why) = overlaid(base, &kept) {
+            if let Some(r) = kept.pop() {
+                log!("approved request {} does not apply to the policy file as it is now, left out: {why}", r.id);
+            }
+        }
+    }
+    kept
+}
+
 /// The policy file's JSON with `active` applied, compiled, and the words for the audit trail's
 /// source (`requests req-1, req-2`); the errors of the result when it is not a valid policy.
 fn overlaid(base: &serde_json::Value, active: &[Request]) -> Result<(Document, String), String> {
