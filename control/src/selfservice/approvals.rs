@@ -177,8 +177,10 @@ async fn filed(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Resul
     };
     let filing: Filing = json_body(headers, body)?;
     let now = service.hub.now();
-    let request = file(policy, &filing, &app, new_id()?, now)
+    let mut request = file(policy, &filing, &app, new_id()?, now)
         .map_err(|why| refuse(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", why))?;
+    // Milliseconds: the list is newest first, also within one second.
+    request.filed_at = crate::log::timestamp(std::time::SystemTime::now());
     let store = store_of(service)?;
     // Not twice the same thing: a pending request of the app for the same change is answered.
     let existing = store.requests().await.map_err(unavailable)?;
@@ -248,11 +250,12 @@ async fn listed(service: &SelfService, headers: &HeaderMap, uri: &Uri) -> Result
     }
     let store = store_of(service)?;
     let all = store.requests().await.map_err(unavailable)?;
-    let requests: Vec<Request> = all
+    let mut requests: Vec<Request> = all
         .iter()
         .filter_map(request_of)
         .filter(|r| status.as_ref().is_none_or(|s| *s == r.status) && app.as_ref().is_none_or(|a| *a == r.app))
         .collect();
+    requests.sort_by(|a, b| b.filed_at.cmp(&a.filed_at).then_with(|| a.id.cmp(&b.id)));
     Ok(json_response(StatusCode::OK, &serde_json::json!({ "requests": requests })))
 }
 
@@ -363,13 +366,14 @@ async fn decided(
     }
     request.status = if approving { "approved" } else { "rejected" }.into();
     request.decided_by = Some(approver.id.clone());
-    request.decided_at = Some(crate::log::rfc3339_secs(now));
+    // Milliseconds: of two approvals in one second, the later one's limits hold (see `in_order`).
+    request.decided_at = Some(crate::log::timestamp(std::time::SystemTime::now()));
     request.decision_reason = reason.clone();
     let mut active: Vec<Request> = service.hub.requests_in_force().into_iter().filter(|r| r.in_force(now)).collect();
     if approving {
         active.retain(|r| r.id != request.id);
         active.push(request.clone());
-        active.sort_by(|a, b| a.id.cmp(&b.id));
+        super::requests::in_order(&mut active);
         service.hub.check_requests(&active).map_err(|why| {
             refuse(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -468,7 +472,7 @@ pub async fn sync(hub: &Hub, state: &mut Sync) {
         }
         None => hub.requests_in_force().into_iter().filter(|r| r.in_force(now)).collect(),
     };
-    active.sort_by(|a, b| a.id.cmp(&b.id));
+    super::requests::in_order(&mut active);
     let wanted: Vec<(String, i64)> = active.iter().map(|r| (r.id.clone(), r.until_secs)).collect();
     let applied: Vec<(String, i64)> = hub.requests_in_force().iter().map(|r| (r.id.clone(), r.until_secs)).collect();
     // Once tried, a set is not tried again every second (a request the file cannot take is logged once).

@@ -324,6 +324,13 @@ fn review_date(until_secs: i64) -> String {
     rfc3339_secs(until_secs - 1)[..10].to_string()
 }
 
+/// Puts approved requests in the order they are applied: the one approved last last, so that of
+/// two quota requests in force the later approval's limits hold (an override applied later comes
+/// first in `quota_overrides`).
+pub fn in_order(requests: &mut [Request]) {
+    requests.sort_by(|a, b| (&a.decided_at, &a.filed_at, &a.id).cmp(&(&b.decided_at, &b.filed_at, &b.id)));
+}
+
 /// The document served for `base` (the policy file's JSON) with the approved requests `active`
 /// applied, and its revision label: `base` unchanged when `active` is empty. Requests for apps the
 /// file no longer has are left out (and named in the second value). The label is the file's
