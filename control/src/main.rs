@@ -3,10 +3,12 @@
 //! The CLI validates policies (`check`), prepares them for the filter's plugin configuration
 //! (`export`), lists its apps with their risk (`catalog`), derives the digests the catalog stores for API keys (`hash-key`), serves policy to
 //! every Envoy of the fleet (`serve`, `status`) and issues JIT credentials (`keygen`, `mint`);
-//! `replay` decides recorded traffic with a candidate policy before it is rolled out.
+//! `replay` decides recorded traffic with a candidate policy before it is rolled out; `request`,
+//! `requests`, `approve` and `reject` file and decide self-service requests on a companion.
 //!
-//! Exit codes: 0 success, 1 the policy (or file) is invalid or the request was refused, 2 the
-//! command line is wrong; `replay`: 3 when the candidate changes any recorded decision.
+//! Exit codes: 0 success, 1 the policy (or file) is invalid, the request was refused or the
+//! companion could not be reached, 2 the command line is wrong; `replay`: 3 when the candidate
+//! changes any recorded decision.
 
 mod audit;
 mod cases;
@@ -21,6 +23,7 @@ mod mint;
 mod pb;
 mod policy;
 mod replay;
+mod requests_cli;
 mod selfservice;
 mod serve;
 mod status;
@@ -66,6 +69,16 @@ enum Command {
     /// Decide recorded traffic (Envoy JSON access logs) with a candidate policy and show, per app,
     /// what would change; exit 3 when anything would, 0 when nothing would.
     Replay(replay::Args),
+    /// File a self-service request as an app (quota, connector, access, review) on a companion's
+    /// HTTP port; prints the request and, as the last line, its id.
+    Request(requests_cli::FileArgs),
+    /// List the self-service requests on a companion, newest first (an approver's token, or an
+    /// app's key for its own).
+    Requests(requests_cli::ListArgs),
+    /// Approve a pending request (an approver of settings.approvers); prints the revision pushed.
+    Approve(requests_cli::ApproveArgs),
+    /// Reject a pending request, saying why (an approver of settings.approvers).
+    Reject(requests_cli::RejectArgs),
 }
 
 /// A command line that cannot be acted on: reported like clap's own errors, with exit code 2.
@@ -88,6 +101,10 @@ fn main() -> ExitCode {
         Command::Keygen(args) => keygen::run(&args),
         Command::Mint(args) => mint::run(&args),
         Command::Replay(args) => replay::run(&args),
+        Command::Request(args) => requests_cli::file(&args),
+        Command::Requests(args) => requests_cli::list(&args),
+        Command::Approve(args) => requests_cli::approve(&args),
+        Command::Reject(args) => requests_cli::reject(&args),
     };
     match result {
         Ok(code) => code,
