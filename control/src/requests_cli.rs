@@ -332,6 +332,8 @@ struct Api {
     authority: String,
     /// A path the API is under (behind a proxy), without a trailing `/`; usually empty.
     prefix: String,
+    /// How long a call may take ([`TIMEOUT`]).
+    timeout: Duration,
 }
 
 /// An answer: its status, whether it is problem+json, and its body.
@@ -375,21 +377,21 @@ impl Api {
             None => format!("{authority}:80"),
         };
         let prefix = path.trim_end_matches('/').to_string();
-        Ok(Api { base: format!("http://{authority}{prefix}"), authority, prefix })
+        Ok(Api { base: format!("http://{authority}{prefix}"), authority, prefix, timeout: TIMEOUT })
     }
 
-    /// Sends one request (JSON `body`, if any) and reads the answer, within [`TIMEOUT`]; the error
+    /// Sends one request (JSON `body`, if any) and reads the answer, within `timeout`; the error
     /// says why the companion could not be asked.
     fn call(&self, method: Method, path: &str, auth: &Auth, body: Option<&Value>) -> anyhow::Result<Answer> {
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
         let asked = format!("{method} {path}");
         let exchange = self.exchange(method, path, auth, body);
-        let answer = match runtime.block_on(async { tokio::time::timeout(TIMEOUT, exchange).await }) {
+        let answer = match runtime.block_on(async { tokio::time::timeout(self.timeout, exchange).await }) {
             Ok(Ok((status, problem, body))) => Answer { status, problem, body, asked, hint: auth.hint() },
             Ok(Err(why)) => anyhow::bail!("cannot reach the companion at {}: {why}", self.base),
             Err(_) => {
-                anyhow::bail!("cannot reach the companion at {}: no answer within {} s", self.base, TIMEOUT.as_secs())
+                anyhow::bail!("cannot reach the companion at {}: no answer within {:?}", self.base, self.timeout)
             }
         };
         Ok(answer)

@@ -303,3 +303,17 @@ fn a_peer_that_does_not_speak_http_1_is_named() {
     );
     peer.join().unwrap();
 }
+
+#[test]
+fn a_peer_that_never_answers_is_given_up_on() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut api = Api::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    assert_eq!(api.timeout, Duration::from_secs(10));
+    api.timeout = Duration::from_millis(50);
+    // Connected (the backlog accepts it), never answered.
+    let e = api.call(Method::GET, "/api/v1/requests", &Auth::Bearer("t".into()), None).map(|_| ());
+    let e = e.map_err(|e| format!("{e:#}"));
+    assert_eq!(e, Err(format!("cannot reach the companion at http://127.0.0.1:{port}: no answer within 50ms")));
+    drop(listener);
+}
