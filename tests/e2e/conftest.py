@@ -1,6 +1,7 @@
 """Fixtures for the end-to-end suite (see harness.py).
 
 - `upstream`: one in-process echo server for the whole session.
+- `browser`: real headless Chromium through chromedriver (Selenium), for one test module.
 - `launch` / `module_launch`: start a real Envoy with the Guardrail filter from a plugin
   configuration (`plugin_configuration(policy, **extras)`); stopped at the end of the test / module,
   also when it fails. A module that shares one gateway:
@@ -14,6 +15,7 @@ When a test fails, the tail of the log of every Envoy still running is added to 
 
 from __future__ import annotations
 
+import shutil
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -89,3 +91,25 @@ def launch(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Any) -
 def module_launch(tmp_path_factory: pytest.TempPathFactory, upstream: Any, wasm: Any) -> Iterator[Callable[..., Envoy]]:
     """Starts Envoys that live for one test module."""
     yield from _launcher(tmp_path_factory, upstream, wasm, "module")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Real headless Chromium (Debian's `chromium` and `chromium-driver`) driven by Selenium."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium and chromedriver are not installed (./build.sh installs them: apt-get install chromium "
+                    "chromium-driver)", pytrace=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000",
+                "--disable-gpu"):
+        options.add_argument(arg)
+    b = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield b
+    finally:
+        b.quit()

@@ -719,3 +719,13 @@ def settled_deltas(gw: Envoy, before: Mapping[str, int], expected: Mapping[str, 
         if deltas == dict(expected) or time.monotonic() > deadline:
             return deltas, after
         time.sleep(0.05)
+
+
+def screenshot(browser: Any, path: Path) -> None:
+    """Saves what the Selenium `browser` shows to `path` (PNG), and a copy to the folder
+    `GUARDRAIL_SCREENSHOTS` when set (`docs/console/` holds a set made so)."""
+    assert browser.save_screenshot(str(path)), path
+    if os.environ.get("GUARDRAIL_SCREENSHOTS"):
+        out = Path(os.environ["GUARDRAIL_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / path.name)

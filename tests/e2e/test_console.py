@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +30,7 @@ from typing import Any, Iterator
 import pytest
 
 from companion import Companion, guardrail, write_policy
+import harness
 from harness import Envoy, bootstrap, free_port, request, wait_for
 from policies import app, jwt_issuer, policy, tier
 from tokens import SigningKey, claims
@@ -320,34 +319,8 @@ def test_metrics_parse_and_hold_the_fleet(console: Console) -> None:
 # === the pages, in real headless Chromium ===
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.fail("chromium and chromedriver are not installed (./build.sh installs them: apt-get install chromium "
-                    "chromium-driver)", pytrace=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000",
-                "--disable-gpu"):
-        options.add_argument(arg)
-    b = webdriver.Chrome(service=Service(driver), options=options)
-    try:
-        yield b
-    finally:
-        b.quit()
-
-
 def screenshot(browser: Any, console: Console, name: str) -> None:
-    path = console.shots / f"{name}.png"
-    assert browser.save_screenshot(str(path)), path
-    if os.environ.get("GUARDRAIL_SCREENSHOTS"):
-        out = Path(os.environ["GUARDRAIL_SCREENSHOTS"])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, out / path.name)
+    harness.screenshot(browser, console.shots / f"{name}.png")
 
 
 def cell(browser: Any, app_id: str, css: str) -> str:

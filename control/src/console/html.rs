@@ -2,7 +2,7 @@
 //! Every string that comes from the policy or from traffic goes through [`esc`].
 
 use super::kpis::{self, Days, Kpis};
-use super::model::{AppView, Model};
+use super::model::{AppView, Granted, Model};
 use super::query::Query;
 use super::report::Report;
 use crate::catalog::{quota_text, rate_text};
@@ -25,7 +25,7 @@ pub fn esc(text: &str) -> String {
 }
 
 /// `text` as a URL path segment or query value.
-fn url(text: &str) -> String {
+pub(super) fn url(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for b in text.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -51,14 +51,15 @@ th{background:#eef1f5;font-weight:600;white-space:nowrap}td.n,th.n{text-align:ri
 .card{background:#fff;border:1px solid #e3e6ea;border-radius:6px;padding:10px 14px;min-width:150px}
 .card .v{font-size:22px;font-weight:600}form.filters{display:flex;gap:8px;flex-wrap:wrap;margin-bottom:12px}
 code{font-size:12px}.no{color:#c62828;font-weight:600}.yes{color:#2e7d32}
-svg{background:#fff;border:1px solid #e3e6ea}
+svg{background:#fff;border:1px solid #e3e6ea}.grey{background:#6b7280}
+.outcome.error{color:#c62828;font-weight:600}.outcome.done{color:#2e7d32;font-weight:600}
 @media print{header{display:none}body{background:#fff}}
 ";
 
-fn page(title: &str, body: &str) -> String {
+pub(super) fn page(title: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · Guardrail</title><style>{STYLE}</style></head>\
-         <body><header><b>Guardrail</b><a href=\"/\">Catalog</a><a href=\"/kpis\">KPIs</a><a href=\"/report?quarter={}\">Report</a>\
+         <body><header><b>Guardrail</b><a href=\"/\">Catalog</a><a href=\"/kpis\">KPIs</a><a href=\"/requests\">Requests</a><a href=\"/report?quarter={}\">Report</a>\
          <a href=\"/metrics\">Metrics</a></header><main>{body}</main></body></html>",
         esc(title),
         current_quarter()
@@ -71,7 +72,7 @@ fn current_quarter() -> String {
     format!("{}-Q{}", today.get(..4).unwrap_or("1970"), month.div_ceil(3))
 }
 
-fn badge(tier: &str) -> String {
+pub(super) fn badge(tier: &str) -> String {
     format!("<span class=\"badge {0}\">{0}</span>", esc(tier))
 }
 
@@ -240,7 +241,14 @@ fn shadow(candidate: Option<&guardrail_proto::v1::CandidateStatus>) -> String {
     out
 }
 
-pub fn catalog(m: &Model, q: &Query, candidate: Option<&guardrail_proto::v1::CandidateStatus>) -> String {
+/// The catalog page; `pending` the number of pending self-service requests (`None`: the store
+/// cannot say).
+pub fn catalog(
+    m: &Model,
+    q: &Query,
+    candidate: Option<&guardrail_proto::v1::CandidateStatus>,
+    pending: Option<usize>,
+) -> String {
     let matching: Vec<&AppView> = m.apps.iter().filter(|a| matches(a, q)).collect();
     let pages = matching.len().div_ceil(PAGE_SIZE).max(1);
     let at = q.value("page").parse::<usize>().unwrap_or(1).clamp(1, pages);
@@ -261,7 +269,9 @@ pub fn catalog(m: &Model, q: &Query, candidate: Option<&guardrail_proto::v1::Can
          <div class=\"card\"><div class=\"small\">risk</div><div class=\"v\">{} {} · {} {} · {} {}</div></div>\
          <div class=\"card\"><div class=\"small\">requests today</div><div class=\"v\" id=\"requests-today\">{today}</div></div>\
          <div class=\"card\"><div class=\"small\">registration share today</div><div class=\"v\" id=\"share-today\">{}</div>\
-         <div class=\"small\">{unregistered} unregistered · <a href=\"/kpis\">KPIs and history</a></div></div></div>",
+         <div class=\"small\">{unregistered} unregistered · <a href=\"/kpis\">KPIs and history</a></div></div>\
+         <div class=\"card\"><div class=\"small\">pending requests</div><div class=\"v\" id=\"pending-requests\">\
+         <a href=\"/requests\">{}</a></div></div></div>",
         esc(&m.revision),
         m.apps.len(),
         badge("red"),
@@ -271,6 +281,7 @@ pub fn catalog(m: &Model, q: &Query, candidate: Option<&guardrail_proto::v1::Can
         badge("green"),
         count("green"),
         pct((all > 0).then(|| registered as f64 / all as f64)),
+        pending.map_or("–".to_string(), |n| n.to_string()),
     );
     let _ = write!(
         body,
@@ -315,11 +326,12 @@ pub fn catalog(m: &Model, q: &Query, candidate: Option<&guardrail_proto::v1::Can
         let t = &a.today;
         let _ = write!(
             body,
-            "<tr data-app=\"{id}\"><td><a href=\"/apps/{href}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+            "<tr data-app=\"{id}\"><td><a href=\"/apps/{href}\">{id}</a>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
              <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"risk\">{}<div class=\"small\">{}</div></td>\
              <td class=\"n trust\">{}</td><td class=\"keys\">{} <span class=\"small\">{}</span></td><td class=\"small\">{}</td>\
              <td class=\"n today\" title=\"allowed {} · throttled {} · denied {}\">{}</td><td class=\"last-seen\">{}</td>\
              <td class=\"n cost\">{}</td></tr>",
+            granted_note(&a.granted),
             esc(e.owner.as_deref().unwrap_or("")),
             esc(e.team.as_deref().unwrap_or("")),
             esc(e.department.as_deref().unwrap_or("")),
@@ -348,6 +360,44 @@ pub fn catalog(m: &Model, q: &Query, candidate: Option<&guardrail_proto::v1::Can
     body.push_str("</tbody></table>");
     body.push_str(&shadow(candidate));
     page("Catalog", &body)
+}
+
+/// Under an app's id in the catalog: what it is granted beyond its tier and catalog ("" if nothing).
+fn granted_note(granted: &[Granted]) -> String {
+    if granted.is_empty() {
+        return String::new();
+    }
+    let what: Vec<String> = granted.iter().map(|g| esc(&g.what)).collect();
+    let from_requests = granted.iter().filter(|g| g.request.is_some()).count();
+    format!(
+        "<div class=\"small granted\" title=\"{}\">{} in force{}</div>",
+        what.join("; "),
+        granted.len(),
+        if from_requests > 0 { format!(", {from_requests} by request") } else { String::new() }
+    )
+}
+
+/// The app page's table of what the app is granted, each marked with its request.
+fn granted_table(b: &mut String, app: &str, granted: &[Granted]) {
+    let _ = write!(
+        b,
+        "<h2>Granted until a date</h2><p class=\"small\">Quota overrides, connector exceptions, access grants and \
+         review dates in force in the policy served; those of approved requests are marked with the request. \
+         <a href=\"/requests?app={}\">Requests of this app</a></p>",
+        url(app)
+    );
+    rows(
+        b,
+        &["Kind", "Grants", "Until", "Source", "Reason"],
+        granted.iter().map(|g| {
+            let source = match &g.request {
+                Some(id) => format!("<a href=\"/requests#{}\">request {}</a>", url(id), esc(id)),
+                None => "policy file".to_string(),
+            };
+            vec![esc(g.kind), esc(&g.what), esc(&g.until), source, esc(g.reason.as_deref().unwrap_or(""))]
+        }),
+        "granted",
+    );
 }
 
 fn rows(out: &mut String, head: &[&str], rows: impl IntoIterator<Item = Vec<String>>, id: &str) {
@@ -446,6 +496,8 @@ pub fn app(m: &Model, a: &AppView, days: &Days, today: u64) -> String {
         }),
         "overrides",
     );
+
+    granted_table(&mut b, &e.id, &a.granted);
 
     b.push_str("<h2>Connectors</h2>");
     rows(

@@ -1,6 +1,6 @@
 //! The console (`guardrail serve --http ADDR`), on the companion's tokio runtime and reading the
 //! policy the hub serves and the fleet's usage: the pages (`/` the catalog with search and
-//! filters, `/apps/{id}`, `/kpis`, `/report?quarter=`), the JSON API (`/api/v1/apps`,
+//! filters, `/apps/{id}`, `/kpis`, `/report?quarter=`, `/requests`), the JSON API (`/api/v1/apps`,
 //! `/api/v1/apps/{id}`, `/api/v1/kpis`, `/api/v1/report`), `/metrics`, `/healthz` and `/readyz`.
 //! Beyond loopback every request but the health checks needs `Authorization: Bearer <token>`
 //! (`--http-token-file`).
@@ -16,6 +16,7 @@ mod metrics;
 mod model;
 mod query;
 mod report;
+mod requests;
 
 use crate::log::log;
 use crate::serve::hub::Hub;
@@ -268,8 +269,31 @@ async fn page_catalog(State(console): State<Console>, headers: HeaderMap, uri: U
     }
     let q = query::Query::parse(uri.query());
     let candidate = console.hub.candidate_status();
+    let pending = requests::pending_count(&console.hub).await;
     match console.model.get(&console.hub).await {
-        Ok(m) => html(html::catalog(&m, &q, candidate.as_ref())),
+        Ok(m) => html(html::catalog(&m, &q, candidate.as_ref(), pending)),
+        Err(r) => r,
+    }
+}
+
+/// `/requests[?app=ID]`: the self-service requests, pending first (see [`requests`]).
+async fn page_requests(State(console): State<Console>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Err(r) = authorized(&console, &headers) {
+        return r;
+    }
+    let q = query::Query::parse(uri.query());
+    let m = match console.model.get(&console.hub).await {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match requests::load(&console.hub).await {
+        Ok(all) => {
+            let risk = |app: &str| m.app(app).map(|a| a.entry.risk.clone());
+            let mut r = html(requests::render(&all, &risk, q.value("app")));
+            r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, requests::CSP.clone());
+            r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
         Err(r) => r,
     }
 }
@@ -373,6 +397,7 @@ pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: 
         .route("/apps/{id}", get(page_app))
         .route("/kpis", get(page_kpis))
         .route("/report", get(page_report))
+        .route("/requests", get(page_requests))
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -9,13 +9,15 @@
 
 use super::kpis::{self, Days};
 use super::problem;
-use crate::catalog::Entry;
+use crate::catalog::{rate_text, Entry};
+use crate::selfservice::requests::{Kind, Request};
 use crate::serve::fleet::Counts;
 use crate::serve::hub::{Hub, Snapshot};
 use crate::store::Caller;
 use axum::http::StatusCode;
 use axum::response::Response;
 use guardrail_core::compile::App;
+use guardrail_core::time::rfc3339_secs;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +70,70 @@ pub struct AppView {
     pub last_seen: Option<String>,
     /// Cost of the last 30 days, today included, in the policy's currency.
     pub cost_30d: f64,
+    /// What the policy served grants the app beyond its tier and catalog now, until a time.
+    pub granted: Vec<Granted>,
+}
+
+/// Something the policy served grants an app until a time: a quota override, a connector
+/// exception, an access grant (from the policy file or, when its reason starts with
+/// `request <id>:`, an approved self-service request), or a review date an approved request moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Granted {
+    /// `quota`, `connector`, `access` or `review`.
+    pub kind: &'static str,
+    /// What it grants, in words (`rate 3000/1m burst 3000`, `connector s3-export`, …).
+    pub what: String,
+    /// When it ends (RFC 3339).
+    pub until: String,
+    pub reason: Option<String>,
+    /// The approved request it comes from (`req-…`), if any.
+    pub request: Option<String>,
+}
+
+/// The request id of a policy entry's reason written by an approval (`request req-<hex>: …`).
+pub fn request_of_reason(reason: &str) -> Option<&str> {
+    let (id, _) = reason.strip_prefix("request ")?.split_once(':')?;
+    let hex = id.strip_prefix("req-")?;
+    (!hex.is_empty() && hex.len() <= 32 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
+/// What `app` (its catalog entry `entry`) is granted at `now`; `in_force` the approved requests
+/// the policy served carries (for the review dates they moved, which have no reason field).
+pub fn granted(app: &App, entry: &Entry, in_force: &[Request], now: i64) -> Vec<Granted> {
+    let mut out = Vec::new();
+    let item = |kind, what: String, until: String, reason: Option<&String>| Granted {
+        kind,
+        what,
+        until,
+        request: reason.and_then(|r| request_of_reason(r)).map(str::to_string),
+        reason: reason.cloned(),
+    };
+    for o in &entry.quota.overrides {
+        let mut sets = Vec::new();
+        if let Some(r) = &o.rate {
+            sets.push(format!("rate {}", rate_text(r)));
+        }
+        if let Some(b) = o.daily_budget {
+            sets.push(format!("daily budget {b}"));
+        }
+        out.push(item("quota", sets.join(", "), o.expires_at.clone(), o.reason.as_ref()));
+    }
+    for (kind, list) in [("connector", &app.connector_exceptions), ("access", &app.access_grants)] {
+        let noun = if kind == "connector" { "connector" } else { "dataset" };
+        for e in list.iter().filter(|e| now < e.expires_at_secs) {
+            out.push(item(kind, format!("{noun} {}", e.what), rfc3339_secs(e.expires_at_secs), e.reason.as_ref()));
+        }
+    }
+    for r in in_force.iter().filter(|r| r.kind == Kind::Review && r.app == app.id && r.in_force(now)) {
+        out.push(Granted {
+            kind: "review",
+            what: format!("review by {}", app.review_by.as_deref().unwrap_or("(none)")),
+            until: r.until.clone(),
+            reason: Some(format!("request {}: {}", r.id, r.reason)),
+            request: Some(r.id.clone()),
+        });
+    }
+    out
 }
 
 /// A dataset an app's data classes let it reach, and whether its region may.
@@ -201,6 +267,7 @@ impl Cache {
         let keys = policy.api_key_digests_by_app();
         let now = hub.now();
         let totals = days.get(&today).cloned().unwrap_or_default();
+        let in_force = hub.requests_in_force();
         let mut apps = Vec::with_capacity(policy.apps.len());
         let mut index = HashMap::with_capacity(policy.apps.len());
         for (i, app) in policy.apps.iter().enumerate() {
@@ -227,6 +294,7 @@ impl Cache {
             }
             index.insert(app.id.clone(), i);
             apps.push(AppView {
+                granted: granted(app, &entry, &in_force, now),
                 entry,
                 today: today_counts.map(UsageView::from).unwrap_or_default(),
                 last_seen: last_seen.map(kpis::date),
@@ -249,5 +317,27 @@ impl Cache {
             totals,
             anomalies,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_approvals_reason_names_its_request() {
+        let cases = [
+            ("request req-0a1b2c3d4e5f: black friday", Some("req-0a1b2c3d4e5f"), "as an approval writes it"),
+            ("request req-0a1b2c3d4e5f:", Some("req-0a1b2c3d4e5f"), "an empty reason after it"),
+            ("quarter close", None, "a reason of the policy file"),
+            ("request req-: x", None, "no hex"),
+            ("request req-xyz: x", None, "not hex"),
+            ("request <b>req-1</b>: x", None, "markup is no id"),
+            ("request req-1 2: x", None, "a space is no id"),
+            ("Request req-1: x", None, "only as written by an approval"),
+        ];
+        for (reason, want, why) in cases {
+            assert_eq!(request_of_reason(reason), want, "{why}: {reason}");
+        }
     }
 }
