@@ -148,7 +148,7 @@ def test_a_request_is_approved_from_the_page_and_the_fleet_follows(browser: Any,
     text = decide(browser, rid, "approve", expect="approved by alice · revision ")
     revision = text.split("revision ", 1)[1]
     assert revision.startswith("console-req-1+req."), revision
-    screenshot(browser, setup.shots / "requests.png")
+    screenshot(browser, setup.shots / "requests-approved.png")
 
     decided = setup.request(rid)
     assert (decided["status"], decided["decided_by"], decided["revision"]) == ("approved", "alice", revision), decided
@@ -218,6 +218,8 @@ def test_refusals_are_shown_and_decide_nothing(browser: Any, setup: Setup) -> No
     open_requests(browser, setup, None)
     decide(browser, pos, "approve", expect="paste your approver token above first")
     assert setup.request(pos)["status"] == "pending"
+    browser.get(setup.base + "/requests")
+    screenshot(browser, setup.shots / "requests.png")
 
 
 def test_the_page_allows_only_its_script_and_no_cross_site_decision(setup: Setup) -> None:

@@ -323,6 +323,55 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_796_558_400; // 2026-12-06T12:00:00Z
+
+    #[test]
+    fn what_is_granted_is_what_is_in_force_marked_with_its_request() {
+        let doc = json!({
+            "apiVersion": "guardrail/v1", "kind": "Policy", "revision": "7+req.0badc0de",
+            "tiers": {"sandbox": {"rate": {"requests": 5, "per": "1m"}}},
+            "connectors": {"approved": ["crm"]},
+            "apps": [{
+                "id": "lab", "environment": "prod", "tier": "sandbox", "lifecycle": "published",
+                "region": "eu-west-1", "data_classes": ["public"], "connectors": ["crm"], "review_by": "2027-01-31",
+                "quota_overrides": [
+                    {"rate": {"requests": 600, "per": "1m"}, "expires_at": "2026-12-21T00:00:00Z",
+                     "reason": "request req-0a1b2c3d4e5f: black friday"},
+                    {"daily_budget": 900, "expires_at": "2026-12-31T00:00:00Z", "reason": "quarter close"},
+                    {"daily_budget": 800, "expires_at": "2026-12-01T00:00:00Z", "reason": "request req-0000000000aa: old"}
+                ],
+                "connector_exceptions": [
+                    {"connector": "s3-export", "expires_at": "2026-12-10T00:00:00Z",
+                     "reason": "request req-0a1b2c3d4e60: nightly export"},
+                    {"connector": "ftp", "expires_at": "2026-12-05T00:00:00Z", "reason": "ended"}
+                ]
+            }]
+        });
+        let policy = guardrail_core::compile::compile_json_str(&doc.to_string()).unwrap();
+        let app = policy.app("lab").unwrap();
+        let entry = crate::catalog::entry(&policy, app, &[], NOW, &guardrail_core::catalog::Evidence::default());
+        let review: Request = serde_json::from_value(json!({
+            "id": "req-0a1b2c3d4e61", "kind": "review", "app": "lab", "status": "approved",
+            "filed_at": "2026-12-01T00:00:00Z", "until": "2027-02-01T00:00:00Z", "until_secs": 1_801_440_000,
+            "reason": "re-attested", "risk_tier": "green", "change": "app `lab`'s review_by → 2027-01-31"
+        }))
+        .unwrap();
+        let all = granted(app, &entry, &[review], NOW);
+        let got: Vec<(&str, &str, &str, Option<&str>)> =
+            all.iter().map(|g| (g.kind, g.what.as_str(), g.until.as_str(), g.request.as_deref())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("quota", "rate 600/1m burst 600", "2026-12-21T00:00:00Z", Some("req-0a1b2c3d4e5f")),
+                ("quota", "daily budget 900", "2026-12-31T00:00:00Z", None),
+                ("connector", "connector s3-export", "2026-12-10T00:00:00Z", Some("req-0a1b2c3d4e60")),
+                ("review", "review by 2027-01-31", "2027-02-01T00:00:00Z", Some("req-0a1b2c3d4e61")),
+            ],
+            "what ended is not listed; a request is named only by an approval's reason"
+        );
+    }
 
     #[test]
     fn an_approvals_reason_names_its_request() {
