@@ -408,12 +408,13 @@ def test_beyond_loopback_the_token_is_required(tmp_path: Path) -> None:
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: get(base + "/healthz")[0] == 200, timeout=10, what="the console")
-        for path in ["/", "/api/v1/apps", "/metrics", "/api/v1/kpis", "/apps/pos", "/nope"]:
+        for path in ["/", "/api/v1/apps", "/metrics", "/api/v1/kpis", "/apps/pos", "/requests", "/nope"]:
             for given in [None, "wrong-token-0123456789"]:
                 status, ctype, _ = get(base + path, given)
                 assert (status, ctype) == (401, "application/problem+json"), (path, given, status)
         assert get(base + "/api/v1/apps", token)[0] == 200
         assert get(base + "/", token)[0] == 200
+        assert get(base + "/requests", token)[0] == 200
         assert get(base + "/readyz")[0] == 200, "health checks need no token"
     finally:
         comp.stop()
