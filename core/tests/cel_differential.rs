@@ -94,6 +94,8 @@ fn app() -> impl Strategy<Value = (App, String)> {
                     review_by: None,
                     review_overdue_at_secs: i64::MAX,
                     masks: None,
+                    connector_exceptions: Vec::new(),
+                    access_grants: Vec::new(),
                 };
                 (app, tier.to_string())
             },

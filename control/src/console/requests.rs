@@ -15,7 +15,6 @@ use super::problem;
 use crate::catalog::Risk;
 use crate::selfservice::requests::Request;
 use crate::serve::hub::Hub;
-use crate::store::RequestRecord;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use std::fmt::Write;
@@ -124,18 +123,11 @@ fn unavailable(why: impl std::fmt::Display) -> Response {
     problem(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", &format!("the requests cannot be read: {why}"))
 }
 
-/// A stored request as the API shows it (the record's status is the one that counts).
-fn request_of(record: &RequestRecord) -> Option<Request> {
-    let mut request: Request = serde_json::from_str(&record.record).ok()?;
-    request.status.clone_from(&record.status);
-    Some(request)
-}
-
 /// Every request of the store, newest first; a 503 problem when there is no store or it fails.
 pub async fn load(hub: &Hub) -> Result<Vec<Request>, Response> {
     let store = hub.store().ok_or_else(|| unavailable("no store attached"))?;
     let records = store.requests().await.map_err(unavailable)?;
-    Ok(records.iter().filter_map(request_of).collect())
+    Ok(records.iter().filter_map(crate::selfservice::approvals::request_of).collect())
 }
 
 /// How many requests are pending, or `None` when the store cannot say (the overview shows "–").

@@ -130,7 +130,8 @@ fn json_body<T: serde::de::DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -
     })
 }
 
-fn request_of(record: &RequestRecord) -> Option<Request> {
+/// A stored request as the API shows it (the record's status is the one that counts).
+pub(crate) fn request_of(record: &RequestRecord) -> Option<Request> {
     let mut request: Request = serde_json::from_str(&record.record).ok()?;
     request.status.clone_from(&record.status);
     Some(request)
