@@ -144,6 +144,18 @@ fn split_shadow(value: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_le_bytes(*epoch), json))
 }
 
+impl Follower {
+    /// The apps the shadow candidate published can decide differently from the snapshot in force
+    /// ([`guardrail_core::shadow::apps_that_differ`]); `None`: every request is decided twice.
+    pub fn apps_that_differ(&self) -> Option<guardrail_core::fasthash::FastSet<String>> {
+        let (_, candidate) = split_shadow(&self.shadow)?;
+        if self.snapshot.is_empty() {
+            return None;
+        }
+        guardrail_core::shadow::apps_that_differ(&self.snapshot, candidate)
+    }
+}
+
 /// The shadow candidate in force on this Envoy and its counts (epoch 0 and no revision: none).
 fn shadow_counts() -> SharedCounts {
     SharedCounts::decode(&shared(SHADOW_COUNTS_KEY)).unwrap_or_default()

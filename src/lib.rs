@@ -17,8 +17,9 @@ mod host;
 use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{
-    check_connector, decide, policy_unavailable, Code, Decision, Denial, Event, Pass, Request,
+    check_connector, decide, identify, policy_unavailable, Code, Decision, Denial, Event, Pass, Request,
 };
+use guardrail_core::fasthash::FastSet;
 use guardrail_core::fleet::{Callers, Fleet, UsageCounters};
 use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::problem::{
@@ -106,6 +107,9 @@ struct Shadow {
     tokens: TokenCache,
     /// Differences counted since the last flush to shared data.
     counts: ShadowCounts,
+    /// The apps it can decide differently from the policy in force; a request of another app it
+    /// identifies is decided once (`None`: every request twice).
+    differ: Option<FastSet<String>>,
 }
 
 impl Worker {
@@ -139,6 +143,7 @@ impl Worker {
 
     /// Puts in force what the companion published (or this root context received).
     fn apply(&mut self, synced: control::Synced) {
+        let changed = synced.policy.is_some() || synced.shadow.is_some();
         if let Some(policy) = synced.policy {
             let replaced = self.policy.take();
             self.install(policy);
@@ -161,8 +166,15 @@ impl Worker {
                     epoch: s.epoch,
                     tokens: TokenCache::new(TOKEN_CACHE_CAPACITY),
                     counts: ShadowCounts::default(),
+                    differ: None,
                 }
             });
+        }
+        // Either policy changed: which apps the two can decide differently (two JSON parses, once).
+        if changed {
+            if let Some(shadow) = &mut self.shadow {
+                shadow.differ = self.follower.apps_that_differ();
+            }
         }
     }
 
@@ -416,18 +428,28 @@ impl HttpContext for GuardrailHttp {
         let Worker { tokens, shadow, .. } = &mut *worker;
         // The candidate first, so that it finds the quota buckets as the enforced policy is about
         // to; it writes none. No candidate: one branch, nothing else.
+        // A request of an app the candidate leaves as it is (and nothing else differs) is decided
+        // alike by both: decided once, its outcome counted for both.
         let candidate = match shadow {
             None => None,
             Some(s) => {
-                let store = &mut ReadOnlyStore(&mut host::SharedData);
-                let d = decide(&s.policy, &request, now, store, &mut s.tokens);
-                Some((outcome(&d), d.app.map(|a| a.id.as_str()), &mut s.counts))
+                let alike = s.differ.as_ref().is_some_and(|differ| {
+                    identify(&s.policy, &request, now, &mut s.tokens).is_some_and(|app| !differ.contains(&app.id))
+                });
+                if alike {
+                    Some((None, None, &mut s.counts))
+                } else {
+                    let store = &mut ReadOnlyStore(&mut host::SharedData);
+                    let d = decide(&s.policy, &request, now, store, &mut s.tokens);
+                    Some((Some(outcome(&d)), d.app.map(|a| a.id.as_str()), &mut s.counts))
+                }
             }
         };
         let decision = decide(&policy, &request, now, &mut host::SharedData, tokens);
         if let Some((code, candidate_app, counts)) = candidate {
             let app = decision.app.map(|a| a.id.as_str()).or(candidate_app).unwrap_or_default();
-            counts.record(app, outcome(&decision), code);
+            let enforced = outcome(&decision);
+            counts.record(app, enforced, code.unwrap_or(enforced));
         }
         let app = decision.app.and_then(|a| policy.app_index(&a.id));
         let judged_dataset = decision.dataset;

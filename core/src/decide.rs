@@ -908,6 +908,20 @@ fn unauthenticated(detail: impl Into<Cow<'static, str>>) -> Denial {
 /// The app a request's credentials name, with Guardrail's verified token if it carried one.
 type Authenticated<'p> = (&'p App, Option<Arc<VerifiedToken>>);
 
+/// The app `req`'s credentials name in `policy`: the identity step of [`decide`] alone (API key
+/// and/or Guardrail's token, verified through `tokens`). `None` without a credential Guardrail
+/// verifies, or with one it refuses.
+pub fn identify<'p>(
+    policy: &'p CompiledPolicy,
+    req: &Request<'_>,
+    now_ns: u64,
+    tokens: &mut TokenCache,
+) -> Option<&'p App> {
+    let now_secs = i64::try_from(now_ns / NANOS_PER_SEC).unwrap_or(i64::MAX);
+    let t = &mut Tracer { on: false, lines: Vec::new() };
+    authenticate(policy, req, now_secs, tokens, t).ok().flatten().map(|(app, _)| app)
+}
+
 /// Finds the app from the request's credentials: an API key (by digest) and/or Guardrail's bearer
 /// token in `settings.identity.token_header`. When both are sent they must name the same app.
 /// `Ok(None)`: no credential Guardrail can verify (none at all, or only a token-header value that

@@ -32,6 +32,60 @@ pub fn outcome(decision: &Decision<'_>) -> &'static str {
     }
 }
 
+// === where a candidate can differ ===
+
+/// The apps a candidate can decide differently from the policy in force, from the two policies'
+/// JSON: `None` when anything but `apps` and `revision` differs (settings, tiers, connectors,
+/// datasets, rules, exemptions, issuers: every request may be decided differently), else the ids
+/// of the apps that are not the same object in both (changed, added or removed).
+///
+/// A request whose app the candidate identifies as one of the others is decided alike by both:
+/// the same app, datasets, rules, settings and quota state give the same decision, so the filter
+/// counts the enforced outcome for both and does not decide it twice. `None` also for JSON that
+/// does not parse, or apps without an `id`: then every request is decided twice.
+///
+/// ```
+/// use guardrail_core::shadow::apps_that_differ;
+/// let a = br#"{"revision": "1", "tiers": {}, "apps": [{"id": "a", "tier": "t"}, {"id": "b", "tier": "t"}]}"#;
+/// let b = br#"{"revision": "2", "tiers": {}, "apps": [{"id": "a", "tier": "t"}, {"id": "b", "tier": "u"}, {"id": "c"}]}"#;
+/// let differ = apps_that_differ(a, b).unwrap();
+/// assert!(differ.contains("b") && differ.contains("c") && !differ.contains("a"));
+/// assert!(apps_that_differ(a, br#"{"revision": "2", "tiers": {"x": {}}, "apps": []}"#).is_none());
+/// ```
+pub fn apps_that_differ(in_force: &[u8], candidate: &[u8]) -> Option<crate::fasthash::FastSet<String>> {
+    use serde_json::{Map, Value};
+    let in_force: Map<String, Value> = serde_json::from_slice(in_force).ok()?;
+    let candidate: Map<String, Value> = serde_json::from_slice(candidate).ok()?;
+    fn outside_apps(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
+        let mut v: Vec<(&String, &Value)> = m.iter().filter(|(k, _)| *k != "apps" && *k != "revision").collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+    if outside_apps(&in_force) != outside_apps(&candidate) {
+        return None;
+    }
+    let by_id = |m: &Map<String, Value>| -> Option<crate::fasthash::FastMap<String, Value>> {
+        let mut out = crate::fasthash::FastMap::default();
+        for app in m.get("apps").and_then(Value::as_array).map_or(&[][..], Vec::as_slice) {
+            let id = app.get("id").and_then(Value::as_str)?;
+            // An id listed twice is a policy error: no app is then said to be the same.
+            if out.insert(id.to_string(), app.clone()).is_some() {
+                return None;
+            }
+        }
+        Some(out)
+    };
+    let (a, b) = (by_id(&in_force)?, by_id(&candidate)?);
+    let mut differ = crate::fasthash::FastSet::default();
+    for (id, app) in &a {
+        if b.get(id) != Some(app) {
+            differ.insert(id.clone());
+        }
+    }
+    differ.extend(b.keys().filter(|id| !a.contains_key(*id)).cloned());
+    Some(differ)
+}
+
 // === impl ReadOnlyStore ===
 
 /// A [`CounterStore`] that reads the real store and discards every write, so a candidate sees the

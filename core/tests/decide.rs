@@ -817,3 +817,42 @@ fn exceptions_grants_and_approvers_are_validated_naming_the_field() {
     }
     assert!(!paths.contains(&"settings.approvers[2].token"), "{paths:?}");
 }
+
+#[test]
+fn apps_the_candidate_leaves_alone_are_decided_alike_by_both() {
+    // The claim the filter's shadow relies on to decide such requests once.
+    let base: serde_json::Value = serde_json::from_str(&policy_text()).unwrap();
+    let mut changed = base.clone();
+    changed["revision"] = serde_json::json!("r2");
+    changed["apps"][0]["lifecycle"] = serde_json::json!("quarantined"); // pos
+    changed["apps"][5]["tier"] = serde_json::json!("tiny"); // approved
+    let (a, b) = (base.to_string(), changed.to_string());
+    let differ = guardrail_core::shadow::apps_that_differ(a.as_bytes(), b.as_bytes()).unwrap();
+    let mut ids: Vec<&str> = differ.iter().map(String::as_str).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["approved", "pos"]);
+    let (p, c) = (compile_json_str(&a).unwrap(), compile_json_str(&b).unwrap());
+    let mut seen_difference = false;
+    for app in ["pos", "promo", "drafty", "old", "bad", "approved", "us-app", "tiny"] {
+        for (method, path) in
+            [("GET", "/customers/1"), ("DELETE", "/catalog/x"), ("GET", "/payments/7"), ("POST", "/other")]
+        {
+            let headers = key(app);
+            let req = request(method, path, Some("crm"), &headers);
+            let code = |policy: &CompiledPolicy| {
+                let d = decide(policy, &req, T0, &mut store_for(policy), &mut TokenCache::new(4));
+                guardrail_core::shadow::outcome(&d)
+            };
+            let (enforced, candidate) = (code(&p), code(&c));
+            if !differ.contains(app) {
+                assert_eq!(enforced, candidate, "{app} {method} {path}");
+            }
+            seen_difference |= enforced != candidate;
+        }
+    }
+    assert!(seen_difference, "the changed apps are decided differently: the comparison can fail");
+    // Anything outside `apps` changed: no app is known to be decided alike.
+    let mut rules = base.clone();
+    rules["rules"][0]["when"] = serde_json::json!("request.method == 'PUT'");
+    assert!(guardrail_core::shadow::apps_that_differ(a.as_bytes(), rules.to_string().as_bytes()).is_none());
+}

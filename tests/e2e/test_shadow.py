@@ -399,3 +399,19 @@ def test_the_filter_nacks_a_candidate_it_cannot_compile_and_follows_the_stream(
     finally:
         fake.stop()
 
+
+def test_a_candidate_that_changes_one_app_differs_for_that_app_only(env: Env) -> None:
+    # Only `apps` differ: the filter decides the other apps' requests once (both policies decide
+    # them alike) and the changed app's with both.
+    env.put_in_force(make_policy("shadow-3", old_lifecycle="deprecated"))
+    before = env.usage()
+    all_admitted(send(env.gw, "us-app", "/prices/belts", 3), "us-app")
+    all_admitted(send(env.gw, "eu-app", "/prices/belts", 3), "eu-app")
+    all_admitted(send(env.gw, "old-app", "/orders", 2), "old-app")
+    for r in send(env.gw, None, "/orders", 1, {"x-api-key": "k-shadow-unknown"}):
+        responds_with(r, 401, "unauthenticated")
+    after = {app: before.get(app, 0) + n for app, n in {"us-app": 3, "eu-app": 3, "old-app": 2}.items()}
+    assert env.differences_once_reported(after) == [
+        {"app": "old-app", "enforced": "allow", "candidate": "app-not-active", "count": 2},
+    ]
+
