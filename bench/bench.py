@@ -698,8 +698,11 @@ def part_overhead(work: Path) -> dict[str, Any]:
         filters["g"] = ([alt], None)
     filters = {k: v for k, v in filters.items() if k in s["configs"]}
     # (h) and (i): the same Guardrail, linked to a companion that serves the same policy, with a
-    # candidate in shadow (the policy with its last app quarantined: every request decided twice)
-    # or none. (h) - (i) is what shadowing costs; (i) - (b) what the link to the companion does.
+    # candidate in shadow or none. The candidate is a weekly change: its last app quarantined and
+    # one of the 50 datasets' allowed regions changed (a residency change); requests of that app or
+    # that dataset are decided twice, the others once (both policies decide them alike; see
+    # `differ` in core/src/shadow.rs). (h) - (i) is what shadowing costs; (i) - (b) what the link
+    # to the companion does.
     companions: dict[str, tuple[Proc, int]] = {}
     shadowed = [k for k in "hi" if k in s["configs"]]
     why = companion_available() if shadowed else None
@@ -709,6 +712,8 @@ def part_overhead(work: Path) -> dict[str, Any]:
     for k in shadowed:
         candidate = bench_policy(apps=s["apps"], rules=s["rules"], revision="bench-candidate",
                                  lifecycles={s["apps"] - 1: "quarantined"}) if k == "h" else None
+        if candidate is not None:
+            candidate["datasets"][0]["allowed_regions"] = ["ap-south-1"]
         companions[k] = start_companion(work, f"companion-{k}", policy, candidate)
         filters[k] = ([guardrail_filter(policy, control=True)], None)
     # BENCH_HOSTCALLS=headers,property,…: one more (e) per host call class, making only that call.

@@ -145,14 +145,14 @@ fn split_shadow(value: &[u8]) -> Option<(u64, &[u8])> {
 }
 
 impl Follower {
-    /// The apps the shadow candidate published can decide differently from the snapshot in force
-    /// ([`guardrail_core::shadow::apps_that_differ`]); `None`: every request is decided twice.
-    pub fn apps_that_differ(&self) -> Option<guardrail_core::fasthash::FastSet<String>> {
+    /// Where the shadow candidate published can decide differently from the snapshot in force
+    /// ([`guardrail_core::shadow::differ`]); `None`: every request is decided twice.
+    pub fn differ(&self) -> Option<guardrail_core::shadow::Differ> {
         let (_, candidate) = split_shadow(&self.shadow)?;
         if self.snapshot.is_empty() {
             return None;
         }
-        guardrail_core::shadow::apps_that_differ(&self.snapshot, candidate)
+        guardrail_core::shadow::differ(&self.snapshot, candidate)
     }
 }
 

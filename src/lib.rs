@@ -17,9 +17,8 @@ mod host;
 use control::ControlClient;
 use guardrail_core::compile::CompiledPolicy;
 use guardrail_core::decide::{
-    check_connector, decide, identify, policy_unavailable, Code, Decision, Denial, Event, Pass, Request,
+    check_connector, decide, decided_alike, policy_unavailable, Code, Decision, Denial, Event, Pass, Request,
 };
-use guardrail_core::fasthash::FastSet;
 use guardrail_core::fleet::{Callers, Fleet, UsageCounters};
 use guardrail_core::jwt::{TokenCache, VerifiedToken};
 use guardrail_core::problem::{
@@ -27,7 +26,7 @@ use guardrail_core::problem::{
 };
 use guardrail_core::quota::{ensure_keys, StoreError};
 use guardrail_core::raw::{Classification, FailureMode};
-use guardrail_core::shadow::{outcome, ReadOnlyStore, ShadowCounts};
+use guardrail_core::shadow::{outcome, Differ, ReadOnlyStore, ShadowCounts};
 use guardrail_core::time::{NANOS_PER_SEC, SECS_PER_DAY};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -107,9 +106,9 @@ struct Shadow {
     tokens: TokenCache,
     /// Differences counted since the last flush to shared data.
     counts: ShadowCounts,
-    /// The apps it can decide differently from the policy in force; a request of another app it
-    /// identifies is decided once (`None`: every request twice).
-    differ: Option<FastSet<String>>,
+    /// Where it can decide differently from the policy in force; other requests are decided once
+    /// (`None`: every request twice).
+    differ: Option<Differ>,
 }
 
 impl Worker {
@@ -170,10 +169,10 @@ impl Worker {
                 }
             });
         }
-        // Either policy changed: which apps the two can decide differently (two JSON parses, once).
+        // Either policy changed: where the two can decide differently (two JSON parses, once).
         if changed {
             if let Some(shadow) = &mut self.shadow {
-                shadow.differ = self.follower.apps_that_differ();
+                shadow.differ = self.follower.differ();
             }
         }
     }
@@ -428,14 +427,13 @@ impl HttpContext for GuardrailHttp {
         let Worker { tokens, shadow, .. } = &mut *worker;
         // The candidate first, so that it finds the quota buckets as the enforced policy is about
         // to; it writes none. No candidate: one branch, nothing else.
-        // A request of an app the candidate leaves as it is (and nothing else differs) is decided
-        // alike by both: decided once, its outcome counted for both.
+        // A request of an app and a dataset the candidate leaves as they are (and nothing else
+        // differs) is decided alike by both: decided once, its outcome counted for both.
         let candidate = match shadow {
             None => None,
             Some(s) => {
-                let alike = s.differ.as_ref().is_some_and(|differ| {
-                    identify(&s.policy, &request, now, &mut s.tokens).is_some_and(|app| !differ.contains(&app.id))
-                });
+                let alike =
+                    s.differ.as_ref().is_some_and(|d| decided_alike(&s.policy, d, &request, now, &mut s.tokens));
                 if alike {
                     Some((None, None, &mut s.counts))
                 } else {

@@ -922,6 +922,36 @@ pub fn identify<'p>(
     authenticate(policy, req, now_secs, tokens, t).ok().flatten().map(|(app, _)| app)
 }
 
+/// Whether `policy` and a candidate that differs from it only where `differ` says
+/// ([`crate::shadow::differ`]) decide `req` alike: its app, as the candidate identifies it, and
+/// its dataset, as the candidate's routes match it, are in neither of `differ`'s sets. False
+/// (decide with both) without an app, or for a path that does not normalise.
+pub fn decided_alike(
+    candidate: &CompiledPolicy,
+    differ: &crate::shadow::Differ,
+    req: &Request<'_>,
+    now_ns: u64,
+    tokens: &mut TokenCache,
+) -> bool {
+    let Some(app) = identify(candidate, req, now_ns, tokens) else { return false };
+    if differ.apps.contains(&app.id) {
+        return false;
+    }
+    if differ.datasets.is_empty() {
+        return true;
+    }
+    let Ok(path) = normalize_path(req.path) else { return false };
+    let method: Cow<'_, str> = if req.method.bytes().any(|b| b.is_ascii_lowercase()) {
+        Cow::Owned(req.method.to_ascii_uppercase())
+    } else {
+        Cow::Borrowed(req.method)
+    };
+    candidate
+        .dataset_for(req.host, &method, &path)
+        .and_then(|i| candidate.datasets.get(i))
+        .is_none_or(|d| !differ.datasets.contains(&d.id))
+}
+
 /// Finds the app from the request's credentials: an API key (by digest) and/or Guardrail's bearer
 /// token in `settings.identity.token_header`. When both are sent they must name the same app.
 /// `Ok(None)`: no credential Guardrail can verify (none at all, or only a token-header value that

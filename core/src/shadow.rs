@@ -34,56 +34,75 @@ pub fn outcome(decision: &Decision<'_>) -> &'static str {
 
 // === where a candidate can differ ===
 
-/// The apps a candidate can decide differently from the policy in force, from the two policies'
-/// JSON: `None` when anything but `apps` and `revision` differs (settings, tiers, connectors,
-/// datasets, rules, exemptions, issuers: every request may be decided differently), else the ids
-/// of the apps that are not the same object in both (changed, added or removed).
-///
-/// A request whose app the candidate identifies as one of the others is decided alike by both:
-/// the same app, datasets, rules, settings and quota state give the same decision, so the filter
-/// counts the enforced outcome for both and does not decide it twice. `None` also for JSON that
-/// does not parse, or apps without an `id`: then every request is decided twice.
+/// Where a candidate can decide differently from the policy in force: the ids of the apps and of
+/// the datasets that are not the same object in both policies (changed, added or removed). A
+/// request whose app (as the candidate identifies it) and dataset (as the candidate's routes
+/// match it) are in neither set is decided alike by both: the same app, dataset, rules, settings
+/// and quota state give the same decision, so the filter counts the enforced outcome for both
+/// and decides it once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Differ {
+    pub apps: crate::fasthash::FastSet<String>,
+    pub datasets: crate::fasthash::FastSet<String>,
+}
+
+/// [`Differ`] from the two policies' JSON; `None` when anything else differs (settings, tiers,
+/// connectors, rules, exemptions, issuers; a dataset added, removed or routed otherwise), so that
+/// every request is decided with both. `None` also for JSON that does not parse, or apps or
+/// datasets without an `id` or listed twice.
 ///
 /// ```
-/// use guardrail_core::shadow::apps_that_differ;
-/// let a = br#"{"revision": "1", "tiers": {}, "apps": [{"id": "a", "tier": "t"}, {"id": "b", "tier": "t"}]}"#;
-/// let b = br#"{"revision": "2", "tiers": {}, "apps": [{"id": "a", "tier": "t"}, {"id": "b", "tier": "u"}, {"id": "c"}]}"#;
-/// let differ = apps_that_differ(a, b).unwrap();
-/// assert!(differ.contains("b") && differ.contains("c") && !differ.contains("a"));
-/// assert!(apps_that_differ(a, br#"{"revision": "2", "tiers": {"x": {}}, "apps": []}"#).is_none());
+/// use guardrail_core::shadow::differ;
+/// let a = br#"{"revision": "1", "tiers": {}, "apps": [{"id": "a", "tier": "t"}, {"id": "b", "tier": "t"}],
+///              "datasets": [{"id": "d", "routes": [{"path_prefix": "/d"}], "allowed_regions": ["eu"]}]}"#;
+/// let b = br#"{"revision": "2", "tiers": {}, "apps": [{"id": "a", "tier": "t"}, {"id": "b", "tier": "u"}, {"id": "c"}],
+///              "datasets": [{"id": "d", "routes": [{"path_prefix": "/d"}], "allowed_regions": ["us"]}]}"#;
+/// let d = differ(a, b).unwrap();
+/// assert!(d.apps.contains("b") && d.apps.contains("c") && !d.apps.contains("a"));
+/// assert!(d.datasets.contains("d"));
+/// assert!(differ(a, br#"{"revision": "2", "tiers": {"x": {}}, "apps": []}"#).is_none());
 /// ```
-pub fn apps_that_differ(in_force: &[u8], candidate: &[u8]) -> Option<crate::fasthash::FastSet<String>> {
+pub fn differ(in_force: &[u8], candidate: &[u8]) -> Option<Differ> {
     use serde_json::{Map, Value};
     let in_force: Map<String, Value> = serde_json::from_slice(in_force).ok()?;
     let candidate: Map<String, Value> = serde_json::from_slice(candidate).ok()?;
-    fn outside_apps(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
-        let mut v: Vec<(&String, &Value)> = m.iter().filter(|(k, _)| *k != "apps" && *k != "revision").collect();
+    fn others(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
+        let mut v: Vec<(&String, &Value)> =
+            m.iter().filter(|(k, _)| !matches!(k.as_str(), "apps" | "datasets" | "revision")).collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
         v
     }
-    if outside_apps(&in_force) != outside_apps(&candidate) {
+    if others(&in_force) != others(&candidate) {
         return None;
     }
-    let by_id = |m: &Map<String, Value>| -> Option<crate::fasthash::FastMap<String, Value>> {
+    fn by_id<'v>(m: &'v Map<String, Value>, list: &str) -> Option<crate::fasthash::FastMap<&'v str, &'v Value>> {
         let mut out = crate::fasthash::FastMap::default();
-        for app in m.get("apps").and_then(Value::as_array).map_or(&[][..], Vec::as_slice) {
-            let id = app.get("id").and_then(Value::as_str)?;
-            // An id listed twice is a policy error: no app is then said to be the same.
-            if out.insert(id.to_string(), app.clone()).is_some() {
+        for item in m.get(list).and_then(Value::as_array).map_or(&[][..], Vec::as_slice) {
+            let id = item.get("id").and_then(Value::as_str)?;
+            if out.insert(id, item).is_some() {
                 return None;
             }
         }
         Some(out)
-    };
-    let (a, b) = (by_id(&in_force)?, by_id(&candidate)?);
-    let mut differ = crate::fasthash::FastSet::default();
-    for (id, app) in &a {
-        if b.get(id) != Some(app) {
-            differ.insert(id.clone());
-        }
     }
-    differ.extend(b.keys().filter(|id| !a.contains_key(*id)).cloned());
-    Some(differ)
+    fn changed(
+        a: &crate::fasthash::FastMap<&str, &Value>,
+        b: &crate::fasthash::FastMap<&str, &Value>,
+    ) -> crate::fasthash::FastSet<String> {
+        let mut out: crate::fasthash::FastSet<String> =
+            a.iter().filter(|(id, v)| b.get(*id) != Some(*v)).map(|(id, _)| id.to_string()).collect();
+        out.extend(b.keys().filter(|id| !a.contains_key(*id)).map(|id| id.to_string()));
+        out
+    }
+    let apps = changed(&by_id(&in_force, "apps")?, &by_id(&candidate, "apps")?);
+    let (da, db) = (by_id(&in_force, "datasets")?, by_id(&candidate, "datasets")?);
+    // Requests must reach the same dataset in both: the same ids, each routed alike.
+    let same_routes =
+        da.len() == db.len() && da.iter().all(|(id, v)| db.get(id).is_some_and(|w| v.get("routes") == w.get("routes")));
+    if !same_routes {
+        return None;
+    }
+    Some(Differ { apps, datasets: changed(&da, &db) })
 }
 
 // === impl ReadOnlyStore ===

@@ -827,7 +827,9 @@ fn apps_the_candidate_leaves_alone_are_decided_alike_by_both() {
     changed["apps"][0]["lifecycle"] = serde_json::json!("quarantined"); // pos
     changed["apps"][5]["tier"] = serde_json::json!("tiny"); // approved
     let (a, b) = (base.to_string(), changed.to_string());
-    let differ = guardrail_core::shadow::apps_that_differ(a.as_bytes(), b.as_bytes()).unwrap();
+    let differ = guardrail_core::shadow::differ(a.as_bytes(), b.as_bytes()).unwrap();
+    assert!(differ.datasets.is_empty());
+    let differ = differ.apps;
     let mut ids: Vec<&str> = differ.iter().map(String::as_str).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["approved", "pos"]);
@@ -854,5 +856,41 @@ fn apps_the_candidate_leaves_alone_are_decided_alike_by_both() {
     // Anything outside `apps` changed: no app is known to be decided alike.
     let mut rules = base.clone();
     rules["rules"][0]["when"] = serde_json::json!("request.method == 'PUT'");
-    assert!(guardrail_core::shadow::apps_that_differ(a.as_bytes(), rules.to_string().as_bytes()).is_none());
+    assert!(guardrail_core::shadow::differ(a.as_bytes(), rules.to_string().as_bytes()).is_none());
+}
+
+#[test]
+fn requests_decided_alike_by_a_residency_change_are_those_of_other_datasets() {
+    use guardrail_core::decide::decided_alike;
+    let base: serde_json::Value = serde_json::from_str(&policy_text()).unwrap();
+    let mut changed = base.clone();
+    changed["datasets"][0]["allowed_regions"] = serde_json::json!(["us-east-1"]); // customers-eu
+    let (a, b) = (base.to_string(), changed.to_string());
+    let differ = guardrail_core::shadow::differ(a.as_bytes(), b.as_bytes()).unwrap();
+    assert!(differ.apps.is_empty());
+    assert_eq!(differ.datasets.iter().collect::<Vec<_>>(), ["customers-eu"]);
+    let (p, c) = (compile_json_str(&a).unwrap(), compile_json_str(&b).unwrap());
+    let (mut alike_seen, mut differences) = (0, 0);
+    for app in ["pos", "approved", "us-app", "tiny", "bad"] {
+        for path in ["/customers/1", "/catalog/x", "/payments/7", "/other", "/%2e%2e/x"] {
+            let headers = key(app);
+            let req = request("GET", path, Some("crm"), &headers);
+            let code = |policy: &CompiledPolicy| {
+                let d = decide(policy, &req, T0, &mut store_for(policy), &mut TokenCache::new(4));
+                guardrail_core::shadow::outcome(&d)
+            };
+            let alike = decided_alike(&c, &differ, &req, T0, &mut TokenCache::new(4));
+            assert_eq!(alike, !path.starts_with("/customers") && !path.contains('%'), "{app} {path}");
+            if alike {
+                alike_seen += 1;
+                assert_eq!(code(&p), code(&c), "{app} {path}");
+            }
+            differences += usize::from(code(&p) != code(&c));
+        }
+    }
+    assert!(alike_seen > 0 && differences > 0, "{alike_seen} alike, {differences} differences");
+    // A route changed: requests may reach another dataset, so nothing is known to be alike.
+    let mut rerouted = base.clone();
+    rerouted["datasets"][1]["routes"] = serde_json::json!([{"path_prefix": "/cat"}]);
+    assert!(guardrail_core::shadow::differ(a.as_bytes(), rerouted.to_string().as_bytes()).is_none());
 }
