@@ -178,6 +178,7 @@ pub fn to_json(s: &v1::StatusResponse) -> serde_json::Value {
             "exhausted": s.exhausted_apps.contains(&u.app),
         })).collect::<Vec<_>>(),
         "exhausted_apps": s.exhausted_apps,
+        "exempt": s.exempt.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "candidate": s.candidate.as_ref().map(|c| json!({
             "revision": c.revision,
             "last_error": c.last_error,
@@ -317,6 +318,12 @@ pub fn render(s: &v1::StatusResponse, now: i64) -> String {
         }
         out.push_str(&table(&rows));
     }
+    if !s.exempt.is_empty() {
+        let mut exempt: Vec<(&String, &u64)> = s.exempt.iter().collect();
+        exempt.sort();
+        let list: Vec<String> = exempt.iter().map(|(id, n)| format!("{id} {n}")).collect();
+        out.push_str(&format!("exempt (requests passed without an app, no quota): {}\n", list.join(", ")));
+    }
     if let Some(c) = &s.candidate {
         render_candidate(c, &mut out);
     }
@@ -427,6 +434,7 @@ mod tests {
                 },
             ],
             candidate: None,
+            exempt: [("health-checks".to_string(), 40)].into(),
         }
     }
 
@@ -476,6 +484,7 @@ mod tests {
             "DRIFT: live companions serve different revisions: 7, 8\n",
             "0.1.0   cp-0:18000\n",
             "pos  100      100     2       0          0           budget exhausted",
+            "exempt (requests passed without an app, no quota): health-checks 40\n",
         ] {
             assert!(text.contains(want), "{want:?} missing in:\n{text}");
         }
@@ -497,6 +506,7 @@ mod tests {
         assert_eq!(v["nodes"][0]["companion"], "cp-0:18000");
         assert_eq!(v["store"]["available"], false);
         assert_eq!(v["drift"], serde_json::json!(["7", "8"]));
+        assert_eq!(v["exempt"]["health-checks"], 40);
     }
 
     #[test]

@@ -209,6 +209,9 @@ pub struct StatusResponse {
     /// the shadow candidate, when one is served
     #[prost(message, optional, tag = "11")]
     pub candidate: ::core::option::Option<CandidateStatus>,
+    /// requests passed by each exemption (by id) on `day`, summed over nodes
+    #[prost(map = "string, uint64", tag = "12")]
+    pub exempt: ::std::collections::HashMap<::prost::alloc::string::String, u64>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct CandidateStatus {

@@ -71,6 +71,8 @@ def make_policy(jwk: dict[str, Any], with_scratch: bool = True) -> dict[str, Any
             app("scratch-bot", keys=[KEYS["scratch-bot"]], data_classes=regulated),
         ],
         datasets=datasets,
+        exemptions=[{"id": "probes", "routes": [{"path_prefix": "/livez", "methods": ["GET"]}],
+                     "reason": "the kubelet's liveness probes carry no credential"}],
     )
 
 
@@ -287,3 +289,14 @@ def test_a_request_the_policy_can_no_longer_take_is_refused_at_approval_and_stay
     assert setup.comp.status()["revision"] == revision
     # The other approved requests stayed in force on the new file.
     assert "+req." in revision, revision
+
+
+def test_exempt_requests_are_counted_apart_in_the_companions_status(setup: Setup) -> None:
+    before = setup.comp.status().get("exempt", {}).get("probes", 0)
+    for _ in range(3):
+        responds_with(request(setup.gw.url, "/livez"), 200)
+    status = wait_for(lambda: (s := setup.comp.status()) and s.get("exempt", {}).get("probes") == before + 3 and s,
+                      timeout=15, what="the exempt count in status")
+    assert all(not u["app"].startswith("*") for u in status["fleet_usage"]), status["fleet_usage"]
+    text = guardrail("status", "--server", setup.comp.address, check=True).stdout
+    assert f"exempt (requests passed without an app, no quota): probes {before + 3}" in text, text

@@ -14,7 +14,7 @@
 //!
 //! Requests of an app are `allowed` plus every denial (throttles included).
 
-use crate::serve::fleet::{Counts, UNREGISTERED_ROW};
+use crate::serve::fleet::{is_app_row, Counts, UNREGISTERED_ROW};
 use crate::store::Caller;
 use guardrail_core::catalog;
 use guardrail_core::compile::CompiledPolicy;
@@ -214,7 +214,7 @@ pub fn anomalies(days: &Days, day: u64) -> Vec<Anomaly> {
     let Some(apps) = days.get(&day) else { return Vec::new() };
     let mut out: Vec<Anomaly> = apps
         .iter()
-        .filter(|(app, _)| app.as_str() != UNREGISTERED_ROW)
+        .filter(|(app, _)| is_app_row(app))
         .filter_map(|(app, c)| {
             let n = requests(c);
             let mean = trailing_mean(days, app, day);
@@ -238,7 +238,7 @@ fn anomalies_per_day(days: &Days, from: u64, to: u64) -> Vec<u64> {
     let mut series: std::collections::HashMap<&str, Vec<u64>> = std::collections::HashMap::new();
     for (day, apps) in days.range(first..=to) {
         let at = usize::try_from(day - first).unwrap_or(0);
-        for (app, c) in apps.iter().filter(|(app, _)| app.as_str() != UNREGISTERED_ROW) {
+        for (app, c) in apps.iter().filter(|(app, _)| is_app_row(app)) {
             let row = series.entry(app.as_str()).or_insert_with(|| vec![0; len]);
             if let Some(slot) = row.get_mut(at) {
                 *slot = requests(c);
@@ -278,6 +278,9 @@ pub fn kpis(policy: &CompiledPolicy, days: &Days, callers: &[Caller], from: u64,
         for (app, c) in days.get(&day).map(|apps| apps.iter()).into_iter().flatten() {
             if app == UNREGISTERED_ROW {
                 d.unregistered = d.unregistered.saturating_add(requests(c));
+                continue;
+            }
+            if !is_app_row(app) {
                 continue;
             }
             by_app.entry(app.as_str()).or_default().add(c);

@@ -46,6 +46,17 @@ pub const MAX_CALLERS_PER_REPORT: usize = 256;
 /// of a day: their requests summed by kind (`api-key`, `app`) in `denied`, so the store keeps
 /// the registration share's daily history with the usage.
 pub const UNREGISTERED_ROW: &str = "*unregistered";
+/// The usage rows of the requests each exemption passed (`*exempt/<id>`, their count in
+/// `allowed`): no app, no quota, kept and summed with the usage.
+pub const EXEMPT_ROW_PREFIX: &str = "*exempt/";
+/// Exemptions counted in one report at most.
+pub const MAX_EXEMPT_PER_REPORT: usize = 256;
+
+/// Whether a usage row is an app's (not [`UNREGISTERED_ROW`] nor an exemption's): app ids never
+/// start with `*`.
+pub fn is_app_row(row: &str) -> bool {
+    !row.starts_with('*')
+}
 /// Longest node id, revision or denial code accepted.
 pub const MAX_ID_LEN: usize = 256;
 /// Longest NACK error kept (the rest is cut, marked with `…`).
@@ -357,6 +368,12 @@ impl Fleet {
                 )));
             }
         }
+        if report.exempt.len() > MAX_EXEMPT_PER_REPORT || report.exempt.keys().any(|id| !valid_id(id)) {
+            return Err(FleetError::BadReport(format!(
+                "usage report with {} exemption counts; at most {MAX_EXEMPT_PER_REPORT}, each id 1 to {MAX_ID_LEN} characters",
+                report.exempt.len()
+            )));
+        }
         for app in &report.apps {
             if app.connectors.len() > MAX_CONNECTORS_PER_APP || app.connectors.keys().any(|c| !valid_id(c)) {
                 return Err(FleetError::BadReport(format!(
@@ -388,6 +405,10 @@ impl Fleet {
         }
         for app in &report.apps {
             self.merge(node_id, report.day, &app.app, &Counts::from_proto(app));
+        }
+        for (id, n) in &report.exempt {
+            let counts = Counts { allowed: *n, ..Counts::default() };
+            self.merge(node_id, report.day, &format!("{EXEMPT_ROW_PREFIX}{id}"), &counts);
         }
         Ok(())
     }

@@ -626,8 +626,14 @@ impl Hub {
             revision: snapshot.revision.clone(),
             nodes,
             candidate,
-            fleet_usage: (totals.iter().filter(|(app, _)| *app != super::fleet::UNREGISTERED_ROW))
+            fleet_usage: (totals.iter().filter(|(row, _)| super::fleet::is_app_row(row)))
                 .map(|(app, c)| c.to_proto(app))
+                .collect(),
+            exempt: totals
+                .iter()
+                .filter_map(|(row, c)| {
+                    Some((row.strip_prefix(super::fleet::EXEMPT_ROW_PREFIX)?.to_string(), c.allowed))
+                })
                 .collect(),
             day,
             last_policy_error: inner.last_policy_error.clone(),

@@ -799,3 +799,47 @@ fn json(snapshot: &v1::PolicySnapshot) -> String {
         .expect("policy_zlib inflates to UTF-8");
     text
 }
+
+#[tokio::test]
+async fn exemption_counts_are_summed_over_nodes_and_shown_apart_from_apps() {
+    let f = Fixture::new(&policy("1", 10, false)).await;
+    let report = |n: u64, app: u64| {
+        Msg::Usage(v1::UsageReport {
+            day: day_of(NOON),
+            apps: vec![v1::AppUsage { app: "app-a".into(), allowed: app, ..Default::default() }],
+            exempt: [("health-checks".to_string(), n), ("mesh-peers".to_string(), 1)].into(),
+            ..Default::default()
+        })
+    };
+    let (mut a, _) = Node::joined(&f, "envoy-a").await;
+    let (mut b, _) = Node::joined(&f, "envoy-b").await;
+    a.send(report(5, 2)).await;
+    b.send(report(7, 3)).await;
+    // A repeated (absolute) count is not counted twice.
+    a.send(report(5, 2)).await;
+    let mut status = f.status().await;
+    for _ in 0..50 {
+        if status.exempt.get("health-checks") == Some(&12) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        status = f.status().await;
+    }
+    let exempt: std::collections::BTreeMap<_, _> = status.exempt.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(exempt, [("health-checks", 12), ("mesh-peers", 2)].into());
+    let apps: Vec<(&str, u64)> = status.fleet_usage.iter().map(|u| (u.app.as_str(), u.allowed)).collect();
+    assert_eq!(apps, [("app-a", 5)], "exemptions are not apps");
+    // An exemption id that is not one is refused, naming the limit.
+    let (mut c, _) = Node::joined(&f, "envoy-c").await;
+    c.send(Msg::Usage(v1::UsageReport {
+        day: day_of(NOON),
+        exempt: [(String::new(), 1)].into(),
+        ..Default::default()
+    }))
+    .await;
+    match c.next().await {
+        Err(status) => assert!(status.message().contains("exemption counts"), "{status:?}"),
+        other => panic!("expected the stream to end, got {other:?}"),
+    }
+    f.stop().await;
+}
