@@ -421,10 +421,12 @@ async fn decided(
 
 // === the sync loop ===
 
-/// What the loop last tried to serve: (id, until) of each request, to act on changes only.
+/// What the loop last tried to serve: (id, until) of each request, to act on changes only; and
+/// whether the store failed last time (its unavailability is logged when it starts, not every pass).
 #[derive(Default)]
 pub struct Sync {
     wanted: Option<Vec<(String, i64)>>,
+    store_down: bool,
 }
 
 /// Runs [`sync`] every [`SYNC_INTERVAL`] until `stop` turns true.
@@ -449,9 +451,16 @@ pub async fn sync(hub: &Hub, state: &mut Sync) {
     let now = hub.now();
     let stored = match hub.store() {
         Some(store) => match store.requests().await {
-            Ok(records) => Some((store, records)),
+            Ok(records) => {
+                if std::mem::take(&mut state.store_down) {
+                    log!("requests: the store answers again; ends that passed meanwhile are recorded now");
+                }
+                Some((store, records))
+            }
             Err(e) => {
-                log!("requests: the store is unavailable ({e}); the approved ones applied stay until they end");
+                if !std::mem::replace(&mut state.store_down, true) {
+                    log!("requests: the store is unavailable ({e}); the approved ones applied stay until they end");
+                }
                 None
             }
         },
