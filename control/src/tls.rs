@@ -169,8 +169,11 @@ impl Files {
 
 /// The certificates of a PEM file (at least one).
 fn certificates(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let bytes = pem(flag, path, Block::Certificate)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+    parse_certificates(flag, path, &certificate_pem(flag, path)?)
+}
+
+fn parse_certificates(flag: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{flag} {}: not a valid PEM certificate: {e}", path.display()))?;
     if certs.is_empty() {
@@ -179,10 +182,27 @@ fn certificates(flag: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// The PEM file of `flag`, checked to hold valid certificates (at least one).
+pub fn certificate_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = pem(flag, path, Block::Certificate)?;
+    parse_certificates(flag, path, &bytes)?;
+    Ok(bytes)
+}
+
 fn private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let bytes = pem("--tls-key", path, Block::Key)?;
-    PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| anyhow::anyhow!("--tls-key {}: not a valid PEM private key: {e}", path.display()))
+    parse_private_key("--tls-key", path, &pem("--tls-key", path, Block::Key)?)
+}
+
+fn parse_private_key(flag: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(bytes)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: not a valid PEM private key: {e}", path.display()))
+}
+
+/// The PEM file of `flag`, checked to hold a valid private key.
+pub fn private_key_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = pem(flag, path, Block::Key)?;
+    parse_private_key(flag, path, &bytes)?;
+    Ok(bytes)
 }
 
 /// `status`'s TLS flags.

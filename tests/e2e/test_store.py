@@ -98,9 +98,13 @@ class Redis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def listen_args(self) -> list[str]:
+        """How it listens (test_store_tls.py: on a TLS port only)."""
+        return ["--port", str(self.port)]
+
     def start(self) -> "Redis":
         self.dir.mkdir(parents=True, exist_ok=True)
-        cmd = [*_PDEATHSIG, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+        cmd = [*_PDEATHSIG, "redis-server", *self.listen_args(), "--bind", "127.0.0.1", "--dir", str(self.dir),
                "--appendonly", "yes", "--save", ""]
         log = open(self.dir / "redis.log", "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -52,9 +52,12 @@ pub struct Args {
     #[arg(long, default_value = "127.0.0.1:18000")]
     listen: String,
     /// Where the state that outlives the process is kept: `sqlite:PATH` (one companion) or
-    /// `redis://HOST:PORT[/DB]` (shared by several companions). See README "Companion state".
+    /// `redis://HOST:PORT[/DB]` (shared by several companions; `rediss://` over TLS, see
+    /// --store-ca). See README "Companion state".
     #[arg(long, default_value = crate::store::DEFAULT_URL)]
     store: String,
+    #[command(flatten)]
+    store_tls: crate::store::TlsFiles,
     /// This companion's name in the store and in `status` (default: `HOSTNAME:PORT`).
     #[arg(long)]
     name: Option<String>,
@@ -137,7 +140,7 @@ async fn serve(
         Some(path) => Some(crate::selfservice::load_issuer_key(path, &hub.current())?),
         None => None,
     };
-    let store = crate::store::open(&args.store).await?;
+    let store = crate::store::open(&args.store, &args.store_tls).await?;
     let listener =
         TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr().context("starting the gRPC server")?;

@@ -663,7 +663,9 @@ async fn attach(f: &Fixture, store: &Arc<dyn crate::store::Store>, name: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_companion_started_on_its_store_counts_the_nodes_that_went_away_and_keeps_the_audit() {
     let dir = TempDir::new("persist");
-    let store = crate::store::open(&format!("sqlite:{}", dir.0.join("guardrail.db").display())).await.unwrap();
+    let store = crate::store::open(&format!("sqlite:{}", dir.0.join("guardrail.db").display()), &Default::default())
+        .await
+        .unwrap();
     let today = day_of(NOON);
 
     let mut before = Fixture::new(&policy("1", 10, false)).await;
@@ -708,8 +710,8 @@ async fn a_companion_started_on_its_store_counts_the_nodes_that_went_away_and_ke
 async fn companions_sharing_a_store_see_each_others_nodes_and_spend_one_budget() {
     let Some(redis) = crate::store::tests::RedisServer::start() else { return };
     let (a, b) = (Fixture::new(&policy("1", 10, false)).await, Fixture::new(&policy("1", 10, false)).await);
-    let store_a = crate::store::open(&redis.url()).await.unwrap();
-    let store_b = crate::store::open(&redis.url()).await.unwrap();
+    let store_a = crate::store::open(&redis.url(), &Default::default()).await.unwrap();
+    let store_b = crate::store::open(&redis.url(), &Default::default()).await.unwrap();
     let mut persist_a = attach(&a, &store_a, "cp-a").await;
     let mut persist_b = attach(&b, &store_b, "cp-b").await;
     let today = day_of(NOON);

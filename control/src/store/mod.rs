@@ -148,8 +148,6 @@ pub struct Event {
 
 /// A self-service request as stored: its fields are those of the HTTP API (`serde_json` object),
 /// with `status` kept apart so that a change of status is a compare-and-set.
-// Written by the requests API once it lands (issue 22, step 3); the contract suite covers it now.
-#[cfg_attr(not(test), allow(dead_code))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RequestRecord {
@@ -210,14 +208,11 @@ pub trait Store: Send + Sync {
     async fn events(&self, limit: usize) -> Result<Vec<Event>>;
 
     /// Adds a new request; false (and nothing written) when one with its id exists.
-    #[cfg_attr(not(test), allow(dead_code))]
     async fn add_request(&self, request: &RequestRecord) -> Result<bool>;
     /// Replaces request `request.id` if its status is still `from` (compare-and-set: of two
     /// approvers, or two companions, one wins). True when replaced.
-    #[cfg_attr(not(test), allow(dead_code))]
     async fn update_request(&self, from: &str, request: &RequestRecord) -> Result<bool>;
     /// Every request, newest first.
-    #[cfg_attr(not(test), allow(dead_code))]
     async fn requests(&self) -> Result<Vec<RequestRecord>>;
 
     /// Drops usage of days before `first_day` where the engine does not expire it by itself.
@@ -227,10 +222,41 @@ pub trait Store: Send + Sync {
 /// The default store: a SQLite file in the working directory.
 pub const DEFAULT_URL: &str = "sqlite:guardrail.db";
 
-/// Opens the store of `url`: `sqlite:PATH` or `redis://HOST:PORT[/DB]`. SQLite fails here when the
-/// file is held by another companion; Redis does not fail for being unreachable (the store reports
-/// it on each operation and reconnects by itself).
-pub async fn open(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+/// The files a `rediss://` store is reached with (`serve --store-ca/--store-cert/--store-key`):
+/// the CA (PEM) that signed Redis's certificate, instead of the system's CAs, and a client
+/// certificate and key (PEM) for a Redis that requires one (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFiles {
+    /// With `--store rediss://…`: trust only the CAs of this PEM file for Redis's certificate
+    /// (default: the system's CAs).
+    #[arg(long = "store-ca", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// With `--store rediss://…`: present this PEM client certificate (chain) to Redis, with
+    /// --store-key.
+    #[arg(long = "store-cert", value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --store-cert.
+    #[arg(long = "store-key", value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn given(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// Opens the store of `url`: `sqlite:PATH`, `redis://HOST:PORT[/DB]` or `rediss://…` (TLS, with
+/// `tls`). SQLite fails here when the file is held by another companion; Redis does not fail for
+/// being unreachable (the store reports it on each operation and reconnects by itself).
+pub async fn open(url: &str, tls: &TlsFiles) -> anyhow::Result<Arc<dyn Store>> {
+    if tls.given() && !url.starts_with("rediss://") {
+        return Err(crate::UsageError(format!(
+            "--store-ca, --store-cert and --store-key are for a TLS store (--store rediss://HOST:PORT[/DB]), not {}",
+            redacted(url)
+        ))
+        .into());
+    }
     if let Some(path) = url.strip_prefix("sqlite:") {
         let path = path.strip_prefix("//").unwrap_or(path);
         if path.is_empty() {
@@ -240,9 +266,13 @@ pub async fn open(url: &str) -> anyhow::Result<Arc<dyn Store>> {
         return Ok(Arc::new(store));
     }
     if url.starts_with("redis://") || url.starts_with("rediss://") {
-        return Ok(Arc::new(redis::RedisStore::open(url)?));
+        return Ok(Arc::new(redis::RedisStore::open(url, tls)?));
     }
-    Err(crate::UsageError(format!("--store {url}: expected sqlite:PATH or redis://HOST:PORT[/DB]")).into())
+    Err(crate::UsageError(format!(
+        "--store {}: expected sqlite:PATH, redis://HOST:PORT[/DB] or rediss://HOST:PORT[/DB]",
+        redacted(url)
+    ))
+    .into())
 }
 
 /// `url` without the password of its user-info part (`redis://:secret@h` → `redis://:***@h`).

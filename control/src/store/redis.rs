@@ -1,5 +1,6 @@
 //! `redis://HOST:PORT[/DB]`: the store several companions share (the `redis` crate on tokio, through
-//! its connection manager, which reconnects by itself after Redis restarts).
+//! its connection manager, which reconnects by itself after Redis restarts); `rediss://` is the
+//! same over TLS (rustls on ring), with the CA and client certificate of [`super::TlsFiles`].
 //!
 //! Keys (all under `guardrail:v1:`, so a Redis can hold other data, and a later layout gets `v2`):
 //!
@@ -89,7 +90,6 @@ if tonumber(ARGV[3]) > seen then redis.call('HSET', KEYS[2], ARGV[1], ARGV[3]) e
 return 1
 ";
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Replaces a request if its status is still ARGV[2]. KEYS: `requests`. ARGV: id, from, new (JSON).
 const UPDATE_REQUEST: &str = r"
 local old = redis.call('HGET', KEYS[1], ARGV[1])
@@ -146,16 +146,33 @@ fn app_key(day: u64, app: &str) -> String {
 
 impl RedisStore {
     /// A store on `url`; it connects on first use (and again whenever the connection is lost).
-    pub fn open(url: &str) -> anyhow::Result<RedisStore> {
-        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("--store {}: {e}", super::redacted(url)))?;
+    /// `rediss://` is TLS (rustls on ring): Redis's certificate must be signed by a CA of
+    /// `tls.ca`, or of the system's when that is not given, and name the URL's host.
+    pub fn open(url: &str, tls: &super::TlsFiles) -> anyhow::Result<RedisStore> {
+        let shown = super::redacted(url);
+        let client = if url.starts_with("rediss://") {
+            // The files are checked now: a wrong one stops `serve` naming it, not every connection.
+            let root_cert = tls.ca.as_deref().map(|p| crate::tls::certificate_pem("--store-ca", p)).transpose()?;
+            let client_tls = match (&tls.cert, &tls.key) {
+                (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                    client_cert: crate::tls::certificate_pem("--store-cert", cert)?,
+                    client_key: crate::tls::private_key_pem("--store-key", key)?,
+                }),
+                _ => None,
+            };
+            redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls, root_cert })
+                .map_err(|e| anyhow::anyhow!("--store {shown}: {e}"))?
+        } else {
+            redis::Client::open(url).map_err(|e| anyhow::anyhow!("--store {shown}: {e}"))?
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| anyhow::anyhow!("--store {}: {e}", super::redacted(url)))?;
-        Ok(RedisStore { url: super::redacted(url), conn })
+            .map_err(|e| anyhow::anyhow!("--store {shown}: {e}"))?;
+        Ok(RedisStore { url: shown, conn })
     }
 
     fn err(&self, e: &redis::RedisError) -> StoreError {

@@ -93,14 +93,14 @@ macro_rules! test_with_all_stores {
                 async fn sqlite() {
                     let dir = super::TempDir::new("sqlite");
                     let url = format!("sqlite:{}", dir.0.join("guardrail.db").display());
-                    let store = super::open(&url).await.unwrap();
+                    let store = super::open(&url, &super::TlsFiles::default()).await.unwrap();
                     super::$name(&*store).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
                     let Some(server) = super::RedisServer::start() else { return };
-                    let store = super::open(&server.url()).await.unwrap();
+                    let store = super::open(&server.url(), &super::TlsFiles::default()).await.unwrap();
                     super::$name(&*store).await;
                 }
             }
@@ -393,31 +393,58 @@ async fn a_batch_of_a_thousand_nodes_is_written_in_well_under_a_second(store: &d
 async fn a_second_companion_on_one_sqlite_file_is_refused() {
     let dir = TempDir::new("sqlite-lock");
     let url = format!("sqlite:{}", dir.0.join("guardrail.db").display());
-    let first = open(&url).await.unwrap();
-    let second = open(&url).await.err().map(|e| e.to_string()).unwrap_or_default();
+    let first = open(&url, &TlsFiles::default()).await.unwrap();
+    let second = open(&url, &TlsFiles::default()).await.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(
         second.contains("in use by another companion") && second.contains(&std::process::id().to_string()),
         "{second}"
     );
     drop(first);
-    assert!(open(&url).await.is_ok(), "free again once the first is gone");
+    assert!(open(&url, &TlsFiles::default()).await.is_ok(), "free again once the first is gone");
+}
+
+#[tokio::test]
+async fn store_tls_files_are_checked_when_the_store_is_opened() {
+    let dir = TempDir::new("store-tls");
+    let not_pem = dir.0.join("ca.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let tls = TlsFiles { ca: Some(not_pem.clone()), ..TlsFiles::default() };
+    let error = |url: &str, tls: &TlsFiles| {
+        let url = url.to_string();
+        let tls = tls.clone();
+        async move { open(&url, &tls).await.err().map(|e| e.to_string()).unwrap_or_default() }
+    };
+    let plain = error("redis://127.0.0.1:1/0", &tls).await;
+    assert!(plain.contains("--store-ca") && plain.contains("rediss://"), "{plain}");
+    let sqlite = error(&format!("sqlite:{}", dir.0.join("g.db").display()), &tls).await;
+    assert!(sqlite.contains("not sqlite:"), "{sqlite}");
+    let bad = error("rediss://127.0.0.1:1/0", &tls).await;
+    assert!(bad.contains(&format!("--store-ca {}: holds no PEM certificate", not_pem.display())), "{bad}");
+    let missing = TlsFiles { ca: Some(dir.0.join("nope.pem")), ..TlsFiles::default() };
+    let gone = error("rediss://127.0.0.1:1/0", &missing).await;
+    assert!(gone.contains("--store-ca") && gone.contains("nope.pem") && gone.contains("cannot read"), "{gone}");
+    // Without files, rediss:// opens (it connects on first use, trusting the system's CAs).
+    assert!(open("rediss://127.0.0.1:1/0", &TlsFiles::default()).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_data_outlives_the_store() {
     let dir = TempDir::new("sqlite-reopen");
     let url = format!("sqlite:{}", dir.0.join("guardrail.db").display());
-    let store = open(&url).await.unwrap();
+    let store = open(&url, &TlsFiles::default()).await.unwrap();
     store.put_usage(&[row(DAY, "a", "pos", counts(4, &[]))]).await.unwrap();
     drop(store);
-    let store = open(&url).await.unwrap();
+    let store = open(&url, &TlsFiles::default()).await.unwrap();
     assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_companions_share_one_redis() {
     let Some(server) = RedisServer::start() else { return };
-    let (one, two) = (open(&server.url()).await.unwrap(), open(&server.url()).await.unwrap());
+    let (one, two) = (
+        open(&server.url(), &TlsFiles::default()).await.unwrap(),
+        open(&server.url(), &TlsFiles::default()).await.unwrap(),
+    );
     let (rows_a, rows_b) = ([row(DAY, "a", "pos", counts(10, &[]))], [row(DAY, "b", "pos", counts(15, &[]))]);
     let (a, b) = tokio::join!(one.put_usage(&rows_a), two.put_usage(&rows_b));
     a.unwrap();
@@ -429,7 +456,7 @@ async fn two_companions_share_one_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_an_error_then_the_store_reconnects() {
     let Some(server) = RedisServer::start() else { return };
-    let store = open(&server.url()).await.unwrap();
+    let store = open(&server.url(), &TlsFiles::default()).await.unwrap();
     store.put_usage(&[row(DAY, "a", "pos", counts(1, &[]))]).await.unwrap();
     let port = server.port;
     let dir = server.dir.0.clone();
@@ -479,7 +506,7 @@ async fn a_sqlite_store_of_before_the_console_gains_its_column() {
         conn.execute(&format!("INSERT INTO usage VALUES ({DAY}, 'a', 'pos', 5, 0, 0, '{{}}')"), []).unwrap();
         conn.execute(&format!("INSERT INTO totals VALUES ({DAY}, 'pos', 5, 0, 0, '{{}}')"), []).unwrap();
     }
-    let store = open(&format!("sqlite:{}", path.display())).await.unwrap();
+    let store = open(&format!("sqlite:{}", path.display()), &TlsFiles::default()).await.unwrap();
     assert_eq!(store.totals(DAY).await.unwrap().get("pos").map(|c| c.allowed), Some(5), "the old rows are read");
     let mut c = counts(7, &[]);
     c.connectors.insert("crm".into(), 7);
