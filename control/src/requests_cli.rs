@@ -32,6 +32,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 /// How long a call may take, connecting and answering.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,9 +49,12 @@ pub struct FileArgs {
     /// (--dataset, one marked `approval: required`) or `review` (a later review date, --until).
     #[arg(value_parser = kind_parser())]
     kind: Kind,
-    /// The companion's HTTP address (`serve --http`): `http://HOST:PORT`.
+    /// The companion's HTTP address (`serve --http`): `http://HOST:PORT`, or `https://HOST:PORT`
+    /// with --tls-ca (`serve --http-tls-cert`).
     #[arg(long)]
     server: String,
+    #[command(flatten)]
+    tls: crate::tls::ClientArgs,
     /// The app the request is for, which files it (its id in the policy).
     #[arg(long)]
     app: String,
@@ -83,17 +87,26 @@ pub struct FileArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
-    /// The companion's HTTP address (`serve --http`): `http://HOST:PORT`.
+    /// The companion's HTTP address (`serve --http`): `http://HOST:PORT`, or `https://HOST:PORT`
+    /// with --tls-ca (`serve --http-tls-cert`).
     #[arg(long)]
     server: String,
+    #[command(flatten)]
+    tls: crate::tls::ClientArgs,
     /// Only the requests with this status.
     #[arg(long, value_parser = ["pending", "approved", "rejected", "expired"])]
     status: Option<String>,
     /// Only the requests of this app (with --api-key-file: the app asking, which sees only its own).
     #[arg(long)]
     app: Option<String>,
-    /// A file holding an approver's token (or the console's, `serve --http-token-file`).
-    #[arg(long, value_name = "FILE", required_unless_present = "api_key_file", conflicts_with = "api_key_file")]
+    /// A file holding an approver's token (or the console's, `serve --http-token-file`); not
+    /// needed by an approver listed by certificate who connects with it (--tls-cert).
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present_any = ["api_key_file", "tls_cert"],
+        conflicts_with = "api_key_file"
+    )]
     token_file: Option<PathBuf>,
     /// Instead of a token: a file holding one of --app's API keys, to list that app's requests.
     #[arg(long, value_name = "FILE", requires = "app")]
@@ -108,12 +121,16 @@ pub struct ListArgs {
 pub struct Decider {
     /// The request's id (`req-<12 hex digits>`, as `guardrail request` and `guardrail requests` print it).
     id: String,
-    /// The companion's HTTP address (`serve --http`): `http://HOST:PORT`.
+    /// The companion's HTTP address (`serve --http`): `http://HOST:PORT`, or `https://HOST:PORT`
+    /// with --tls-ca (`serve --http-tls-cert`).
     #[arg(long)]
     server: String,
-    /// A file holding the approver's token (its `guardrail hash-key` digest is in settings.approvers).
-    #[arg(long, value_name = "FILE")]
-    token_file: PathBuf,
+    #[command(flatten)]
+    tls: crate::tls::ClientArgs,
+    /// A file holding the approver's token (its `guardrail hash-key` digest is in settings.approvers);
+    /// not needed by an approver listed by certificate who connects with it (--tls-cert).
+    #[arg(long, value_name = "FILE", required_unless_present = "tls_cert")]
+    token_file: Option<PathBuf>,
     /// Print the decided request as JSON instead.
     #[arg(long)]
     json: bool,
@@ -147,7 +164,7 @@ fn kind_parser() -> impl TypedValueParser<Value = Kind> {
 /// `guardrail request KIND …`: files the request; prints it and its id as the last line.
 pub fn file(args: &FileArgs) -> anyhow::Result<ExitCode> {
     let body = filing(args)?;
-    let api = Api::new(&args.server)?;
+    let api = Api::new(&args.server, &args.tls)?;
     let auth = Auth::Basic { app: args.app.clone(), key: read_secret(&args.api_key_file, "--api-key-file")? };
     let answer = api.call(Method::POST, "/api/v1/requests", &auth, Some(&body))?;
     let (json, request) = answer.request(&api)?;
@@ -157,11 +174,16 @@ pub fn file(args: &FileArgs) -> anyhow::Result<ExitCode> {
 
 /// `guardrail requests`: the requests, newest first.
 pub fn list(args: &ListArgs) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&args.server)?;
+    let api = Api::new(&args.server, &args.tls)?;
     let auth = match (&args.token_file, &args.api_key_file, &args.app) {
         (Some(file), _, _) => Auth::Bearer(read_secret(file, "--token-file")?),
         (None, Some(file), Some(app)) => Auth::Basic { app: app.clone(), key: read_secret(file, "--api-key-file")? },
-        _ => return Err(UsageError("give --token-file, or --app with --api-key-file".into()).into()),
+        (None, None, _) if args.tls.tls_cert.is_some() => Auth::Certificate,
+        _ => {
+            return Err(
+                UsageError("give --token-file, --app with --api-key-file, or --tls-cert with --tls-key".into()).into()
+            )
+        }
     };
     let answer = api.call(Method::GET, &list_path(args.status.as_deref(), args.app.as_deref()), &auth, None)?;
     let json = answer.json(&api)?;
@@ -189,8 +211,11 @@ pub fn reject(args: &RejectArgs) -> anyhow::Result<ExitCode> {
 
 fn decide(on: &Decider, verb: &str, reason: Option<&str>) -> anyhow::Result<ExitCode> {
     let path = decision_path(&on.id, verb)?;
-    let api = Api::new(&on.server)?;
-    let auth = Auth::Bearer(read_secret(&on.token_file, "--token-file")?);
+    let api = Api::new(&on.server, &on.tls)?;
+    let auth = match &on.token_file {
+        Some(file) => Auth::Bearer(read_secret(file, "--token-file")?),
+        None => Auth::Certificate,
+    };
     let body = reason.map(|r| serde_json::json!({ "reason": r }));
     let answer = api.call(Method::POST, &path, &auth, body.as_ref())?;
     let (json, request) = answer.request(&api)?;
@@ -291,16 +316,19 @@ enum Auth {
     Basic { app: String, key: String },
     /// An approver (or the console): `Authorization: Bearer`.
     Bearer(String),
+    /// An approver by the client certificate of the TLS connection (--tls-cert): no header.
+    Certificate,
 }
 
 impl Auth {
-    fn header(&self) -> String {
+    fn header(&self) -> Option<String> {
         match self {
             Auth::Basic { app, key } => {
                 let pair = format!("{}:{}", urlencoded(app), urlencoded(key));
-                format!("Basic {}", Base64::encode_string(pair.as_bytes()))
+                Some(format!("Basic {}", Base64::encode_string(pair.as_bytes())))
             }
-            Auth::Bearer(token) => format!("Bearer {token}"),
+            Auth::Bearer(token) => Some(format!("Bearer {token}")),
+            Auth::Certificate => None,
         }
     }
 
@@ -312,6 +340,9 @@ impl Auth {
             }
             Auth::Bearer(_) => {
                 "hint: --token-file must hold an approver's token, whose `guardrail hash-key` digest is in settings.approvers"
+            }
+            Auth::Certificate => {
+                "hint: --tls-cert must be an approver's certificate, whose SHA-256 (`openssl x509 -in CERT -outform der | sha256sum`) is in settings.approvers"
             }
         }
     }
@@ -326,8 +357,13 @@ fn urlencoded(text: &str) -> String {
 /// The companion's HTTP API at `--server`.
 #[derive(Debug)]
 struct Api {
-    /// `http://HOST:PORT` and any path prefix, as given (for messages).
+    /// `http[s]://HOST:PORT` and any path prefix, as given (for messages).
     base: String,
+    /// Over TLS (`https://`, --tls-ca): the client's configuration and the name the companion's
+    /// certificate must carry.
+    tls: Option<(std::sync::Arc<tokio_rustls::rustls::ClientConfig>, ServerName<'static>)>,
+    /// Whether a client certificate is presented (--tls-cert), for messages.
+    client_certificate: bool,
     /// `HOST:PORT` to connect to and send as `Host`.
     authority: String,
     /// A path the API is under (behind a proxy), without a trailing `/`; usually empty.
@@ -349,35 +385,61 @@ struct Answer {
 }
 
 impl Api {
-    /// `--server`: `http://HOST[:PORT][/PREFIX]` or `HOST:PORT`.
-    fn new(server: &str) -> Result<Api, UsageError> {
-        let url = server_url(server.trim(), false);
+    /// `--server`: `http[s]://HOST[:PORT][/PREFIX]` or `HOST:PORT`; `https://` with `tls`'s --tls-ca.
+    fn new(server: &str, tls: &crate::tls::ClientArgs) -> anyhow::Result<Api> {
+        let url = server_url(server.trim(), tls.tls_ca.is_some());
         let bad = |why: &str| UsageError(format!("--server {url}: {why}"));
-        if url.starts_with("https://") {
-            return Err(bad(
-                "https:// is not supported: the companion's HTTP port has no TLS yet; use http://HOST:PORT \
-                 (on loopback, or through a proxy that terminates TLS)",
-            ));
-        }
-        let rest = url.strip_prefix("http://").ok_or_else(|| bad("expected http://HOST:PORT"))?;
+        let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("https://") {
+            if tls.tls_ca.is_none() {
+                return Err(bad("https:// needs --tls-ca FILE, the CA that signed the companion's certificate").into());
+            }
+            ("https", rest, 443)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            if tls.tls_ca.is_some() {
+                return Err(bad("--tls-ca is for https://: the companion's HTTP port is reached over TLS").into());
+            }
+            ("http", rest, 80)
+        } else {
+            return Err(bad("expected http://HOST:PORT or https://HOST:PORT").into());
+        };
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         if authority.is_empty() || authority.contains('@') {
-            return Err(bad("expected http://HOST:PORT"));
+            return Err(bad(&format!("expected {scheme}://HOST:PORT")).into());
         }
         if path.contains(['?', '#']) {
-            return Err(bad("no query or fragment: the address of the companion only"));
+            return Err(bad("no query or fragment: the address of the companion only").into());
         }
         let port = match authority.rsplit_once(':') {
             Some((_, port)) if !port.ends_with(']') => Some(port),
             _ => None,
         };
-        let authority = match port {
-            Some(port) if port.parse::<u16>().is_err() => return Err(bad(&format!("port `{port}` is not a port"))),
-            Some(_) => authority.to_string(),
-            None => format!("{authority}:80"),
+        let (host, authority) = match port {
+            Some(port) if port.parse::<u16>().is_err() => {
+                return Err(bad(&format!("port `{port}` is not a port")).into())
+            }
+            Some(port) => (&authority[..authority.len() - port.len() - 1], authority.to_string()),
+            None => (authority, format!("{authority}:{default_port}")),
+        };
+        let args_cert = tls.tls_cert.is_some();
+        let tls = match tls.http_config()? {
+            None => None,
+            Some(config) => {
+                let name = tls.tls_server_name.as_deref().unwrap_or(host.trim_start_matches('[').trim_end_matches(']'));
+                let name = ServerName::try_from(name.to_string())
+                    .map_err(|_| bad(&format!("`{name}` is not a host name or IP address for TLS")))?;
+                Some((std::sync::Arc::new(config), name))
+            }
         };
         let prefix = path.trim_end_matches('/').to_string();
-        Ok(Api { base: format!("http://{authority}{prefix}"), authority, prefix, timeout: TIMEOUT })
+        let client_certificate = tls.is_some() && args_cert;
+        Ok(Api {
+            base: format!("{scheme}://{authority}{prefix}"),
+            tls,
+            client_certificate,
+            authority,
+            prefix,
+            timeout: TIMEOUT,
+        })
     }
 
     /// Sends one request (JSON `body`, if any) and reads the answer, within `timeout`; the error
@@ -405,16 +467,38 @@ impl Api {
         body: Option<&Value>,
     ) -> Result<(u16, bool, Bytes), String> {
         let stream = tokio::net::TcpStream::connect(self.authority.as_str()).await.map_err(|e| connect_error(&e))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| error_chain(&e))?;
-        tokio::spawn(connection);
+        let request = self.request(method, path, auth, body)?;
+        match &self.tls {
+            None => send(stream, request).await,
+            Some((config, name)) => {
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let stream = connector.connect(name.clone(), stream).await.map_err(|e| tls_error(&e))?;
+                // Under TLS 1.3 the companion checks the client certificate after the client's side
+                // of the handshake: its refusal arrives as an alert with the answer.
+                send(stream, request).await.map_err(|why| match why.find("received fatal alert") {
+                    Some(at) => refused_session(&why[at..], self.client_certificate),
+                    None => why,
+                })
+            }
+        }
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<&Value>,
+    ) -> Result<hyper::Request<Full<Bytes>>, String> {
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.prefix))
             .header(HOST, &self.authority)
             .header(ACCEPT, format!("application/json, {PROBLEM}"))
-            .header(USER_AGENT, concat!("guardrail/", env!("CARGO_PKG_VERSION")))
-            .header(AUTHORIZATION, auth.header());
+            .header(USER_AGENT, concat!("guardrail/", env!("CARGO_PKG_VERSION")));
+        if let Some(value) = auth.header() {
+            request = request.header(AUTHORIZATION, value);
+        }
         let payload = match body {
             Some(value) => {
                 request = request.header(CONTENT_TYPE, "application/json");
@@ -423,21 +507,57 @@ impl Api {
             None => Bytes::new(),
         };
         // The only header value from outside is the token, checked by read_secret.
-        let request = request.body(Full::new(payload)).map_err(|e| format!("the request cannot be sent: {e}"))?;
-        let response = sender.send_request(request).await.map_err(|e| protocol_error(&e))?;
-        let status = response.status().as_u16();
-        let problem = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|t| t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case(PROBLEM)));
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
-        Ok((status, problem, body))
+        request.body(Full::new(payload)).map_err(|e| format!("the request cannot be sent: {e}"))
     }
+}
+
+/// Sends `request` over `stream` (plain or TLS) with HTTP/1.1 and reads the answer.
+async fn send<S>(stream: S, request: hyper::Request<Full<Bytes>>) -> Result<(u16, bool, Bytes), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| error_chain(&e))?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await.map_err(|e| protocol_error(&e))?;
+    let status = response.status().as_u16();
+    let problem = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case(PROBLEM)));
+    let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?
+        .to_bytes();
+    Ok((status, problem, body))
+}
+
+/// The companion ended the TLS session with an alert (`why`): most often a client certificate
+/// missing or not from its --http-client-ca.
+fn refused_session(why: &str, client_certificate: bool) -> String {
+    let why = why.split(" (is this the companion").next().unwrap_or(why);
+    if client_certificate {
+        format!(
+            "the companion refused the TLS session: {why} (is --tls-cert signed by the CA of its --http-client-ca?)"
+        )
+    } else {
+        format!(
+            "the companion refused the TLS session: {why} (it requires a client certificate from its \
+             --http-client-ca: give --tls-cert and --tls-key)"
+        )
+    }
+}
+
+/// A TLS handshake that failed: the companion's certificate not from --tls-ca, a client
+/// certificate it refused (or none where it requires one), or a port that does not speak TLS.
+fn tls_error(e: &std::io::Error) -> String {
+    let why = error_chain(e);
+    if e.kind() == std::io::ErrorKind::InvalidData && why.contains("InvalidContentType") {
+        return format!("{why} (the port does not speak TLS: is it served without --http-tls-cert? use http://)");
+    }
+    format!("TLS handshake failed: {why}")
 }
 
 fn connect_error(e: &std::io::Error) -> String {

@@ -36,24 +36,65 @@ pub struct ServerArgs {
 impl ServerArgs {
     /// The server's TLS (`None`: plain text), read from the files now; see [`ServerTls`].
     pub fn server_tls(&self) -> anyhow::Result<Option<Arc<ServerTls>>> {
-        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
-            return Ok(None);
-        };
-        let files = Files { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone() };
-        let stamp = files.stamp();
-        let config = files.server_config()?;
-        Ok(Some(Arc::new(ServerTls { files, state: Mutex::new((stamp, Arc::new(config))) })))
+        ServerTls::of(&self.tls_cert, &self.tls_key, &self.tls_client_ca, &GRPC)
     }
 
     /// How the log describes the channel.
     pub fn describe(&self) -> &'static str {
-        match (&self.tls_cert, &self.tls_client_ca) {
-            (None, _) => "plain text",
-            (Some(_), None) => "TLS",
-            (Some(_), Some(_)) => "mutual TLS",
-        }
+        describe(&self.tls_cert, &self.tls_client_ca)
     }
 }
+
+/// `serve`'s TLS flags for the HTTP port (`--http`: console, JSON API, token service, `/metrics`),
+/// apart from the gRPC port's: the Envoys' CA and the people's (approvers, app builders) are
+/// seldom the same.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct HttpServerArgs {
+    /// Serve the --http port over TLS (HTTPS) with this PEM certificate (chain), with --http-tls-key.
+    #[arg(long, value_name = "FILE", requires = "http_tls_key", requires = "http")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --http-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+    /// Mutual TLS on the --http port: every connection (health checks included) must present a
+    /// client certificate signed by a CA in this PEM file; approvers listed by `certificate:` act
+    /// with it.
+    #[arg(long, value_name = "FILE", requires = "http_tls_cert")]
+    pub http_client_ca: Option<PathBuf>,
+}
+
+impl HttpServerArgs {
+    /// The HTTP port's TLS (`None`: plain text), read from the files now; see [`ServerTls`].
+    pub fn server_tls(&self) -> anyhow::Result<Option<Arc<ServerTls>>> {
+        ServerTls::of(&self.http_tls_cert, &self.http_tls_key, &self.http_client_ca, &HTTP)
+    }
+
+    /// How the log describes the port.
+    pub fn describe(&self) -> &'static str {
+        describe(&self.http_tls_cert, &self.http_client_ca)
+    }
+}
+
+fn describe(cert: &Option<PathBuf>, client_ca: &Option<PathBuf>) -> &'static str {
+    match (cert, client_ca) {
+        (None, _) => "plain text",
+        (Some(_), None) => "TLS",
+        (Some(_), Some(_)) => "mutual TLS",
+    }
+}
+
+/// Which port a [`ServerTls`] is for: the flags its errors name and the protocol it offers.
+pub struct Port {
+    cert: &'static str,
+    key: &'static str,
+    client_ca: &'static str,
+    /// ALPN: HTTP/2 for gRPC, HTTP/1.1 for the console (its server speaks only that).
+    alpn: &'static [u8],
+}
+
+const GRPC: Port = Port { cert: "--tls-cert", key: "--tls-key", client_ca: "--tls-client-ca", alpn: b"h2" };
+const HTTP: Port =
+    Port { cert: "--http-tls-cert", key: "--http-tls-key", client_ca: "--http-client-ca", alpn: b"http/1.1" };
 
 /// The companion's TLS configuration, rebuilt from its files when one of them changes (a renewed
 /// certificate, a rotated client CA) so that new connections get it without a restart; streams
@@ -77,6 +118,21 @@ pub enum Reload {
 }
 
 impl ServerTls {
+    fn of(
+        cert: &Option<PathBuf>,
+        key: &Option<PathBuf>,
+        client_ca: &Option<PathBuf>,
+        port: &'static Port,
+    ) -> anyhow::Result<Option<Arc<ServerTls>>> {
+        let (Some(cert), Some(key)) = (cert, key) else {
+            return Ok(None);
+        };
+        let files = Files { cert: cert.clone(), key: key.clone(), client_ca: client_ca.clone(), port };
+        let stamp = files.stamp();
+        let config = files.server_config()?;
+        Ok(Some(Arc::new(ServerTls { files, state: Mutex::new((stamp, Arc::new(config))) })))
+    }
+
     /// The configuration for the next handshake.
     pub fn config(&self) -> Arc<ServerConfig> {
         Arc::clone(&self.lock().1)
@@ -114,6 +170,7 @@ struct Files {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
+    port: &'static Port,
 }
 
 impl Files {
@@ -125,10 +182,11 @@ impl Files {
             .collect()
     }
 
-    /// rustls's configuration from the files, as tonic would make it (HTTP/2 by ALPN; with a
-    /// client CA, a client certificate from it is required), naming the flag and file of any
-    /// problem.
+    /// rustls's configuration from the files, as tonic would make it (the port's protocol by
+    /// ALPN; with a client CA, a client certificate from it is required), naming the flag and file
+    /// of any problem.
     fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        let flags = self.port;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -137,32 +195,36 @@ impl Files {
             None => builder.with_no_client_auth(),
             Some(ca) => {
                 let mut roots = RootCertStore::empty();
-                for cert in certificates("--tls-client-ca", ca)? {
-                    roots
-                        .add(cert)
-                        .with_context(|| format!("--tls-client-ca {}: not a usable CA certificate", ca.display()))?;
+                for cert in certificates(flags.client_ca, ca)? {
+                    roots.add(cert).with_context(|| {
+                        format!("{} {}: not a usable CA certificate", flags.client_ca, ca.display())
+                    })?;
                 }
                 let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
-                    .with_context(|| format!("--tls-client-ca {}: not usable to verify clients", ca.display()))?;
+                    .with_context(|| format!("{} {}: not usable to verify clients", flags.client_ca, ca.display()))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let chain = certificates("--tls-cert", &self.cert)?;
-        let key = private_key(&self.key)?;
+        let chain = certificates(flags.cert, &self.cert)?;
+        let key = private_key(flags.key, &self.key)?;
         let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
             rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => anyhow::anyhow!(
-                "--tls-key {}: not the private key of the certificate in --tls-cert {}",
+                "{} {}: not the private key of the certificate in {} {}",
+                flags.key,
                 self.key.display(),
+                flags.cert,
                 self.cert.display()
             ),
             e => anyhow::anyhow!(
-                "--tls-cert {} / --tls-key {}: not usable for TLS: {e}",
+                "{} {} / {} {}: not usable for TLS: {e}",
+                flags.cert,
                 self.cert.display(),
+                flags.key,
                 self.key.display()
             ),
         })?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = vec![flags.alpn.to_vec()];
         Ok(config)
     }
 }
@@ -189,8 +251,8 @@ pub fn certificate_pem(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-fn private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    parse_private_key("--tls-key", path, &pem("--tls-key", path, Block::Key)?)
+fn private_key(flag: &str, path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    parse_private_key(flag, path, &pem(flag, path, Block::Key)?)
 }
 
 fn parse_private_key(flag: &str, path: &Path, bytes: &[u8]) -> anyhow::Result<PrivateKeyDer<'static>> {
@@ -241,6 +303,47 @@ impl ClientArgs {
         }
         Ok(Some(config))
     }
+}
+
+impl ClientArgs {
+    /// rustls's client configuration for an HTTP/1.1 client (the self-service CLI): the companion
+    /// is trusted if --tls-ca signed its certificate; with --tls-cert, that certificate is
+    /// presented (mutual TLS). `None` without --tls-ca.
+    pub fn http_config(&self) -> anyhow::Result<Option<rustls::ClientConfig>> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let mut roots = RootCertStore::empty();
+        for cert in certificates("--tls-ca", ca)? {
+            roots.add(cert).with_context(|| format!("--tls-ca {}: not a usable CA certificate", ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("the TLS library refused its default protocol versions")?
+            .with_root_certificates(roots);
+        let mut config = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(certificates("--tls-cert", cert)?, private_key("--tls-key", key)?)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--tls-cert {} / --tls-key {}: not usable for TLS: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?,
+            _ => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(config))
+    }
+}
+
+/// The SHA-256 of a certificate's DER, as `settings.approvers[].certificate` lists it
+/// (`openssl x509 -in CERT -outform der | sha256sum`).
+pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(cert.as_ref()).into()
 }
 
 #[derive(Clone, Copy)]

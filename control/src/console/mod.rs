@@ -389,8 +389,68 @@ async fn not_found(State(console): State<Console>, headers: HeaderMap) -> Respon
     problem(StatusCode::NOT_FOUND, "not-found", "no such page")
 }
 
-/// Serves the console on `listener` until the process stops.
-pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: Router) -> tokio::task::JoinHandle<()> {
+/// The client certificate of the connection a request came on (`--http-client-ca`): the SHA-256
+/// of its DER, as `settings.approvers[].certificate` lists it. The server takes it from the TLS
+/// session, never from a header; `None` on a connection without one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientCertificate(pub Option<[u8; 32]>);
+
+/// What a handler extracts to learn the connection's client certificate (absent when the port is
+/// plain text or the router is called directly, as unit tests do).
+pub type Peer = Option<axum::Extension<axum::extract::ConnectInfo<ClientCertificate>>>;
+
+/// The fingerprint of the client certificate a request came with, if any.
+pub fn peer_certificate(peer: &Peer) -> Option<[u8; 32]> {
+    peer.as_ref().and_then(|axum::Extension(axum::extract::ConnectInfo(c))| c.0)
+}
+
+/// The connections that completed a TLS handshake (see [`crate::serve::tls_incoming`]).
+struct TlsListener {
+    handshaken: tokio::sync::mpsc::Receiver<std::io::Result<TlsStream>>,
+    addr: SocketAddr,
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TlsStream, SocketAddr) {
+        loop {
+            match self.handshaken.recv().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.get_ref().0.peer_addr().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    return (stream, peer);
+                }
+                Some(Err(_)) => continue,
+                // The accept loop ends only when this receiver is dropped.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for ClientCertificate {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        let (_, session) = stream.io().get_ref();
+        ClientCertificate(session.peer_certificates().and_then(|chain| chain.first()).map(crate::tls::fingerprint))
+    }
+}
+
+/// Serves the console on `listener` until the process stops: over TLS with `tls` (each request
+/// then knows the connection's [`ClientCertificate`]), else plain text.
+pub fn start(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    token: Option<String>,
+    more: Router,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) -> tokio::task::JoinHandle<()> {
     let console = Console { hub, token: token.map(Arc::from), model: Arc::default(), metrics: Arc::default() };
     let router = Router::new()
         .route("/", get(page_catalog))
@@ -410,7 +470,18 @@ pub fn start(listener: TcpListener, hub: Arc<Hub>, token: Option<String>, more: 
         .with_state(console)
         .merge(more);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let served = match tls {
+            None => axum::serve(listener, router).await,
+            Some(tls) => match listener.local_addr() {
+                Ok(addr) => {
+                    let handshaken = crate::serve::tls_incoming(listener, tls, true).into_inner();
+                    let service = router.into_make_service_with_connect_info::<ClientCertificate>();
+                    axum::serve(TlsListener { handshaken, addr }, service).await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = served {
             log!("the console stopped: {e}");
         }
     })

@@ -91,12 +91,19 @@ fn basic_credentials_are_what_the_companion_parses() {
     for (app, key) in [("pos", "k-pos-0001"), ("a:b c", "key with %, + and :"), ("é", "ü")] {
         let auth = Auth::Basic { app: app.into(), key: key.into() };
         let mut headers = axum::http::HeaderMap::new();
-        let value = axum::http::HeaderValue::from_str(&auth.header());
+        let value = axum::http::HeaderValue::from_str(&auth.header().unwrap_or_default());
         headers.insert(AUTHORIZATION, value.unwrap_or_else(|e| panic!("{app}: {e}")));
         let parsed = crate::selfservice::token::basic_credentials(&headers);
         assert_eq!(parsed, Ok(Some((app.to_string(), key.to_string()))), "{app}");
     }
-    assert_eq!(Auth::Bearer("t-1".into()).header(), "Bearer t-1");
+    assert_eq!(Auth::Bearer("t-1".into()).header().as_deref(), Some("Bearer t-1"));
+    // An approver by certificate sends no Authorization at all: the TLS session is the credential.
+    assert_eq!(Auth::Certificate.header(), None);
+}
+
+/// No TLS flags.
+fn plain() -> crate::tls::ClientArgs {
+    crate::tls::ClientArgs::default()
 }
 
 #[test]
@@ -110,13 +117,13 @@ fn the_server_is_an_http_address() {
         ("http://[::1]", "[::1]:80", "", "http://[::1]:80"),
     ];
     for (server, authority, prefix, base) in ok {
-        let api = Api::new(server).map_err(|e| e.0);
+        let api = Api::new(server, &plain()).map_err(|e| format!("{e:#}"));
         let got = api.map(|a| (a.authority, a.prefix, a.base));
         assert_eq!(got, Ok((authority.to_string(), prefix.to_string(), base.to_string())), "{server}");
     }
     let bad = [
-        ("https://127.0.0.1:18001", "https:// is not supported: the companion's HTTP port has no TLS yet"),
-        ("ftp://h:1", "expected http://HOST:PORT"),
+        ("https://127.0.0.1:18001", "https:// needs --tls-ca FILE"),
+        ("ftp://h:1", "expected http://HOST:PORT or https://HOST:PORT"),
         ("http://", "expected http://HOST:PORT"),
         ("http://user:pw@h:1", "expected http://HOST:PORT"),
         ("http://h:port", "port `port` is not a port"),
@@ -124,7 +131,7 @@ fn the_server_is_an_http_address() {
         ("http://h:1/?x=1", "no query or fragment"),
     ];
     for (server, want) in bad {
-        let got = Api::new(server).map(|_| ()).map_err(|e| e.0);
+        let got = Api::new(server, &plain()).map(|_| ()).map_err(|e| format!("{e:#}"));
         assert!(got.as_ref().is_err_and(|e| e.contains(want) && e.starts_with("--server ")), "{server}: {got:?}");
     }
 }
@@ -171,7 +178,7 @@ fn answer(status: u16, problem: bool, body: &str, hint: &'static str) -> Answer 
 
 #[test]
 fn refusals_show_the_problem_detail_and_what_to_check() {
-    let api = Api::new("http://127.0.0.1:18001").unwrap();
+    let api = Api::new("http://127.0.0.1:18001", &plain()).unwrap();
     let detail = "rate 5/1m: app `x` already has 5/1m — ask for more than it has";
     let body = serde_json::json!({"type": "urn:guardrail:problem:invalid-request", "title": "Unprocessable Entity",
         "status": 422, "detail": detail});
@@ -268,7 +275,7 @@ fn the_list_is_a_table_in_the_order_given() {
 #[test]
 fn a_companion_not_listening_is_named() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
-    let api = Api::new(&format!("127.0.0.1:{port}")).unwrap();
+    let api = Api::new(&format!("127.0.0.1:{port}"), &plain()).unwrap();
     let e = api.call(Method::GET, "/api/v1/requests", &Auth::Bearer("t".into()), None).map(|_| ());
     let e = e.map_err(|e| format!("{e:#}"));
     assert_eq!(
@@ -291,7 +298,7 @@ fn a_peer_that_does_not_speak_http_1_is_named() {
         // What an HTTP/2-only server (the gRPC port) sends to an HTTP/1.1 request: a GOAWAY frame.
         let _ = stream.write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
     });
-    let api = Api::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let api = Api::new(&format!("http://127.0.0.1:{port}"), &plain()).unwrap();
     let e = api.call(Method::GET, "/api/v1/requests", &Auth::Bearer("t".into()), None).map(|_| ());
     let e = e.map_err(|e| format!("{e:#}"));
     assert!(
@@ -308,7 +315,7 @@ fn a_peer_that_does_not_speak_http_1_is_named() {
 fn a_peer_that_never_answers_is_given_up_on() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut api = Api::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let mut api = Api::new(&format!("http://127.0.0.1:{port}"), &plain()).unwrap();
     assert_eq!(api.timeout, Duration::from_secs(10));
     api.timeout = Duration::from_millis(50);
     // Connected (the backlog accepts it), never answered.

@@ -6,7 +6,8 @@
 //! - `GET /api/v1/requests[?status=S][&app=A]`, `GET /api/v1/requests/{id}`: approvers (bearer
 //!   token), the console's token, or an app (Basic: its own requests only).
 //! - `POST /api/v1/requests/{id}/approve` (optional JSON `{"reason": …}`) and `…/reject` (JSON
-//!   `{"reason": …}`, required): an approver of `settings.approvers` by bearer token. Nobody
+//!   `{"reason": …}`, required): an approver of `settings.approvers` by bearer token, or by the
+//!   client certificate of the connection (mutual TLS, `--http-client-ca`). Nobody
 //!   approves a request of an app they own. Approving applies the request to the policy file
 //!   (refused, the request left pending, when the result is not a valid policy), marks it approved
 //!   in the store (compare-and-set: of two approvers, or two companions, one wins) and pushes the
@@ -20,7 +21,7 @@
 use super::requests::{file, Filing, Request};
 use super::token::basic_credentials;
 use super::{console_authorized, json_response, SelfService};
-use crate::console::problem;
+use crate::console::{peer_certificate, problem, Peer};
 use crate::log::log;
 use crate::serve::hub::{Hub, Offer};
 use crate::store::{Event, RequestRecord, Store};
@@ -50,15 +51,27 @@ enum Caller {
     Console,
 }
 
-/// The caller of `headers`: an app by HTTP Basic (its id and one of its API keys), an approver by
-/// a bearer token whose digest `settings.approvers` lists, or the console's token.
-fn caller(service: &SelfService, policy: &CompiledPolicy, headers: &HeaderMap) -> Result<Caller, Refusal> {
+/// The caller of a request: by its `Authorization` header an app (HTTP Basic: its id and one of
+/// its API keys), an approver (a bearer token whose digest `settings.approvers` lists) or the
+/// console (its token); without the header, an approver by the client certificate of the
+/// connection (`certificate`: its DER's SHA-256, from the TLS session under `--http-client-ca`).
+/// The header wins: under mutual TLS an app presents any certificate of the CA and its API key.
+fn caller(
+    service: &SelfService,
+    policy: &CompiledPolicy,
+    headers: &HeaderMap,
+    certificate: Option<[u8; 32]>,
+) -> Result<Caller, Refusal> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "send Authorization: Basic <app id:API key> (an app) or Bearer <approver token>",
-        ));
+        return match certificate {
+            Some(digest) => by_certificate(policy, digest),
+            None => Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "send Authorization: Basic <app id:API key> (an app) or Bearer <approver token>, or connect \
+                 with an approver's client certificate",
+            )),
+        };
     };
     let text = value.to_str().unwrap_or_default();
     if text.len() >= 6 && text[..6].eq_ignore_ascii_case("basic ") {
@@ -85,6 +98,23 @@ fn caller(service: &SelfService, policy: &CompiledPolicy, headers: &HeaderMap) -
         return Ok(Caller::Console);
     }
     Err(refuse(StatusCode::UNAUTHORIZED, "unauthenticated", "the bearer token is no approver's (settings.approvers)"))
+}
+
+/// The approver whose `certificate:` is `digest`, or a 403 naming the fingerprint (the TLS
+/// handshake proved the certificate; it is just not an approver's).
+fn by_certificate(policy: &CompiledPolicy, digest: [u8; 32]) -> Result<Caller, Refusal> {
+    match policy.settings.approvers.iter().find(|a| a.credential == Credential::Certificate(digest)) {
+        Some(a) => Ok(Caller::Approver(a.clone())),
+        None => Err(refuse(
+            StatusCode::FORBIDDEN,
+            "not-an-approver",
+            format!(
+                "the client certificate sha256:{} is no approver's (settings.approvers); an app sends \
+                 Authorization: Basic <app id:API key>",
+                hex::encode(digest)
+            ),
+        )),
+    }
 }
 
 fn approver(caller: Caller) -> Result<Approver, Refusal> {
@@ -162,14 +192,24 @@ fn answer(status: StatusCode, request: &Request) -> Response {
 }
 
 /// `POST /api/v1/requests`.
-pub async fn file_request(State(service): State<Arc<SelfService>>, headers: HeaderMap, body: Bytes) -> Response {
-    filed(&service, &headers, &body).await.unwrap_or_else(|r| *r)
+pub async fn file_request(
+    State(service): State<Arc<SelfService>>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    filed(&service, &headers, peer_certificate(&peer), &body).await.unwrap_or_else(|r| *r)
 }
 
-async fn filed(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Response, Refusal> {
+async fn filed(
+    service: &SelfService,
+    headers: &HeaderMap,
+    certificate: Option<[u8; 32]>,
+    body: &[u8],
+) -> Result<Response, Refusal> {
     let snapshot = service.hub.current();
     let policy = &snapshot.policy;
-    let Caller::App(app) = caller(service, policy, headers)? else {
+    let Caller::App(app) = caller(service, policy, headers, certificate)? else {
         return Err(refuse(
             StatusCode::FORBIDDEN,
             "not-an-app",
@@ -222,13 +262,18 @@ async fn trail(service: &SelfService, request: &Request, kind: &str, actor: &str
 }
 
 /// `GET /api/v1/requests[?status=S][&app=A]`: newest first.
-pub async fn list(State(service): State<Arc<SelfService>>, headers: HeaderMap, uri: Uri) -> Response {
-    listed(&service, &headers, &uri).await.unwrap_or_else(|r| *r)
+pub async fn list(State(service): State<Arc<SelfService>>, peer: Peer, headers: HeaderMap, uri: Uri) -> Response {
+    listed(&service, &headers, peer_certificate(&peer), &uri).await.unwrap_or_else(|r| *r)
 }
 
-async fn listed(service: &SelfService, headers: &HeaderMap, uri: &Uri) -> Result<Response, Refusal> {
+async fn listed(
+    service: &SelfService,
+    headers: &HeaderMap,
+    certificate: Option<[u8; 32]>,
+    uri: &Uri,
+) -> Result<Response, Refusal> {
     let snapshot = service.hub.current();
-    let who = caller(service, &snapshot.policy, headers)?;
+    let who = caller(service, &snapshot.policy, headers, certificate)?;
     let (mut status, mut app) = (None, None);
     for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
         match k.as_ref() {
@@ -261,13 +306,23 @@ async fn listed(service: &SelfService, headers: &HeaderMap, uri: &Uri) -> Result
 }
 
 /// `GET /api/v1/requests/{id}`.
-pub async fn show(State(service): State<Arc<SelfService>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    shown(&service, &id, &headers).await.unwrap_or_else(|r| *r)
+pub async fn show(
+    State(service): State<Arc<SelfService>>,
+    Path(id): Path<String>,
+    peer: Peer,
+    headers: HeaderMap,
+) -> Response {
+    shown(&service, &id, &headers, peer_certificate(&peer)).await.unwrap_or_else(|r| *r)
 }
 
-async fn shown(service: &SelfService, id: &str, headers: &HeaderMap) -> Result<Response, Refusal> {
+async fn shown(
+    service: &SelfService,
+    id: &str,
+    headers: &HeaderMap,
+    certificate: Option<[u8; 32]>,
+) -> Result<Response, Refusal> {
     let snapshot = service.hub.current();
-    let who = caller(service, &snapshot.policy, headers)?;
+    let who = caller(service, &snapshot.policy, headers, certificate)?;
     let (_, request) = find(service, id).await?;
     if let Caller::App(own) = who {
         if own != request.app {
@@ -300,32 +355,43 @@ struct Decision {
 pub async fn approve(
     State(service): State<Arc<SelfService>>,
     Path(id): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    decided(&service, &id, &headers, &body, true).await.unwrap_or_else(|r| *r)
+    let caller = Asking { headers: &headers, certificate: peer_certificate(&peer) };
+    decided(&service, &id, caller, &body, true).await.unwrap_or_else(|r| *r)
 }
 
 /// `POST /api/v1/requests/{id}/reject`.
 pub async fn reject(
     State(service): State<Arc<SelfService>>,
     Path(id): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    decided(&service, &id, &headers, &body, false).await.unwrap_or_else(|r| *r)
+    let caller = Asking { headers: &headers, certificate: peer_certificate(&peer) };
+    decided(&service, &id, caller, &body, false).await.unwrap_or_else(|r| *r)
+}
+
+/// Who asks to decide: the request's headers and the connection's client certificate.
+struct Asking<'a> {
+    headers: &'a HeaderMap,
+    certificate: Option<[u8; 32]>,
 }
 
 async fn decided(
     service: &SelfService,
     id: &str,
-    headers: &HeaderMap,
+    asking: Asking<'_>,
     body: &[u8],
     approving: bool,
 ) -> Result<Response, Refusal> {
+    let headers = asking.headers;
     let snapshot = service.hub.current();
     let policy = &snapshot.policy;
-    let approver = approver(caller(service, policy, headers)?)?;
+    let approver = approver(caller(service, policy, headers, asking.certificate)?)?;
     let decision: Decision = if body.is_empty() { Decision::default() } else { json_body(headers, body)? };
     let reason = decision.reason.map(|r| r.trim().to_string()).filter(|r| !r.is_empty());
     if reason.as_ref().is_some_and(|r| r.chars().count() > super::requests::MAX_REASON_CHARS) {
@@ -527,5 +593,45 @@ async fn expire(hub: &Hub, store: &dyn Store, mut request: Request) {
         }
         Ok(false) => {}
         Err(e) => log!("request {} could not be marked expired: {e}", request.id),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_is_an_approver_only_when_listed() {
+        let (alice, bob) = ([0xa1u8; 32], [0xb0u8; 32]);
+        let doc = serde_json::json!({
+            "apiVersion": "guardrail/v1", "kind": "Policy", "revision": "1",
+            "settings": {"approvers": [
+                {"id": "alice@x", "certificate": format!("sha256:{}", hex::encode(alice))},
+                {"id": "tom@x", "token": format!("sha256:{}", hex::encode(bob))}
+            ]},
+            "apps": []
+        });
+        let policy = guardrail_core::compile::compile_json_str(&doc.to_string()).unwrap();
+        match by_certificate(&policy, alice) {
+            Ok(Caller::Approver(a)) => assert_eq!(a.id, "alice@x"),
+            _ => panic!("alice's certificate is an approver's"),
+        }
+        // Bob's digest is listed, but as a token: a certificate with that digest is not him.
+        let refused = by_certificate(&policy, bob).err().map(|r| r.status());
+        assert_eq!(refused, Some(StatusCode::FORBIDDEN));
+        let refused = by_certificate(&policy, [0; 32]).err().unwrap();
+        let body = body_of(*refused);
+        assert!(
+            body.contains("not-an-approver") && body.contains(&format!("sha256:{}", hex::encode([0u8; 32]))),
+            "{body}"
+        );
+    }
+
+    fn body_of(r: Response) -> String {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let bytes = runtime.block_on(axum::body::to_bytes(r.into_body(), 1 << 16)).unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 }

@@ -70,6 +70,8 @@ pub struct Args {
     /// `Authorization: Bearer <token>`; required to listen beyond loopback.
     #[arg(long, requires = "http")]
     http_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    http_tls: crate::tls::HttpServerArgs,
     /// The private key (a JWK file from `guardrail keygen`, mode 600) the token service
     /// (`POST /api/v1/token` on --http) signs JIT tokens with; an issuer of the policy must trust it.
     #[arg(long, requires = "http")]
@@ -111,6 +113,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     };
     let tls = args.tls.server_tls()?;
+    let http_tls = args.http_tls.server_tls()?;
     let hub = Hub::new(&file, doc, system_clock()).map_err(anyhow::Error::msg)?;
     if let Some((_, file, _, message)) = &candidate {
         log!(
@@ -122,12 +125,23 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(serve(args, tls, source, file, text, hub, candidate.map(|(source, _, text, _)| (source, text))))
+    runtime.block_on(serve(
+        args,
+        [tls, http_tls],
+        source,
+        file,
+        text,
+        hub,
+        candidate.map(|(source, _, text, _)| (source, text)),
+    ))
 }
+
+/// The TLS of the gRPC port and of the HTTP port (`None`: plain text).
+type Tls = [Option<Arc<ServerTls>>; 2];
 
 async fn serve(
     args: &Args,
-    tls: Option<Arc<ServerTls>>,
+    [tls, http_tls]: Tls,
     source: Source,
     file: PathBuf,
     text: String,
@@ -163,10 +177,11 @@ async fn serve(
             let l = TcpListener::bind(http).await.with_context(|| format!("cannot listen on --http {http}"))?;
             let at = l.local_addr().context("starting the console")?;
             let token = crate::console::token_for(at, args.http_token_file.as_deref())?;
-            log!("console on http://{at}/");
+            let scheme = if http_tls.is_some() { "https" } else { "http" };
+            log!("console on {scheme}://{at}/ ({})", args.http_tls.describe());
             if let Some(key) = &key {
                 log!(
-                    "token service on http://{at}/api/v1/token (issuer key {}, {} per client)",
+                    "token service on {scheme}://{at}/api/v1/token (issuer key {}, {} per client)",
                     key.kid,
                     args.token_rate
                 );
@@ -174,7 +189,8 @@ async fn serve(
             let options = crate::selfservice::Options { key, token_rate, console_token: token.clone() };
             let (selfservice, writer) = crate::selfservice::SelfService::start(hub.clone(), options, trail_stop);
             trail = Some(writer);
-            Some(crate::console::start(l, hub.clone(), token, crate::selfservice::router(selfservice)))
+            let more = crate::selfservice::router(selfservice);
+            Some(crate::console::start(l, hub.clone(), token, more, http_tls.clone()))
         }
         None => None,
     };
@@ -214,11 +230,15 @@ async fn serve(
         loop {
             every.tick().await;
             ticker_hub.tick();
-            match tls.as_deref().map(ServerTls::reload_if_changed) {
-                None | Some(Reload::Unchanged) => {}
-                Some(Reload::Reloaded) => log!("TLS certificate files changed: new connections get them"),
-                Some(Reload::Refused(why)) => {
-                    log!("TLS certificate files changed but are refused, the ones read before stay in force: {why}")
+            for (port, tls) in [("gRPC", &tls), ("HTTP", &http_tls)] {
+                match tls.as_deref().map(ServerTls::reload_if_changed) {
+                    None | Some(Reload::Unchanged) => {}
+                    Some(Reload::Reloaded) => {
+                        log!("{port} port: TLS certificate files changed: new connections get them")
+                    }
+                    Some(Reload::Refused(why)) => log!(
+                        "{port} port: TLS certificate files changed but are refused, the ones read before stay in force: {why}"
+                    ),
                 }
             }
         }
@@ -312,7 +332,7 @@ pub fn start(
                 let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 server.serve_with_incoming_shutdown(incoming, stopped).await
             }
-            Some(tls) => server.serve_with_incoming_shutdown(tls_incoming(listener, tls), stopped).await,
+            Some(tls) => server.serve_with_incoming_shutdown(tls_incoming(listener, tls, false), stopped).await,
         }
     });
     Ok(Running { addr, stop, task })
@@ -327,9 +347,12 @@ const HANDSHAKE_FAILURES_LOGGED: u32 = 20;
 /// when they arrive; each failed handshake is logged with the peer and rustls's reason (a client
 /// without a certificate, one from another CA, plain text), at most
 /// [`HANDSHAKE_FAILURES_LOGGED`] a minute. Accepting stops when the server drops the stream.
-fn tls_incoming(
+/// With `answer_http` (the HTTP port), a plain-text HTTP request is answered `400` saying to use
+/// `https://` rather than dropped without a word.
+pub(crate) fn tls_incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
+    answer_http: bool,
 ) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let failures = Arc::new(FailureLog::default());
@@ -352,7 +375,13 @@ fn tls_incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let (tx, failures) = (tx.clone(), failures.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = async {
+                    if answer_http && plain_http(&tcp).await {
+                        return Err(std::io::Error::other(answer_plain_http(tcp).await));
+                    }
+                    acceptor.accept(tcp).await
+                };
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
@@ -366,6 +395,36 @@ fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Whether a connection opens with plain text rather than a TLS record (a handshake starts with
+/// byte 22): an HTTP method's first letter.
+async fn plain_http(tcp: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tcp.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// Answers a plain-text HTTP request on the TLS port with a 400 naming the fix, then closes; the
+/// reason to log.
+async fn answer_plain_http(mut tcp: tokio::net::TcpStream) -> &'static str {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The request is read (what has come of it) and, after the answer, the rest until the client
+    // closes: closing with unread data would reset the connection before the client reads.
+    let mut sink = [0u8; 8192];
+    let _ = tcp.read(&mut sink).await;
+    const BODY: &str = "this port speaks HTTPS (serve --http-tls-cert): use https://\n";
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    "plain-text HTTP on the TLS port (answered 400: use https://)"
 }
 
 /// Rate-limits the log lines of failed handshakes.
