@@ -605,8 +605,11 @@ impl Answer {
         let Some(problem) = problem else {
             let text = String::from_utf8_lossy(&self.body);
             let text: String = text.chars().take(200).filter(|c| !c.is_control()).collect();
+            // A companion's HTTPS port answering plain HTTP says what to do itself.
+            let hint =
+                if text.contains("use https://") { "" } else { " (is it a companion of this release, with --http?)" };
             return format!(
-                "the companion at {} answered {} to {}{}{text} (is it a companion of this release, with --http?)",
+                "the companion at {} answered {} to {}{}{text}{hint}",
                 api.base,
                 self.status,
                 self.asked,

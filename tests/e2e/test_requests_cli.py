@@ -238,7 +238,7 @@ def test_command_line_mistakes_are_usage_errors(setup: Setup) -> None:
     refused(as_approver(setup, "approve", "../../token", "alice"), "ID `../../token`: not a request id", code=2)
     https = setup.server.replace("http://", "https://")
     refused(cli("requests", "--server", https, "--token-file", str(setup.files["alice"])),
-            "https:// is not supported: the companion's HTTP port has no TLS yet", code=2)
+            "https:// needs --tls-ca FILE", code=2)
     assert [r["status"] for r in listed(setup, "--app", "pos") if r["id"] == request_id] == ["pending"]
 
 

@@ -178,7 +178,10 @@ async fn serve(
             let at = l.local_addr().context("starting the console")?;
             let token = crate::console::token_for(at, args.http_token_file.as_deref())?;
             let scheme = if http_tls.is_some() { "https" } else { "http" };
-            log!("console on {scheme}://{at}/ ({})", args.http_tls.describe());
+            match &http_tls {
+                None => log!("console on http://{at}/"),
+                Some(_) => log!("console on https://{at}/ ({})", args.http_tls.describe()),
+            }
             if let Some(key) = &key {
                 log!(
                     "token service on {scheme}://{at}/api/v1/token (issuer key {}, {} per client)",
