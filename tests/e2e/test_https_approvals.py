@@ -9,7 +9,8 @@ certificate of that CA and its API key (HTTP Basic); the approver approves it wi
 approve --tls-ca --tls-cert --tls-key` and `guardrail status` shows the revision pushed. A
 certificate not listed among the approvers is refused naming its fingerprint; without a client
 certificate, or with one from another CA, the TLS handshake is refused (health checks included);
-plain HTTP to the port gets a 400 saying to use https://.
+plain HTTP to the port gets a 400 saying to use https://. A renewed certificate is served without
+a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import datetime
 import hashlib
 import json
 import re
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +51,7 @@ class Env:
     port: int
     people: dict[str, Issued]  # alice (approver), mallory (not one), claims-bot (the app's)
     stranger: Issued  # signed by another CA
+    server: Issued  # the HTTP port's certificate
     files: dict[str, Path]
     comp: Companion
 
@@ -85,7 +89,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "--http-client-ca", str(pki.ca_pem)])
     comp.start()
     try:
-        yield Env(tmp, pki, f"https://127.0.0.1:{port}", port, people, stranger, files, comp)
+        yield Env(tmp, pki, f"https://127.0.0.1:{port}", port, people, stranger, server, files, comp)
     finally:
         comp.stop()
 
@@ -202,3 +206,26 @@ def test_the_console_metrics_and_health_checks_work_over_tls(env: Env) -> None:
     ready = env.get("/readyz", "alice")
     assert ready.status_code == 200 and ready.text.startswith("ready: revision ")
 
+
+
+def served_certificate(env: Env) -> bytes:
+    """The DER of the certificate the HTTP port serves to a new connection (alice's client certificate)."""
+    context = ssl.create_default_context(cafile=str(env.pki.ca_pem))
+    context.load_cert_chain(str(env.people["alice"].cert), str(env.people["alice"].key))
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_renewed_certificate_of_the_http_port_is_served_without_a_restart(env: Env) -> None:
+    before = served_certificate(env)
+    assert before == der_of(env.server.cert)
+    reloads = env.comp.log().count("HTTP port: TLS certificate files changed: new connections get them")
+    env.pki.issue("companion", server=True, to=env.server)  # renewed in place, as cert-manager does
+    wait_for(lambda: env.comp.log().count("HTTP port: TLS certificate files changed: new connections get them") > reloads,
+             timeout=10, what="the companion to read the renewed HTTP certificate")
+    after = served_certificate(env)
+    assert after == der_of(env.server.cert) and after != before
+    assert env.get("/healthz", "alice").status_code == 200
