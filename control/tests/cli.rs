@@ -814,6 +814,52 @@ fn tls_flags_that_cannot_work_are_refused_naming_the_flag() {
             2,
             "plain http://",
         ),
+        // The HTTP port's flags (`--http-tls-…`) name themselves.
+        (
+            "missing HTTP certificate",
+            serve(&["--http", "127.0.0.1:0", "--http-tls-cert", missing, "--http-tls-key", not_pem.arg()]),
+            1,
+            "--http-tls-cert ",
+        ),
+        (
+            "an HTTP key that is no PEM key",
+            serve(&["--http", "127.0.0.1:0", "--http-tls-cert", cert_only.arg(), "--http-tls-key", not_pem.arg()]),
+            1,
+            "--http-tls-key ",
+        ),
+        (
+            "an HTTP certificate without --http",
+            serve(&["--http-tls-cert", cert_only.arg(), "--http-tls-key", not_pem.arg()]),
+            2,
+            "--http",
+        ),
+        (
+            "an HTTP client CA without an HTTP certificate",
+            serve(&["--http", "127.0.0.1:0", "--http-client-ca", cert_only.arg()]),
+            2,
+            "--http-tls-cert",
+        ),
+        (
+            "approve over https without a CA",
+            guardrail(&["approve", "req-1", "--server", "https://127.0.0.1:1", "--token-file", not_pem.arg()]),
+            2,
+            "https:// needs --tls-ca",
+        ),
+        (
+            "approve with a CA over plain http",
+            guardrail(&[
+                "approve",
+                "req-1",
+                "--server",
+                "http://127.0.0.1:1",
+                "--tls-ca",
+                cert_only.arg(),
+                "--token-file",
+                not_pem.arg(),
+            ]),
+            2,
+            "--tls-ca is for https://",
+        ),
     ];
     for (why, out, code, want) in cases {
         assert_eq!(out.status.code(), Some(*code), "{why}: {}", stderr(out));
