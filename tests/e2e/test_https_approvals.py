@@ -229,3 +229,23 @@ def test_a_renewed_certificate_of_the_http_port_is_served_without_a_restart(env:
     after = served_certificate(env)
     assert after == der_of(env.server.cert) and after != before
     assert env.get("/healthz", "alice").status_code == 200
+
+
+def test_tls_without_a_client_ca_needs_no_client_certificate(env: Env) -> None:
+    """`--http-tls-cert/--http-tls-key` alone: HTTPS for everyone; approvers act by token."""
+    port = free_port()
+    comp = Companion(env.comp.policy, env.tmp / "tls-only", name="tls-only", args=[
+        "--http", f"127.0.0.1:{port}", "--http-tls-cert", str(env.server.cert), "--http-tls-key", str(env.server.key)])
+    comp.start()
+    try:
+        comp.wait_for_log(rf"console on https://127\.0\.0\.1:{port}/ \(TLS\)")
+        base = f"https://127.0.0.1:{port}"
+        health = requests.get(base + "/healthz", verify=str(env.pki.ca_pem), timeout=10)
+        assert health.status_code == 200 and health.text == "ok\n"
+        proc = guardrail("requests", "--server", base, "--tls-ca", str(env.pki.ca_pem), "--token-file", str(env.files["bob"]))
+        assert proc.returncode == 0, proc.stderr
+        # Without a client CA no certificate is asked for: a call without a token is no approver's.
+        r = requests.get(base + "/api/v1/requests", verify=str(env.pki.ca_pem), timeout=10)
+        problem(r, 401, "unauthenticated", "Authorization")
+    finally:
+        comp.stop()
