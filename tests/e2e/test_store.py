@@ -330,7 +330,10 @@ def test_companions_serving_different_revisions_show_drift(fleet: Fleet) -> None
 def test_redis_stopped_then_restarted_while_pushes_go_on(fleet: Fleet) -> None:
     comp = fleet.comps[0]
     fleet.redis.stop()
-    wait_for(lambda: comp.status()["store"]["available"] is False, timeout=10, what="status to say the store is down")
+    # Both companions see the outage (each logs it once) before Redis comes back.
+    for c in fleet.comps:
+        wait_for(lambda c=c: c.status()["store"]["available"] is False, timeout=10,
+                 what=f"{c.name}'s status to say the store is down")
     text = guardrail("status", "--server", comp.address, check=True).stdout
     assert "store: unavailable" in text, text
     comp.wait_for_log(r"store: unavailable")
