@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -47,26 +47,16 @@ impl Default for StreamLimits {
     }
 }
 
-/// Snapshots handed to streams' encoders at once. Each stream's encoder copies its snapshot (40 KB
-/// compressed) into a buffer of its own until the socket takes it; all 10,000 streams at once made
-/// 400 MB of fresh pages, and in a VM their page faults were a third of the push. A few hundred at
-/// a time reuse the same memory and keep both cores busy.
-pub const PUSH_CONCURRENCY: usize = 256;
-/// The longest a stream keeps its place among them while its client does not take the snapshot:
-/// a node that reads slowly does not hold the others back.
-const PUSH_HOLD: Duration = Duration::from_millis(50);
-
 /// The tonic service: a handle on the hub.
 #[derive(Clone)]
 pub struct PolicyServer {
     hub: Arc<Hub>,
     limits: StreamLimits,
-    gate: Arc<Semaphore>,
 }
 
 impl PolicyServer {
     pub fn new(hub: Arc<Hub>, limits: StreamLimits) -> Self {
-        PolicyServer { hub, limits, gate: Arc::new(Semaphore::new(PUSH_CONCURRENCY)) }
+        PolicyServer { hub, limits }
     }
 }
 
@@ -96,8 +86,7 @@ impl PolicyService for PolicyServer {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(2));
         let certificate = certificate.unwrap_or_default();
-        let conn =
-            Connection { hub: self.hub.clone(), limits: self.limits, tx, peer, certificate, gate: self.gate.clone() };
+        let conn = Connection { hub: self.hub.clone(), limits: self.limits, tx, peer, certificate };
         tokio::spawn(conn.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -167,8 +156,6 @@ struct Connection {
     peer: Option<String>,
     /// Under mutual TLS, `sha256:<hex>` of the client's certificate; else empty.
     certificate: String,
-    /// Places among the snapshots being encoded ([`PUSH_CONCURRENCY`]).
-    gate: Arc<Semaphore>,
 }
 
 /// Why a stream ended; `Some` status is sent to the client.
@@ -246,7 +233,7 @@ impl Connection {
             return Some(Status::unavailable("the companion is stopping"));
         }
         let snapshot = snapshots.borrow_and_update().clone();
-        if !self.push(node, snapshot.to_proto(zlib)).await {
+        if !self.send(node, snapshot.to_proto(zlib)) {
             return None;
         }
         // The candidate before the first fleet state: a node that gets the fleet state with no
@@ -272,7 +259,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    if !self.push(node, snapshot.to_proto(zlib)).await {
+                    if !self.send(node, snapshot.to_proto(zlib)) {
                         return None;
                     }
                 }
@@ -371,20 +358,6 @@ impl Connection {
             }
             None => Err(Status::invalid_argument("empty client message")),
         }
-    }
-
-    /// Queues a snapshot with a place among the [`PUSH_CONCURRENCY`] being encoded, kept until the
-    /// stream's encoder has taken it (its queue is empty again) or [`PUSH_HOLD`] passed.
-    async fn push(&self, node: &str, message: v1::ServerMessage) -> bool {
-        // The semaphore is never closed; without a place the message still goes.
-        let place = self.gate.acquire().await.ok();
-        if !self.send(node, message) {
-            return false;
-        }
-        let queue = self.limits.outbound_queue.max(2);
-        let _ = tokio::time::timeout(PUSH_HOLD, self.tx.reserve_many(queue)).await;
-        drop(place);
-        true
     }
 
     /// Queues one message; `false` (and the stream is over) if the client is gone or not reading.
