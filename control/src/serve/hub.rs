@@ -113,11 +113,13 @@ pub struct Hub {
     overlay: Mutex<Overlay>,
 }
 
-/// What the served policy is made of: the file's JSON and the approved self-service requests in
-/// force ([`crate::selfservice::requests::apply`]). Taken before [`Hub::lock`], never after.
+/// What the served policy is made of: the file's document (as compact JSON text: a copy of a
+/// string on every change, parsed again only while requests are applied) and the approved
+/// self-service requests in force ([`crate::selfservice::requests::apply`]). Taken before
+/// [`Hub::lock`], never after.
 struct Overlay {
     file: PathBuf,
-    base: serde_json::Value,
+    base: String,
     active: Vec<Request>,
 }
 
@@ -169,7 +171,7 @@ impl Hub {
     /// A hub serving `doc` (already validated, read from `file`).
     pub fn new(file: &Path, doc: Document, clock: Clock) -> Result<Arc<Hub>, String> {
         let mut labels = HashMap::new();
-        let overlay = Overlay { file: file.to_path_buf(), base: doc.json.clone(), active: Vec::new() };
+        let overlay = Overlay { file: file.to_path_buf(), base: doc.canonical.clone(), active: Vec::new() };
         let content = content_of(&doc);
         let (snapshot, _) = make_snapshot(file, doc, content, &mut labels)?;
         let now = clock();
@@ -240,7 +242,7 @@ impl Hub {
     pub fn offer(&self, file: &Path, doc: Document) -> Offer {
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
         overlay.file = file.to_path_buf();
-        overlay.base = doc.json.clone();
+        overlay.base.clone_from(&doc.canonical);
         if overlay.active.is_empty() {
             return self.publish(file, doc, file.display().to_string());
         }
@@ -264,8 +266,7 @@ impl Hub {
         let mut overlay = self.overlay.lock().unwrap_or_else(PoisonError::into_inner);
         let file = overlay.file.clone();
         let offer = if active.is_empty() {
-            let text = serde_json::to_string(&overlay.base).map_err(|e| e.to_string())?;
-            let doc = load_json_document(&text, &mut ExpressionCache::default())
+            let doc = load_json_document(&overlay.base, &mut ExpressionCache::default())
                 .ok_or("the policy file's document is not JSON")?
                 .map_err(|e| e.to_string())?;
             self.publish(&file, doc, file.display().to_string())
@@ -691,7 +692,7 @@ fn content_of(doc: &Document) -> [u8; 32] {
 /// document's JSON tree, for the caller to free when it suits.
 /// Of `active`, those `base` can take together, in order: each that makes the policy invalid
 /// with the ones kept before it is left out, with a log line.
-fn fitting(base: &serde_json::Value, active: Vec<Request>) -> Vec<Request> {
+fn fitting(base: &str, active: Vec<Request>) -> Vec<Request> {
     let mut kept: Vec<Request> = Vec::with_capacity(active.len());
     for request in active {
         kept.push(request);
@@ -706,8 +707,10 @@ fn fitting(base: &serde_json::Value, active: Vec<Request>) -> Vec<Request> {
 
 /// The policy file's JSON with `active` applied, compiled, and the words for the audit trail's
 /// source (`requests req-1, req-2`); the errors of the result when it is not a valid policy.
-fn overlaid(base: &serde_json::Value, active: &[Request]) -> Result<(Document, String), String> {
-    let (json, skipped) = crate::selfservice::requests::apply(base, active);
+fn overlaid(base: &str, active: &[Request]) -> Result<(Document, String), String> {
+    let base: serde_json::Value =
+        serde_json::from_str(base).map_err(|e| format!("the policy file's document is not JSON: {e}"))?;
+    let (json, skipped) = crate::selfservice::requests::apply(&base, active);
     let applied: Vec<&str> =
         active.iter().map(|r| r.id.as_str()).filter(|id| !skipped.iter().any(|s| s == id)).collect();
     if !skipped.is_empty() {

@@ -813,8 +813,8 @@ async fn exemption_counts_are_summed_over_nodes_and_shown_apart_from_apps() {
             ..Default::default()
         })
     };
-    let (mut a, _) = Node::joined(&f, "envoy-a").await;
-    let (mut b, _) = Node::joined(&f, "envoy-b").await;
+    let (a, _) = Node::joined(&f, "envoy-a").await;
+    let (b, _) = Node::joined(&f, "envoy-b").await;
     a.send(report(5, 2)).await;
     b.send(report(7, 3)).await;
     // A repeated (absolute) count is not counted twice.
