@@ -63,6 +63,33 @@ impl std::fmt::Display for Warning {
     }
 }
 
+/// What `check` (and the console) say of `app`'s `review_by` at `now_secs`: overdue, or due in
+/// less than [`REVIEW_WARNING_DAYS`] days; `None` otherwise or without `review_by`.
+pub fn review_warning(app: &crate::compile::App, now_secs: i64) -> Option<String> {
+    let date = app.review_by.as_deref()?;
+    let days_left = (app.review_overdue_at_secs - now_secs).div_euclid(crate::time::SECS_PER_DAY as i64);
+    if now_secs >= app.review_overdue_at_secs {
+        return Some(format!(
+            "app `{}`: review overdue since {date}: the filter refuses it (403 app-not-active) until a \
+             review moves review_by",
+            app.id
+        ));
+    }
+    if days_left >= REVIEW_WARNING_DAYS {
+        return None;
+    }
+    Some(format!(
+        "app `{}` is due for review by {date} ({}): after that day the filter refuses it \
+         (403 app-not-active); file `guardrail request review`",
+        app.id,
+        match days_left {
+            0 => "today".to_string(),
+            1 => "tomorrow".to_string(),
+            n => format!("in {n} days"),
+        }
+    ))
+}
+
 /// Every warning for `policy` at `now_secs` (Unix seconds), in the order of the document's
 /// sections: settings, apps, datasets, rules. An app's connector and override warnings come in
 /// the app's order.
@@ -85,31 +112,8 @@ pub fn lint(policy: &CompiledPolicy, now_secs: i64) -> Vec<Warning> {
         }
         let region_path = format!("apps[{i}].region");
         out.extend(regions.iter().filter(|w| w.path == region_path).cloned());
-        if let Some(date) = app.review_by.as_deref() {
-            let days_left = (app.review_overdue_at_secs - now_secs).div_euclid(crate::time::SECS_PER_DAY as i64);
-            let message = if now_secs >= app.review_overdue_at_secs {
-                Some(format!(
-                    "app `{}`: review overdue since {date}: the filter refuses it (403 app-not-active) until a \
-                     review moves review_by",
-                    app.id
-                ))
-            } else if days_left < REVIEW_WARNING_DAYS {
-                Some(format!(
-                    "app `{}` is due for review by {date} ({}): after that day the filter refuses it \
-                     (403 app-not-active); file `guardrail request review`",
-                    app.id,
-                    match days_left {
-                        0 => "today".to_string(),
-                        1 => "tomorrow".to_string(),
-                        n => format!("in {n} days"),
-                    }
-                ))
-            } else {
-                None
-            };
-            if let Some(message) = message {
-                out.push(Warning::new(Kind::ReviewDue, format!("apps[{i}].review_by"), message));
-            }
+        if let Some(message) = review_warning(app, now_secs) {
+            out.push(Warning::new(Kind::ReviewDue, format!("apps[{i}].review_by"), message));
         }
         for (j, o) in app.overrides.iter().enumerate() {
             if o.expires_at_secs <= now_secs {

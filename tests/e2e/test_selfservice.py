@@ -275,3 +275,17 @@ def test_a_raised_quota_takes_effect_at_once_for_a_throttled_app(setup: Setup) -
     r = wait_for(lambda: (lambda r: r if r.status == 200 else None)(request(setup.gw.url, "/catalog/1", headers=headers)),
                  timeout=5, what="the raised quota to admit the throttled app")
     assert "600" in (r.header("ratelimit-policy") or ""), r.headers
+
+
+def test_the_console_warns_of_reviews_due_as_check_does(setup: Setup) -> None:
+    page = requests.get(f"{setup.http}/", timeout=10)
+    assert page.status_code == 200, page.text
+    section = page.text[page.text.index('<section id="reviews-due">'):]
+    section = section[:section.index("</section>")]
+    assert "app `overdue`: review overdue since 2024-01-31" in section, section
+    assert "claims-bot" not in section, "a review years ahead is not due"
+    apps = {a["id"]: a for a in requests.get(f"{setup.http}/api/v1/apps", timeout=10).json()["apps"]}
+    assert "review overdue since 2024-01-31" in apps["overdue"]["review_due"], apps["overdue"]
+    assert "review_due" not in apps["claims-bot"], apps["claims-bot"]
+    app_page = requests.get(f"{setup.http}/apps/overdue", timeout=10).text
+    assert 'id="review-due"' in app_page and "review overdue since 2024-01-31" in app_page

@@ -257,10 +257,8 @@ pub fn catalog(
     let count = |tier: &str| m.apps.iter().filter(|a| a.entry.risk.tier == tier).count();
     let today: u64 = m.apps.iter().map(|a| a.today.requests).sum();
     let unregistered: u64 = m.totals.get(crate::serve::fleet::UNREGISTERED_ROW).map_or(0, kpis::requests);
-    let registered: u64 = (m.totals.iter())
-        .filter(|(app, _)| app.as_str() != crate::serve::fleet::UNREGISTERED_ROW)
-        .map(|(_, c)| kpis::requests(c))
-        .sum();
+    let registered: u64 =
+        (m.totals.iter()).filter(|(row, _)| crate::serve::fleet::is_app_row(row)).map(|(_, c)| kpis::requests(c)).sum();
     let all = registered + unregistered;
     let _ = write!(
         body,
@@ -271,7 +269,7 @@ pub fn catalog(
          <div class=\"card\"><div class=\"small\">registration share today</div><div class=\"v\" id=\"share-today\">{}</div>\
          <div class=\"small\">{unregistered} unregistered · <a href=\"/kpis\">KPIs and history</a></div></div>\
          <div class=\"card\"><div class=\"small\">pending requests</div><div class=\"v\" id=\"pending-requests\">\
-         <a href=\"/requests\">{}</a></div></div></div>",
+         <a href=\"/requests\">{}</a></div></div></div>{}",
         esc(&m.revision),
         m.apps.len(),
         badge("red"),
@@ -282,6 +280,7 @@ pub fn catalog(
         count("green"),
         pct((all > 0).then(|| registered as f64 / all as f64)),
         pending.map_or("–".to_string(), |n| n.to_string()),
+        reviews_due(m),
     );
     let _ = write!(
         body,
@@ -363,6 +362,26 @@ pub fn catalog(
 }
 
 /// Under an app's id in the catalog: what it is granted beyond its tier and catalog ("" if nothing).
+/// The apps whose review is overdue or due within 14 days, as `guardrail check` warns of them.
+fn reviews_due(m: &Model) -> String {
+    let due: Vec<&AppView> = m.apps.iter().filter(|a| a.review_due.is_some()).collect();
+    if due.is_empty() {
+        return String::new();
+    }
+    let mut b = format!("<section id=\"reviews-due\"><h2>Reviews due ({})</h2><ul>", due.len());
+    for a in due {
+        let _ = write!(
+            b,
+            "<li><a href=\"/apps/{}\">{}</a>: {}</li>",
+            url(&a.entry.id),
+            esc(&a.entry.id),
+            esc(a.review_due.as_deref().unwrap_or_default())
+        );
+    }
+    b.push_str("</ul></section>");
+    b
+}
+
 fn granted_note(granted: &[Granted]) -> String {
     if granted.is_empty() {
         return String::new();
@@ -439,6 +458,9 @@ pub fn app(m: &Model, a: &AppView, days: &Days, today: u64) -> String {
         esc(a.last_seen.as_deref().unwrap_or("never")),
         money(a.cost_30d, &m.currency),
     );
+    if let Some(due) = &a.review_due {
+        let _ = write!(b, "<p class=\"warning\" id=\"review-due\">{}</p>", esc(due));
+    }
     b.push_str("<h2>Usage</h2>");
     let t = &a.today;
     let _ = write!(

@@ -72,6 +72,9 @@ pub struct AppView {
     pub cost_30d: f64,
     /// What the policy served grants the app beyond its tier and catalog now, until a time.
     pub granted: Vec<Granted>,
+    /// `review_by` overdue or less than 14 days ahead: what `guardrail check` says of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review_due: Option<String>,
 }
 
 /// Something the policy served grants an app until a time: a quota override, a connector
@@ -295,6 +298,7 @@ impl Cache {
             index.insert(app.id.clone(), i);
             apps.push(AppView {
                 granted: granted(app, &entry, &in_force, now),
+                review_due: guardrail_core::lint::review_warning(app, now),
                 entry,
                 today: today_counts.map(UsageView::from).unwrap_or_default(),
                 last_seen: last_seen.map(kpis::date),
