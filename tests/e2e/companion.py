@@ -19,11 +19,12 @@ import re
 import signal
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
-from harness import _PDEATHSIG, can_connect, require_artifact, stop_process_group, wait_for
+from harness import _PDEATHSIG, can_connect, free_port, require_artifact, stop_process_group, wait_for
 
 CLI_TIMEOUT = 20.0
 
@@ -188,3 +189,19 @@ class Companion:
         if len(nodes) == count and all(n.get("acked_revision") == revision for n in nodes):
             return status
         return None
+
+
+@contextmanager
+def with_console_and_envoy(policy: Path, workdir: Path, launch: Callable[..., Any], revision: str,
+                           args: list[str] | None = None) -> Iterator[tuple[Companion, Any, str]]:
+    """A companion serving `policy` with its HTTP port (`--http` on a free loopback port, plus
+    `args`) and one Envoy of `launch` connected to it, once the Envoy acknowledged `revision`:
+    yields the companion, the Envoy and the HTTP port's base URL; stops the companion after."""
+    http = f"127.0.0.1:{free_port()}"
+    comp = Companion(policy, workdir, args=["--http", http, *(args or [])]).start()
+    try:
+        gw = launch({"control": {"cluster": "guardrail_control"}}, control_port=comp.port)
+        wait_for(lambda: comp.node_acked(revision), timeout=15, what=f"Envoy to acknowledge {revision}")
+        yield comp, gw, f"http://{http}"
+    finally:
+        comp.stop()

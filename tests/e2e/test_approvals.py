@@ -17,11 +17,10 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from companion import Companion, guardrail, keygen, write_policy
-from harness import free_port, hash_key, request, responds_with, wait_for
+from companion import Companion, guardrail, keygen, with_console_and_envoy, write_policy
+from harness import hash_key, request, responds_with, wait_for
 from policies import CONNECTOR, app, jwt_issuer, policy, tier
 
-CONTROL = {"cluster": "guardrail_control"}
 ISSUER = "https://companion.approvals.example"
 AUDIENCE = "guardrail-e2e"
 REVISION = "appr-1"
@@ -113,15 +112,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, module_launch: Any) -> Itera
     jwk = keygen(key_file, "companion-1")
     policy_file = tmp / "policy.json"
     write_policy(policy_file, make_policy(jwk))
-    http = f"127.0.0.1:{free_port()}"
-    comp = Companion(policy_file, tmp / "companion", args=["--http", http, "--issuer-key", str(key_file)])
-    comp.start()
-    try:
-        gw = module_launch({"control": CONTROL}, control_port=comp.port)
-        wait_for(lambda: comp.node_acked(REVISION), timeout=15, what=f"Envoy to acknowledge {REVISION}")
-        yield Setup(comp, gw, f"http://{http}", policy_file, jwk)
-    finally:
-        comp.stop()
+    with with_console_and_envoy(policy_file, tmp / "companion", module_launch, REVISION,
+                                ["--issuer-key", str(key_file)]) as (comp, gw, http):
+        yield Setup(comp, gw, http, policy_file, jwk)
 
 
 def rfc3339(seconds_from_now: float) -> str:

@@ -16,11 +16,10 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from companion import Companion, write_policy
-from harness import free_port, hash_key, request, screenshot, wait_for
+from companion import Companion, with_console_and_envoy, write_policy
+from harness import hash_key, request, screenshot, wait_for
 from policies import app, policy, tier
 
-CONTROL = {"cluster": "guardrail_control"}
 KEYS = {"pos": "k-console-req-pos-0001", "tiny": "k-console-req-tiny-0001", "hr": "k-console-req-hr-0001"}
 APPROVER = "approver-alice-token-0001"  # alice, of the platform team
 OWNER = "approver-posowner-token-0001"  # an approver who owns `pos`
@@ -72,16 +71,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, module_launch: Any) -> Itera
     tmp = tmp_path_factory.mktemp("console-requests")
     policy_file = tmp / "policy.json"
     write_policy(policy_file, make_policy())
-    http = f"127.0.0.1:{free_port()}"
-    comp = Companion(policy_file, tmp / "companion", args=["--http", http]).start()
-    try:
-        gw = module_launch({"control": CONTROL}, control_port=comp.port)
-        wait_for(lambda: comp.node_acked("console-req-1"), timeout=15, what="Envoy to acknowledge console-req-1")
+    with with_console_and_envoy(policy_file, tmp / "companion", module_launch, "console-req-1") as (comp, gw, http):
         shots = tmp / "screenshots"
         shots.mkdir()
-        yield Setup(comp, gw, f"http://{http}", shots)
-    finally:
-        comp.stop()
+        yield Setup(comp, gw, http, shots)
 
 
 def by_css(browser: Any, css: str) -> Any:

@@ -18,11 +18,10 @@ import pytest
 import requests
 from authlib.integrations.requests_client import OAuth2Session, OAuthError
 
-from companion import Companion, guardrail, keygen, write_policy
+from companion import Companion, guardrail, keygen, with_console_and_envoy, write_policy
 from harness import free_port, request, responds_with, wait_for
 from policies import app, jwt_issuer, policy, tier
 
-CONTROL = {"cluster": "guardrail_control"}
 ISSUER = "https://companion.e2e.example"
 AUDIENCE = "guardrail-e2e"
 KEYS = {
@@ -85,16 +84,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory, module_launch: Any) -> Itera
     jwk = keygen(key_file, "companion-1")
     policy_file = tmp / "policy.json"
     write_policy(policy_file, make_policy(jwk))
-    http = f"127.0.0.1:{free_port()}"
-    comp = Companion(policy_file, tmp / "companion",
-                     args=["--http", http, "--issuer-key", str(key_file), "--token-rate", TOKEN_RATE])
-    comp.start()
-    try:
-        gw = module_launch({"control": CONTROL}, control_port=comp.port)
-        wait_for(lambda: comp.node_acked("self-1"), timeout=15, what="Envoy to acknowledge self-1")
-        yield Setup(comp, gw, f"http://{http}", key_file, policy_file)
-    finally:
-        comp.stop()
+    with with_console_and_envoy(policy_file, tmp / "companion", module_launch, "self-1",
+                                ["--issuer-key", str(key_file), "--token-rate", TOKEN_RATE]) as (comp, gw, http):
+        yield Setup(comp, gw, http, key_file, policy_file)
 
 
 def client(setup: Setup, app_id: str, auth: str = "client_secret_basic", secret: str | None = None) -> OAuth2Session:
