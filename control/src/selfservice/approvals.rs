@@ -168,9 +168,13 @@ pub(crate) fn request_of(record: &RequestRecord) -> Option<Request> {
 }
 
 fn record_of(request: &Request) -> Result<RequestRecord, Refusal> {
-    let record = serde_json::to_string(request).map_err(|e| {
-        refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot encode the request: {e}"))
-    })?;
+    stored(request)
+        .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("cannot encode the request: {e}")))
+}
+
+/// A request as the store keeps it (its status apart, for the compare-and-set).
+fn stored(request: &Request) -> serde_json::Result<RequestRecord> {
+    let record = serde_json::to_string(request)?;
     let filed_at = guardrail_core::time::parse_rfc3339(&request.filed_at).unwrap_or(0);
     Ok(RequestRecord { id: request.id.clone(), status: request.status.clone(), filed_at, record })
 }
@@ -557,14 +561,30 @@ pub async fn sync(hub: &Hub, state: &mut Sync) {
     if wanted == applied || tried {
         return;
     }
-    // Each request that the file can no longer take (it changed since) is left out, named.
-    let kept = if hub.check_requests(&active).is_ok() { active } else { hub.fitting(active) };
-    let ids: Vec<&str> = kept.iter().map(|r| r.id.as_str()).collect();
-    let ids = if ids.is_empty() { "none".to_string() } else { ids.join(", ") };
-    match hub.set_requests(kept) {
+    // Served as they are (one compile); when the file can no longer take one of them (it changed
+    // since), each such request is left out, named, and the rest served.
+    let (served, ids) = match hub.set_requests(active.clone()) {
+        Err(_) => {
+            let kept = hub.fitting(active);
+            let ids = ids_of(&kept);
+            (hub.set_requests(kept), ids)
+        }
+        done => (done, ids_of(&active)),
+    };
+    match served {
         Ok(Offer::Published(revision)) => log!("approved requests in force: {ids}; revision {revision} pushed"),
         Ok(_) => {}
         Err(why) => log!("approved requests in force ({ids}) could not be served: {why}"),
+    }
+}
+
+/// The ids of `requests`, for a log line (`none` for none).
+fn ids_of(requests: &[Request]) -> String {
+    let ids: Vec<&str> = requests.iter().map(|r| r.id.as_str()).collect();
+    if ids.is_empty() {
+        "none".to_string()
+    } else {
+        ids.join(", ")
     }
 }
 
@@ -572,9 +592,7 @@ pub async fn sync(hub: &Hub, state: &mut Sync) {
 async fn expire(hub: &Hub, store: &dyn Store, mut request: Request) {
     let from = request.status.clone();
     request.status = "expired".into();
-    let Ok(record) = serde_json::to_string(&request) else { return };
-    let filed_at = guardrail_core::time::parse_rfc3339(&request.filed_at).unwrap_or(0);
-    let record = RequestRecord { id: request.id.clone(), status: request.status.clone(), filed_at, record };
+    let Ok(record) = stored(&request) else { return };
     match store.update_request(&from, &record).await {
         Ok(true) => {
             log!("request {} ({from}) ended at {}: {}", request.id, request.until, request.change);
