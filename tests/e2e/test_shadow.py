@@ -185,10 +185,16 @@ def logging_threads(gw: Envoy, text: str, mark: int = 0) -> int:
 
 
 def root_contexts(gw: Envoy, revision: str) -> int:
-    """How many root contexts put `revision` in force."""
-    n = logging_threads(gw, f"policy revision `{revision}` in force")
-    assert n == 3, f"expected two workers and the main thread, saw {n}:\n{gw.log_tail()}"
-    return n
+    """How many root contexts put `revision` in force: two workers and the main thread, once each
+    logged it (a worker puts the companion's policy in force on its next request or tick, so a
+    loaded machine may take a moment)."""
+    line = f"policy revision `{revision}` in force"
+    try:
+        wait_for(lambda: logging_threads(gw, line) == 3, timeout=SETTLE, what="three root contexts to log " + line)
+    except TimeoutError:
+        n = logging_threads(gw, line)
+        raise AssertionError(f"expected two workers and the main thread, saw {n}:\n{gw.log_tail()}") from None
+    return 3
 
 
 @pytest.fixture(scope="module")
