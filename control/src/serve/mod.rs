@@ -13,6 +13,7 @@ pub mod persist;
 pub mod service;
 pub mod shadow;
 pub mod watch;
+pub mod wire;
 
 #[cfg(test)]
 mod tests;
@@ -315,7 +316,7 @@ pub fn start(
     tls: Option<Arc<ServerTls>>,
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr().context("starting the gRPC server")?;
-    let service = PolicyServiceServer::new(PolicyServer::new(hub, limits)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let service = wire::Routed::new(PolicyServer::new(hub, limits), MAX_MESSAGE_BYTES);
     // grpc.health.v1.Health: SERVING for the server ("") and for guardrail.v1.PolicyService.
     let (health, health_service) = tonic_health::server::health_reporter();
     let server = tonic::transport::Server::builder()

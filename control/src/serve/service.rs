@@ -4,22 +4,26 @@
 //! one), sends the current snapshot and fleet state, then relays every newer one while it records
 //! the client's ACKs, NACKs and usage reports. Outbound messages go through a small bounded
 //! channel: a client that stops reading fills it and its stream is closed, so it never holds up
-//! the others (who are fed from the hub's watch channels, not through it). Inbound messages are
-//! bounded in size by the server (`max_decoding_message_size`) and in rate per stream here.
+//! the others (who are fed from the hub's watch channels, not through it). What goes out is framed
+//! once and shared by every stream ([`super::wire`]). Inbound messages are bounded in size by the
+//! decoder ([`MAX_MESSAGE_BYTES`]) and in rate per stream here.
 
 use super::fleet::{valid_id, FleetError, MAX_ID_LEN};
 use super::hub::Hub;
+use super::wire::{self, Out};
 use crate::log::log;
 use crate::pb::policy_service_server::PolicyService;
 use guardrail_proto::v1::{self, client_message::Msg};
+use guardrail_proto::Bytes;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::http;
 use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::ProstDecoder;
 
 /// The largest client message accepted (a usage report of thousands of apps fits easily).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
@@ -58,20 +62,12 @@ impl PolicyServer {
     pub fn new(hub: Arc<Hub>, limits: StreamLimits) -> Self {
         PolicyServer { hub, limits }
     }
-}
 
-type Outbound = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
-
-// === impl PolicyService ===
-
-#[tonic::async_trait]
-impl PolicyService for PolicyServer {
-    type StreamStream = Outbound;
-
-    async fn stream(
-        &self,
-        request: Request<Streaming<v1::ClientMessage>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
+    /// Opens one `Stream` (answered by hand, see [`super::wire`]): its task decodes the client's
+    /// messages with tonic's decoder and sends framed messages to the response body.
+    pub fn open(&self, request: http::Request<tonic::body::Body>) -> http::Response<tonic::body::Body> {
+        let (parts, body) = request.into_parts();
+        let request = Request::from_http(http::Request::from_parts(parts, ()));
         // Under mutual TLS, which client certificate opened the stream (node ids are the
         // client's word; the certificate is not): `sha256:<hex>` of the leaf, as
         // `openssl x509 -noout -fingerprint -sha256` prints it (without colons).
@@ -83,12 +79,30 @@ impl PolicyService for PolicyServer {
             (Some(addr), None) => Some(addr.to_string()),
             (None, _) => None,
         };
-        let inbound = request.into_inner();
+        let inbound = Streaming::new_request(ProstDecoder::default(), body, None, Some(MAX_MESSAGE_BYTES));
         let (tx, rx) = mpsc::channel(self.limits.outbound_queue.max(2));
         let certificate = certificate.unwrap_or_default();
         let conn = Connection { hub: self.hub.clone(), limits: self.limits, tx, peer, certificate };
         tokio::spawn(conn.run(inbound));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        wire::streaming(rx)
+    }
+}
+
+// === impl PolicyService ===
+
+/// What the generated server's `Stream` would return: never called, [`super::wire::Routed`]
+/// answers that RPC before it (the generated trait still wants a type and a body for it).
+type Unrouted = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PolicyService for PolicyServer {
+    type StreamStream = Unrouted;
+
+    async fn stream(
+        &self,
+        _request: Request<Streaming<v1::ClientMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        Err(Status::internal("the stream RPC is served by serve::wire::Routed"))
     }
 
     async fn status(&self, _request: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
@@ -151,7 +165,7 @@ fn audit_entry(r: crate::store::Revision) -> v1::AuditEntry {
 struct Connection {
     hub: Arc<Hub>,
     limits: StreamLimits,
-    tx: mpsc::Sender<Result<v1::ServerMessage, Status>>,
+    tx: mpsc::Sender<Out>,
     /// The client's address, and under mutual TLS its certificate's fingerprint.
     peer: Option<String>,
     /// Under mutual TLS, `sha256:<hex>` of the client's certificate; else empty.
@@ -233,17 +247,17 @@ impl Connection {
             return Some(Status::unavailable("the companion is stopping"));
         }
         let snapshot = snapshots.borrow_and_update().clone();
-        if !self.send(node, snapshot.to_proto(zlib)) {
+        if !self.send(node, snapshot.frame(zlib)) {
             return None;
         }
         // The candidate before the first fleet state: a node that gets the fleet state with no
         // candidate before it stops shadowing one it had from an earlier stream.
         let candidate = candidates.borrow_and_update().clone();
-        if !candidate.revision.is_empty() && !self.send(node, candidate_message(&candidate)) {
+        if !candidate.revision.is_empty() && !self.send(node, candidate.frame.clone()) {
             return None;
         }
         let state = fleet.borrow_and_update().clone();
-        if !self.send(node, fleet_message(state)) {
+        if !self.send(node, wire::frame(&fleet_message(state))) {
             return None;
         }
         let mut bucket = Bucket::new(self.limits, Instant::now());
@@ -259,7 +273,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    if !self.send(node, snapshot.to_proto(zlib)) {
+                    if !self.send(node, snapshot.frame(zlib)) {
                         return None;
                     }
                 }
@@ -268,7 +282,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let candidate = candidates.borrow_and_update().clone();
-                    if !self.send(node, candidate_message(&candidate)) {
+                    if !self.send(node, candidate.frame.clone()) {
                         return None;
                     }
                 }
@@ -277,7 +291,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let state = fleet.borrow_and_update().clone();
-                    if !self.send(node, fleet_message(state)) {
+                    if !self.send(node, wire::frame(&fleet_message(state))) {
                         return None;
                     }
                 }
@@ -360,9 +374,10 @@ impl Connection {
         }
     }
 
-    /// Queues one message; `false` (and the stream is over) if the client is gone or not reading.
-    fn send(&self, node: &str, message: v1::ServerMessage) -> bool {
-        match self.tx.try_send(Ok(message)) {
+    /// Queues one framed message; `false` (and the stream is over) if the client is gone or not
+    /// reading.
+    fn send(&self, node: &str, frame: Bytes) -> bool {
+        match self.tx.try_send(Out::Message(frame)) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 log!(
@@ -378,17 +393,13 @@ impl Connection {
     /// Ends the stream, with `end`'s status when there is one and room for it.
     fn close(self, end: End) {
         if let Some(status) = end {
-            let _ = self.tx.try_send(Err(status));
+            let _ = self.tx.try_send(Out::End(status));
         }
     }
 }
 
 fn fleet_message(state: v1::FleetState) -> v1::ServerMessage {
     v1::ServerMessage { msg: Some(v1::server_message::Msg::Fleet(state)) }
-}
-
-fn candidate_message(candidate: &v1::Candidate) -> v1::ServerMessage {
-    v1::ServerMessage { msg: Some(v1::server_message::Msg::Candidate(candidate.clone())) }
 }
 
 fn check_revision(revision: &str) -> Result<(), Status> {

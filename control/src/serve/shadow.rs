@@ -8,6 +8,7 @@
 //! force. Those absolute counts are kept per node (the newest report replaces the last) and summed
 //! for `guardrail status`, in memory only.
 
+use super::wire::Framed;
 use crate::log::log;
 use guardrail_core::source::Document;
 use guardrail_proto::v1;
@@ -37,13 +38,13 @@ struct State {
 
 /// The candidate served and what the fleet said about it.
 pub struct Shadow {
-    pushed: watch::Sender<Arc<v1::Candidate>>,
+    pushed: watch::Sender<Arc<Framed<v1::Candidate>>>,
     state: Mutex<State>,
 }
 
 impl Default for Shadow {
     fn default() -> Self {
-        Shadow { pushed: watch::Sender::new(Arc::new(v1::Candidate::default())), state: Mutex::default() }
+        Shadow { pushed: watch::Sender::new(Arc::new(framed(v1::Candidate::default()))), state: Mutex::default() }
     }
 }
 
@@ -68,6 +69,12 @@ pub fn candidate_of(doc: &Document) -> Result<v1::Candidate, String> {
     Ok(v1::Candidate { revision, policy_json })
 }
 
+/// The candidate with its message framed once for every stream (a 357 KB candidate was one copy
+/// per node).
+fn framed(candidate: v1::Candidate) -> Framed<v1::Candidate> {
+    Framed::new(candidate, |c| v1::ServerMessage { msg: Some(v1::server_message::Msg::Candidate(c.clone())) })
+}
+
 // === impl Shadow ===
 
 impl Shadow {
@@ -76,11 +83,11 @@ impl Shadow {
     }
 
     /// The candidate served (revision "" when none).
-    pub fn current(&self) -> Arc<v1::Candidate> {
+    pub fn current(&self) -> Arc<Framed<v1::Candidate>> {
         self.pushed.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<v1::Candidate>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Framed<v1::Candidate>>> {
         self.pushed.subscribe()
     }
 
@@ -95,7 +102,7 @@ impl Shadow {
             return false;
         }
         state.nodes.clear();
-        self.pushed.send_replace(Arc::new(candidate));
+        self.pushed.send_replace(Arc::new(framed(candidate)));
         true
     }
 

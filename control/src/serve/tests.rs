@@ -845,3 +845,24 @@ async fn exemption_counts_are_summed_over_nodes_and_shown_apart_from_apps() {
     }
     f.stop().await;
 }
+
+/// A stream whose request says its messages are compressed (the server decodes none) is refused
+/// with UNIMPLEMENTED, as tonic's own server does, before any task starts.
+#[tokio::test]
+async fn a_compressed_stream_is_refused() {
+    use super::service::PolicyServer;
+    use super::wire::{Routed, STREAM_PATH};
+    use tonic::codegen::{http, Service};
+    let f = Fixture::new(&policy("1", 10, false)).await;
+    let mut routed = Routed::new(PolicyServer::new(f.hub.clone(), StreamLimits::default()), MAX_MESSAGE_BYTES);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(STREAM_PATH)
+        .header("content-type", "application/grpc")
+        .header("grpc-encoding", "gzip")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    let response = routed.call(request).await.unwrap();
+    assert_eq!(response.headers()["grpc-status"], "12", "{:?}", response.headers());
+    assert!(f.hub.status().nodes.is_empty());
+}
