@@ -221,21 +221,31 @@ impl super::Store for SqliteStore {
                 )?;
                 // The store's only writer is this process (the lock): reading and writing in one
                 // transaction is atomic here; Redis does the same in a script.
+                // A fleet total is read and written once per (day, app) of the batch, not once per
+                // row: at 10,000 nodes reporting 3 apps each second, 30,000 rows a second fall on
+                // about a thousand apps' totals.
+                let mut grown: BTreeMap<(i64, String), Counts> = BTreeMap::new();
                 for row in rows {
                     let day = to_i64(row.day);
-                    let before = get
-                        .query_row(params![day, row.app, row.node], |r| counts_of(r, 0))
-                        .optional()?
-                        .unwrap_or_default();
+                    let stored = get.query_row(params![day, row.app, row.node], |r| counts_of(r, 0)).optional()?;
+                    let known = stored.is_some();
+                    let before = stored.unwrap_or_default();
                     let mut counts = before.clone();
                     counts.merge_max(&row.counts);
+                    // A row the batch does not move (a node marked dirty for another app of it).
+                    if known && counts == before {
+                        continue;
+                    }
                     let [a, t, s] = scalars(&counts);
                     put.execute(params![day, row.node, row.app, a, t, s, json(&counts.denied)?, extra(&counts)?])?;
+                    grown.entry((day, row.app)).or_default().add(&counts.minus(&before));
+                }
+                for ((day, app), delta) in grown {
                     let mut total =
-                        get_total.query_row(params![day, row.app], |r| counts_of(r, 0)).optional()?.unwrap_or_default();
-                    total.add(&counts.minus(&before));
+                        get_total.query_row(params![day, app], |r| counts_of(r, 0)).optional()?.unwrap_or_default();
+                    total.add(&delta);
                     let [a, t, s] = scalars(&total);
-                    put_total.execute(params![day, row.app, a, t, s, json(&total.denied)?, extra(&total)?])?;
+                    put_total.execute(params![day, app, a, t, s, json(&total.denied)?, extra(&total)?])?;
                 }
             }
             tx.commit()
