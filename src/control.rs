@@ -129,6 +129,21 @@ fn published_fleet() -> Option<Fleet> {
     Fleet::decode(&shared(FLEET_KEY))
 }
 
+/// A snapshot's delta applied to `base` (the policy this node holds), checked against the
+/// delta's SHA-256: a node holding another base NACKs it, and the companion sends it whole.
+fn apply_delta(delta: &guardrail_proto::v1::PolicyDelta, base: &[u8]) -> Result<Vec<u8>, String> {
+    use sha2::Digest;
+    let json = guardrail_proto::delta::apply(base, &delta.ops, guardrail_proto::MAX_POLICY_JSON_BYTES)?;
+    if sha2::Sha256::digest(&json)[..] != delta.sha256[..] {
+        return Err(format!(
+            "delta: the policy it makes of the one this node holds is not the companion's (SHA-256 differs; \
+             it was made from revision `{}`)",
+            delta.base_revision.escape_debug()
+        ));
+    }
+    Ok(json)
+}
+
 /// A snapshot's `policy_zlib` inflated, refused past the size a `policy_json` may have.
 fn inflate(zlib: &[u8]) -> Result<Vec<u8>, String> {
     let limit = guardrail_proto::MAX_POLICY_JSON_BYTES;
@@ -521,6 +536,7 @@ impl ControlClient {
                     filter_version: env!("CARGO_PKG_VERSION").to_string(),
                     revision: self.revision.clone(),
                     accepts_zlib: true,
+                    accepts_delta: true,
                 };
                 send(token, client_message::Msg::Hello(hello));
                 self.last_report_ns = now_ns;
@@ -607,21 +623,21 @@ impl ControlClient {
                 }),
             );
         };
-        let inflated;
-        let json = if snapshot.policy_zlib.is_empty() {
-            &snapshot.policy_json[..]
-        } else {
-            match inflate(&snapshot.policy_zlib) {
-                Ok(bytes) => {
-                    inflated = bytes;
-                    &inflated[..]
-                }
-                Err(error) => {
-                    nack(error);
-                    return None;
-                }
+        // Edits of the policy this node holds (the one published to the workers), compressed, or
+        // as it is.
+        let built = match &snapshot.delta {
+            Some(delta) => apply_delta(delta, &shared(SNAPSHOT_KEY)).map(Some),
+            None if snapshot.policy_zlib.is_empty() => Ok(None),
+            None => inflate(&snapshot.policy_zlib).map(Some),
+        };
+        let built = match built {
+            Ok(built) => built,
+            Err(error) => {
+                nack(error);
+                return None;
             }
         };
+        let json = built.as_deref().unwrap_or(&snapshot.policy_json[..]);
         // The other workers compile it while this one does. Only an optimisation: if it cannot be
         // shared, they compile the snapshot once it is published.
         let shared = host::SharedData.set(CANDIDATE_KEY, json, 0).and_then(|()| bump_generation());
@@ -659,7 +675,15 @@ impl ControlClient {
                 candidate: false,
             }),
         );
-        host::info(&format!("guardrail: ACK revision `{}`", snapshot.revision));
+        match &snapshot.delta {
+            Some(delta) => host::info(&format!(
+                "guardrail: ACK revision `{}` (from a delta of revision `{}`, {} ops)",
+                snapshot.revision,
+                delta.base_revision,
+                delta.ops.len()
+            )),
+            None => host::info(&format!("guardrail: ACK revision `{}`", snapshot.revision)),
+        }
         follower.adopt(json, generation);
         self.revision = snapshot.revision;
         Some(policy)
@@ -915,8 +939,30 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::inflate;
+    use super::{apply_delta, inflate};
+    use guardrail_proto::v1::PolicyDelta;
     use miniz_oxide::deflate::compress_to_vec_zlib;
+    use sha2::Digest;
+
+    /// A delta applies to the policy it was made from; made from another (or lying about its
+    /// result), it is refused by its SHA-256, never put in force.
+    #[test]
+    fn a_delta_applies_only_to_the_policy_it_was_made_from() {
+        let base = br#"{"apiVersion":"guardrail/v1","apps":[{"id":"app-a","lifecycle":"published"}],"revision":"1"}"#;
+        let new = br#"{"apiVersion":"guardrail/v1","apps":[{"id":"app-a","lifecycle":"quarantined"}],"revision":"2"}"#;
+        let delta = PolicyDelta {
+            base_revision: "1".into(),
+            ops: guardrail_proto::delta::diff(base, new),
+            sha256: sha2::Sha256::digest(new).to_vec().into(),
+        };
+        assert_eq!(apply_delta(&delta, base).unwrap(), new);
+        let other = br#"{"apiVersion":"guardrail/v1","apps":[{"id":"app-b","lifecycle":"published"}],"revision":"1"}"#;
+        let error = apply_delta(&delta, other).unwrap_err();
+        assert!(error.contains("SHA-256 differs") && error.contains("revision `1`"), "{error}");
+        assert!(apply_delta(&delta, b"").unwrap_err().starts_with("delta: op"), "copies past an empty base");
+        let lying = PolicyDelta { sha256: vec![0; 32].into(), ..delta };
+        assert!(apply_delta(&lying, base).unwrap_err().contains("SHA-256 differs"));
+    }
 
     #[test]
     fn a_compressed_snapshot_inflates_within_the_limit_or_is_refused_by_name() {

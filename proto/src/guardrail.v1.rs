@@ -34,6 +34,10 @@ pub struct Hello {
     /// (a 357 KB policy of 1,000 apps is about 40 KB), and policy_json empty.
     #[prost(bool, tag = "5")]
     pub accepts_zlib: bool,
+    /// The node applies PolicySnapshot.delta: a snapshot may then come as edits of the policy it
+    /// holds (a one-app change to a 357 KB policy is a few hundred bytes instead of 40 KB).
+    #[prost(bool, tag = "6")]
+    pub accepts_delta: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Ack {
@@ -164,6 +168,26 @@ pub struct PolicySnapshot {
     /// `accepts_zlib`; inflated, at most the size a policy_json may have.
     #[prost(bytes = "bytes", tag = "3")]
     pub policy_zlib: ::prost::bytes::Bytes,
+    #[prost(message, optional, tag = "4")]
+    pub delta: ::core::option::Option<PolicyDelta>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PolicyDelta {
+    #[prost(string, tag = "1")]
+    pub base_revision: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub ops: ::prost::alloc::vec::Vec<DeltaOp>,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub sha256: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeltaOp {
+    #[prost(bytes = "bytes", tag = "1")]
+    pub insert: ::prost::bytes::Bytes,
+    #[prost(uint64, tag = "2")]
+    pub copy_offset: u64,
+    #[prost(uint64, tag = "3")]
+    pub copy_len: u64,
 }
 /// Apps whose daily budget is spent across the whole fleet (sum of every node's usage) for `day`.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

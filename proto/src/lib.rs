@@ -28,6 +28,8 @@ pub mod v1 {
     include!("guardrail.v1.rs");
 }
 
+pub mod delta;
+
 /// The gRPC service name, as Envoy's `dispatch_grpc_stream` takes it.
 pub const SERVICE: &str = "guardrail.v1.PolicyService";
 /// The bidirectional policy stream: `/guardrail.v1.PolicyService/Stream`.

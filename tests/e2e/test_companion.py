@@ -222,6 +222,12 @@ def test_push_reaches_enforcement_on_every_worker(env: Env, comp: Companion) -> 
     assert len(busy) >= 2, f"all connections landed on one worker ({before} → {after}); the test proves nothing"
     assert latency < 5, f"propagation took {latency:.2f}s"
     wait_for(lambda: comp.node_acked(env.revision), timeout=5, what=f"the ACK of {env.revision}")
+    # The gateway held the revision before and said it applies deltas: the change came as edits
+    # of the policy it held, checked against the companion's SHA-256, and is what it enforces.
+    before_rev = f"c-{env.serial - 1}"
+    assert f"ACK revision `{env.revision}` (from a delta of revision `{before_rev}`" in env.gw.log(), \
+        env.gw.log()[-2000:]
+    assert re.search(rf"revision {env.revision}: a delta of \d+ bytes for nodes holding {before_rev}", comp.log())
 
 
 # === 3. status ===

@@ -88,10 +88,15 @@ struct Board {
     exhausted: Vec<Option<Instant>>,
     closed: Vec<Option<String>>,
     nodes: usize,
+    /// revision → (snapshots received as a delta, bytes of every snapshot message received).
+    sizes: HashMap<String, (usize, usize)>,
 }
 
 impl Board {
-    fn received(&mut self, revision: &str, node: usize, at: Instant) {
+    fn received(&mut self, revision: &str, node: usize, at: Instant, delta: bool, bytes: usize) {
+        let size = self.sizes.entry(revision.to_string()).or_default();
+        size.0 += usize::from(delta);
+        size.1 += bytes;
         let n = self.nodes;
         let v = self.snaps.entry(revision.to_string()).or_insert_with(|| vec![None; n]);
         if v[node].is_none() {
@@ -169,8 +174,10 @@ async fn run_node(i: usize, addr: &str, board: &Shared, ctl: &Ctl, gate: &Semaph
         envoy_version: "simulated".into(),
         filter_version: "fleet-bench".into(),
         revision: String::new(),
-        // As the filter does; the simulator ACKs without inflating (an Envoy spends that CPU).
+        // As the filter does; the simulator ACKs without inflating or applying a delta (an Envoy
+        // spends that CPU, and checks the delta's SHA-256).
         accepts_zlib: true,
+        accepts_delta: true,
     };
     tx.send(v1::ClientMessage { msg: Some(client_message::Msg::Hello(hello)) }).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await.context("open stream")?.into_inner();
@@ -185,7 +192,8 @@ async fn run_node(i: usize, addr: &str, board: &Shared, ctl: &Ctl, gate: &Semaph
                 let at = Instant::now();
                 match message.msg {
                     Some(server_message::Msg::Snapshot(s)) => {
-                        lock(board).received(&s.revision, i, at);
+                        let bytes = prost::Message::encoded_len(&s);
+                        lock(board).received(&s.revision, i, at, s.delta.is_some(), bytes);
                         let ack = v1::Ack { revision: s.revision, candidate: false };
                         tx.send(v1::ClientMessage { msg: Some(client_message::Msg::Ack(ack)) }).await?;
                     }
@@ -380,6 +388,7 @@ async fn main() -> Result<()> {
         exhausted: vec![None; o.nodes],
         closed: vec![None; o.nodes],
         nodes: o.nodes,
+        sizes: HashMap::new(),
     }));
     let ctl = Arc::new(Ctl {
         stage: AtomicU8::new(0),
@@ -532,6 +541,12 @@ async fn main() -> Result<()> {
         pct(&push, 99.0),
         pct(&push, 100.0)
     );
+    let (deltas, push_bytes) = lock(&board).sizes.get("fleet-1").copied().unwrap_or_default();
+    println!(
+        "  push message         {} bytes per node on average; {deltas} of {} as a delta",
+        push_bytes / push.len().max(1),
+        push.len()
+    );
     println!(
         "  companion RSS MiB    steady {}  push peak {} (VmHWM {})  3 s after {}",
         join(steady_rss.iter().map(mib).collect()),
@@ -570,6 +585,7 @@ async fn main() -> Result<()> {
             "nodes": n, "companions": o.companions, "policy_bytes": policy_bytes, "load_average": load,
             "connected": connected, "connect_ack_s": connect_secs,
             "push_nodes": push.len(), "push_p50_s": pct(&push, 50.0), "push_p99_s": pct(&push, 99.0), "push_max_s": pct(&push, 100.0),
+            "push_deltas": deltas, "push_bytes": push_bytes,
             "rss_steady_kib": steady_rss, "rss_push_peak_kib": peak_rss, "rss_hwm_kib": hwm, "rss_after_push_kib": rss_after_push,
             "cpu_steady_pct": steady_cpu, "cpu_push_pct": push_cpu, "push_window_s": push_window,
             "status_steady_s": status, "status_push_s": status_push,

@@ -601,6 +601,7 @@ mod tests {
             filter_version: "0.1.0".into(),
             revision: String::new(),
             accepts_zlib: false,
+            accepts_delta: false,
         }
     }
 

@@ -9,7 +9,7 @@
 //! decoder ([`MAX_MESSAGE_BYTES`]) and in rate per stream here.
 
 use super::fleet::{valid_id, FleetError, MAX_ID_LEN};
-use super::hub::Hub;
+use super::hub::{Hub, Snapshot};
 use super::wire::{self, Out};
 use crate::log::log;
 use crate::pb::policy_service_server::PolicyService;
@@ -172,6 +172,17 @@ struct Connection {
     certificate: String,
 }
 
+/// What one stream knows of its node.
+struct StreamState {
+    /// Its Hello said it inflates snapshots (`accepts_zlib`), and applies deltas (`accepts_delta`).
+    zlib: bool,
+    delta: bool,
+    /// The revision it holds: the one its Hello named, then the last it ACKed.
+    held: String,
+    /// The revision last sent to it as a delta (until it is sent whole).
+    delta_sent: Option<String>,
+}
+
 /// Why a stream ended; `Some` status is sent to the client.
 type End = Option<Status>;
 
@@ -206,7 +217,13 @@ impl Connection {
                 return;
             }
         }
-        let end = self.serve(&node, hello.accepts_zlib, &mut inbound).await;
+        let mut stream = StreamState {
+            zlib: hello.accepts_zlib,
+            delta: hello.accepts_delta,
+            held: hello.revision.clone(),
+            delta_sent: None,
+        };
+        let end = self.serve(&node, &mut stream, &mut inbound).await;
         self.hub.disconnect(&node);
         match &end {
             Some(status) => log!("node {node} disconnected: {}", status.message()),
@@ -237,8 +254,7 @@ impl Connection {
     }
 
     /// Relays snapshots and fleet state, and handles client messages, until the stream ends.
-    /// (`zlib`: the node's Hello said it inflates snapshots.)
-    async fn serve(&self, node: &str, zlib: bool, inbound: &mut Streaming<v1::ClientMessage>) -> End {
+    async fn serve(&self, node: &str, stream: &mut StreamState, inbound: &mut Streaming<v1::ClientMessage>) -> End {
         let mut snapshots = self.hub.snapshots();
         let mut fleet = self.hub.fleet_states();
         let mut candidates = self.hub.shadow.subscribe();
@@ -247,7 +263,7 @@ impl Connection {
             return Some(Status::unavailable("the companion is stopping"));
         }
         let snapshot = snapshots.borrow_and_update().clone();
-        if !self.send(node, snapshot.frame(zlib)) {
+        if !self.send_snapshot(node, &snapshot, stream) {
             return None;
         }
         // The candidate before the first fleet state: a node that gets the fleet state with no
@@ -273,7 +289,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    if !self.send(node, snapshot.frame(zlib)) {
+                    if !self.send_snapshot(node, &snapshot, stream) {
                         return None;
                     }
                 }
@@ -304,7 +320,7 @@ impl Connection {
                                 self.limits.messages_per_sec
                             )));
                         }
-                        if let Err(status) = self.handle(node, message) {
+                        if let Err(status) = self.handle(node, message, stream) {
                             return Some(status);
                         }
                     }
@@ -317,7 +333,7 @@ impl Connection {
     }
 
     /// One client message after Hello.
-    fn handle(&self, node: &str, message: v1::ClientMessage) -> Result<(), Status> {
+    fn handle(&self, node: &str, message: v1::ClientMessage, stream: &mut StreamState) -> Result<(), Status> {
         self.hub.seen(node);
         match message.msg {
             Some(Msg::Hello(hello)) if hello.node_id == node => Ok(()),
@@ -343,12 +359,30 @@ impl Connection {
             }
             Some(Msg::Ack(ack)) => {
                 check_revision(&ack.revision)?;
+                stream.held.clone_from(&ack.revision);
                 let served = self.hub.current().revision.clone();
                 self.hub.ack(node, &ack.revision);
                 if ack.revision == served {
                     log!("node {node} ACK revision {}", ack.revision);
                 } else {
                     log!("node {node} ACK revision {} (serving {served})", ack.revision);
+                }
+                Ok(())
+            }
+            Some(Msg::Nack(nack)) if stream.delta_sent.as_ref() == Some(&nack.revision) => {
+                check_revision(&nack.revision)?;
+                // The node could not apply the delta (it holds another base, or the result's
+                // hash differed): it keeps its policy, and gets this revision whole, once.
+                stream.delta_sent = None;
+                let first = nack.error.lines().next().unwrap_or("(no error given)");
+                log!(
+                    "node {node} could not apply the delta of revision {}: {}; sending it whole",
+                    nack.revision,
+                    super::fleet::truncated(first, 500).escape_debug()
+                );
+                let snapshot = self.hub.current();
+                if snapshot.revision == nack.revision && !self.send(node, snapshot.frame(stream.zlib)) {
+                    return Err(Status::resource_exhausted("not reading its stream"));
                 }
                 Ok(())
             }
@@ -371,6 +405,21 @@ impl Connection {
                 self.hub.report(node, &report).map_err(|e| Status::invalid_argument(e.to_string()))
             }
             None => Err(Status::invalid_argument("empty client message")),
+        }
+    }
+
+    /// Queues a snapshot: as a delta when the node takes deltas and holds the one it is made
+    /// from, else whole (compressed when the node inflates).
+    fn send_snapshot(&self, node: &str, snapshot: &Snapshot, stream: &mut StreamState) -> bool {
+        match snapshot.delta_from(&stream.held).filter(|_| stream.delta) {
+            Some(frame) => {
+                stream.delta_sent = Some(snapshot.revision.clone());
+                self.send(node, frame)
+            }
+            None => {
+                stream.delta_sent = None;
+                self.send(node, snapshot.frame(stream.zlib))
+            }
         }
     }
 

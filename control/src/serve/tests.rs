@@ -8,6 +8,7 @@ use super::{start, Running};
 use crate::pb::policy_service_client::PolicyServiceClient;
 use crate::store::tests::TempDir;
 use guardrail_proto::v1::{self, client_message::Msg, server_message};
+use prost::Message;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -208,6 +209,7 @@ fn hello_message(id: &str) -> v1::ClientMessage {
             filter_version: "0.1.0".into(),
             revision: String::new(),
             accepts_zlib: id.ends_with("-zlib"),
+            accepts_delta: false,
         })),
     }
 }
@@ -865,4 +867,94 @@ async fn a_compressed_stream_is_refused() {
     let response = routed.call(request).await.unwrap();
     assert_eq!(response.headers()["grpc-status"], "12", "{:?}", response.headers());
     assert!(f.hub.status().nodes.is_empty());
+}
+
+/// [`policy`] with `apps` more apps (`app-0`…), app `quarantined` quarantined: big enough that a
+/// one-app change is worth a delta.
+fn many_apps(revision: &str, apps: usize, quarantined: usize) -> String {
+    let mut text = policy(revision, 10, false);
+    for k in 0..apps {
+        let lifecycle = if k == quarantined { "quarantined" } else { "published" };
+        text.push_str(&format!(
+            "  - id: app-{k}\n    environment: prod\n    tier: small\n    lifecycle: {lifecycle}\n    \
+             region: eu-west-1\n    data_classes: [public]\n    connectors: [upstream]\n"
+        ));
+    }
+    text
+}
+
+impl Node {
+    /// The next snapshot, past any fleet state.
+    async fn next_snapshot(&mut self) -> v1::PolicySnapshot {
+        loop {
+            match self.next().await {
+                Ok(Some(server_message::Msg::Snapshot(s))) => return s,
+                Ok(Some(server_message::Msg::Fleet(_))) => {}
+                other => panic!("expected a snapshot, got {other:?}"),
+            }
+        }
+    }
+
+    async fn ack(&self, revision: &str) {
+        self.send(Msg::Ack(v1::Ack { revision: revision.into(), candidate: false })).await;
+    }
+}
+
+/// A node that applies deltas gets a change as edits of the revision it ACKed, which give exactly
+/// the policy served whole; if it NACKs the delta it gets the revision whole (and no NACK is
+/// recorded against it). A node that has not ACKed that base, or does not take deltas, gets it
+/// whole.
+#[tokio::test]
+async fn a_change_goes_as_a_delta_to_nodes_holding_the_revision_before() {
+    use sha2::{Digest, Sha256};
+    let delta_hello = |id: &str| v1::ClientMessage {
+        msg: Some(Msg::Hello(v1::Hello { node_id: id.into(), accepts_delta: true, ..Default::default() })),
+    };
+    let mut f = Fixture::new(&many_apps("1", 200, 999)).await;
+    let mut nodes = Vec::new();
+    for (id, delta) in [("a", true), ("b", true), ("c", false)] {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(if delta { delta_hello(id) } else { hello_message(id) }).await.unwrap();
+        let response = f.client().await.stream(ReceiverStream::new(rx)).await.unwrap();
+        let mut node = Node { tx, rx: response.into_inner() };
+        let first = node.next_snapshot().await;
+        assert!(first.delta.is_none(), "the first snapshot on a stream is whole");
+        nodes.push((node, first));
+    }
+    let first = nodes[0].1.clone();
+    // a and c ACK revision 1; b does not.
+    nodes[0].0.ack(&first.revision).await;
+    nodes[2].0.ack(&first.revision).await;
+    eventually("the ACKs are recorded", || {
+        ["a", "c"].iter().all(|id| f.hub.node(id).is_some_and(|n| n.acked_revision == first.revision))
+    })
+    .await;
+
+    assert_eq!(f.change(&many_apps("2", 200, 7)), Polled::Offered(Offer::Published("2".into())));
+    let served = f.hub.current().json.clone();
+    let second = nodes[0].0.next_snapshot().await;
+    let delta = second.delta.clone().expect("a delta for a node holding revision 1");
+    assert!(second.policy_json.is_empty() && second.policy_zlib.is_empty(), "the delta alone");
+    assert_eq!((second.revision.as_str(), delta.base_revision.as_str()), ("2", "1"));
+    let json = guardrail_proto::delta::apply(&first.policy_json, &delta.ops, usize::MAX).unwrap();
+    assert_eq!(String::from_utf8(json.clone()).unwrap(), served, "the delta gives the policy served");
+    assert_eq!(Sha256::digest(&json)[..], delta.sha256[..]);
+    assert!(delta.encoded_len() * 10 < served.len(), "{} bytes for a one-app change", delta.encoded_len());
+    for k in [1, 2] {
+        let whole = nodes[k].0.next_snapshot().await;
+        assert!(whole.delta.is_none(), "node {k} did not ACK revision 1, or takes no deltas");
+        assert_eq!(whole.policy_json, served.as_bytes());
+    }
+
+    nodes[0]
+        .0
+        .send(Msg::Nack(v1::Nack { revision: "2".into(), error: "delta: SHA-256 differs".into(), candidate: false }))
+        .await;
+    let again = nodes[0].0.next_snapshot().await;
+    assert!(again.delta.is_none(), "after a NACK of the delta, the revision whole");
+    assert_eq!((again.revision.as_str(), &again.policy_json[..]), ("2", served.as_bytes()));
+    nodes[0].0.ack("2").await;
+    eventually("a holds revision 2", || f.hub.node("a").is_some_and(|n| n.acked_revision == "2")).await;
+    assert_eq!(f.hub.node("a").unwrap().nacked_revision, "", "a delta NACK is not the policy's");
+    f.stop().await;
 }
