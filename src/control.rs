@@ -953,14 +953,14 @@ mod tests {
         let delta = PolicyDelta {
             base_revision: "1".into(),
             ops: guardrail_proto::delta::diff(base, new),
-            sha256: sha2::Sha256::digest(new).to_vec().into(),
+            sha256: sha2::Sha256::digest(new).to_vec(),
         };
         assert_eq!(apply_delta(&delta, base).unwrap(), new);
         let other = br#"{"apiVersion":"guardrail/v1","apps":[{"id":"app-b","lifecycle":"published"}],"revision":"1"}"#;
         let error = apply_delta(&delta, other).unwrap_err();
         assert!(error.contains("SHA-256 differs") && error.contains("revision `1`"), "{error}");
         assert!(apply_delta(&delta, b"").unwrap_err().starts_with("delta: op"), "copies past an empty base");
-        let lying = PolicyDelta { sha256: vec![0; 32].into(), ..delta };
+        let lying = PolicyDelta { sha256: vec![0; 32], ..delta };
         assert!(apply_delta(&lying, base).unwrap_err().contains("SHA-256 differs"));
     }
 

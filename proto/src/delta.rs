@@ -7,8 +7,7 @@
 //! exact, only its size depends on how the change lies. The receiver checks the SHA-256 of what
 //! [`apply`] gives against the delta's before it uses it.
 
-use crate::v1::{self, DeltaOp};
-use prost::bytes::Bytes;
+use crate::v1::DeltaOp;
 
 /// Bytes hashed per index entry: a copy is at least this long.
 pub const BLOCK: usize = 32;
@@ -85,11 +84,7 @@ pub fn diff(base: &[u8], new: &[u8]) -> Vec<DeltaOp> {
             back += 1;
         }
         let (from, start, len) = (from - back, at - back, len + back);
-        ops.push(DeltaOp {
-            insert: Bytes::copy_from_slice(&new[pending..start]),
-            copy_offset: from as u64,
-            copy_len: len as u64,
-        });
+        ops.push(DeltaOp { insert: new[pending..start].to_vec(), copy_offset: from as u64, copy_len: len as u64 });
         shift = from as isize - start as isize;
         at = start + len;
         pending = at;
@@ -98,7 +93,7 @@ pub fn diff(base: &[u8], new: &[u8]) -> Vec<DeltaOp> {
         }
     }
     if pending < new.len() {
-        ops.push(DeltaOp { insert: Bytes::copy_from_slice(&new[pending..]), copy_offset: 0, copy_len: 0 });
+        ops.push(DeltaOp { insert: new[pending..].to_vec(), copy_offset: 0, copy_len: 0 });
     }
     ops
 }
@@ -127,11 +122,6 @@ pub fn apply(base: &[u8], ops: &[DeltaOp], limit: usize) -> Result<Vec<u8>, Stri
         out.extend_from_slice(copy);
     }
     Ok(out)
-}
-
-/// Bytes the ops take on the wire, about: what a delta saves over the whole policy.
-pub fn size(delta: &v1::PolicyDelta) -> usize {
-    prost::Message::encoded_len(delta)
 }
 
 #[cfg(test)]
@@ -218,7 +208,7 @@ mod tests {
     #[test]
     fn a_hostile_delta_is_refused_by_name() {
         let base = b"0123456789";
-        let op = |copy_offset, copy_len| DeltaOp { insert: Bytes::new(), copy_offset, copy_len };
+        let op = |copy_offset, copy_len| DeltaOp { insert: Vec::new(), copy_offset, copy_len };
         assert_eq!(apply(base, &[op(2, 3)], 100).unwrap(), b"234");
         let beyond = apply(base, &[op(8, 3)], 100).unwrap_err();
         assert!(beyond.contains("op 0 copies 3 bytes at 8 of a base of 10 bytes"), "{beyond}");
@@ -226,7 +216,7 @@ mod tests {
         assert!(apply(base, &[op(0, u64::MAX)], 100).unwrap_err().contains("copies"));
         let big = vec![op(0, 10); 11];
         assert!(apply(base, &big, 100).unwrap_err().contains("passes 100 bytes (at op 10)"));
-        let insert = DeltaOp { insert: Bytes::from(vec![b'x'; 101]), copy_offset: 0, copy_len: 0 };
+        let insert = DeltaOp { insert: vec![b'x'; 101], copy_offset: 0, copy_len: 0 };
         assert!(apply(base, &[insert], 100).unwrap_err().contains("passes 100 bytes"));
     }
 }

@@ -124,14 +124,14 @@ pub struct AppUsage {
     #[prost(uint64, tag = "7")]
     pub fleet_budget: u64,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ServerMessage {
     #[prost(oneof = "server_message::Msg", tags = "1, 2, 3")]
     pub msg: ::core::option::Option<server_message::Msg>,
 }
 /// Nested message and enum types in `ServerMessage`.
 pub mod server_message {
-    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Msg {
         #[prost(message, tag = "1")]
         Snapshot(super::PolicySnapshot),
@@ -153,7 +153,7 @@ pub struct Candidate {
     #[prost(string, tag = "2")]
     pub policy_json: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PolicySnapshot {
     /// What Ack/Nack name. The document's `revision`, or `<revision>+sha256:<8 hex>` when its content
     /// changed without the revision changing; `policy_json` carries this same value as `revision`.
@@ -168,22 +168,29 @@ pub struct PolicySnapshot {
     /// `accepts_zlib`; inflated, at most the size a policy_json may have.
     #[prost(bytes = "bytes", tag = "3")]
     pub policy_zlib: ::prost::bytes::Bytes,
+    /// Set instead of policy_json and policy_zlib, only to a node whose Hello says accepts_delta and
+    /// which ACKed `delta.base_revision` on this stream (or said it holds it in its Hello): the policy
+    /// as edits of that revision's policy_json. A node that cannot apply it (another base, a result
+    /// whose SHA-256 differs) NACKs this revision, and the companion sends it whole on the stream.
     #[prost(message, optional, tag = "4")]
     pub delta: ::core::option::Option<PolicyDelta>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+/// A policy_json as edits of another: for each op in order, append `insert`, then append
+/// `copy_len` bytes of the base's policy_json from `copy_offset`.
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PolicyDelta {
     #[prost(string, tag = "1")]
     pub base_revision: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "2")]
     pub ops: ::prost::alloc::vec::Vec<DeltaOp>,
-    #[prost(bytes = "bytes", tag = "3")]
-    pub sha256: ::prost::bytes::Bytes,
+    /// SHA-256 of the policy_json the ops give (32 bytes)
+    #[prost(bytes = "vec", tag = "3")]
+    pub sha256: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DeltaOp {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub insert: ::prost::bytes::Bytes,
+    #[prost(bytes = "vec", tag = "1")]
+    pub insert: ::prost::alloc::vec::Vec<u8>,
     #[prost(uint64, tag = "2")]
     pub copy_offset: u64,
     #[prost(uint64, tag = "3")]

@@ -87,7 +87,7 @@ impl Snapshot {
         let delta = v1::PolicyDelta {
             base_revision: base.revision.clone(),
             ops: guardrail_proto::delta::diff(base.json.as_bytes(), new),
-            sha256: Sha256::digest(new).to_vec().into(),
+            sha256: Sha256::digest(new).to_vec(),
         };
         let frame = super::wire::frame(&v1::ServerMessage {
             msg: Some(v1::server_message::Msg::Snapshot(v1::PolicySnapshot {
