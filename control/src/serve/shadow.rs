@@ -197,8 +197,10 @@ impl Shadow {
 // === The candidate file ===
 
 /// Polls the candidate file every `interval` until `stop`: a valid change is pushed, an invalid one
-/// is refused with its `file:line` errors (the last good candidate stays), and a file that is gone
-/// stops shadowing. `text` is the content served already.
+/// is refused with its `file:line` errors (the last good candidate stays) once
+/// [`super::watch::CONFIRM_POLLS`] polls in a row found the same errors (a file caught half
+/// written is not worth a refusal), and a file that is gone stops shadowing. `text` is the
+/// content served already.
 pub fn watch(
     source: super::watch::Source,
     hub: Arc<super::hub::Hub>,
@@ -206,6 +208,8 @@ pub fn watch(
     interval: std::time::Duration,
     stop: &std::sync::atomic::AtomicBool,
 ) {
+    // The errors of the last polls, and how many polls in a row found them.
+    let mut failing: Option<(String, u32)> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(interval);
         let gone = source.file().map_or(true, |f| !f.exists());
@@ -216,7 +220,11 @@ pub fn watch(
             }
             continue;
         }
-        match source.load() {
+        let loaded = source.load();
+        if loaded.is_ok() {
+            failing = None;
+        }
+        match loaded {
             Ok((file, new, doc)) if text.as_deref() != Some(new.as_str()) => {
                 text = Some(new);
                 match candidate_of(&doc) {
@@ -238,7 +246,17 @@ pub fn watch(
             Ok(_) => {}
             Err(lines) => {
                 let joined = lines.join("\n");
-                if hub.shadow.last_error() != joined {
+                let polls = match &mut failing {
+                    Some((seen, polls)) if *seen == joined => {
+                        *polls += 1;
+                        *polls
+                    }
+                    _ => {
+                        failing = Some((joined.clone(), 1));
+                        1
+                    }
+                };
+                if polls >= super::watch::CONFIRM_POLLS && hub.shadow.last_error() != joined {
                     for line in &lines {
                         log!("candidate change refused: {line}");
                     }
