@@ -713,10 +713,18 @@ fn on_candidate(token: u32, candidate: Candidate, follower: &mut Follower) -> Op
         reply(Ok(()));
         return None;
     }
+    // Compressed for a node that inflates, as snapshots are.
+    let inflated = if candidate.policy_zlib.is_empty() { Ok(None) } else { inflate(&candidate.policy_zlib).map(Some) };
+    let json = match &inflated {
+        Ok(Some(bytes)) => &bytes[..],
+        _ => candidate.policy_json.as_bytes(),
+    };
     let compiled = if candidate.revision.len() > MAX_REVISION_LEN || candidate.revision.chars().any(char::is_control) {
         Err(vec![format!("revision: at most {MAX_REVISION_LEN} bytes, no control characters")])
+    } else if let Err(error) = &inflated {
+        Err(vec![error.clone()])
     } else {
-        compile_json(candidate.policy_json.as_bytes(), &mut follower.shadow_expressions)
+        compile_json(json, &mut follower.shadow_expressions)
     };
     let policy = match compiled {
         Ok(policy) => policy,
@@ -730,7 +738,7 @@ fn on_candidate(token: u32, candidate: Candidate, follower: &mut Follower) -> Op
     // bucket, as it would once enforced. Nothing is taken from it.
     let epoch = random_u64() | 1;
     let mut value = epoch.to_le_bytes().to_vec();
-    value.extend_from_slice(candidate.policy_json.as_bytes());
+    value.extend_from_slice(json);
     let published = ensure_keys(&mut host::SharedData, policy.apps.iter().map(|a| a.quota_key.as_str()))
         .and_then(|_| publish_shadow(&value, &SharedCounts::new(epoch, &candidate.revision)));
     if let Err(e) = published {

@@ -152,6 +152,10 @@ pub struct Candidate {
     pub revision: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub policy_json: ::prost::alloc::string::String,
+    /// `policy_json` compressed (zlib), sent instead of it to a node whose Hello says `accepts_zlib`,
+    /// as PolicySnapshot's.
+    #[prost(bytes = "vec", tag = "3")]
+    pub policy_zlib: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct PolicySnapshot {

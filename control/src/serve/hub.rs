@@ -123,7 +123,7 @@ fn framed(revision: &str, policy_json: Vec<u8>, policy_zlib: Vec<u8>) -> guardra
 }
 
 /// `json` compressed with zlib (RFC 1950).
-fn zlib(json: &[u8]) -> Result<Vec<u8>, String> {
+pub(super) fn zlib(json: &[u8]) -> Result<Vec<u8>, String> {
     use std::io::Write;
     let mut encoder =
         flate2::write::ZlibEncoder::new(Vec::with_capacity(json.len() / 8), flate2::Compression::default());

@@ -269,7 +269,7 @@ impl Connection {
         // The candidate before the first fleet state: a node that gets the fleet state with no
         // candidate before it stops shadowing one it had from an earlier stream.
         let candidate = candidates.borrow_and_update().clone();
-        if !candidate.revision.is_empty() && !self.send(node, candidate.frame.clone()) {
+        if !candidate.revision.is_empty() && !self.send(node, candidate.frame(stream.zlib)) {
             return None;
         }
         let state = fleet.borrow_and_update().clone();
@@ -298,7 +298,7 @@ impl Connection {
                         return Some(Status::unavailable("the companion is stopping"));
                     }
                     let candidate = candidates.borrow_and_update().clone();
-                    if !self.send(node, candidate.frame.clone()) {
+                    if !self.send(node, candidate.frame(stream.zlib)) {
                         return None;
                     }
                 }

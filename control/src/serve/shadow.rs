@@ -8,10 +8,11 @@
 //! force. Those absolute counts are kept per node (the newest report replaces the last) and summed
 //! for `guardrail status`, in memory only.
 
-use super::wire::Framed;
+use super::wire::frame;
 use crate::log::log;
 use guardrail_core::source::Document;
 use guardrail_proto::v1;
+use guardrail_proto::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -38,13 +39,13 @@ struct State {
 
 /// The candidate served and what the fleet said about it.
 pub struct Shadow {
-    pushed: watch::Sender<Arc<Framed<v1::Candidate>>>,
+    pushed: watch::Sender<Arc<Served>>,
     state: Mutex<State>,
 }
 
 impl Default for Shadow {
     fn default() -> Self {
-        Shadow { pushed: watch::Sender::new(Arc::new(framed(v1::Candidate::default()))), state: Mutex::default() }
+        Shadow { pushed: watch::Sender::new(Arc::new(Served::new(v1::Candidate::default()))), state: Mutex::default() }
     }
 }
 
@@ -66,13 +67,46 @@ pub fn candidate_of(doc: &Document) -> Result<v1::Candidate, String> {
     if policy_json.len() > super::hub::MAX_POLICY_JSON_BYTES {
         return Err(format!("the candidate is {} bytes as JSON; too large to push", policy_json.len()));
     }
-    Ok(v1::Candidate { revision, policy_json })
+    Ok(v1::Candidate { revision, policy_json, policy_zlib: Vec::new() })
 }
 
-/// The candidate with its message framed once for every stream (a 357 KB candidate was one copy
-/// per node).
-fn framed(candidate: v1::Candidate) -> Framed<v1::Candidate> {
-    Framed::new(candidate, |c| v1::ServerMessage { msg: Some(v1::server_message::Msg::Candidate(c.clone())) })
+/// The candidate served, with its message framed once for every stream, plain and compressed (a
+/// 357 KB candidate was one copy per node, and is about 50 KB compressed).
+#[derive(Debug)]
+pub struct Served {
+    candidate: v1::Candidate,
+    plain: Bytes,
+    zlib: Bytes,
+}
+
+impl Served {
+    fn new(candidate: v1::Candidate) -> Self {
+        let message = |c: v1::Candidate| v1::ServerMessage { msg: Some(v1::server_message::Msg::Candidate(c)) };
+        let plain = frame(&message(candidate.clone()));
+        // Compressing cannot fail in memory; should it, the node gets the candidate plain.
+        let zlib = match super::hub::zlib(candidate.policy_json.as_bytes()) {
+            Ok(zlib) if !candidate.policy_json.is_empty() => frame(&message(v1::Candidate {
+                revision: candidate.revision.clone(),
+                policy_json: String::new(),
+                policy_zlib: zlib,
+            })),
+            _ => plain.clone(),
+        };
+        Served { candidate, plain, zlib }
+    }
+
+    /// The framed message for a node; compressed when its Hello said it inflates.
+    pub fn frame(&self, zlib: bool) -> Bytes {
+        if zlib { &self.zlib } else { &self.plain }.clone()
+    }
+}
+
+impl std::ops::Deref for Served {
+    type Target = v1::Candidate;
+
+    fn deref(&self) -> &v1::Candidate {
+        &self.candidate
+    }
 }
 
 // === impl Shadow ===
@@ -83,11 +117,11 @@ impl Shadow {
     }
 
     /// The candidate served (revision "" when none).
-    pub fn current(&self) -> Arc<Framed<v1::Candidate>> {
+    pub fn current(&self) -> Arc<Served> {
         self.pushed.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Framed<v1::Candidate>>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Served>> {
         self.pushed.subscribe()
     }
 
@@ -102,7 +136,7 @@ impl Shadow {
             return false;
         }
         state.nodes.clear();
-        self.pushed.send_replace(Arc::new(framed(candidate)));
+        self.pushed.send_replace(Arc::new(Served::new(candidate)));
         true
     }
 
@@ -284,7 +318,11 @@ mod tests {
     fn sums_the_fleet_for_the_candidate_served_only() {
         let shadow = Shadow::default();
         assert!(shadow.status(|_| true).is_none(), "no candidate: no section");
-        assert!(shadow.set(Some(v1::Candidate { revision: "c1".into(), policy_json: "{}".into() })));
+        assert!(shadow.set(Some(v1::Candidate {
+            revision: "c1".into(),
+            policy_json: "{}".into(),
+            ..Default::default()
+        })));
         shadow.ack("a", "c1");
         shadow.ack("b", "c1");
         shadow.nack("c", "c1", "rules[0].when: bad\nmore");
@@ -304,7 +342,11 @@ mod tests {
         assert!(shadow.set(None), "stopping is a change");
         assert!(shadow.status(|_| true).is_none());
         assert_eq!(shadow.current().revision, "", "an empty revision stops shadowing on the nodes");
-        assert!(shadow.set(Some(v1::Candidate { revision: "c1".into(), policy_json: "{}".into() })));
+        assert!(shadow.set(Some(v1::Candidate {
+            revision: "c1".into(),
+            policy_json: "{}".into(),
+            ..Default::default()
+        })));
         let again = shadow.status(|_| true).unwrap();
         assert!(again.applied_nodes.is_empty(), "served again: applied once ACKed again");
         assert!(again.differences.is_empty(), "served again: counted from zero");

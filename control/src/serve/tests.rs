@@ -744,11 +744,23 @@ async fn a_candidate_goes_out_apart_and_its_differences_reach_status() {
     let f = Fixture::new(&policy("1", 10, false)).await;
     let (mut node, _) = Node::joined(&f, "envoy-a").await;
     node.quiet().await;
-    let candidate = v1::Candidate { revision: "2+sha256:00000000".into(), policy_json: "{}".into() };
+    let (mut inflating, _) = Node::joined(&f, "envoy-b-zlib").await;
+    let candidate =
+        v1::Candidate { revision: "2+sha256:00000000".into(), policy_json: "{}".into(), ..Default::default() };
     assert!(f.hub.shadow.set(Some(candidate.clone())));
     match node.next().await {
         Ok(Some(server_message::Msg::Candidate(c))) => assert_eq!(c, candidate),
         other => panic!("expected the candidate, got {other:?}"),
+    }
+    // A node that inflates gets it compressed, as snapshots.
+    match inflating.next().await {
+        Ok(Some(server_message::Msg::Candidate(c))) => {
+            assert_eq!((c.revision.as_str(), c.policy_json.as_str()), (candidate.revision.as_str(), ""));
+            let mut json = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::ZlibDecoder::new(&c.policy_zlib[..]), &mut json).unwrap();
+            assert_eq!(json, "{}");
+        }
+        other => panic!("expected the candidate, compressed, got {other:?}"),
     }
     node.send(Msg::Ack(v1::Ack { revision: candidate.revision.clone(), candidate: true })).await;
     node.send(Msg::Usage(v1::UsageReport {

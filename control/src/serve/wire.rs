@@ -15,7 +15,6 @@ use guardrail_proto::Bytes;
 use hyper::body::Frame;
 use prost::bytes::{BufMut, BytesMut};
 use std::convert::Infallible;
-use std::ops::Deref;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
@@ -38,29 +37,6 @@ pub fn frame(message: &impl prost::Message) -> Bytes {
     // Infallible: the buffer has room for `encoded_len` bytes.
     let _ = message.encode(&mut buf);
     buf.freeze()
-}
-
-/// A message and its frame, encoded once and shared by every stream.
-#[derive(Debug, Default)]
-pub struct Framed<T> {
-    message: T,
-    pub frame: Bytes,
-}
-
-impl<T: prost::Message> Framed<T> {
-    /// `frame` is `wrap(&message)` framed: the message as sent (e.g. inside a `ServerMessage`).
-    pub fn new<M: prost::Message>(message: T, wrap: impl FnOnce(&T) -> M) -> Self {
-        let frame = frame(&wrap(&message));
-        Framed { message, frame }
-    }
-}
-
-impl<T> Deref for Framed<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.message
-    }
 }
 
 /// What a stream's task hands its response body.
