@@ -175,7 +175,8 @@ pub struct PolicySnapshot {
     /// Set instead of policy_json and policy_zlib, only to a node whose Hello says accepts_delta and
     /// which ACKed `delta.base_revision` on this stream (or said it holds it in its Hello): the policy
     /// as edits of that revision's policy_json. A node that cannot apply it (another base, a result
-    /// whose SHA-256 differs) NACKs this revision, and the companion sends it whole on the stream.
+    /// whose SHA-256 differs) NACKs this revision with an error starting `delta:`, and the companion
+    /// sends it whole on the stream.
     #[prost(message, optional, tag = "4")]
     pub delta: ::core::option::Option<PolicyDelta>,
 }

@@ -369,10 +369,14 @@ impl Connection {
                 }
                 Ok(())
             }
-            Some(Msg::Nack(nack)) if stream.delta_sent.as_ref() == Some(&nack.revision) => {
+            Some(Msg::Nack(nack))
+                if stream.delta_sent.as_ref() == Some(&nack.revision) && nack.error.starts_with("delta:") =>
+            {
                 check_revision(&nack.revision)?;
                 // The node could not apply the delta (it holds another base, or the result's
-                // hash differed): it keeps its policy, and gets this revision whole, once.
+                // hash differed; the filter's errors for that start with `delta:`): it keeps its
+                // policy, and gets this revision whole, once. A NACK of the policy itself is
+                // recorded as any other.
                 stream.delta_sent = None;
                 let first = nack.error.lines().next().unwrap_or("(no error given)");
                 log!(

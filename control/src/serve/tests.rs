@@ -968,5 +968,17 @@ async fn a_change_goes_as_a_delta_to_nodes_holding_the_revision_before() {
     nodes[0].0.ack("2").await;
     eventually("a holds revision 2", || f.hub.node("a").is_some_and(|n| n.acked_revision == "2")).await;
     assert_eq!(f.hub.node("a").unwrap().nacked_revision, "", "a delta NACK is not the policy's");
+
+    // A NACK of a delta's policy itself (not of the delta) is recorded, and nothing is resent.
+    assert_eq!(f.change(&many_apps("3", 200, 8)), Polled::Offered(Offer::Published("3".into())));
+    let third = nodes[0].0.next_snapshot().await;
+    assert_eq!(third.delta.map(|d| d.base_revision), Some("2".into()));
+    nodes[0]
+        .0
+        .send(Msg::Nack(v1::Nack { revision: "3".into(), error: "apps[8]: unknown field".into(), candidate: false }))
+        .await;
+    eventually("a's NACK of revision 3", || f.hub.node("a").is_some_and(|n| n.nacked_revision == "3")).await;
+    let resent = tokio::time::timeout(Duration::from_millis(200), nodes[0].0.next_snapshot()).await;
+    assert!(resent.is_err(), "nothing resent: {resent:?}");
     f.stop().await;
 }
