@@ -95,6 +95,8 @@ SETTINGS: dict[str, Any] = {
 }
 
 PARTS = ["overhead", "accuracy", "propagation", "scale", "decide", "replay", "fleet", "token", "console"]
+# Run only when named (BENCH_ONLY=ab): an A/B of two builds, not part of the standing benchmark.
+EXTRA_PARTS = ["ab"]
 
 
 def artifact(var: str, default: str) -> Path:
@@ -662,6 +664,26 @@ def wait_for_companion(e: "Envoy", offset: int, revision: str, shadow: bool) -> 
     wait_for(ready, 60, f"{e.name} to take the companion's policy{' and candidate' if shadow else ''}")
 
 
+def overhead_load(work: Path, prefix: str, rng: random.Random, key: "Issuer",
+                  req_apps: int) -> tuple[list[str], list[tuple[str, str, str]], Path, "Envoy"]:
+    """The overhead mix (API keys of `req_apps` apps and tokens of some of them) as a wrk script,
+    and the upstream Envoy answering 200 (not started): the apps with tokens, the requests, the
+    script and the upstream."""
+    s = SETTINGS
+    jwt_apps = [gen.app_id(i) for i in rng.sample(range(req_apps), min(s["jwt_apps"], req_apps))]
+    tokens = [key.token(a) for a in jwt_apps]
+    reqs = gen.requests(rng, 4000, req_apps, tokens)
+    req_file = work / f"{prefix}requests.tsv"
+    req_file.write_text("".join(f"{p}\t{n}\t{v}\n" for p, n, v in reqs))
+    script = work / f"{prefix}mix.lua"
+    script.write_text(WRK_LUA.replace("REQUESTS", str(req_file)).replace("HOST", gen.HOST))
+    port, admin = free_port(), free_port()
+    upstream = Envoy(f"{prefix}upstream", bootstrap(port=port, admin_port=admin, http_filters=[], clusters=[],
+                                                    direct_response=True), work, port, admin, 1,
+                     cpus=pinned(load_cpus()))
+    return jwt_apps, reqs, script, upstream
+
+
 def part_overhead(work: Path) -> dict[str, Any]:
     s = SETTINGS
     rng = random.Random(6)
@@ -669,18 +691,8 @@ def part_overhead(work: Path) -> dict[str, Any]:
     # The apps the requests come from (all of the policy's unless BENCH_REQUEST_APPS narrows them:
     # the same policy with a smaller working set).
     req_apps = min(s["request_apps"] or s["apps"], s["apps"])
-    jwt_apps = [gen.app_id(i) for i in rng.sample(range(req_apps), min(s["jwt_apps"], req_apps))]
-    tokens = [key.token(a) for a in jwt_apps]
-    reqs = gen.requests(rng, 4000, req_apps, tokens)
-    req_file = work / "requests.tsv"
-    req_file.write_text("".join(f"{p}\t{n}\t{v}\n" for p, n, v in reqs))
-    script = work / "mix.lua"
-    script.write_text(WRK_LUA.replace("REQUESTS", str(req_file)).replace("HOST", gen.HOST))
-
-    upstream_port, up_admin = free_port(), free_port()
-    upstream = Envoy("upstream", bootstrap(port=upstream_port, admin_port=up_admin, http_filters=[], clusters=[],
-                                           direct_response=True), work, upstream_port, up_admin, 1,
-                      cpus=pinned(load_cpus()))
+    jwt_apps, reqs, script, upstream = overhead_load(work, "", rng, key, req_apps)
+    upstream_port = upstream.port
     policy = bench_policy(apps=s["apps"], rules=s["rules"])
     native, native_route = native_filters([key.jwk()], s["apps"], jwt_apps)
     filters = {
@@ -820,12 +832,109 @@ def part_overhead(work: Path) -> dict[str, Any]:
     return {
         "workload": {
             "apps": s["apps"], "datasets": gen.DATASETS, "rules": s["rules"], "distinct_requests": len(reqs),
-            "mix": f"50% API key (random of {req_apps} apps), 50% EdDSA JWT ({len(tokens)} distinct tokens)",
+            "mix": f"50% API key (random of {req_apps} apps), 50% EdDSA JWT ({len(jwt_apps)} distinct tokens)",
             "wrk": f"-t{s['threads']} -c{s['connections']} -d{s['duration_s']:.0f}s × {s['rounds']} rounds, alternated",
             "envoy": "--concurrency 1; upstream: a separate Envoy (1 worker) with direct_response 200",
         },
         "configs": configs,
         "ratios": ratios,
+    }
+
+
+# === 1b. A/B of two builds in one Envoy ===
+
+
+def cpu_ns(pid: int) -> int:
+    """The CPU time of every thread of `pid` in nanoseconds (`/proc/<pid>/task/*/schedstat`; the
+    clock ticks of `/proc/<pid>/stat` are 10 ms, too coarse for one-second slices)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
+def part_ab(work: Path) -> dict[str, Any]:
+    """`BENCH_ONLY=ab BENCH_ALT_WASM=other.wasm`: Guardrail's CPU per request with this build (A)
+    and another (B), both in the same Envoy process, each on its own listener with its own VM and
+    the (b) policy. Two runs of 4 s in the same process differ by up to 20% here (the machine, not
+    the build: an A/A shows it), more than the effects an A/B looks for. So A and B take turns in
+    one-second slices, A B B A repeated (B A A B in odd rounds), within each round's fresh Envoy:
+    whatever drifts over seconds falls on both. A round's difference is A's CPU per request over
+    its slices minus B's; BENCH_DURATION is the seconds each build gets per round."""
+    s = SETTINGS
+    alt = os.environ.get("BENCH_ALT_WASM")
+    if not alt or not Path(alt).is_file():
+        raise SystemExit(f"ab: BENCH_ALT_WASM must name the other build's .wasm (got {alt!r})")
+    _, reqs, script, upstream = overhead_load(work, "ab-", random.Random(6), issuer(), s["apps"])
+    upstream_port = upstream.port
+    policy = bench_policy(apps=s["apps"], rules=s["rules"])
+    port_a, port_b, admin = free_port(), free_port(), free_port()
+
+    def listener(port: int, wasm: str, vm_id: str) -> dict[str, Any]:
+        f = guardrail_filter(policy)
+        f["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = wasm
+        f["typed_config"]["config"]["vm_config"]["vm_id"] = vm_id
+        cfg = bootstrap(port=port, admin_port=admin, http_filters=[f], clusters=[cluster("upstream", upstream_port)])
+        out = cfg["static_resources"]["listeners"][0]
+        out["name"] = f"bench-{vm_id}"
+        return out
+
+    # The first listener's VM measured 8 µs cheaper than the second's in an A/A (14 of 20 rounds):
+    # A is on the first listener in half the rounds and on the second in the other half.
+    envoys = []
+    for first, second in [((port_a, str(GUARDRAIL_WASM)), (port_b, alt)), ((port_b, alt), (port_a, str(GUARDRAIL_WASM)))]:
+        cfg = bootstrap(port=port_a, admin_port=admin, http_filters=[], clusters=[cluster("upstream", upstream_port)])
+        cfg["static_resources"]["listeners"] = [listener(*first, "guardrail"), listener(*second, "guardrail-second")]
+        envoys.append(Envoy(f"ab-{len(envoys)}", cfg, work, port_a, admin, 1, cpus=pinned(measured_cpu())))
+        envoys[-1].validate()
+    upstream.up()
+    slices = max(2, round(s["duration_s"]) // 2 * 2)
+    say(f"ab: A {GUARDRAIL_WASM} on :{port_a}, B {alt} on :{port_b}, one Envoy; {s['rounds']} rounds of "
+        f"{slices} one-second slices each")
+
+    rounds: list[dict[str, Any]] = []
+    for rnd in range(s["rounds"]):
+        envoy = envoys[rnd // 2 % 2]
+        envoy.up()
+        if rnd == 0:
+            for port, name in [(port_a, "A"), (port_b, "B")]:
+                for path, hname, value in reqs[:40]:
+                    status, body = http_get(port, path, {"host": gen.HOST, hname: value})
+                    if status != 200:
+                        raise SystemExit(f"ab: {name} answered {status} to {path}: {body[:400]!r}\n{envoy.log_tail()}")
+        for port in (port_a, port_b):
+            wrk(port, script, s["warmup_s"], s["connections"], s["threads"])
+        order = ("ABBA" if rnd % 2 == 0 else "BAAB") * (slices // 2)
+        ns = {"A": 0, "B": 0}
+        n = {"A": 0, "B": 0}
+        slice_us: dict[str, list[float]] = {"A": [], "B": []}
+        errors = 0
+        for which in order:
+            before = cpu_ns(envoy.pid)
+            res = wrk(port_a if which == "A" else port_b, script, 1, s["connections"], s["threads"])
+            spent = cpu_ns(envoy.pid) - before
+            ns[which] += spent
+            n[which] += res["requests"]
+            slice_us[which].append(round(spent / 1000 / max(1, res["requests"]), 1))
+            errors += res["status_errors"]
+        envoy.stop()
+        if errors:
+            raise SystemExit(f"ab: round {rnd + 1} had {errors} non-2xx answers: it would be measuring denials")
+        a, b = ns["A"] / 1000 / n["A"], ns["B"] / 1000 / n["B"]
+        row = {"round": rnd + 1, "order": order[:4], "a_listener": 1 + rnd // 2 % 2, "a_cpu_us": a, "b_cpu_us": b, "diff_cpu_us": a - b,
+               "requests": n, "slices_cpu_us": slice_us}
+        rounds.append(row)
+        say(f"ab: round {rnd + 1} ({order[:4]}…, A on listener {row['a_listener']}) A {a:6.1f}  B {b:6.1f} µs CPU/req  A−B {a - b:+6.1f}; "
+            f"slices A {slice_us['A']} B {slice_us['B']}")
+    upstream.stop()
+    diffs = [r["diff_cpu_us"] for r in rounds]
+    return {
+        "a": str(GUARDRAIL_WASM), "b": alt, "slices_per_round": slices, "rounds": rounds,
+        "a_cpu_us": median([r["a_cpu_us"] for r in rounds]), "b_cpu_us": median([r["b_cpu_us"] for r in rounds]),
+        "diff_cpu_us_median": median(diffs), "diff_cpu_us_min": min(diffs), "diff_cpu_us_max": max(diffs),
     }
 
 
@@ -1628,6 +1737,18 @@ def table(results: dict[str, Any]) -> str:
         w("  CPU/req    " + "  ".join(f"{name} {v:.2f}" for name, v in pairs))
         pairs = [(k[4:-3].replace("_minus_", "−"), v) for k, v in r.items() if k.endswith("_us")]
         w("  CPU/req Δ  " + "  ".join(f"{name} {v:+.1f} µs" for name, v in pairs))
+    ab = results.get("ab")
+    if ab:
+        w("")
+        w(f"A/B in one Envoy ({len(ab['rounds'])} rounds of {ab['slices_per_round']} one-second slices, "
+          f"A and B taking turns, each round a fresh process)")
+        w(f"  A {ab['a']}")
+        w(f"  B {ab['b']}")
+        for r in ab["rounds"]:
+            w(f"  round {r['round']:2d} {r['order']}… A on listener {r['a_listener']}  A {r['a_cpu_us']:6.1f}  B {r['b_cpu_us']:6.1f} µs CPU/req  "
+              f"A−B {r['diff_cpu_us']:+6.1f}")
+        w(f"  A−B median {ab['diff_cpu_us_median']:+.1f} µs CPU/req (rounds {ab['diff_cpu_us_min']:+.1f} to "
+          f"{ab['diff_cpu_us_max']:+.1f})")
     acc = results.get("accuracy")
     if acc:
         w("")
@@ -1730,15 +1851,15 @@ def main() -> int:
         print(table(results))
         return 0
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in PARTS + EXTRA_PARTS]
     if unknown:
-        ap.error(f"unknown part(s) {unknown}; choose from {PARTS}")
+        ap.error(f"unknown part(s) {unknown}; choose from {PARTS + EXTRA_PARTS}")
     for name, path in [("GUARDRAIL_WASM", GUARDRAIL_WASM), ("ENVOY_BIN", ENVOY_BIN)]:
         if not path.is_file():
             raise SystemExit(f"{name}: {path} does not exist; build with ./build.sh first")
     if "overhead" in parts and not TRIVIAL_WASM.is_file():
         raise SystemExit(f"TRIVIAL_WASM: {TRIVIAL_WASM} does not exist (bench/run.sh builds it)")
-    if not shutil.which("wrk") and "overhead" in parts:
+    if not shutil.which("wrk") and ("overhead" in parts or "ab" in parts):
         raise SystemExit("wrk is not installed (bench/run.sh installs it)")
 
     work = Path(tempfile.mkdtemp(prefix="guardrail-bench-"))
@@ -1748,8 +1869,8 @@ def main() -> int:
     funcs = {"overhead": part_overhead, "accuracy": part_accuracy, "propagation": part_propagation,
              "scale": part_scale, "decide": part_decide, "replay": part_replay, "fleet": part_fleet,
              "token": part_token,
-             "console": part_console}
-    for part in PARTS:
+             "console": part_console, "ab": part_ab}
+    for part in PARTS + EXTRA_PARTS:
         if part in parts:
             p0 = time.monotonic()
             results[part] = funcs[part](work)

@@ -13,7 +13,8 @@
 # BENCH_THREADS (2), BENCH_APPS (1000), BENCH_RULES (20), BENCH_CHANGES (100), BENCH_POLL_MS (2),
 # BENCH_SCALE_APPS (1000,10000), BENCH_ACCURACY_APPS (20), BENCH_ACCURACY_QUOTA (50),
 # BENCH_RESULTS (bench/results.json), BENCH_KEEP=1 (keep the work directory with configs and logs).
-# BENCH_PERF=1 (perf profile per configuration), BENCH_ALT_WASM=FILE (A/B: (g) is (f) with that build),
+# BENCH_PERF=1 (perf profile per configuration), BENCH_ALT_WASM=FILE (A/B: (g) is (f) with that build;
+# BENCH_ONLY=ab: both builds in one Envoy, taking turns, see bench/README.md "Profiling"),
 # BENCH_PIN (1: the Envoy under test alone on the last CPU), BENCH_REQUEST_APPS (apps the requests come from),
 # BENCH_BODY_BYTES (the upstream's response body; default 3 bytes),
 # BENCH_HOSTCALLS="headers*20 ..." (price each host call); see bench/README.md "Profiling".
