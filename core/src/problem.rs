@@ -112,69 +112,147 @@ pub struct LineContext<'a> {
     pub connector: Option<&'a str>,
 }
 
-/// The members of every decision-log line: what kind of line, its code, the app and rule where
-/// known, the request and the policy revision.
-fn log_line(kind: &str, code: &str, app: Option<&str>, rule: Option<&str>, cx: &LineContext<'_>) -> Map<String, Value> {
-    let text = |s: &str| Value::String(s.into());
-    let path = crate::path::normalize_path(cx.path);
-    let mut line = Map::new();
-    line.insert("guardrail".into(), text(kind));
-    line.insert("code".into(), text(code));
-    line.insert("app".into(), app.map_or(Value::Null, text));
-    line.insert("rule".into(), rule.map_or(Value::Null, text));
-    line.insert("request_id".into(), text(cx.request_id));
-    line.insert("revision".into(), text(cx.revision));
-    line.insert("method".into(), text(cx.method));
-    line.insert("host".into(), text(&crate::path::normalize_host(cx.host)));
-    line.insert("path".into(), text(path.as_deref().unwrap_or(cx.path)));
-    line.insert("dataset".into(), cx.dataset.map_or(Value::Null, text));
-    line.insert("connector".into(), cx.connector.map_or(Value::Null, text));
-    line
+/// A value in a decision-log line.
+#[derive(Debug, Clone, Copy)]
+enum Field<'a> {
+    Text(&'a str),
+    Null,
+    Number(u32),
 }
 
-/// A line with what a decision says: its verdict, the status it gives (or would give) and why.
-fn with_verdict(mut line: Map<String, Value>, verdict: &str, status: u32, detail: &str) -> String {
-    line.insert("verdict".into(), Value::String(verdict.into()));
-    line.insert("status".into(), Value::from(status));
-    line.insert("detail".into(), Value::String(detail.into()));
-    Value::Object(line).to_string()
+impl<'a> From<Option<&'a str>> for Field<'a> {
+    fn from(value: Option<&'a str>) -> Field<'a> {
+        value.map_or(Field::Null, Field::Text)
+    }
+}
+
+/// One JSON object on one line, written directly: the members sorted by name, compact, strings
+/// escaped, exactly as `serde_json` prints a `Map` (the tests compare the two byte for byte).
+/// A decision line is written on every denial and every admitted request to sensitive data, in the
+/// request path: building a `serde_json::Map` of owned strings cost 15 allocations a line.
+fn write_line(fields: &mut [(&str, Field<'_>)]) -> String {
+    fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let size: usize =
+        fields.iter().map(|(k, v)| k.len() + 4 + if let Field::Text(t) = v { t.len() + 2 } else { 10 }).sum();
+    let mut out = String::with_capacity(size + 2);
+    out.push('{');
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(&mut out, key);
+        out.push(':');
+        match value {
+            Field::Text(text) => push_json_str(&mut out, text),
+            Field::Null => out.push_str("null"),
+            Field::Number(n) => push_u64(&mut out, u64::from(*n)),
+        }
+    }
+    out.push('}');
+    out
+}
+
+/// Appends `s` as a JSON string, escaped as `serde_json` escapes it.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let plain = |c: char| c >= ' ' && c != '"' && c != '\\';
+    if s.chars().all(plain) {
+        out.push_str(s);
+    } else {
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if c < ' ' => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    let b = c as u8;
+                    out.push_str("\\u00");
+                    out.push(char::from(HEX[usize::from(b >> 4)]));
+                    out.push(char::from(HEX[usize::from(b & 0xf)]));
+                }
+                c => out.push(c),
+            }
+        }
+    }
+    out.push('"');
+}
+
+/// The members of every decision-log line: what kind of line, its code, the app and rule where
+/// known, the request and the policy revision; `extra` are the line's own members.
+fn log_line(
+    kind: &str,
+    code: &str,
+    app: Option<&str>,
+    rule: Option<&str>,
+    cx: &LineContext<'_>,
+    extra: &[(&str, Field<'_>)],
+) -> String {
+    let path = crate::path::normalize_path(cx.path);
+    let host = crate::path::normalize_host(cx.host);
+    let mut fields = [("", Field::Null); 16];
+    let common = [
+        ("guardrail", Field::Text(kind)),
+        ("code", Field::Text(code)),
+        ("app", app.into()),
+        ("rule", rule.into()),
+        ("request_id", Field::Text(cx.request_id)),
+        ("revision", Field::Text(cx.revision)),
+        ("method", Field::Text(cx.method)),
+        ("host", Field::Text(&host)),
+        ("path", Field::Text(path.as_deref().unwrap_or(cx.path))),
+        ("dataset", cx.dataset.into()),
+        ("connector", cx.connector.into()),
+    ];
+    let mut n = 0;
+    for (slot, field) in fields.iter_mut().zip(common.iter().chain(extra)) {
+        *slot = *field;
+        n += 1;
+    }
+    write_line(fields.get_mut(..n).unwrap_or_default())
+}
+
+/// The members of a decision line that says what a decision does: its verdict, the status it
+/// gives (or would give) and why.
+fn verdict<'a>(verdict: &'a str, status: u32, detail: &'a str) -> [(&'static str, Field<'a>); 3] {
+    [("verdict", Field::Text(verdict)), ("status", Field::Number(status)), ("detail", Field::Text(detail))]
 }
 
 /// One decision-log line for a denial (`app` as for [`problem_body`]); an unknown API key is
 /// named by its fingerprint (`key_fingerprint`), never the key.
 pub fn denial_log_line(denial: &Denial, app: Option<&str>, cx: &LineContext<'_>) -> String {
     let code = denial.code.as_str();
-    let mut line = log_line("decision", code, denial.named_app(app), denial.rule.as_deref(), cx);
-    if let Some(fingerprint) = &denial.key_fingerprint {
-        line.insert("key_fingerprint".into(), Value::String(fingerprint.clone()));
-    }
-    with_verdict(line, "deny", denial.code.status(), &denial.detail)
+    let [a, b, c] = verdict("deny", denial.code.status(), &denial.detail);
+    let fingerprint = denial.key_fingerprint.as_deref().map(|f| ("key_fingerprint", Field::Text(f)));
+    let extra = [a, b, c, fingerprint.unwrap_or(("", Field::Null))];
+    let extra = if fingerprint.is_some() { &extra[..] } else { &extra[..3] };
+    log_line("decision", code, denial.named_app(app), denial.rule.as_deref(), cx, extra)
 }
 
 /// One decision-log line for an admitted request to a `confidential` or `regulated` dataset: the
 /// audit trail of sensitive access, with the bearer token's `jti` where it has one.
 pub fn access_log_line(app: &str, classification: &str, jti: Option<&str>, cx: &LineContext<'_>) -> String {
-    let mut line = log_line("decision", "allow", Some(app), None, cx);
-    line.insert("classification".into(), Value::String(classification.into()));
-    line.insert("jti".into(), jti.map_or(Value::Null, |j| Value::String(j.into())));
-    line.insert("verdict".into(), Value::String("allow".into()));
-    Value::Object(line).to_string()
+    let extra =
+        [("classification", Field::Text(classification)), ("jti", jti.into()), ("verdict", Field::Text("allow"))];
+    log_line("decision", "allow", Some(app), None, cx, &extra)
 }
 
 /// One decision-log line for an event of an admitted (or denied) request.
 pub fn event_log_line(event: &Event, app: Option<&str>, cx: &LineContext<'_>) -> String {
     match event {
         Event::SoftLimit { quota } => {
-            let mut line = log_line("soft-limit", "soft-limit", app, Some(quota), cx);
-            line.insert("quota".into(), Value::String((*quota).into()));
-            Value::Object(line).to_string()
+            log_line("soft-limit", "soft-limit", app, Some(quota), cx, &[("quota", Field::Text(quota))])
         }
         // The members of a decision line, for what the rule would have done if enforced (verdict
         // `shadow-deny`, never `deny`: nothing was refused), and the line's own `code` and `error`.
         Event::Shadow { rule, detail, error } => {
-            let mut line = log_line("shadow", "shadow-deny", app, Some(rule), cx);
-            line.insert("error".into(), error.as_deref().map_or(Value::Null, |e| Value::String(e.into())));
-            with_verdict(line, "shadow-deny", Code::AccessDenied.status(), detail)
+            let [a, b, c] = verdict("shadow-deny", Code::AccessDenied.status(), detail);
+            let extra = [("error", error.as_deref().into()), a, b, c];
+            log_line("shadow", "shadow-deny", app, Some(rule), cx, &extra)
         }
     }
 }
@@ -231,6 +309,48 @@ mod tests {
             "dataset": "customers", "connector": "crm", "classification": "regulated", "jti": "j-1",
         });
         assert_eq!(access, want, "the audit line of sensitive access");
+    }
+
+    /// The lines are written by hand; they are what `serde_json` prints for the same members, byte
+    /// for byte, whatever the strings hold (every control character, quotes, backslashes, DEL,
+    /// non-ASCII), so a log pipeline sees no difference.
+    #[test]
+    fn lines_are_what_serde_json_prints() {
+        let mut odd: String = (0u8..0x20).map(char::from).collect();
+        odd.push_str("\"\\/\u{7f}é✓𝄞 plain");
+        let texts = ["", "plain", "with \"quotes\"", "back\\slash", "line\nbreak", odd.as_str()];
+        for text in texts {
+            let mut fields = [
+                ("zeta", Field::Text(text)),
+                ("alpha", Field::Null),
+                ("status", Field::Number(429)),
+                ("mid", Field::Text("x")),
+                ("a", Field::Number(0)),
+            ];
+            let mut want = Map::new();
+            for (k, v) in &fields {
+                let v = match v {
+                    Field::Text(t) => Value::String((*t).into()),
+                    Field::Null => Value::Null,
+                    Field::Number(n) => Value::from(*n),
+                };
+                want.insert((*k).into(), v);
+            }
+            assert_eq!(write_line(&mut fields), Value::Object(want).to_string(), "{text:?}");
+        }
+        // A whole line, against serde_json's reading of it and the members it must have.
+        let cx = LineContext { request_id: odd.as_str(), host: "Host\u{1}", ..cx() };
+        let denial = Denial {
+            key_fingerprint: Some("8a3f01c2".into()),
+            rule: Some("r\"1".into()),
+            ..Denial::new(Code::Unauthenticated, "unknown \\ key\n")
+        };
+        let line = denial_log_line(&denial, Some("pos"), &cx);
+        let parsed: Value = serde_json::from_str(&line).unwrap_or_default();
+        assert_eq!(line, parsed.to_string(), "sorted, compact, escaped as serde_json does");
+        assert_eq!(parsed["request_id"], odd.as_str(), "round trip");
+        assert_eq!(parsed["status"], 401, "a number");
+        assert!(!line.contains('\n'), "one line");
     }
 
     #[test]
