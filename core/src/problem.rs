@@ -184,18 +184,18 @@ fn push_json_str(out: &mut String, s: &str) {
 
 /// The members of every decision-log line: what kind of line, its code, the app and rule where
 /// known, the request and the policy revision; `extra` are the line's own members.
-fn log_line(
-    kind: &str,
-    code: &str,
-    app: Option<&str>,
-    rule: Option<&str>,
-    cx: &LineContext<'_>,
-    extra: &[(&str, Field<'_>)],
+fn log_line<'a>(
+    kind: &'a str,
+    code: &'a str,
+    app: Option<&'a str>,
+    rule: Option<&'a str>,
+    cx: &LineContext<'a>,
+    extra: impl IntoIterator<Item = (&'a str, Field<'a>)>,
 ) -> String {
     let path = crate::path::normalize_path(cx.path);
     let host = crate::path::normalize_host(cx.host);
-    let mut fields = [("", Field::Null); 16];
-    let common = [
+    let mut fields: Vec<(&str, Field<'_>)> = Vec::with_capacity(16);
+    fields.extend([
         ("guardrail", Field::Text(kind)),
         ("code", Field::Text(code)),
         ("app", app.into()),
@@ -207,13 +207,10 @@ fn log_line(
         ("path", Field::Text(path.as_deref().unwrap_or(cx.path))),
         ("dataset", cx.dataset.into()),
         ("connector", cx.connector.into()),
-    ];
-    let mut n = 0;
-    for (slot, field) in fields.iter_mut().zip(common.iter().chain(extra)) {
-        *slot = *field;
-        n += 1;
-    }
-    write_line(fields.get_mut(..n).unwrap_or_default())
+    ]);
+    // (Each member re-borrowed for the local strings' shorter lifetime.)
+    fields.extend(extra.into_iter().map(|(k, v): (&str, Field<'_>)| -> (&str, Field<'_>) { (k, v) }));
+    write_line(&mut fields)
 }
 
 /// The members of a decision line that says what a decision does: its verdict, the status it
@@ -226,10 +223,8 @@ fn verdict<'a>(verdict: &'a str, status: u32, detail: &'a str) -> [(&'static str
 /// named by its fingerprint (`key_fingerprint`), never the key.
 pub fn denial_log_line(denial: &Denial, app: Option<&str>, cx: &LineContext<'_>) -> String {
     let code = denial.code.as_str();
-    let [a, b, c] = verdict("deny", denial.code.status(), &denial.detail);
     let fingerprint = denial.key_fingerprint.as_deref().map(|f| ("key_fingerprint", Field::Text(f)));
-    let extra = [a, b, c, fingerprint.unwrap_or(("", Field::Null))];
-    let extra = if fingerprint.is_some() { &extra[..] } else { &extra[..3] };
+    let extra = verdict("deny", denial.code.status(), &denial.detail).into_iter().chain(fingerprint);
     log_line("decision", code, denial.named_app(app), denial.rule.as_deref(), cx, extra)
 }
 
@@ -238,21 +233,27 @@ pub fn denial_log_line(denial: &Denial, app: Option<&str>, cx: &LineContext<'_>)
 pub fn access_log_line(app: &str, classification: &str, jti: Option<&str>, cx: &LineContext<'_>) -> String {
     let extra =
         [("classification", Field::Text(classification)), ("jti", jti.into()), ("verdict", Field::Text("allow"))];
-    log_line("decision", "allow", Some(app), None, cx, &extra)
+    log_line("decision", "allow", Some(app), None, cx, extra)
 }
 
 /// One decision-log line for an event of an admitted (or denied) request.
 pub fn event_log_line(event: &Event, app: Option<&str>, cx: &LineContext<'_>) -> String {
     match event {
         Event::SoftLimit { quota } => {
-            log_line("soft-limit", "soft-limit", app, Some(quota), cx, &[("quota", Field::Text(quota))])
+            log_line("soft-limit", "soft-limit", app, Some(quota), cx, [("quota", Field::Text(quota))])
         }
         // The members of a decision line, for what the rule would have done if enforced (verdict
         // `shadow-deny`, never `deny`: nothing was refused), and the line's own `code` and `error`.
         Event::Shadow { rule, detail, error } => {
-            let [a, b, c] = verdict("shadow-deny", Code::AccessDenied.status(), detail);
-            let extra = [("error", error.as_deref().into()), a, b, c];
-            log_line("shadow", "shadow-deny", app, Some(rule), cx, &extra)
+            let extra = verdict("shadow-deny", Code::AccessDenied.status(), detail);
+            log_line(
+                "shadow",
+                "shadow-deny",
+                app,
+                Some(rule),
+                cx,
+                extra.into_iter().chain([("error", error.as_deref().into())]),
+            )
         }
     }
 }
