@@ -243,7 +243,7 @@ pub fn watch(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     // The errors of the last polls, and how many polls in a row found them.
-    let mut failing: Option<(String, u32)> = None;
+    let mut failing = super::watch::Streak::default();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(interval);
         let gone = source.file().map_or(true, |f| !f.exists());
@@ -256,7 +256,7 @@ pub fn watch(
         }
         let loaded = source.load();
         if loaded.is_ok() {
-            failing = None;
+            failing.clear();
         }
         match loaded {
             Ok((file, new, doc)) if text.as_deref() != Some(new.as_str()) => {
@@ -280,17 +280,7 @@ pub fn watch(
             Ok(_) => {}
             Err(lines) => {
                 let joined = lines.join("\n");
-                let polls = match &mut failing {
-                    Some((seen, polls)) if *seen == joined => {
-                        *polls += 1;
-                        *polls
-                    }
-                    _ => {
-                        failing = Some((joined.clone(), 1));
-                        1
-                    }
-                };
-                if polls >= super::watch::CONFIRM_POLLS && hub.shadow.last_error() != joined {
+                if failing.see(joined.clone()) >= super::watch::CONFIRM_POLLS && hub.shadow.last_error() != joined {
                     for line in &lines {
                         log!("candidate change refused: {line}");
                     }

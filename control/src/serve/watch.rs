@@ -39,6 +39,38 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// Polls in a row that must see the same file before a change that is not a complete JSON
 /// document is acted on: four intervals (20 ms) without a write.
 pub const CONFIRM_POLLS: u32 = 5;
+
+/// What polls in a row have seen: the count of the same value seen last (see [`CONFIRM_POLLS`]).
+/// Used by the policy's watcher and the candidate file's.
+#[derive(Debug)]
+pub struct Streak<T>(Option<(T, u32)>);
+
+impl<T> Default for Streak<T> {
+    fn default() -> Self {
+        Streak(None)
+    }
+}
+
+impl<T: PartialEq> Streak<T> {
+    /// Records `value` as seen by one more poll; how many polls in a row have seen it.
+    pub fn see(&mut self, value: T) -> u32 {
+        match &mut self.0 {
+            Some((seen, n)) if *seen == value => {
+                *n += 1;
+                *n
+            }
+            _ => {
+                self.0 = Some((value, 1));
+                1
+            }
+        }
+    }
+
+    /// Starts over (what was seen has been acted on, or is gone).
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
 /// A `stat` is trusted alone once the file was read this long after its modification time (more
 /// than a kernel tick, the granularity of file times; see [`Stamp::racy`]).
 pub const RACY: Duration = Duration::from_millis(30);
@@ -223,8 +255,8 @@ pub struct Watcher {
     source: Source,
     hub: Arc<Hub>,
     handled: Handled,
-    /// A change seen in this many polls in a row, not acted on yet.
-    pending: Option<(Seen, u32)>,
+    /// A change seen in polls in a row, not acted on yet.
+    pending: Streak<Seen>,
     /// The rules' expressions of the last change loaded, for the next one.
     expressions: ExpressionCache,
 }
@@ -235,7 +267,7 @@ impl Watcher {
     /// A watcher of `source`, whose content `text` (read from `file`) is served already.
     pub fn new(source: Source, hub: Arc<Hub>, file: &Path, text: &str) -> Watcher {
         let handled = Handled::Content(Stamp::unknown(file), text.to_string(), UNIX_EPOCH);
-        Watcher { source, hub, handled, pending: None, expressions: ExpressionCache::default() }
+        Watcher { source, hub, handled, pending: Streak::default(), expressions: ExpressionCache::default() }
     }
 
     /// Polls until `stop` is set.
@@ -254,7 +286,7 @@ impl Watcher {
         };
         if let Handled::Content(done, _, read_at) = &self.handled {
             if *done == stamp && !stamp.racy(*read_at) {
-                self.pending = None;
+                self.pending.clear();
                 return Polled::Nothing;
             }
         }
@@ -269,12 +301,12 @@ impl Watcher {
                 // Touched, or a recently written file read again: the content acted on.
                 *done = stamp;
                 *done_read_at = read_at;
-                self.pending = None;
+                self.pending.clear();
                 return Polled::Nothing;
             }
         }
         if let Some(loaded) = load_json_document(&text, &mut self.expressions) {
-            self.pending = None;
+            self.pending.clear();
             let file = stamp.file.clone();
             self.handled = Handled::Content(stamp, text, read_at);
             return self.act(&file, loaded);
@@ -284,20 +316,10 @@ impl Watcher {
 
     /// Acts on `seen` once it was seen in [`CONFIRM_POLLS`] polls in a row.
     fn confirm(&mut self, seen: Seen, read_at: Option<SystemTime>) -> Polled {
-        let polls = match &mut self.pending {
-            Some((pending, n)) if *pending == seen => {
-                *n += 1;
-                *n
-            }
-            _ => {
-                self.pending = Some((seen.clone(), 1));
-                1
-            }
-        };
-        if polls < CONFIRM_POLLS {
+        if self.pending.see(seen.clone()) < CONFIRM_POLLS {
             return Polled::Nothing;
         }
-        self.pending = None;
+        self.pending.clear();
         match (seen, read_at) {
             (Seen::Problem(problem), _) => {
                 if self.handled == Handled::Problem(problem.clone()) {
@@ -354,6 +376,16 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A streak counts the same value in polls in a row; another value or a clear starts over.
+    #[test]
+    fn a_streak_counts_the_same_value_in_a_row() {
+        let mut streak = Streak::default();
+        assert_eq!((streak.see("a"), streak.see("a"), streak.see("a")), (1, 2, 3));
+        assert_eq!(streak.see("b"), 1, "another value starts over");
+        streak.clear();
+        assert_eq!(streak.see("b"), 1, "a clear starts over");
+    }
 
     #[test]
     fn policy_file_names() {
