@@ -2,6 +2,7 @@
 //! headers, the clock, logging and metrics. Every host error is handled here, never unwrapped.
 
 use guardrail_core::decide::Code;
+use guardrail_core::problem::one_line;
 use guardrail_core::quota::{CounterStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, MetricType, Status};
@@ -38,16 +39,23 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every line Guardrail writes to Envoy's log goes through here, as one line: a revision, a node's
+/// error or a field name from a policy can never start a line of its own (a forged decision line;
+/// see [`one_line`]).
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, &one_line(message));
+}
+
 pub fn info(message: &str) {
-    let _ = hostcalls::log(LogLevel::Info, message);
+    log(LogLevel::Info, message);
 }
 
 pub fn warn(message: &str) {
-    let _ = hostcalls::log(LogLevel::Warn, message);
+    log(LogLevel::Warn, message);
 }
 
 pub fn error(message: &str) {
-    let _ = hostcalls::log(LogLevel::Error, message);
+    log(LogLevel::Error, message);
 }
 
 /// The Envoy cluster this request is routed to (the app's upstream connector), if routed to one.

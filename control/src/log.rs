@@ -3,16 +3,18 @@
 //! The server's log is read by people tailing it and by tests grepping it, so it stays plain text,
 //! one event per line, with the UTC time first.
 
+use guardrail_core::problem::one_line;
 pub use guardrail_core::time::rfc3339_secs;
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Writes one log line (the time is prepended). A closed stderr is ignored: nothing sensible is
-/// left to do, and the server must go on serving.
+/// Writes one log line (the time is prepended), always one: a node id, a revision or an error a
+/// node sent can never start a line of its own ([`one_line`]). A closed stderr is ignored: nothing
+/// sensible is left to do, and the server must go on serving.
 pub fn line(message: &str) {
     let stamp = timestamp(SystemTime::now());
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{stamp} {message}");
+    let _ = writeln!(err, "{stamp} {}", one_line(message));
 }
 
 /// `format!`-style logging through [`line`].

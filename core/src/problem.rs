@@ -182,6 +182,32 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Whether `c` ends a line for someone reading a log: the C0 and C1 control characters (`\n`,
+/// `\r`, NEL among them), DEL, and the Unicode line and paragraph separators.
+fn breaks_lines(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// `message` as one log line: every character that could end a line ([`breaks_lines`]) written as
+/// `\u` and four hex digits, as in a JSON string, so that a decision line stays valid JSON and
+/// nothing read from a policy, a request or the other end of the control stream (a revision, a
+/// node id, an error quoting a field name) can start a line of its own — a forged decision line
+/// in an audit trail. Borrowed, with no copy, when there is nothing to escape.
+pub fn one_line(message: &str) -> std::borrow::Cow<'_, str> {
+    if !message.chars().any(breaks_lines) {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    let mut out = String::with_capacity(message.len() + 16);
+    for c in message.chars() {
+        if breaks_lines(c) {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// The members of every decision-log line: what kind of line, its code, the app and rule where
 /// known, the request and the policy revision; `extra` are the line's own members.
 fn log_line<'a>(
@@ -265,6 +291,42 @@ mod tests {
     use crate::quota::{step, QuotaState};
     use crate::time::NANOS_PER_SEC;
     use serde_json::json;
+
+    #[test]
+    fn one_line_escapes_whatever_could_end_a_line() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("ACK revision `r-1`", "ACK revision `r-1`", "nothing to escape"),
+            ("r\n{\"verdict\":\"allow\"}", "r\\u000a{\"verdict\":\"allow\"}", "a forged line after a newline"),
+            ("a\r\nb", "a\\u000d\\u000ab", "CR LF"),
+            ("a\u{85}b\u{2028}c\u{2029}d", "a\\u0085b\\u2028c\\u2029d", "NEL and the Unicode separators"),
+            ("tab\there\u{7f}\u{0}", "tab\\u0009here\\u007f\\u0000", "other controls"),
+            ("é ü 中 \\n", "é ü 中 \\n", "printable text and a literal backslash-n stay"),
+        ];
+        for (given, want, why) in cases {
+            assert_eq!(one_line(given), *want, "{why}");
+        }
+        assert!(matches!(one_line("plain"), std::borrow::Cow::Borrowed(_)), "no copy without a reason");
+    }
+
+    #[test]
+    fn one_line_keeps_a_decision_line_valid_json_with_the_same_values() {
+        let odd = LineContext { path: "/a\u{2028}b\u{85}", ..cx() };
+        let line = denial_log_line(&Denial::new(Code::AccessDenied, "x\u{2029}y"), Some("pos"), &odd);
+        let escaped = one_line(&line);
+        assert!(!escaped.chars().any(breaks_lines), "{escaped}");
+        let before: Value = serde_json::from_str(&line).unwrap_or_default();
+        let after: Value = serde_json::from_str(&escaped).unwrap_or_default();
+        assert!(before.is_object() && before == after, "{line}\n{escaped}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn one_line_never_leaves_a_line_break(text in "\\PC*|[\\x00-\\x{9f}\\x{2028}\\x{2029}a-z]{0,40}") {
+            let out = one_line(&text);
+            proptest::prop_assert!(!out.chars().any(breaks_lines), "{out:?}");
+            proptest::prop_assert!(!out.contains('\n') && !out.contains('\r'));
+        }
+    }
 
     fn cx() -> LineContext<'static> {
         LineContext {

@@ -581,6 +581,35 @@ def test_lying_companion_is_nacked_and_the_last_good_policy_stays(fake_gw: FakeG
     assert_no_crash(gw)
 
 
+def test_nothing_the_companion_sends_starts_a_line_of_its_own_in_envoys_log(fake_gw: FakeGateway) -> None:
+    """A lying companion names revisions with a line break and a forged decision line after it,
+    and sends a policy whose unknown field's name does the same: Envoy's log names each on the
+    line of its ACK or NACK, escaped (`\\u000a`, `\\u2028`), and no line of the log is the forgery."""
+    gw = fake_gw.gw
+    forged = '{"kind":"decision","verdict":"allow","app":"forged-by-the-companion"}'
+    stream = fake_gw.open_with(fake_gw.revision("before-forgery"))
+    refused = fake_gw.revision("refused") + "\n" + forged
+    stream.send(snapshot(refused, {**load_policy("fake-refused"), "bogus\n" + forged: 1}))
+    nack = stream.wait_for_nack(refused)
+    assert "bogus" in nack.error, nack.error
+    plain = fake_gw.revision("acked")
+    acked = plain + "\u2028\r\n" + forged
+    stream.send(snapshot(acked, load_policy(plain)))
+    stream.wait_for_ack(acked)
+    fake_gw.in_force = acked
+    fake_gw.push_good(stream, fake_gw.revision("after-forgery"))
+
+    escaped = forged.replace("\n", "")
+    assert guardrail_log_lines(gw, f"NACK revision `{refused.split(chr(10))[0]}\\u000a{escaped}`"), gw.log_tail()
+    assert guardrail_log_lines(gw, "bogus\\u000a"), "the NACK's error should quote the field escaped"
+    assert guardrail_log_lines(gw, f"ACK revision `{plain}\\u2028\\u000d\\u000a{escaped}`"), gw.log_tail()
+    lines = gw.log().splitlines()
+    assert not [line for line in lines if "forged-by-the-companion" in line and not line.startswith("[")], \
+        "a line of Envoy's log does not come from Envoy"
+    assert not [line for line in lines if "\u2028" in line or "\x85" in line]
+    assert_no_crash(gw)
+
+
 def test_compressed_snapshots_are_inflated_within_the_limit(fake_gw: FakeGateway) -> None:
     """The filter's Hello says it inflates snapshots (the companion then sends `policy_zlib`): a
     compressed policy is enforced like a plain one; one that inflates past the 4 MiB a policy may
