@@ -261,6 +261,24 @@ pub fn parse_rate(text: &str, what: &str) -> Result<Rate, String> {
     Ok(Rate { requests, per: Duration::from_nanos(per_ns) })
 }
 
+impl SelfService {
+    /// Takes one token request of `client`: from the bucket every companion of a shared store
+    /// (Redis) shares, so that N companions behind one address still give a client its rate, not
+    /// N times it; else from this companion's own (one companion, or Redis unreachable: then each
+    /// companion limits on its own until it is back; `status` and the log say the store is down,
+    /// and while they do the store is not asked, so no request waits for its timeout).
+    async fn take_token_request(&self, client: &str) -> Result<(), u64> {
+        let down = self.hub.store_status().is_some_and(|s| !s.available);
+        if let Some(store) = self.hub.store().filter(|_| !down) {
+            let rate = &self.limiter.rate;
+            if let Ok(Some(taken)) = store.take_token_request(client, rate.requests, rate.per).await {
+                return taken;
+            }
+        }
+        self.limiter.take(client, Instant::now())
+    }
+}
+
 /// Token buckets by client id, in this companion's memory.
 struct Limiter {
     rate: Rate,

@@ -14,7 +14,8 @@
 //! Basic` when Basic was used), `unsupported_grant_type` (400), `invalid_scope` (400),
 //! `unauthorized_client` (400: the app may have no token at all now — not active, overdue, no
 //! approved connector). Every answer carries `Cache-Control: no-store`. A client past its rate
-//! (`--token-rate`) gets 429 `slow_down` with `Retry-After`.
+//! (`--token-rate`) gets 429 `slow_down` with `Retry-After`: the rate of all companions together
+//! when they share a Redis store.
 
 use super::{json_response, SelfService};
 use crate::mint::Request;
@@ -26,7 +27,6 @@ use axum::response::Response;
 use base64ct::{Base64, Encoding};
 use guardrail_core::decide::{admit_to_dataset, Code};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Bodies above this are refused before they are parsed.
 const MAX_FORM_BYTES: usize = 8 * 1024;
@@ -143,13 +143,13 @@ pub fn basic_credentials(headers: &HeaderMap) -> Result<Option<(String, String)>
 
 /// `POST /api/v1/token`.
 pub async fn issue(State(service): State<Arc<SelfService>>, headers: HeaderMap, body: Bytes) -> Response {
-    match judge(&service, &headers, &body) {
+    match judge(&service, &headers, &body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
 }
 
-fn judge(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Response, OAuthError> {
+async fn judge(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Response, OAuthError> {
     let form_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = form_type.split(';').next().unwrap_or("").trim();
     if !media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
@@ -218,7 +218,7 @@ fn judge(service: &SelfService, headers: &HeaderMap, body: &[u8]) -> Result<Resp
     let Some(app) = policy.app(&client_id) else {
         return Err(unknown());
     };
-    if let Err(retry_after) = service.limiter.take(&app.id, Instant::now()) {
+    if let Err(retry_after) = service.take_token_request(&app.id).await {
         return Err(OAuthError {
             retry_after: Some(retry_after),
             ..refuse(

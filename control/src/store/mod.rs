@@ -24,6 +24,7 @@ use crate::serve::fleet::Counts;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Usage is kept at least this many days (SQLite prunes older days; Redis keys of a day expire
 /// this long after the day ends).
@@ -217,6 +218,21 @@ pub trait Store: Send + Sync {
 
     /// Drops usage of days before `first_day` where the engine does not expire it by itself.
     async fn prune(&self, first_day: u64) -> Result<()>;
+
+    /// Takes one token-service request of `client` from a bucket every companion of this store
+    /// shares: `requests` at once, refilled at `requests` per `per`, on the store's clock.
+    /// `Ok(Some(Ok(())))` when taken, `Ok(Some(Err(secs)))` when empty (one is back in `secs`, at
+    /// least 1). `Ok(None)` from a store only one companion can use (SQLite): its bucket in memory
+    /// is already exact.
+    async fn take_token_request(
+        &self,
+        client: &str,
+        requests: u64,
+        per: Duration,
+    ) -> Result<Option<std::result::Result<(), u64>>> {
+        let _ = (client, requests, per);
+        Ok(None)
+    }
 }
 
 /// The default store: a SQLite file in the working directory.

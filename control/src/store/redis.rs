@@ -18,6 +18,7 @@
 //! | `requests` | hash | request id → `{status, filed_at, record}` (JSON) | never |
 //! | `callers` | hash | `{kind}:{id}` → count of an unregistered caller | never |
 //! | `callers:last_seen` | hash | `{kind}:{id}` → Unix seconds | never |
+//! | `rate:token:{client}` | string | the client's token-service bucket (its theoretical arrival time, µs) | once full again |
 //!
 //! Memory is bounded by apps × nodes × days kept for usage (a few hundred bytes per entry), plus
 //! one record per node and revision. Every write is one command or one short Lua script, so two
@@ -70,6 +71,23 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(total))
 redis.call('EXPIREAT', KEYS[1], ARGV[2])
 redis.call('EXPIREAT', KEYS[2], ARGV[2])
 return 1
+";
+
+/// Takes one request from a client's token-service bucket, shared by every companion: GCRA on
+/// Redis's own clock (`TIME`), so the companions' clocks do not matter. KEYS: `rate:token:{client}`.
+/// ARGV: the interval between requests and the bucket's span (`requests × interval`), in
+/// microseconds. Returns -1 when taken, else the microseconds until one is back. The time is kept
+/// as `%.3f` (Lua's `tostring` would round a time in µs to 14 digits).
+const TAKE_TOKEN_REQUEST: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval, span = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local wait = tat + interval - span - now
+if wait > 0 then return math.ceil(wait) end
+redis.call('SET', KEYS[1], string.format('%.3f', tat + interval), 'PX', math.ceil((tat + interval - now) / 1000) + 1000)
+return -1
 ";
 
 /// Adds an audit entry unless its key is there. KEYS: `audit:entries`, `audit`, `audit:seq`.
@@ -404,6 +422,20 @@ impl super::Store for RedisStore {
             self.hash_values::<RequestRecord>("requests").await?.into_iter().map(|(_, r)| r).collect();
         all.sort_by(|a, b| b.filed_at.cmp(&a.filed_at).then_with(|| a.id.cmp(&b.id)));
         Ok(all)
+    }
+
+    async fn take_token_request(
+        &self,
+        client: &str,
+        requests: u64,
+        per: Duration,
+    ) -> Result<Option<std::result::Result<(), u64>>> {
+        let span = per.as_secs_f64() * 1e6;
+        let interval = span / requests.max(1) as f64;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(TAKE_TOKEN_REQUEST).arg(1).arg(key(&format!("rate:token:{client}"))).arg(interval).arg(span);
+        let wait: i64 = self.query(&cmd).await?;
+        Ok(Some(if wait < 0 { Ok(()) } else { Err(wait.unsigned_abs().div_ceil(1_000_000).max(1)) }))
     }
 
     async fn prune(&self, _first_day: u64) -> Result<()> {

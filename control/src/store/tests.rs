@@ -454,6 +454,41 @@ async fn two_companions_share_one_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn companions_on_one_redis_share_each_clients_token_bucket() {
+    let Some(server) = RedisServer::start() else { return };
+    let (one, two) = (
+        open(&server.url(), &TlsFiles::default()).await.unwrap(),
+        open(&server.url(), &TlsFiles::default()).await.unwrap(),
+    );
+    let hour = Duration::from_secs(3600);
+    let mut taken = Vec::new();
+    for i in 0..8 {
+        let store = if i % 2 == 0 { &one } else { &two };
+        taken.push(store.take_token_request("pos", 5, hour).await.unwrap().unwrap());
+    }
+    assert_eq!(taken.iter().filter(|t| t.is_ok()).count(), 5, "5 per hour across both: {taken:?}");
+    assert!(taken[..5].iter().all(std::result::Result::is_ok), "{taken:?}");
+    for refused in &taken[5..] {
+        let wait = refused.unwrap_err();
+        assert!((700..=720).contains(&wait), "one is back in 720 s (3600 / 5), not {wait}");
+    }
+    // Another client has a bucket of its own; a fast rate refills within the test.
+    assert_eq!(two.take_token_request("other", 5, hour).await.unwrap(), Some(Ok(())));
+    let fast = Duration::from_millis(200);
+    assert_eq!(one.take_token_request("fast", 1, fast).await.unwrap(), Some(Ok(())));
+    assert_eq!(two.take_token_request("fast", 1, fast).await.unwrap(), Some(Err(1)), "a wait under 1 s says 1");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(two.take_token_request("fast", 1, fast).await.unwrap(), Some(Ok(())), "refilled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_leaves_the_token_bucket_to_its_one_companion() {
+    let dir = TempDir::new("sqlite-rate");
+    let store = open(&format!("sqlite:{}", dir.0.join("guardrail.db").display()), &TlsFiles::default()).await.unwrap();
+    assert_eq!(store.take_token_request("pos", 5, Duration::from_secs(3600)).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_an_error_then_the_store_reconnects() {
     let Some(server) = RedisServer::start() else { return };
     let store = open(&server.url(), &TlsFiles::default()).await.unwrap();
