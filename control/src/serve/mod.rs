@@ -234,6 +234,7 @@ async fn serve(
         loop {
             every.tick().await;
             ticker_hub.tick();
+            crate::log::NODE_LINES.flush();
             for (port, tls) in [("gRPC", &tls), ("HTTP", &http_tls)] {
                 match tls.as_deref().map(ServerTls::reload_if_changed) {
                     None | Some(Reload::Unchanged) => {}

@@ -11,7 +11,7 @@
 use super::fleet::{valid_id, FleetError, MAX_ID_LEN};
 use super::hub::{Hub, Snapshot};
 use super::wire::{self, Out};
-use crate::log::log;
+use crate::log::{log, node_log};
 use crate::pb::policy_service_server::PolicyService;
 use guardrail_proto::v1::{self, client_message::Msg};
 use guardrail_proto::Bytes;
@@ -201,7 +201,7 @@ impl Connection {
         };
         let node = hello.node_id.clone();
         match self.hub.connect(&hello, &self.certificate) {
-            Ok(n) => log!(
+            Ok(n) => node_log!("connected";
                 "node {node} connected from {peer} (envoy {}, filter {}, holding revision {}){}",
                 or_dash(&hello.envoy_version),
                 or_dash(&hello.filter_version),
@@ -226,8 +226,10 @@ impl Connection {
         let end = self.serve(&node, &mut stream, &mut inbound).await;
         self.hub.disconnect(&node);
         match &end {
-            Some(status) => log!("node {node} disconnected: {}", status.message()),
-            None => log!("node {node} disconnected"),
+            Some(status) => {
+                node_log!(format!("disconnected: {}", status.message()); "node {node} disconnected: {}", status.message())
+            }
+            None => node_log!("disconnected"; "node {node} disconnected"),
         }
         self.close(end);
     }
@@ -343,14 +345,14 @@ impl Connection {
             Some(Msg::Ack(ack)) if ack.candidate => {
                 check_revision(&ack.revision)?;
                 self.hub.shadow.ack(node, &ack.revision);
-                log!("node {node} ACK candidate {} (in shadow)", ack.revision);
+                node_log!(format!("ACK candidate {}", ack.revision); "node {node} ACK candidate {} (in shadow)", ack.revision);
                 Ok(())
             }
             Some(Msg::Nack(nack)) if nack.candidate => {
                 check_revision(&nack.revision)?;
                 self.hub.shadow.nack(node, &nack.revision, &nack.error);
                 let first = nack.error.lines().next().unwrap_or("(no error given)");
-                log!(
+                node_log!(format!("NACK candidate {}", nack.revision);
                     "node {node} NACK candidate {}: {} (its enforced policy is untouched)",
                     nack.revision,
                     super::fleet::truncated(first, 500).escape_debug()
@@ -362,10 +364,11 @@ impl Connection {
                 stream.held.clone_from(&ack.revision);
                 let served = self.hub.current().revision.clone();
                 self.hub.ack(node, &ack.revision);
+                let kind = format!("ACK revision {}", ack.revision);
                 if ack.revision == served {
-                    log!("node {node} ACK revision {}", ack.revision);
+                    node_log!(kind; "node {node} ACK revision {}", ack.revision);
                 } else {
-                    log!("node {node} ACK revision {} (serving {served})", ack.revision);
+                    node_log!(kind; "node {node} ACK revision {} (serving {served})", ack.revision);
                 }
                 Ok(())
             }
@@ -379,7 +382,7 @@ impl Connection {
                 // recorded as any other.
                 stream.delta_sent = None;
                 let first = nack.error.lines().next().unwrap_or("(no error given)");
-                log!(
+                node_log!(format!("delta of revision {} not applied, sent whole", nack.revision);
                     "node {node} could not apply the delta of revision {}: {}; sending it whole",
                     nack.revision,
                     super::fleet::truncated(first, 500).escape_debug()
@@ -396,7 +399,7 @@ impl Connection {
                 let mut lines = nack.error.lines().filter(|l| !l.trim().is_empty());
                 let first = lines.next().unwrap_or("(no error given)");
                 let more = lines.count();
-                log!(
+                node_log!(format!("NACK revision {}", nack.revision);
                     "node {node} NACK revision {}: {}{} (it keeps its previous policy)",
                     nack.revision,
                     super::fleet::truncated(first, 500).escape_debug(),
