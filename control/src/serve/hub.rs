@@ -60,8 +60,10 @@ pub struct Snapshot {
     /// The snapshot's message as sent, with [`Snapshot::json`] plain and zlib-compressed, each
     /// framed once ([`super::wire::frame`]) and shared by every stream. (A 357 KB policy was
     /// copied per node, 3.5 GB for 10,000 nodes; compressed, 400 MB of fresh encoder buffers.)
+    /// Compressed when a node first needs it whole: with deltas most pushes never do, and
+    /// compressing 357 KB took about 10 ms between the write and the push.
     framed: guardrail_proto::Bytes,
-    framed_zlib: guardrail_proto::Bytes,
+    framed_zlib: std::sync::OnceLock<guardrail_proto::Bytes>,
     /// The snapshot as a delta of the one served before it (its revision, and the framed message),
     /// for nodes that hold that one; none when the delta would not be much smaller.
     delta: Option<(String, guardrail_proto::Bytes)>,
@@ -71,7 +73,20 @@ pub struct Snapshot {
 impl Snapshot {
     /// The framed message for a node; compressed when its Hello said it inflates (`accepts_zlib`).
     pub fn frame(&self, zlib: bool) -> guardrail_proto::Bytes {
-        if zlib { &self.framed_zlib } else { &self.framed }.clone()
+        if zlib {
+            self.framed_zlib().clone()
+        } else {
+            self.framed.clone()
+        }
+    }
+
+    /// The compressed whole snapshot, made on first use (the plain one, should compressing into
+    /// memory ever fail).
+    fn framed_zlib(&self) -> &guardrail_proto::Bytes {
+        self.framed_zlib.get_or_init(|| match zlib(self.json.as_bytes()) {
+            Ok(compressed) => framed(&self.revision, Vec::new(), compressed),
+            Err(_) => self.framed.clone(),
+        })
     }
 
     /// The framed delta for a node holding revision `held`, if there is one.
@@ -80,7 +95,8 @@ impl Snapshot {
     }
 
     /// Makes this snapshot's delta from `base` (the one served before it), kept when it is at
-    /// most half the size of the whole compressed snapshot.
+    /// most half the size of the whole compressed snapshot: surely so when it is at most a 32nd
+    /// of the JSON (policies compress 5-10 to 1), which needs no compression to tell.
     fn with_delta_from(mut self, base: &Snapshot) -> Self {
         let started = std::time::Instant::now();
         let new = self.json.as_bytes();
@@ -96,12 +112,13 @@ impl Snapshot {
                 ..Default::default()
             })),
         });
-        let (size, whole) = (frame.len(), self.framed_zlib.len());
-        if size <= whole / 2 {
+        let size = frame.len();
+        if size <= new.len() / 32 || size <= self.framed_zlib().len() / 2 {
             log!(
-                "revision {}: a delta of {size} bytes for nodes holding {} (whole, compressed: {whole}); made in {} ms",
+                "revision {}: a delta of {size} bytes for nodes holding {} (whole: {} bytes of JSON); made in {} ms",
                 self.revision,
                 base.revision,
+                new.len(),
                 started.elapsed().as_millis()
             );
             self.delta = Some((base.revision.clone(), frame));
@@ -814,7 +831,7 @@ fn make_snapshot(
     }
     labels.entry(doc_revision).or_insert(content);
     labels.insert(revision.clone(), content);
-    let framed_zlib = framed(&revision, Vec::new(), zlib(json.as_bytes())?);
     let framed = framed(&revision, json.clone().into_bytes(), Vec::new());
+    let framed_zlib = std::sync::OnceLock::new();
     Ok((Snapshot { revision, content, json, framed, framed_zlib, delta: None, policy }, tree))
 }
