@@ -377,7 +377,7 @@ impl Hub {
         let (snapshot, tree) = made;
         let revision = snapshot.revision.clone();
         // Not under the lock every stream's ACKs and reports take: a delta of a 357 KB policy
-        // takes tens of milliseconds. (`current` is still the one served: publications are serial.)
+        // takes milliseconds. (`current` is still the one served: publications are serial.)
         let snapshot = Arc::new(snapshot.with_delta_from(&current));
         let mut inner = self.lock();
         if inner.served.len() >= MAX_PENDING_REVISIONS {
