@@ -703,7 +703,7 @@ fn on_candidate(token: u32, candidate: Candidate, follower: &mut Follower) -> Op
         let msg = match result {
             Ok(()) => client_message::Msg::Ack(guardrail_proto::v1::Ack { revision, candidate: true }),
             Err(error) => {
-                host::error(&format!("guardrail: NACK candidate `{}`: {error}", revision.escape_debug()));
+                host::error(&format!("guardrail: NACK candidate `{revision}`: {error}"));
                 client_message::Msg::Nack(guardrail_proto::v1::Nack { revision, error, candidate: true })
             }
         };

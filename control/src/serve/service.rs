@@ -355,7 +355,7 @@ impl Connection {
                 node_log!(format!("NACK candidate {}", nack.revision);
                     "node {node} NACK candidate {}: {} (its enforced policy is untouched)",
                     nack.revision,
-                    super::fleet::truncated(first, 500).escape_debug()
+                    super::fleet::truncated(first, 500)
                 );
                 Ok(())
             }
@@ -385,7 +385,7 @@ impl Connection {
                 node_log!(format!("delta of revision {} not applied, sent whole", nack.revision);
                     "node {node} could not apply the delta of revision {}: {}; sending it whole",
                     nack.revision,
-                    super::fleet::truncated(first, 500).escape_debug()
+                    super::fleet::truncated(first, 500)
                 );
                 let snapshot = self.hub.current();
                 if snapshot.revision == nack.revision && !self.send(node, snapshot.frame(stream.zlib)) {
@@ -402,7 +402,7 @@ impl Connection {
                 node_log!(format!("NACK revision {}", nack.revision);
                     "node {node} NACK revision {}: {}{} (it keeps its previous policy)",
                     nack.revision,
-                    super::fleet::truncated(first, 500).escape_debug(),
+                    super::fleet::truncated(first, 500),
                     if more > 0 { format!(" (+{more} more lines; see `guardrail status`)") } else { String::new() }
                 );
                 Ok(())
